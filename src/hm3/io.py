@@ -1,0 +1,269 @@
+"""Loading and validating checkpoints; atomic saving of merged models.
+
+Tensors are read lazily from memory-mapped safetensors files, one at a time, so a merge never holds
+more than the tensors it is working on. Pickle checkpoints (``pytorch_model.bin``) are refused unless
+the caller passes ``allow_pickle=True`` — and even then they go through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hm3.errors import HM3Error
+from hm3.heads import Family, family_of
+from hm3.labels import labels_from_config
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """A local directory for ``ref``: the path itself, or a hub snapshot (needs network)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HM3Error(f"{path}: expected a model directory (with config.json), found a file")
+        return path
+    text = str(ref)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise HM3Error(f"{text}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                text,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
+            )
+        )
+    except Exception as e:  # network, auth, unknown repo: all the user's to fix
+        raise HM3Error(
+            f"{text}: not a local directory and the hub download failed ({type(e).__name__}: {e}); "
+            "pass a local model directory"
+        ) from None
+
+
+@dataclass
+class Checkpoint:
+    """One model on disk: its config, family and a lazy name → tensor table (canonical names)."""
+
+    ref: str
+    path: Path
+    config: "object"  # transformers.PretrainedConfig
+    family: Family
+    _where: dict[str, tuple[Path, str]] = field(repr=False)  # canonical name -> (file, stored key)
+    _shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    _dtypes: dict[str, str] = field(repr=False)
+    _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    # -- table -------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def is_float(self, name: str) -> bool:
+        return self._dtypes[name] in ("F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    @property
+    def has_head(self) -> bool:
+        return all(n in self._where for n in self.family.out)
+
+    @property
+    def num_outputs(self) -> int:
+        return self._shapes[self.family.out[0]][0]
+
+    def labels(self) -> list[str]:
+        """Label names in row order (may be uninformative, e.g. LABEL_0)."""
+        n = self.num_outputs
+        return labels_from_config(getattr(self.config, "id2label", None), n)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (float32 for floats), checking it holds no NaN/inf."""
+        file, key = self._where[name]
+        if self._pickled is not None:
+            t = self._pickled[key]
+        else:
+            try:
+                handle = self._handles.get(file)
+                if handle is None:
+                    from safetensors import safe_open
+
+                    handle = self._handles[file] = safe_open(str(file), framework="pt")
+                t = handle.get_tensor(key)
+            except Exception as e:
+                raise HM3Error(f"{file}: cannot read tensor {key!r} ({e}); the file is corrupt or truncated") from None
+        if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise HM3Error(f"{file}: tensor {key!r} contains NaN or inf values; this checkpoint is broken")
+            t = t.float()
+        return t
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_safetensors_table(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) from a safetensors header, validating the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > 100_000_000 or 8 + n > size:
+                raise ValueError("header length is out of range")
+            header = json.loads(fh.read(n))
+        end = 0
+        table = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            end = max(end, stop)
+            table[key] = (info["dtype"], tuple(info["shape"]))
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at byte {8 + n + end} but the file has {size} bytes")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HM3Error(f"{file}: not a valid safetensors file ({e}); re-save or re-download it") from None
+    return table
+
+
+def _canonical(key: str, family: Family) -> str:
+    """Body tensors under ``<prefix>.``; headless encoders (e.g. a plain BertModel) lack the prefix."""
+    if key.startswith(family.prefix + ".") or family.is_head(key):
+        return key
+    return f"{family.prefix}.{key}"
+
+
+def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a model directory: config, family and tensor table. Tensors are read on demand."""
+    from transformers import AutoConfig
+
+    path = resolve(ref)
+    if not (path / "config.json").is_file():
+        raise HM3Error(f"{path}: no config.json; expected a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise HM3Error(f"{path / 'config.json'}: cannot read the model config ({e})") from None
+    family = family_of(config.model_type, str(path / "config.json"))
+
+    where: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    pickled = None
+    files: list[Path]
+    if (path / SAFETENSORS_INDEX).is_file():
+        try:
+            index = json.loads((path / SAFETENSORS_INDEX).read_text())
+            files = sorted({path / f for f in index["weight_map"].values()})
+        except (ValueError, KeyError) as e:
+            raise HM3Error(f"{path / SAFETENSORS_INDEX}: malformed shard index ({e})") from None
+    elif (path / SAFETENSORS).is_file():
+        files = [path / SAFETENSORS]
+    elif (path / PICKLE).is_file():
+        if not allow_pickle:
+            raise HM3Error(
+                f"{path}: only a pickle checkpoint ({PICKLE}) is present; pickles can run code when loaded. "
+                "Convert it to safetensors, or pass --allow-pickle if you trust its source"
+            )
+        try:
+            pickled = torch.load(path / PICKLE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise HM3Error(f"{path / PICKLE}: cannot load ({e})") from None
+        for key, t in pickled.items():
+            name = _canonical(key, family)
+            where[name] = (path / PICKLE, key)
+            shapes[name] = tuple(t.shape)
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+        files = []
+    else:
+        raise HM3Error(f"{path}: no weights found (expected {SAFETENSORS})")
+
+    for file in files:
+        if not file.is_file():
+            raise HM3Error(f"{file}: shard listed in the index is missing")
+        for key, (dtype, shape) in _read_safetensors_table(file).items():
+            name = _canonical(key, family)
+            where[name] = (file, key)
+            shapes[name] = shape
+            dtypes[name] = dtype
+    return Checkpoint(str(ref), path, config, family, where, shapes, dtypes, pickled)
+
+
+def tokenizer_vocab(path: Path) -> dict[str, int] | None:
+    """The tokenizer's vocabulary, or None when the directory ships no tokenizer."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path)).get_vocab()
+    except Exception as e:
+        raise HM3Error(f"{path}: cannot load the tokenizer ({e})") from None
+
+
+# -- saving ------------------------------------------------------------------------------------------
+def prepare_output(out: str | os.PathLike, force: bool) -> Path:
+    """Check that ``out`` may be written; nothing is touched yet."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise HM3Error(f"{out}: already exists; choose another output directory or pass --force")
+    if out.exists() and not out.is_dir():
+        raise HM3Error(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class AtomicDir:
+    """Write into a temporary sibling directory; move it into place only when everything succeeded.
+
+    On error the temporary directory is removed and an existing ``out`` is left untouched.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = prepare_output(out, force)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_tensors(ckpt: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in names:
+        yield name, ckpt.tensor(name)

@@ -1,0 +1,162 @@
+"""Label spaces: every label belongs to a named group (the classifier it came from).
+
+The merged head has one block of rows per group, in config order::
+
+    rows [offset_0, offset_0 + n_0)  -> group 0's labels
+    rows [offset_1, offset_1 + n_1)  -> group 1's labels  ...
+
+Labels are addressed by qualified names ``group/label`` so that two groups may both own a
+``benign`` label. Uninformative names (``LABEL_0``, ``label1``, ``LABEL-2``) are replaced, either by
+names the user gives or by ``<group>_<i>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from hm3.errors import HM3Error
+
+# LABEL_0, label_1, LABEL2, Label-3, "label 4": what transformers and most trainers write by default.
+UNINFORMATIVE = re.compile(r"^label[_\-\s]?\d+$", re.IGNORECASE)
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+SEP = "/"
+
+
+def is_uninformative(label: str) -> bool:
+    return bool(UNINFORMATIVE.match(label.strip()))
+
+
+@dataclass(frozen=True)
+class Group:
+    """One original classifier's labels and where its rows sit in the merged head."""
+
+    name: str
+    labels: tuple[str, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+    def qualified(self) -> list[str]:
+        return [f"{self.name}{SEP}{label}" for label in self.labels]
+
+
+class LabelSpace:
+    """The union of all groups' labels, in a fixed order."""
+
+    def __init__(self, groups: Sequence[tuple[str, Sequence[str]]]):
+        if not groups:
+            raise HM3Error("a label space needs at least one group")
+        seen: set[str] = set()
+        built: list[Group] = []
+        offset = 0
+        for name, labels in groups:
+            validate_group_name(name)
+            if name in seen:
+                raise HM3Error(
+                    f"duplicate group {name!r}: every model needs its own group name "
+                    "(set `group:` for each model in the config)"
+                )
+            seen.add(name)
+            labels = tuple(labels)
+            if not labels:
+                raise HM3Error(f"group {name!r} has no labels")
+            if len(set(labels)) != len(labels):
+                dup = sorted({x for x in labels if labels.count(x) > 1})
+                raise HM3Error(f"group {name!r} has duplicate labels {dup}; give unique names with `labels:`")
+            for label in labels:
+                if not label or SEP in label:
+                    raise HM3Error(f"group {name!r}: label {label!r} must be non-empty and contain no {SEP!r}")
+            built.append(Group(name, labels, offset))
+            offset += len(labels)
+        self.groups: tuple[Group, ...] = tuple(built)
+        self._by_name = {g.name: g for g in self.groups}
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def __getitem__(self, name: str) -> Group:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise HM3Error(f"unknown group {name!r}; known groups: {', '.join(self.names)}") from None
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelSpace) and self.groups == other.groups
+
+    def select(self, names: Iterable[str] | None) -> list[Group]:
+        """The groups named (in the order given), or all groups when ``names`` is None."""
+        if names is None:
+            return list(self.groups)
+        return [self[n] for n in names]
+
+    def id2label(self) -> dict[int, str]:
+        return {i: q for i, q in enumerate(q for g in self.groups for q in g.qualified())}
+
+    def label2id(self) -> dict[str, int]:
+        return {q: i for i, q in self.id2label().items()}
+
+    # -- (de)serialisation: the `hm3` key of config.json -------------------------------------------
+    def to_json(self) -> list[dict]:
+        return [{"name": g.name, "labels": list(g.labels)} for g in self.groups]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Mapping]) -> "LabelSpace":
+        try:
+            return cls([(d["name"], d["labels"]) for d in data])
+        except (KeyError, TypeError) as e:
+            raise HM3Error(f"malformed hm3 group metadata in config.json: {e}") from None
+
+
+def validate_group_name(name: str) -> None:
+    if not isinstance(name, str) or not GROUP_NAME.match(name):
+        raise HM3Error(
+            f"invalid group name {name!r}: use letters, digits, '_', '.', '-' (and start with a letter or digit)"
+        )
+
+
+def group_name_from(name: str) -> str:
+    """A valid group name from a directory or hub name (``org/my guard`` → ``my_guard``)."""
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in name).lstrip("_.-") or "model"
+
+
+def clean_labels(group: str, labels: Sequence[str], override: Sequence[str] | None = None) -> list[str]:
+    """A model's labels with uninformative names replaced.
+
+    ``override`` (the config's ``labels:``) replaces all names and must match the head size.
+    Otherwise each uninformative name becomes ``<group>_<i>``; informative names are kept.
+    """
+    if override is not None:
+        if len(override) != len(labels):
+            raise HM3Error(
+                f"group {group!r}: `labels` lists {len(override)} names but the model's head has "
+                f"{len(labels)} outputs; list exactly {len(labels)} names"
+            )
+        return [str(x) for x in override]
+    return [f"{group}_{i}" if is_uninformative(str(lab)) else str(lab) for i, lab in enumerate(labels)]
+
+
+def labels_from_config(id2label: Mapping, num_labels: int) -> list[str]:
+    """Label names in id order from a transformers config's ``id2label`` (keys may be str or int)."""
+    table = {int(k): str(v) for k, v in (id2label or {}).items()}
+    return [table.get(i, f"LABEL_{i}") for i in range(num_labels)]

@@ -1,0 +1,454 @@
+"""Applying a merge method tensor by tensor.
+
+``prepare`` loads and validates the checkpoints and builds the label space; ``Prepared.inputs``
+streams ``(name, kind, base, deltas)`` from disk one tensor at a time; ``merge_tensor`` merges one
+tensor; ``merge_to_dir`` writes an ordinary transformers checkpoint. ``TaskVectors`` keeps every
+task vector in memory for search, where hundreds of merges reuse them.
+
+Tensor kinds:
+
+* ``body``   — shared encoder weights: the method with each model's parameters.
+* ``out``    — the output projection, rows = labels: expanded per group (zero padding, zero base).
+* ``hidden`` — a task-specific head layer (``pre_classifier``): merged like body tensors, with the
+  head density; or the base's, with ``head.hidden: base``.
+* ``copy``   — non-float buffers: identical in every model, copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hm3.config import MergeConfig, load_config, resolve_param
+from hm3.errors import HM3Error
+from hm3.heads import expand_out, zero_out
+from hm3.io import AtomicDir, Checkpoint, load_checkpoint, tokenizer_vocab
+from hm3.labels import LabelSpace, clean_labels, group_name_from
+from hm3.merging.methods import REGISTRY, Method, TensorParams
+from hm3.merging.steps import Rescale
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded from ``(seed, tensor name)``: independent of the global RNG and of order."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+@dataclass
+class Prepared:
+    """Validated inputs of a merge."""
+
+    config: MergeConfig
+    method: Method
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    space: LabelSpace
+    kinds: dict[str, str]  # tensor name -> body | out | hidden | copy, in output order
+    seconds_loading: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        return self.space.names
+
+    def inputs(self, names: list[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """Yield ``(name, kind, base, deltas)`` per tensor; deltas are ``(N, *shape)`` float32."""
+        for name in names or list(self.kinds):
+            kind = self.kinds[name]
+            if kind == "copy":
+                t = self.models[0].tensor(name)
+                yield name, kind, t, t.unsqueeze(0)
+                continue
+            tensors = [m.tensor(name) for m in self.models]
+            if kind == "out":
+                tensors = [expand_out(t, self.space, g) for t, g in zip(tensors, self.groups)]
+                base = zero_out(tensors[0], self.space)
+            elif self.base is not None and name in self.base:
+                base = self.base.tensor(name)
+            elif kind == "hidden" or self.base is None:
+                # No base tensor: a headless base under a task-specific head layer, or linear
+                # without a base. Zero base → the method sees whole weights (linear: their mean).
+                base = torch.zeros_like(tensors[0])
+            else:  # validated in prepare(); defensive
+                raise HM3Error(f"{self.base.path}: base model lacks tensor {name!r}")
+            deltas = torch.stack(tensors) - base
+            yield name, kind, base, deltas
+
+
+def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = False) -> Prepared:
+    """Load the recipe's checkpoints, check that they can be merged, build the label space."""
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    method = REGISTRY[cfg.merge_method]
+    base = load_checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
+    models = [load_checkpoint(m.model, allow_pickle=allow_pickle) for m in cfg.models]
+
+    ref = models[0]
+    for m in models + ([base] if base else []):
+        if m.config.model_type != ref.config.model_type:
+            raise HM3Error(
+                f"{m.path}: architecture {m.config.model_type!r} differs from {ref.path} ({ref.config.model_type!r}); "
+                "all models must be fine-tuned from the same base"
+            )
+    family = ref.family
+    for m in models:
+        if not m.has_head:
+            raise HM3Error(
+                f"{m.path}: not a sequence classifier (no {family.out[0]!r} tensor); "
+                "hm3 merges *ForSequenceClassification checkpoints"
+            )
+
+    # Groups and labels.
+    groups: list[tuple[str, list[str]]] = []
+    for entry, m in zip(cfg.models, models):
+        group = entry.group or group_name_from(Path(str(m.ref).rstrip("/")).name)
+        groups.append((group, clean_labels(group, m.labels(), entry.labels)))
+    names = [g for g, _ in groups]
+    dup = sorted({g for g in names if names.count(g) > 1})
+    if dup:
+        raise HM3Error(f"duplicate group names {dup} (from directory names); set a distinct `group:` for each model")
+    space = LabelSpace(groups)
+
+    # Tensor table: names and shapes must agree everywhere but in the output rows.
+    kinds: dict[str, str] = {}
+    for name in ref.names:
+        if name in family.out:
+            kinds[name] = "out"
+        elif name in family.hidden:
+            kinds[name] = "hidden"
+        elif not ref.is_float(name):
+            kinds[name] = "copy"
+        else:
+            kinds[name] = "body"
+    for m in models[1:]:
+        extra = sorted(set(m.names) - set(kinds))
+        missing = sorted(set(kinds) - set(m.names))
+        if extra or missing:
+            what = f"has unexpected tensor {extra[0]!r}" if extra else f"lacks tensor {missing[0]!r}"
+            raise HM3Error(f"{m.path}: {what} (compared with {ref.path}); the models must share one architecture")
+    for name, kind in kinds.items():
+        for m in models[1:]:
+            a, b = ref.shape(name), m.shape(name)
+            if kind == "out":
+                a, b = a[1:], b[1:]
+            if a != b:
+                raise HM3Error(
+                    f"{m.path}: tensor {name!r} has shape {tuple(m.shape(name))} but {ref.path} has "
+                    f"{tuple(ref.shape(name))}; the models must share one architecture"
+                )
+    if base is not None:
+        for name, kind in kinds.items():
+            if kind in ("out", "copy"):
+                continue
+            if name not in base:
+                if kind == "hidden":
+                    continue
+                raise HM3Error(
+                    f"{base.path}: base model lacks tensor {name!r} that the fine-tuned models have; "
+                    "is it the model they were fine-tuned from?"
+                )
+            if base.shape(name) != ref.shape(name):
+                raise HM3Error(
+                    f"{base.path}: tensor {name!r} has shape {base.shape(name)} but {ref.path} has "
+                    f"{ref.shape(name)}; is it the model they were fine-tuned from?"
+                )
+    notes = []
+    if any(k == "hidden" for k in kinds.values()):
+        notes.append(
+            f"{family.model_type} heads have a task-specific hidden layer ({', '.join(family.hidden)}); it is merged "
+            f"({cfg.head.hidden}) and shared by all groups — consider a head re-fit (`refit:`) after merging"
+        )
+        for n in notes:
+            log.warning(n)
+
+    _check_vocab([m for m in ([base] if base else []) + models])
+    return Prepared(cfg, method, base, models, space, kinds, time.perf_counter() - t0, notes)
+
+
+def _check_vocab(ckpts: list[Checkpoint]) -> None:
+    sizes = {getattr(c.config, "vocab_size", None) for c in ckpts}
+    if len(sizes) > 1:
+        raise HM3Error(
+            "vocabulary sizes differ: "
+            + ", ".join(f"{c.path}: {getattr(c.config, 'vocab_size', None)}" for c in ckpts)
+        )
+    ref_vocab, ref_path = None, None
+    for c in ckpts:
+        vocab = tokenizer_vocab(c.path)
+        if vocab is None:
+            continue
+        if ref_vocab is None:
+            ref_vocab, ref_path = vocab, c.path
+        elif vocab != ref_vocab:
+            diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
+            raise HM3Error(
+                f"{c.path}: tokenizer vocabulary differs from {ref_path} (e.g. {diff}); "
+                "the models must share the base's tokenizer"
+            )
+
+
+# -- per-tensor merge ------------------------------------------------------------------------------
+def tensor_params(cfg: MergeConfig, method: Method, name: str, kind: str, overrides: dict | None = None) -> TensorParams:
+    """Resolve every parameter for one tensor: model entry → shared → method default → hm3 rules."""
+    overrides = overrides or {}
+
+    def shared(key, default):
+        if key in overrides:
+            return overrides[key]
+        v = resolve_param(cfg.parameters.get(key), name)
+        return default if v is None else v
+
+    def per_model(key, default):
+        out = []
+        for i, m in enumerate(cfg.models):
+            if key in overrides:
+                ov = overrides[key]
+                out.append(float(ov[i] if isinstance(ov, (list, tuple)) else ov))
+                continue
+            v = resolve_param(m.parameters.get(key), name)
+            if v is None:
+                v = resolve_param(cfg.parameters.get(key), name)
+            out.append(float(default if v is None else v))
+        return tuple(out)
+
+    density = per_model("density", 1.0)
+    if kind in ("out", "hidden"):
+        hd = overrides.get("head_density", cfg.head.density)
+        if hd == "keep":
+            density = tuple(1.0 for _ in density)
+        elif hd != "model":
+            density = tuple(float(hd) for _ in density)
+    rescale = bool(shared("rescale", method.defaults.get("rescale", False)))
+    norm = shared("rescale_norm", "l1")
+    return TensorParams(
+        weight=per_model("weight", 1.0),
+        density=density,
+        normalize=bool(shared("normalize", method.defaults.get("normalize", False))),
+        rescale=Rescale(norm) if rescale else None,
+        lambda_=float(shared("lambda", 1.0)),
+        gamma=per_model("gamma", 0.01),
+        epsilon=per_model("epsilon", 0.15),
+        consensus=str(shared("consensus", "sum")),
+        extra={"filter_wise": bool(shared("filter_wise", False))},
+    )
+
+
+def merge_tensor(
+    prep: Prepared,
+    name: str,
+    kind: str,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    overrides: dict | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Merge one tensor. Output rows are merged per group when a head density below 1 applies,
+    so a group's density counts only its own rows, never the zero padding of the others."""
+    cfg, method = prep.config, prep.method
+    seed = cfg.seed if seed is None else seed
+    if kind == "copy":
+        return base
+    if kind == "hidden" and cfg.head.hidden == "base":
+        if prep.base is None or name not in prep.base:
+            raise HM3Error(f"head.hidden: base needs a base model with tensor {name!r}")
+        return base
+    p = tensor_params(cfg, method, name, kind, overrides)
+    if kind == "hidden" and (prep.base is None or name not in prep.base):
+        # A head layer the base does not have (a headless base): there is no task vector, so the
+        # layer is the models' weighted average, whatever the method.
+        w = torch.tensor(p.weight).view(-1, *([1] * base.dim()))
+        return base + (deltas * w).sum(dim=0) / w.sum()
+    if kind == "out" and (method.name == "model_stock" or any(d < 1 for d in p.density)):
+        out = base.clone()
+        for i, g in enumerate(prep.space):
+            rows = g.rows
+            if method.name == "model_stock":
+                # Groups' rows are disjoint, so task vectors there are orthogonal and Model Stock
+                # would pull every head to the zero base; each group keeps its own rows instead.
+                out[rows] = base[rows] + deltas[i, rows]
+            else:
+                out[rows] = method.fn(base[rows], deltas[:, rows], p, tensor_generator(seed, f"{name}/{g.name}"))
+        return out
+    return method.fn(base, deltas, p, tensor_generator(seed, name))
+
+
+def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Merge every tensor, streaming from disk. Returns the merged state dict (output dtype)."""
+    dtype = DTYPES[prep.config.dtype]
+    state: dict[str, torch.Tensor] = {}
+    with _progress(progress, "merging", len(prep.kinds)) as advance:
+        for name, kind, base, deltas in prep.inputs():
+            merged = merge_tensor(prep, name, kind, base, deltas)
+            if merged.is_floating_point():
+                if not bool(torch.isfinite(merged).all()):
+                    raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
+                merged = merged.to(dtype)
+            state[name] = merged.contiguous()
+            advance()
+    return state
+
+
+class _progress:
+    """A rich progress bar when asked for (and a terminal or log is there), else a no-op."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+# -- output ----------------------------------------------------------------------------------------
+def merged_config(prep: Prepared):
+    """The first model's config with the merged label space and the hm3 metadata."""
+    import copy
+
+    cfg = copy.deepcopy(prep.models[0].config)
+    space = prep.space
+    cfg.id2label = space.id2label()
+    cfg.label2id = space.label2id()
+    cfg.num_labels = space.total
+    cfg.problem_type = "single_label_classification"
+    cfg.architectures = [prep.models[0].family.cls]
+    cfg.dtype = prep.config.dtype
+    recipe = json.loads(prep.config.model_dump_json(exclude_none=True))
+    cfg.hm3 = {
+        "format": 1,
+        "groups": space.to_json(),
+        "method": prep.method.name,
+        "seed": prep.config.seed,
+        "recipe": recipe,
+    }
+    return cfg
+
+
+def write_model(out_dir: Path, state: dict[str, torch.Tensor], config, tokenizer_src: Path, card: str) -> None:
+    """Write config, safetensors weights, tokenizer and model card into ``out_dir`` (exists, empty)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    config.save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(out_dir))
+    except Exception as e:
+        raise HM3Error(f"{tokenizer_src}: cannot copy the tokenizer ({e}); set `tokenizer_source` to a model with one") from None
+    (out_dir / "README.md").write_text(card)
+
+
+def tokenizer_source(prep: Prepared) -> Path:
+    if prep.config.tokenizer_source:
+        src = prep.config.tokenizer_source
+        if src == "base" and prep.base is not None:
+            return prep.base.path
+        return Path(src)
+    for c in ([prep.base] if prep.base else []) + prep.models:
+        if tokenizer_vocab(c.path) is not None:
+            return c.path
+    raise HM3Error("no model ships a tokenizer; set `tokenizer_source` to a directory that has one")
+
+
+def model_card(prep: Prepared, extra: str = "") -> str:
+    cfg = prep.config
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [hm3, merge, text-classification]",
+        "---",
+        "# Merged classifier (hm3)",
+        "",
+        f"Made with [hm3](https://arxiv.org/abs/2409.19173) `{cfg.merge_method}` "
+        f"([reference]({prep.method.reference})), seed {cfg.seed}, dtype {cfg.dtype}.",
+        "Load with `hm3.load(path)` for per-group softmax, or as an ordinary "
+        "`AutoModelForSequenceClassification` (logits over all qualified labels).",
+        "",
+        "## Groups",
+        "",
+        "| group | labels | source model | parameters |",
+        "|---|---|---|---|",
+    ]
+    for g, m in zip(prep.space, cfg.models):
+        params = json.dumps({k: (v if not isinstance(v, list) else [c.model_dump() for c in v]) for k, v in m.parameters.items()})
+        lines.append(f"| {g.name} | {', '.join(g.labels)} | `{m.model}` | `{params}` |")
+    lines += [
+        "",
+        f"Base model: `{cfg.base_model}`",
+        f"Shared parameters: `{json.dumps({k: v if not isinstance(v, list) else [c.model_dump() for c in v] for k, v in cfg.parameters.items()})}`",
+        f"Head: density `{cfg.head.density}`, hidden layers `{cfg.head.hidden}`",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        cfg.to_yaml().rstrip(),
+        "```",
+    ]
+    if prep.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in prep.notes]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class MergeResult:
+    path: Path | None
+    space: LabelSpace
+    seconds: float
+    state: dict[str, torch.Tensor] | None = None
+
+
+def merge(
+    config: "MergeConfig | str | Path | dict",
+    out: "str | Path | None" = None,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the recipe's models. With ``out``, write an ordinary HF classifier directory
+    atomically (an existing ``out`` is refused unless ``force``); without, return the state dict."""
+    t0 = time.perf_counter()
+    if out is not None:
+        from hm3.io import prepare_output
+
+        prepare_output(Path(out), force)  # fail before any work
+    prep = prepare(config, allow_pickle=allow_pickle)
+    state = merge_state(prep, progress=progress)
+    extra = ""
+    if prep.config.refit is not None:
+        from hm3.refit import refit_state
+
+        state, extra = refit_state(prep, state, progress=progress)
+    if out is None:
+        return MergeResult(None, prep.space, time.perf_counter() - t0, state)
+    out = Path(out)
+    with AtomicDir(out, force) as tmp:
+        write_model(tmp, state, merged_config(prep), tokenizer_source(prep), model_card(prep, extra))
+    seconds = time.perf_counter() - t0
+    log.info("merged %d models (%s) into %s in %.1fs", len(prep.models), prep.method.name, out, seconds)
+    return MergeResult(out, prep.space, seconds)

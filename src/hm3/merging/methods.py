@@ -1,0 +1,202 @@
+"""Merge methods: small pure per-tensor functions, registered by name with defaults and references.
+
+Every method has the signature ``fn(base, deltas, p, generator) -> merged`` where
+
+* ``base``: the base model's tensor, ``(*shape)``;
+* ``deltas``: task vectors ``model_i - base`` stacked as ``(N, *shape)`` (float32);
+* ``p``: ``TensorParams`` resolved for this tensor (per-model weight and density, shared flags);
+* ``generator``: the only source of randomness, seeded from ``(seed, tensor name)``.
+
+The task-arithmetic family (task arithmetic, TIES, DARE, DARE-TIES, Breadcrumbs, DELLA) is one
+pipeline — sparsify → weight → sign consensus → (normalise) → λ — exactly as mergekit 0.1.5's
+``GeneralizedTaskArithmeticMerge``; a method is a choice of sparsify and consensus step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from hm3.merging import steps
+from hm3.merging.steps import Rescale, Sparsify
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters of one tensor's merge, after per-tensor resolution."""
+
+    weight: tuple[float, ...]
+    density: tuple[float, ...]
+    normalize: bool = False
+    rescale: Rescale | None = None
+    lambda_: float = 1.0
+    gamma: tuple[float, ...] = ()  # breadcrumbs
+    epsilon: tuple[float, ...] = ()  # della
+    consensus: str = "sum"
+    extra: dict = field(default_factory=dict)
+
+
+MethodFn = Callable[[torch.Tensor, torch.Tensor, TensorParams, "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    reference: str
+    needs_base: bool = True
+    uses_density: bool = False
+    random: bool = False
+    defaults: dict = field(default_factory=dict)  # normalize, rescale, ...
+    min_models: int = 1
+    doc: str = ""
+
+
+def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g) -> torch.Tensor:
+    if kind is None:
+        return x
+    d = p.density[i]
+    if kind is Sparsify.magnitude:
+        return steps.magnitude(x, d, p.rescale)
+    if kind is Sparsify.random:
+        return steps.bernoulli(x, d, g, p.rescale)
+    if kind is Sparsify.magnitude_outliers:
+        return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale)
+    return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale)
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    p: TensorParams,
+    generator: torch.Generator | None,
+    *,
+    sparsify: Sparsify | None,
+    consensus: bool,
+) -> torch.Tensor:
+    """base + λ · Σ_i m_i ⊙ w_i · S(δ_i) / (normalize ? Σ_i w_i m_i : 1)
+
+    S is the sparsify step, m_i the sign-consensus mask (all ones without consensus).
+    """
+    if deltas.shape[0] == 0:
+        return base
+    # Sparsify each task vector on its own (a fresh tensor each: the caller's deltas stay intact).
+    trimmed = torch.stack([_sparsify_one(sparsify, deltas[i], i, p, generator) for i in range(deltas.shape[0])])
+    w = torch.tensor(p.weight, dtype=trimmed.dtype)
+    wb = steps.broadcast_weights(w, trimmed)
+    trimmed.mul_(wb)  # weights are applied before the sign election (mergekit)
+    if consensus:
+        mask = steps.sign_consensus(trimmed, p.consensus)
+        mixed = (trimmed * mask).sum(dim=0)
+        divisor = (wb * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = trimmed.sum(dim=0)
+        divisor = w.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+    if p.normalize:
+        mixed /= divisor
+    if p.lambda_ != 1:
+        mixed *= p.lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
+    """Model soup (Wortsman et al. 2022): Σ w_i θ_i / Σ w_i (with ``normalize``, the default).
+
+    Written over task vectors θ_i = base + δ_i, so it needs no base checkpoint: with hm3's zero
+    base head the head rows of group i become w_i/Σw · W_i (the paper's soup).
+    """
+    w = torch.tensor(p.weight, dtype=deltas.dtype)
+    mixed = (deltas * steps.broadcast_weights(w, deltas)).sum(dim=0)
+    total = w.sum()
+    if p.normalize:
+        return (base + mixed / total).to(base.dtype)
+    return (total * base + mixed).to(base.dtype)
+
+
+def model_stock(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024): move the base towards the average by
+    t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of the task vectors
+    (per tensor, or per row with ``filter_wise``)."""
+    n = deltas.shape[0]
+    rows = base.shape[0] if p.extra.get("filter_wise") and base.dim() > 1 else 1
+    flat = deltas.reshape(n, rows, -1)  # (N, R, D)
+    cos = []
+    for a in range(n):
+        for b in range(a + 1, n):
+            num = (flat[a] * flat[b]).sum(dim=-1)
+            den = (flat[a].norm(dim=-1) * flat[b].norm(dim=-1)).clamp(min=1e-6)
+            cos.append((num / den).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0)  # (R,)
+    denom = 1 + (n - 1) * c
+    singular = denom.abs() < 1e-6  # opposing updates: keep the base rather than amplify them
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
+    t = t.view(rows, *([1] * (base.dim() - 1))) if rows > 1 else t.reshape(())
+    return (base + t * deltas.mean(dim=0)).to(base.dtype)
+
+
+def _gta(name: str, sparsify: Sparsify | None, consensus: bool, normalize: bool, rescale: bool, ref: str, doc: str):
+    def fn(base, deltas, p, generator=None, _s=sparsify, _c=consensus):
+        return generalized_task_arithmetic(base, deltas, p, generator, sparsify=_s, consensus=_c)
+
+    fn.__name__ = name
+    fn.__doc__ = doc
+    return Method(
+        name=name,
+        fn=fn,
+        reference=ref,
+        uses_density=sparsify is not None,
+        random=sparsify in (Sparsify.random, Sparsify.della_magprune),
+        defaults={"normalize": normalize, "rescale": rescale},
+        doc=doc,
+    )
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "linear",
+            linear,
+            "https://arxiv.org/abs/2203.05482",
+            needs_base=False,
+            defaults={"normalize": True, "rescale": False},
+            doc="Model soup: weighted average of the models.",
+        ),
+        _gta("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089",
+             "Task arithmetic: base + λ Σ w_i δ_i."),
+        _gta("ties", Sparsify.magnitude, True, True, False, "https://arxiv.org/abs/2306.01708",
+             "TIES: trim to top-k magnitude, elect sign by weighted sum, disjoint mean."),
+        _gta("dare_linear", Sparsify.random, False, False, True, "https://arxiv.org/abs/2311.03099",
+             "DARE: random drop with rescale, then task arithmetic."),
+        _gta("dare_ties", Sparsify.random, True, False, True, "https://arxiv.org/abs/2311.03099",
+             "DARE-TIES: random drop with rescale, then TIES sign election."),
+        _gta("breadcrumbs", Sparsify.magnitude_outliers, False, False, False, "https://arxiv.org/abs/2312.06795",
+             "Model Breadcrumbs: drop the largest outliers and the smallest entries."),
+        _gta("breadcrumbs_ties", Sparsify.magnitude_outliers, True, False, False, "https://arxiv.org/abs/2312.06795",
+             "Breadcrumbs with TIES sign election."),
+        _gta("della", Sparsify.della_magprune, True, True, True, "https://arxiv.org/abs/2406.11617",
+             "DELLA: magnitude-ranked random drop, TIES sign election."),
+        _gta("della_linear", Sparsify.della_magprune, False, False, True, "https://arxiv.org/abs/2406.11617",
+             "DELLA without sign election."),
+        Method(
+            "model_stock",
+            model_stock,
+            "https://arxiv.org/abs/2403.19522",
+            min_models=2,
+            defaults={"normalize": False, "rescale": False},
+            doc="Model Stock: average pulled towards the base by the task vectors' mean cosine.",
+        ),
+    )
+}
+
+
+def get(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; valid: {', '.join(REGISTRY)}") from None

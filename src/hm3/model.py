@@ -1,0 +1,203 @@
+"""The group-wise classifier: one forward pass, one softmax per group.
+
+``hm3.load(path)`` opens a merged model (groups from config.json ``hm3``) or an ordinary
+single classifier (one group, named after its directory).
+
+Long texts are never truncated silently. A text longer than ``max_length`` tokens is split into
+windows of ``max_length`` tokens (special tokens included) that overlap by ``stride`` tokens; each
+window is classified and, per group, the window probabilities are aggregated:
+
+* ``mean`` (default): the average of the windows' softmax distributions;
+* ``max``: for guards — each label's largest probability over the windows, renormalised, so one
+  window that is clearly a jailbreak flags the whole text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from hm3.errors import HM3Error
+from hm3.labels import LabelSpace, clean_labels, group_name_from, labels_from_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupPrediction:
+    label: str
+    scores: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "scores": self.scores}
+
+
+class GroupwiseClassifier:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        space: LabelSpace,
+        *,
+        max_length: int | None = None,
+        stride: int = 64,
+        aggregate: str = "mean",
+        name: str = "",
+    ):
+        if aggregate not in ("mean", "max"):
+            raise HM3Error(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.space = space
+        self.name = name
+        limit = getattr(model.config, "max_position_embeddings", 512)
+        tok_limit = getattr(tokenizer, "model_max_length", limit) or limit
+        hm3_limit = (getattr(model.config, "hm3", None) or {}).get("max_length")
+        self.max_length = int(max_length or hm3_limit or min(limit, tok_limit if tok_limit < 100_000 else limit))
+        if self.max_length < 16:
+            raise HM3Error(f"max_length {self.max_length} leaves no room for text; use at least 16")
+        # Overlap between windows; at most half a window so that every window adds new text.
+        self.stride = max(0, min(stride, self.max_length // 2 - 2))
+        self.aggregate = aggregate
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kw) -> "GroupwiseClassifier":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from hm3.io import resolve
+
+        path = resolve(path)
+        if not (path / "config.json").is_file():
+            raise HM3Error(f"{path}: no config.json; expected a model directory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise HM3Error(f"{path}: cannot load the tokenizer ({e})") from None
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+        except Exception as e:
+            raise HM3Error(f"{path}: cannot load a sequence classifier ({type(e).__name__}: {e})") from None
+        meta = getattr(model.config, "hm3", None)
+        if meta and "groups" in meta:
+            space = LabelSpace.from_json(meta["groups"])
+        else:
+            group = group_name_from(path.name)
+            n = model.config.num_labels
+            space = LabelSpace([(group, clean_labels(group, labels_from_config(model.config.id2label, n)))])
+        if space.total != model.config.num_labels:
+            raise HM3Error(f"{path}: hm3 metadata lists {space.total} labels but the head has {model.config.num_labels}")
+        return cls(model, tokenizer, space, name=str(path), **kw)
+
+    @property
+    def groups(self) -> list[str]:
+        return self.space.names
+
+    # -- tokenisation and windows ------------------------------------------------------------------
+    def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Token id windows (special tokens included) and, per window, the index of its text.
+
+        The fast tokenizer's overflow mechanism cuts each text into windows of ``max_length``
+        tokens overlapping by ``stride`` tokens; a short text is one window.
+        """
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.stride,
+            return_overflowing_tokens=True,
+            verbose=False,
+        )
+        return enc["input_ids"], list(enc["overflow_to_sample_mapping"])
+
+    @torch.inference_mode()
+    def window_logits(self, wins: list[list[int]], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Logits ``(W, T)`` for token windows, batched by length (dynamic padding)."""
+        if batch_size < 1:
+            raise HM3Error(f"batch_size must be at least 1, got {batch_size}")
+        order = sorted(range(len(wins)), key=lambda i: len(wins[i]))
+        out = torch.empty(len(wins), self.space.total)
+        pad = self.tokenizer.pad_token_id or 0
+        from hm3.merging.engine import _progress
+
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        with _progress(progress and len(batches) > 1, "classifying", len(batches)) as advance:
+            for idx in batches:
+                width = max(len(wins[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, : len(wins[i])] = torch.tensor(wins[i])
+                    mask[r, : len(wins[i])] = 1
+                out[idx] = self.model(input_ids=ids, attention_mask=mask).logits.float()
+                advance()
+        return out
+
+    def predict_proba(
+        self,
+        texts: Sequence[str],
+        groups: Iterable[str] | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Per group, an ``(n_texts, n_labels)`` array of softmax probabilities (rows sum to 1)."""
+        selected = self.space.select(groups)
+        texts = _check_texts(texts)
+        if not texts:
+            return {g.name: np.zeros((0, g.size)) for g in selected}
+        wins, owner = self.windows(texts)
+        logits = self.window_logits(wins, batch_size, progress)
+        owner_t = torch.tensor(owner)
+        result = {}
+        for g in selected:
+            probs = torch.softmax(logits[:, g.rows], dim=-1)  # (W, n_g)
+            if len(wins) == len(texts):
+                agg = torch.empty_like(probs)
+                agg[owner_t] = probs
+            elif self.aggregate == "mean":
+                agg = torch.zeros(len(texts), g.size).index_add_(0, owner_t, probs)
+                agg /= torch.bincount(owner_t, minlength=len(texts)).unsqueeze(1)
+            else:
+                agg = torch.zeros(len(texts), g.size).index_reduce_(0, owner_t, probs, "amax", include_self=False)
+                agg /= agg.sum(dim=1, keepdim=True)
+            result[g.name] = agg.numpy()
+        return result
+
+    def predict(
+        self,
+        texts: Sequence[str],
+        groups: Iterable[str] | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> list[dict[str, GroupPrediction]]:
+        """Per text, per group: the label with the highest probability and all the group's scores."""
+        probs = self.predict_proba(texts, groups, batch_size, progress)
+        n = len(next(iter(probs.values()))) if probs else 0
+        out: list[dict[str, GroupPrediction]] = [{} for _ in range(n)]
+        for name, p in probs.items():
+            labels = self.space[name].labels
+            for i in range(n):
+                row = p[i]
+                out[i][name] = GroupPrediction(labels[int(row.argmax())], {l: float(v) for l, v in zip(labels, row)})
+        return out
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise HM3Error("predict expects a list of texts, not a single string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise HM3Error(f"text {i} is {type(t).__name__}, expected str")
+    return texts
+
+
+def load(path: str | os.PathLike, **kw) -> GroupwiseClassifier:
+    """Open a merged hm3 model or a single classifier for group-wise prediction."""
+    return GroupwiseClassifier.from_pretrained(path, **kw)
