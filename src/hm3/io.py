@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from hm3.errors import HM3Error
@@ -264,6 +262,15 @@ class AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def iter_tensors(ckpt: Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, ckpt.tensor(name)
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary sibling and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

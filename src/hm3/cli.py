@@ -1,0 +1,216 @@
+"""The `hm3` command: a few lines per command over the Python API.
+
+Every user error is an ``HM3Error``: printed as one line ``error: ...`` on stderr, exit code 2,
+nothing written. Commands of later stages (zoo, eval, search, serve, bench) register themselves
+from their own modules through ``register(app)``, so each stays next to the code it calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from hm3.errors import HM3Error
+
+app = typer.Typer(
+    name="hm3",
+    help="Merge text classifiers with different label sets into one model (HM3, arXiv 2409.19173).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("hm3")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn HM3Error (and other input errors) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HM3Error as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # transformers' own progress bars and load reports are noise around hm3's.
+    for name in ("transformers", "huggingface_hub", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.command()
+@user_errors
+def merge(
+    config: Path = typer.Argument(..., help="YAML recipe (mergekit keys + hm3 `group`/`labels`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pytorch_model.bin (pickle) checkpoints."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Merge the recipe's classifiers into one model with a head row block per group."""
+    from hm3.merging.engine import merge as run
+
+    result = run(config, out, force=force, allow_pickle=allow_pickle, progress=progress)
+    groups = ", ".join(f"{g.name}({g.size})" for g in result.space)
+    typer.echo(f"wrote {result.path}: {result.space.total} labels in groups {groups} ({result.seconds:.1f}s)")
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a .txt file (one per line) or a .jsonl file (field `text`)."""
+    if not path.is_file():
+        raise HM3Error(f"{path}: no such input file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
+            texts.append(row["text"])
+    elif path.suffix in (".txt", ""):
+        texts = [line for line in raw.splitlines() if line.strip()]
+    else:
+        raise HM3Error(f"{path}: unsupported input type {path.suffix!r}; use .txt (one text a line) or .jsonl (field text)")
+    if not texts:
+        raise HM3Error(f"{path}: the input file has no texts")
+    return texts
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Path = typer.Argument(..., help="Merged model or single classifier directory."),
+    input: Path = typer.Option(..., "--input", "-i", help=".txt (one text a line) or .jsonl (field `text`)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output (default: stdout)."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated groups (default: all)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
+) -> None:
+    """Classify texts: per text and group, the label and the group's softmax scores."""
+    from hm3.model import load
+
+    texts = read_texts(input)
+    clf = load(model, aggregate=aggregate)
+    names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
+    preds = clf.predict(texts, names, batch_size=batch_size, progress=output is not None)
+    lines = [
+        json.dumps({"text_index": i, "groups": {g: p.to_json() for g, p in row.items()}}) for i, row in enumerate(preds)
+    ]
+    if output is None:
+        typer.echo("\n".join(lines))
+    else:
+        from hm3.io import write_text_atomic
+
+        write_text_atomic(output, "\n".join(lines) + "\n")
+        typer.echo(f"wrote {len(lines)} predictions to {output}", err=True)
+
+
+@app.command()
+@user_errors
+def inspect(model: Path = typer.Argument(..., help="Model directory.")) -> None:
+    """Show a model's groups, labels and merge recipe."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hm3.io import resolve
+
+    path = resolve(model)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HM3Error(f"{path}: no config.json; expected a model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HM3Error(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    meta = cfg.get("hm3")
+    console = Console()
+    table = Table(title=f"{path}  ({cfg.get('model_type')}, {cfg.get('num_hidden_layers', cfg.get('n_layers', '?'))} layers)")
+    table.add_column("group")
+    table.add_column("labels")
+    if meta:
+        for g in meta["groups"]:
+            table.add_row(g["name"], ", ".join(g["labels"]))
+    else:
+        labels = [v for _, v in sorted(((int(k), v) for k, v in (cfg.get("id2label") or {}).items()))]
+        table.add_row(path.name + " (single classifier)", ", ".join(labels))
+    console.print(table)
+    if meta:
+        import yaml
+
+        console.print(f"method: {meta.get('method')}  seed: {meta.get('seed')}")
+        console.print(yaml.safe_dump(meta.get("recipe", {}), sort_keys=False).rstrip())
+        if meta.get("refit"):
+            console.print(f"refit: {json.dumps(meta['refit'])}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their defaults and references."""
+    from hm3.merging.methods import REGISTRY
+
+    for m in REGISTRY.values():
+        typer.echo(f"{m.name:18s} base={'yes' if m.needs_base else 'no ':3s} {m.defaults}  {m.reference}\n    {m.doc}")
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Path = typer.Option(Path(".cache/hm3/demo"), help="Where the demo keeps its guards and merge."),
+) -> None:
+    """Build two small real guards on the offline MiniLM base (cached), merge them, compare."""
+    from hm3.demo import run_demo
+
+    run_demo(workdir)
+
+
+# Later stages register their commands from their own modules.
+for _module in ("hm3.zoo.cli", "hm3.evaluate", "hm3.search", "hm3.serve", "hm3.bench", "hm3.refit"):
+    try:
+        _mod = importlib.import_module(_module)
+    except ImportError as _e:  # a module not written yet, or an optional extra not installed
+        if _e.name and not _e.name.startswith(_module):
+            log.debug("commands of %s unavailable: %s", _module, _e)
+        continue
+    if hasattr(_mod, "register"):
+        _mod.register(app, user_errors)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
