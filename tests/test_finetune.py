@@ -1,0 +1,128 @@
+"""Fine-tuning loop on a tiny in-process BERT (no downloads, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hm3.errors import HM3Error
+from hm3.zoo.data import Example
+from hm3.zoo.finetune import _length_grouped_batches, finetune
+
+LABELS = ("red", "green", "blue")
+KEYWORDS = {"red": ["apple", "cherry", "ruby", "brick"], "green": ["grass", "leaf", "frog", "lime"],
+            "blue": ["sky", "sea", "ocean", "navy"]}
+FILLER = [f"w{i}" for i in range(40)]
+
+
+def _tiny_base(path: Path) -> Path:
+    """A 2-layer BERT (hidden 32) and a word-level tokenizer, saved like the real base: BertModel, no head."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + FILLER + [w for ws in KEYWORDS.values() for w in ws]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def _examples(n: int, seed: int) -> list[Example]:
+    """Separable task: the label is the colour of the one keyword among random filler words."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        words = rng.sample(FILLER, rng.randint(3, 12))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(KEYWORDS[label]))
+        out.append(Example(" ".join(words), label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def test_finetune_learns_and_saves_a_reloadable_classifier(tiny_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "guard"
+    metrics = finetune(
+        tiny_base, "colour", LABELS, _examples(360, 0), _examples(90, 1), out,
+        epochs=6, lr=3e-3, batch_size=16, max_length=32, seed=0, progress=False,
+    )
+    assert metrics["validation_accuracy"] >= 0.9, metrics["history"]
+    assert metrics["validation_macro_f1"] >= 0.9
+    assert len(metrics["history"]) == 6 and metrics["best_epoch"] in range(1, 7)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".*tmp")), "temporary directory left behind"
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == dict(enumerate(LABELS))
+    assert model.config.label2id == {label: i for i, label in enumerate(LABELS)}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model.eval()
+    batch = tokenizer(["w1 w2 ocean w3", "w5 apple w7", "leaf w9"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1).tolist()
+    assert [model.config.id2label[i] for i in pred] == ["blue", "red", "green"]
+
+
+def test_finetune_is_seeded(tiny_base: Path, tmp_path: Path) -> None:
+    kwargs = dict(epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=3, progress=False)
+    train, val = _examples(48, 2), _examples(12, 3)
+    a = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "a", **kwargs)
+    b = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "b", **kwargs)
+    assert a["history"][0]["loss"] == b["history"][0]["loss"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_finetune_overwrites_atomically_and_truncates(tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "guard"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    long_text = " ".join(["w1"] * 500 + ["sky"])  # far beyond max_position_embeddings=64: must be truncated
+    train = _examples(24, 4) + [Example(long_text, "blue")]
+    finetune(tiny_base, "colour", LABELS, train, _examples(6, 5), out, epochs=1, max_length=24, progress=False)
+    assert not (out / "stale.txt").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
+
+
+def test_finetune_rejects_unknown_labels(tiny_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(HM3Error, match="not in"):
+        finetune(tiny_base, "colour", LABELS, [Example("sky", "purple")], [], tmp_path / "x", progress=False)
+
+
+def test_length_grouped_batches_cover_every_index_once() -> None:
+    lengths = [random.Random(0).randint(1, 100) for _ in range(103)]
+    batches = _length_grouped_batches(lengths, 8, random.Random(1), mega=4)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(103))
+    assert all(len(b) <= 8 for b in batches)
+    inference = _length_grouped_batches(lengths, 8, None)
+    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in inference]
+    assert max(spreads) < 30  # sorted: neighbours have similar lengths
