@@ -25,6 +25,7 @@ import torch
 
 from hm3.errors import HM3Error
 from hm3.labels import LabelSpace, clean_labels, group_name_from, labels_from_config
+from hm3.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,8 @@ class GroupwiseClassifier:
         order = sorted(range(len(wins)), key=lambda i: len(wins[i]))
         out = torch.empty(len(wins), self.space.total)
         pad = self.tokenizer.pad_token_id or 0
-        from hm3.merging.engine import _progress
-
         batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        with _progress(progress and len(batches) > 1, "classifying", len(batches)) as advance:
+        with progress_bar(progress and len(batches) > 1, "classifying", len(batches)) as advance:
             for idx in batches:
                 width = max(len(wins[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)

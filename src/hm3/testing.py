@@ -105,8 +105,14 @@ def tiny_finetune(
     lr: float = 3e-3,
     seed: int = 0,
     id2label: dict[int, str] | None = None,
+    train: str = "all",
 ) -> Path:
-    """Fine-tune a classifier from ``base`` on ``task`` for a few seconds; save it to ``out``."""
+    """Fine-tune a classifier from ``base`` on ``task`` for a few seconds; save it to ``out``.
+
+    ``train="embeddings"`` updates only the word embeddings and the head: each task then moves
+    only its own marker words' rows, so task vectors barely overlap — the regime in which
+    training-free merging should keep every group's accuracy (what end-to-end tests check).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -116,7 +122,10 @@ def tiny_finetune(
         str(base), num_labels=len(task.labels), id2label=labels, label2id={v: k for k, v in labels.items()}
     )
     data = task.sample(steps * 16, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    if train == "embeddings":
+        for name, p in model.named_parameters():
+            p.requires_grad = "word_embeddings" in name or not name.startswith(model.base_model_prefix + ".")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     for s in range(steps):
         batch = data[s * 16 : (s + 1) * 16]
