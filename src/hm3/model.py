@@ -163,7 +163,9 @@ class GroupwiseClassifier:
                 agg = torch.zeros(len(texts), g.size).index_add_(0, owner_t, probs)
                 agg /= torch.bincount(owner_t, minlength=len(texts)).unsqueeze(1)
             else:
-                agg = torch.zeros(len(texts), g.size).index_reduce_(0, owner_t, probs, "amax", include_self=False)
+                agg = torch.zeros(len(texts), g.size).scatter_reduce_(
+                    0, owner_t.unsqueeze(1).expand_as(probs), probs, "amax", include_self=False
+                )
                 agg /= agg.sum(dim=1, keepdim=True)
             result[g.name] = agg.numpy()
         return result
