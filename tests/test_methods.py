@@ -1,0 +1,250 @@
+"""Merge methods on small tensors, head-aware density and seeded reproducibility (hm3.merging)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hm3
+from hm3.merging.engine import merge_tensor, prepare
+from hm3.merging.methods import REGISTRY, TensorParams
+from hm3.merging.steps import Rescale
+from hm3.testing import tiny_base, tiny_config, tiny_tokenizer
+
+# The task-arithmetic family (data-aware methods, if registered, are tested with their statistics).
+GTA = [n for n in REGISTRY
+       if n not in ("linear", "model_stock") and not getattr(REGISTRY[n], "needs_stats", False)]
+
+
+def params(n: int, *, weight=1.0, density=1.0, **kw) -> TensorParams:
+    w = tuple(weight) if isinstance(weight, (list, tuple)) else (weight,) * n
+    d = tuple(density) if isinstance(density, (list, tuple)) else (density,) * n
+    return TensorParams(weight=w, density=d, **kw)
+
+
+def rand(*shape, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def run(name: str, base, deltas, p, seed=0):
+    return REGISTRY[name].fn(base, deltas, p, torch.Generator().manual_seed(seed))
+
+
+# -- per method, small tensors ---------------------------------------------------------------------
+def test_task_arithmetic_one_model_weight_one_is_the_model():
+    base, delta = rand(6, 5), rand(1, 6, 5, seed=1)
+    assert torch.allclose(run("task_arithmetic", base, delta, params(1)), base + delta[0], atol=1e-7)
+
+
+def test_task_arithmetic_weights_and_lambda():
+    base, deltas = rand(4, 3), rand(2, 4, 3, seed=1)
+    out = run("task_arithmetic", base, deltas, params(2, weight=(0.5, 2.0), lambda_=0.8))
+    assert torch.allclose(out, base + 0.8 * (0.5 * deltas[0] + 2.0 * deltas[1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3, 2.5])
+def test_ties_density_one_single_model_is_the_model(weight):
+    base, delta = rand(7, 4), rand(1, 7, 4, seed=2)
+    out = run("ties", base, delta, params(1, weight=weight, normalize=True))
+    assert torch.allclose(out, base + delta[0], atol=1e-6)  # normalised: the weight cancels
+
+
+def test_ties_disjoint_mean_by_hand():
+    base = torch.zeros(4)
+    deltas = torch.tensor([[1.0, -2.0, 3.0, 0.0], [3.0, 1.0, -1.0, 0.0]])
+    out = run("ties", base, deltas, params(2, weight=(1.0, 1.0), normalize=True))
+    # signs: col0 both +; col1 sum −1 → −, only model 0; col2 sum 2 → +, only model 0; col3 nobody.
+    assert out.tolist() == [2.0, -2.0, 3.0, 0.0]
+
+
+def test_ties_trims_before_electing():
+    base = torch.zeros(4)
+    deltas = torch.tensor([[4.0, -3.0, 0.1, 0.2], [0.3, 1.0, -5.0, 0.05]])
+    out = run("ties", base, deltas, params(2, density=0.5, normalize=True))
+    # model 0 keeps {4, −3}, model 1 keeps {1, −5}; col1: −3 + 1 = −2 → "−": only model 0's −3.
+    assert out.tolist() == [4.0, -3.0, -5.0, 0.0]
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.2, 0.5, 1.3)])
+def test_linear_normalize_is_weighted_mean(weights):
+    thetas = rand(3, 5, 4, seed=3)
+    base = rand(5, 4, seed=4)  # linear does not depend on the base
+    w = torch.tensor(weights).view(3, 1, 1)
+    for b in (base, torch.zeros_like(base)):
+        out = run("linear", b, thetas - b, params(3, weight=weights, normalize=True))
+        assert torch.allclose(out, (w * thetas).sum(0) / w.sum(), atol=1e-6)
+    unnorm = run("linear", base, thetas - base, params(3, weight=weights, normalize=False))
+    assert torch.allclose(unnorm, (w * thetas).sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_identical_task_vectors_give_base_plus_delta(filter_wise):
+    base, delta = rand(6, 8), rand(6, 8, seed=5)
+    deltas = delta.expand(3, 6, 8).clone()
+    out = run("model_stock", base, deltas, params(3, extra={"filter_wise": filter_wise}))
+    assert torch.allclose(out, base + delta, atol=1e-5)  # cos θ = 1 → t = 1
+
+
+def test_model_stock_orthogonal_keeps_base_and_formula():
+    base = torch.ones(4)
+    orth = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    assert torch.allclose(run("model_stock", base, orth, params(2)), base)  # cos 0 → t = 0
+    deltas = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 0, 1.0, 0]])  # cos = 1/2 → t = 2·½/(1+½) = 2/3
+    assert torch.allclose(run("model_stock", base, deltas, params(2)), base + 2 / 3 * deltas.mean(0))
+
+
+def test_dare_linear_density_one_is_task_arithmetic():
+    base, deltas = rand(5, 5), rand(2, 5, 5, seed=6)
+    p = params(2, weight=(0.7, 1.3), rescale=Rescale.l1)
+    dare, ta = run("dare_linear", base, deltas, p), run("task_arithmetic", base, deltas, p)
+    assert torch.allclose(dare, ta, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", GTA + ["linear", "model_stock"])
+def test_methods_keep_shape_dtype_and_inputs(name):
+    base, deltas = rand(6, 10), rand(3, 6, 10, seed=7)
+    before = deltas.clone()
+    p = params(3, weight=(0.5, 1.0, 1.5), density=0.5, rescale=Rescale.l1 if REGISTRY[name].random else None)
+    out = run(name, base, deltas, p)
+    assert out.shape == base.shape and out.dtype == base.dtype
+    assert bool(torch.isfinite(out).all())
+    assert torch.equal(deltas, before), f"{name} modified the caller's task vectors"
+
+
+@pytest.mark.parametrize("name", [n for n in GTA if REGISTRY[n].random])
+def test_random_methods_follow_the_generator(name):
+    base, deltas = rand(20, 20), rand(2, 20, 20, seed=8)
+    p = params(2, density=0.5, rescale=Rescale.l1)
+    a, b = run(name, base, deltas, p, seed=1), run(name, base, deltas, p, seed=1)
+    torch.manual_seed(1234)
+    assert torch.equal(a, b) and torch.equal(a, run(name, base, deltas, p, seed=1))
+    assert not torch.equal(a, run(name, base, deltas, p, seed=2))
+
+
+# -- tiny real merges -------------------------------------------------------------------------------
+GROUPS = {"a": ("neg", "pos"), "b": ("red", "green", "blue")}
+
+
+def _classifier(base_dir: Path, out: Path, labels: tuple[str, ...], seed: int) -> Path:
+    """An ordinary BertForSequenceClassification: base body + noise, random dense head."""
+    g = torch.Generator().manual_seed(seed)
+    body = load_file(str(base_dir / "model.safetensors"))
+    state = {f"bert.{k}": t + torch.randn(t.shape, generator=g) * 0.01 for k, t in body.items()}
+    state["classifier.weight"] = torch.randn(len(labels), 32, generator=g) * 0.1
+    state["classifier.bias"] = torch.randn(len(labels), generator=g) * 0.1
+    out.mkdir()
+    tiny_config("bert", num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={v: i for i, v in enumerate(labels)}).save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tiny_tokenizer().save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    base = tiny_base(root / "base")
+    return {"root": root, "base": base,
+            "models": {g: _classifier(base, root / g, labels, i + 1)
+                       for i, (g, labels) in enumerate(GROUPS.items())}}
+
+
+def _recipe(synth, method: str, **kw) -> dict:
+    return {"merge_method": method, "base_model": str(synth["base"]),
+            "models": [{"model": str(p), "group": g, "parameters": {"weight": 1.0}}
+                       for g, p in synth["models"].items()],
+            **kw}
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties"])
+def test_head_density_counts_own_rows_only(synth, method):
+    """head.density 0.5: each group's own rows keep max(1, int(0.5·own numel)) task-vector entries
+    — the zero rows of the other groups do not dilute it. (A top-k over the whole padded 5×32
+    weight would keep k = 80 entries: all 64 of group a's, 80 of group b's 96.)"""
+    recipe = _recipe(synth, method, parameters={"density": 0.5}, head={"density": 0.5}, seed=1)
+    prep = prepare(recipe)
+    seen = 0
+    for name, kind, base, deltas in prep.inputs([n for n, k in prep.kinds.items() if k == "out"]):
+        merged = merge_tensor(prep, name, kind, base, deltas)
+        for g in prep.space:
+            own = merged[g.rows] - base[g.rows]
+            numel = own.numel()
+            kept = int((own != 0).sum())
+            if method == "dare_ties":  # random: about half of the own rows, l1 norm preserved
+                if own.dim() == 2:  # 64 or 96 draws
+                    assert 0.25 < kept / numel < 0.75, (name, g.name, kept, numel)
+                if kept:
+                    assert torch.isclose(own.abs().sum(), deltas[:, g.rows].abs().sum(), rtol=1e-5)
+            elif method == "breadcrumbs":  # int(d·n) entries (gamma drops the top 1%, rounded down)
+                assert kept == int(0.5 * numel), (name, g.name, kept, numel)
+            else:
+                assert kept == max(1, int(0.5 * numel)), (name, g.name, kept, numel)
+            seen += 1
+    assert seen == 4  # weight and bias, two groups
+
+
+def test_head_density_keep_is_the_default(synth):
+    """The default ``head: {density: keep}``: body tensors are pruned, head rows are kept whole."""
+    state = hm3.merge(_recipe(synth, "ties", parameters={"density": 0.3}), progress=False).state
+    offset = 0
+    for g, labels in GROUPS.items():
+        orig = load_file(str(synth["models"][g] / "model.safetensors"))["classifier.weight"]
+        assert torch.allclose(state["classifier.weight"][offset:offset + len(labels)], orig, atol=1e-6)
+        offset += len(labels)
+    body = state["bert.encoder.layer.0.attention.self.query.weight"]
+    base_sd = load_file(str(synth["base"] / "model.safetensors"))
+    base_q = base_sd["encoder.layer.0.attention.self.query.weight"]
+    assert (body != base_q).float().mean() < 0.6  # pruned: many entries stay at the base
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_seeded_merges_are_byte_identical(synth):
+    root = synth["root"]
+    recipe = _recipe(synth, "dare_ties", parameters={"density": 0.5}, head={"density": 0.5}, seed=7)
+    torch.manual_seed(0)
+    hm3.merge(recipe, root / "r1", progress=False)
+    torch.manual_seed(12345)  # the global RNG must not matter
+    torch.rand(1000)
+    hm3.merge(recipe, root / "r2", progress=False)
+    hm3.merge({**recipe, "seed": 8}, root / "r3", progress=False)
+    assert _sha(root / "r1") == _sha(root / "r2")
+    assert _sha(root / "r1") != _sha(root / "r3")
+    a = load_file(str(root / "r1" / "model.safetensors"))
+    c = load_file(str(root / "r3" / "model.safetensors"))
+    differ = [k for k in a if not torch.equal(a[k], c[k])]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in differ and "classifier.weight" in differ
+
+
+def test_expand_cli(synth, tmp_path):
+    """`hm3 expand RECIPE --out DIR` writes one expanded model per group, the base and a mergekit
+    recipe; an existing DIR is refused (exit 2, one line) unless --force."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(synth, "ties", parameters={"density": 0.5})))
+    out = tmp_path / "expanded"
+    runner = CliRunner()
+    res = runner.invoke(app, ["expand", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["_base", "a", "b", "mergekit.yml"]
+    head = load_file(str(out / "b" / "model.safetensors"))["classifier.weight"]
+    assert head.shape == (5, 32) and not head[:2].any() and head[2:].abs().min() > 0
+    mk = yaml.safe_load((out / "mergekit.yml").read_text())
+    density = mk["parameters"]["density"]  # head tensors first at 1.0, then the recipe's density
+    assert density[-1] == {"value": 0.5}
+    assert sorted(c["filter"] for c in density[:-1]) == ["classifier.bias", "classifier.weight"]
+    assert all(c["value"] == 1.0 for c in density[:-1])
+    assert mk["base_model"] == str((out / "_base").resolve())
+    again = runner.invoke(app, ["expand", str(recipe), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert runner.invoke(app, ["expand", str(recipe), "--out", str(out), "--force"]).exit_code == 0
