@@ -1,0 +1,226 @@
+"""The CLI: merge / predict / inspect, and every bad input → one-line error, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from hm3.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def write_recipe(path, cfg) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def assert_user_error(result, pattern: str):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def assert_nothing_written(parent, name="out"):
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+# -- happy paths ------------------------------------------------------------------------------------
+def test_merge_predict_inspect(recipe, tmp_path):
+    cfg = write_recipe(tmp_path / "r.yaml", recipe("ties", density=0.5))
+    r = run("merge", cfg, "-o", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "5 labels in groups a(2), b(3)" in r.output
+
+    (tmp_path / "in.txt").write_text("w0 w30 w31\n\nw12 w40\n")
+    r = run("predict", tmp_path / "out", "--input", tmp_path / "in.txt")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.output.splitlines()]
+    assert [row["text_index"] for row in rows] == [0, 1]  # blank lines are skipped
+    assert set(rows[0]["groups"]) == {"a", "b"}
+    scores = rows[0]["groups"]["b"]["scores"]
+    assert set(scores) == {"red", "green", "blue"} and math.isclose(sum(scores.values()), 1.0, abs_tol=1e-5)
+    assert rows[0]["groups"]["a"]["label"] in ("neg", "pos")
+
+    (tmp_path / "in.jsonl").write_text('{"text": "w0 w30"}\n{"text": "w3 w31", "id": 7}\n')
+    r = run("predict", tmp_path / "out", "--input", tmp_path / "in.jsonl", "--groups", "a", "--output", tmp_path / "p.jsonl", "--batch-size", "1")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[1]["groups"]) == {"a"}
+
+    r = run("inspect", tmp_path / "out")
+    assert r.exit_code == 0 and "red, green, blue" in r.output and "ties" in r.output
+
+
+def test_methods_lists_the_registry():
+    r = run("methods")
+    for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "model_stock"):
+        assert name in r.output
+
+
+# -- broken inputs ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken(tiny, tmp_path_factory):
+    """Damaged copies of the tiny classifier `a`, one per failure the CLI must explain."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from hm3.testing import tiny_base, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("broken")
+
+    def copy(name):
+        shutil.copytree(tiny["a"], d / name)
+        return d / name
+
+    out = {}
+    p = copy("pickle")
+    torch.save(load_file(str(p / "model.safetensors")), p / "pytorch_model.bin")
+    (p / "model.safetensors").unlink()
+    out["pickle"] = p
+
+    p = copy("truncated")
+    data = (p / "model.safetensors").read_bytes()
+    (p / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out["truncated"] = p
+
+    p = copy("corrupt")
+    (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    out["corrupt"] = p
+
+    p = copy("nan")
+    state = load_file(str(p / "model.safetensors"))
+    state["bert.encoder.layer.0.output.dense.weight"][0, 0] = float("nan")
+    save_file(state, str(p / "model.safetensors"), metadata={"format": "pt"})
+    out["nan"] = p
+
+    p = copy("vocab")
+    tok = json.loads((p / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["zzz"] = vocab.pop("w119")
+    (p / "tokenizer.json").write_text(json.dumps(tok))
+    out["vocab"] = p
+
+    cfg = BertConfig(vocab_size=len(tiny_tokenizer()), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d / "narrow")
+    tiny_tokenizer().save_pretrained(d / "narrow")
+    out["narrow"] = d / "narrow"
+
+    out["distil"] = tiny_base(d / "distilbase", family="distilbert", headless=False)
+    return out
+
+
+def two_model_recipe(tiny, second, **extra):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(tiny["base"]),
+        "models": [{"model": str(tiny["a"]), "group": "a"}, {"model": str(second), "group": "x"}],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+CASES = {
+    "missing model path": (lambda t, b: two_model_recipe(t, t["root"] / "nope"), "no such model directory"),
+    "not a classifier": (lambda t, b: two_model_recipe(t, t["base"]), "not a sequence classifier"),
+    "architecture mismatch": (lambda t, b: two_model_recipe(t, b["distil"]), "architecture 'distilbert' differs"),
+    "shape mismatch": (lambda t, b: two_model_recipe(t, b["narrow"]), "has shape"),
+    "vocabulary mismatch": (lambda t, b: two_model_recipe(t, b["vocab"]), "tokenizer vocabulary differs"),
+    "pickle without flag": (lambda t, b: two_model_recipe(t, b["pickle"]), "--allow-pickle"),
+    "truncated safetensors": (lambda t, b: two_model_recipe(t, b["truncated"]), "not a valid safetensors file"),
+    "corrupt safetensors": (lambda t, b: two_model_recipe(t, b["corrupt"]), "not a valid safetensors file"),
+    "nan weights": (lambda t, b: two_model_recipe(t, b["nan"]), "NaN or inf"),
+    "missing base": (lambda t, b: {k: v for k, v in two_model_recipe(t, t["b"]).items() if k != "base_model"}, "needs `base_model`"),
+    "duplicate groups": (
+        lambda t, b: {**two_model_recipe(t, t["b"]), "models": [{"model": str(t["a"]), "group": "g"}, {"model": str(t["b"]), "group": "g"}]},
+        "duplicate group",
+    ),
+    "duplicate default groups": (
+        lambda t, b: {**two_model_recipe(t, t["b"]), "models": [{"model": str(t["a"])}, {"model": str(t["a"])}]},
+        "duplicate group",
+    ),
+    "density out of range": (
+        lambda t, b: {**two_model_recipe(t, t["b"]), "parameters": {"density": 1.5}},
+        "density must be in (0, 1], got 1.5",
+    ),
+    "density NaN": (lambda t, b: {**two_model_recipe(t, t["b"]), "parameters": {"density": float("nan")}}, "finite"),
+    "weight NaN": (
+        lambda t, b: {**two_model_recipe(t, t["b"]), "models": [{"model": str(t["a"]), "parameters": {"weight": float("nan")}}, {"model": str(t["b"])}]},
+        "models[0].parameters.weight: must be a finite number",
+    ),
+    "unknown method": (lambda t, b: {**two_model_recipe(t, t["b"]), "merge_method": "tiez"}, "valid: linear"),
+    "unknown parameter": (lambda t, b: {**two_model_recipe(t, t["b"]), "parameters": {"densty": 0.5}}, "densty"),
+    "unknown key": (lambda t, b: {**two_model_recipe(t, t["b"]), "base": "x"}, "unknown key"),
+    "wrong labels count": (
+        lambda t, b: {**two_model_recipe(t, t["b"]), "models": [{"model": str(t["a"]), "labels": ["only"]}, {"model": str(t["b"])}]},
+        "lists 1 names",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_merge_input(case, tiny, broken, tmp_path):
+    make, pattern = CASES[case]
+    cfg = write_recipe(tmp_path / "r.yaml", make(tiny, broken))
+    assert_user_error(run("merge", cfg, "-o", tmp_path / "out"), pattern)
+    assert_nothing_written(tmp_path)
+
+
+def test_pickle_is_read_with_the_flag(tiny, broken, tmp_path):
+    cfg = write_recipe(tmp_path / "r.yaml", two_model_recipe(tiny, broken["pickle"]))
+    r = run("merge", cfg, "-o", tmp_path / "out", "--allow-pickle", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_malformed_yaml(tmp_path):
+    (tmp_path / "r.yaml").write_text("merge_method: ties\nmodels: [\n  - oops: {\n")
+    assert_user_error(run("merge", tmp_path / "r.yaml", "-o", tmp_path / "out"), "malformed YAML")
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_recipe(tmp_path):
+    assert_user_error(run("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "no such recipe file")
+
+
+def test_existing_output_without_force(recipe, tmp_path):
+    (tmp_path / "out").mkdir()
+    cfg = write_recipe(tmp_path / "r.yaml", recipe())
+    assert_user_error(run("merge", cfg, "-o", tmp_path / "out"), "pass --force")
+
+
+@pytest.mark.parametrize(
+    "content,suffix,pattern",
+    [
+        ("", ".txt", "has no texts"),
+        ("\n  \n", ".txt", "has no texts"),
+        ('{"txt": "x"}\n', ".jsonl", 'field "text"'),
+        ("{not json\n", ".jsonl", "invalid JSON"),
+        (b"\xff\xfe bad", ".txt", "not valid UTF-8"),
+        ("x", ".csv", "unsupported input type"),
+    ],
+)
+def test_bad_predict_input(tiny, tmp_path, content, suffix, pattern):
+    f = tmp_path / f"in{suffix}"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert_user_error(run("predict", tiny["a"], "--input", f, "--output", tmp_path / "p.jsonl"), pattern)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_missing_model_and_unknown_group(tiny, tmp_path):
+    (tmp_path / "in.txt").write_text("w0\n")
+    assert_user_error(run("predict", tmp_path / "nope", "--input", tmp_path / "in.txt"), "no such model directory")
+    assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--groups", "zz"), "unknown group 'zz'")
