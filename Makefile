@@ -10,7 +10,7 @@ ZOO ?= .cache/hm3/zoo
 .PHONY: install demo test zoo results bench lint clean
 
 # torch first, pinned to the CPU wheel, so that nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
