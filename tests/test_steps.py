@@ -207,3 +207,13 @@ def test_broadcast_weights_shape():
     w = steps.broadcast_weights(torch.tensor([1.0, 2.0, 3.0]), like)
     assert w.shape == (3, 1, 1)
     assert torch.equal((like + 1).mul(w)[:, 0, 0], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_della_one_element_rows_keep_with_probability_density():
+    """mergekit 0.1.5 crashes here (0/0 rank spread → NaN probability); hm3 uses `density`."""
+    from hm3.merging.steps import della_magprune
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(4000, 1)
+    kept = (della_magprune(x, 0.3, 0.1, g) != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.03

@@ -118,7 +118,8 @@ def della_magprune(
     rows = x.unsqueeze(0) if x.dim() < 2 else x
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(x.dtype) + 1
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    # A one-element row has no rank spread (0/0): give it the middle probability, `density`.
+    rank_norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.5).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator)
     return rescale_masked(rows, mask, rescale, density).reshape(shape)
