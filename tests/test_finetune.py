@@ -69,7 +69,7 @@ def test_finetune_learns_and_saves_a_reloadable_classifier(tiny_base: Path, tmp_
     out = tmp_path / "guard"
     metrics = finetune(
         tiny_base, "colour", LABELS, _examples(360, 0), _examples(90, 1), out,
-        epochs=6, lr=3e-3, batch_size=16, max_length=32, seed=0, progress=False,
+        epochs=6, lr=3e-3, batch_size=16, max_length=32, seed=0, num_threads=1, progress=False,
     )
     assert metrics["validation_accuracy"] >= 0.9, metrics["history"]
     assert metrics["validation_macro_f1"] >= 0.9
@@ -171,3 +171,17 @@ def test_build_guard_writes_a_complete_resumable_guard_and_suites(
     rows = data.read_jsonl(paths["test"])
     assert rows and {tuple(r["expected"]) for r in rows} == {("spam",)}
     assert {r["expected"]["spam"] for r in rows} == {"ham", "spam"}
+
+
+def test_torch_threads_sets_and_restores() -> None:
+    from hm3.zoo.finetune import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(HM3Error, match="num_threads"):
+        with torch_threads(0):
+            pass

@@ -35,7 +35,7 @@ from hm3.zoo.data import (
     read_examples,
     write_jsonl,
 )
-from hm3.zoo.finetune import _predict_ids, finetune
+from hm3.zoo.finetune import _predict_ids, finetune, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,15 @@ def build_guard(
     lr: float = 5e-5,
     batch_size: int = 16,
     max_length: int = MAX_LENGTH,
+    num_threads: int | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
     """Build one guard into ``out_dir/<group>/`` (``out_dir`` is the zoo root) and return its marker.
 
     Skips a complete guard unless ``force``. ``max_train`` / ``epochs`` default to the per-guard
-    :data:`hm3.zoo.data.DEFAULT_MAX_TRAIN` / :data:`DEFAULT_EPOCHS`.
+    :data:`hm3.zoo.data.DEFAULT_MAX_TRAIN` / :data:`DEFAULT_EPOCHS`. ``num_threads`` (torch intra-op
+    threads for training and evaluation): ``None`` keeps torch's default; 1 is faster on a busy machine.
     """
     _check_group(group)
     guard_dir = Path(out_dir) / group
@@ -180,6 +182,27 @@ def build_guard(
         return marker
     epochs = DEFAULT_EPOCHS[group] if epochs is None else epochs
     base = Path(base_dir) if base_dir is not None else base_model_dir()
+    with torch_threads(num_threads):
+        return _build_guard(
+            group, guard_dir, seed=seed, max_train=max_train, epochs=epochs, cache=cache, base=base, lr=lr,
+            batch_size=batch_size, max_length=max_length, progress=progress,
+        )
+
+
+def _build_guard(
+    group: str,
+    guard_dir: Path,
+    *,
+    seed: int,
+    max_train: int | None,
+    epochs: int,
+    cache: str | os.PathLike[str] | None,
+    base: Path,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_guard(group, seed=seed, cache=cache, max_train=max_train)
     t_data = time.perf_counter() - t0
@@ -255,6 +278,7 @@ def build_zoo(
     epochs: int | None = None,
     progress: bool = True,
     cache: str | os.PathLike[str] | None = None,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Build every guard of ``groups`` (default: all five) that is not complete yet, then the suites.
 
@@ -267,7 +291,8 @@ def build_zoo(
     markers = {}
     for group in groups:
         markers[group] = build_guard(
-            group, out_dir, seed=seed, max_train=max_train, epochs=epochs, cache=cache, progress=progress
+            group, out_dir, seed=seed, max_train=max_train, epochs=epochs, cache=cache, progress=progress,
+            num_threads=num_threads,
         )
     suites = write_suites(out_dir, seed)
     return {"guards": markers, "suites": {k: str(v) for k, v in suites.items()}}
