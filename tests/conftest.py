@@ -13,6 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast and does not fight other jobs."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny headless base and two classifiers fine-tuned from it (groups `a` and `b`)."""
