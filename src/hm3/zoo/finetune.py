@@ -99,13 +99,22 @@ def _predict_ids(
 
 def _scores(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> dict[str, float]:
     return {
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_labels)), zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, average="macro", labels=list(range(n_labels)), zero_division=0)
+        ),
         "accuracy": float(accuracy_score(y_true, y_pred)),
     }
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -165,9 +174,21 @@ def finetune(
     """
     with torch_threads(num_threads):
         return _finetune(
-            base_dir, group, labels, train, validation, out_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-            max_length=max_length, seed=seed, freeze_embeddings=freeze_embeddings, warmup_ratio=warmup_ratio,
-            weight_decay=weight_decay, progress=progress,
+            base_dir,
+            group,
+            labels,
+            train,
+            validation,
+            out_dir,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            freeze_embeddings=freeze_embeddings,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            progress=progress,
         )
 
 
@@ -210,7 +231,11 @@ def _finetune(
     weight_decay: float,
     progress: bool,
 ) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     labels = list(labels)
     _check_inputs(labels, train, validation)
@@ -221,7 +246,9 @@ def _finetune(
         )
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
-        raise HM3Error(f"{base_dir}: no config.json; pass the base model directory (hm3.zoo.base.base_model_dir())")
+        raise HM3Error(
+            f"{base_dir}: no config.json; pass the base model directory (hm3.zoo.base.base_model_dir())"
+        )
     label2id = {label: i for i, label in enumerate(labels)}
     # seed everything that draws: head init (torch), dropout (torch), batch order (our rng)
     random.seed(seed)
@@ -262,7 +289,13 @@ def _finetune(
 
     log.info(
         "fine-tuning %s: %d train, %d validation, %d labels, %d epochs x %d steps, max_length %d",
-        group, len(train), len(validation), len(labels), epochs, steps_per_epoch, max_length,
+        group,
+        len(train),
+        len(validation),
+        len(labels),
+        epochs,
+        steps_per_epoch,
+        max_length,
     )
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"macro_f1": -1.0}
@@ -285,12 +318,21 @@ def _finetune(
                 losses.append(out.loss.item())
                 bar.update(task, advance=1, status=f"epoch {epoch}/{epochs} loss {np.mean(losses[-20:]):.3f}")
             train_seconds += time.perf_counter() - t0
-            scores = _scores(val_y, _predict_ids(model, tokenizer, val_texts, max_length), len(labels)) if val_texts else {
-                "macro_f1": float("nan"), "accuracy": float("nan")}
+            scores = (
+                _scores(val_y, _predict_ids(model, tokenizer, val_texts, max_length), len(labels))
+                if val_texts
+                else {"macro_f1": float("nan"), "accuracy": float("nan")}
+            )
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), **scores})
             log.info(
                 "%s epoch %d/%d: loss %.4f, validation macro F1 %.4f, accuracy %.4f (%.0fs)",
-                group, epoch, epochs, np.mean(losses), scores["macro_f1"], scores["accuracy"], time.perf_counter() - t0,
+                group,
+                epoch,
+                epochs,
+                np.mean(losses),
+                scores["macro_f1"],
+                scores["accuracy"],
+                time.perf_counter() - t0,
             )
             # keep the best epoch by validation macro F1 (ties: the later, more trained one)
             if not val_texts or scores["macro_f1"] >= best["macro_f1"]:
