@@ -29,7 +29,7 @@ import torch
 from hm3.config import MergeConfig, load_config, resolve_param
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
-from hm3.io import AtomicDir, Checkpoint, load_checkpoint, tokenizer_vocab
+from hm3.io import AtomicDir, Checkpoint, all_finite, load_checkpoint, tokenizer_vocab
 from hm3.labels import LabelSpace, clean_labels, group_name_from
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -72,19 +72,25 @@ class Prepared:
                 t = self.models[0].tensor(name)
                 yield name, kind, t, t.unsqueeze(0)
                 continue
-            tensors = [m.tensor(name) for m in self.models]
             if kind == "out":
-                tensors = [expand_out(t, self.space, g) for t, g in zip(tensors, self.groups)]
-                base = zero_out(tensors[0], self.space)
+                base = zero_out(self.models[0].tensor(name), self.space)
             elif self.base is not None and name in self.base:
                 base = self.base.tensor(name)
             elif kind == "hidden" or self.base is None:
                 # No base tensor: a headless base under a task-specific head layer, or linear
                 # without a base. Zero base → the method sees whole weights (linear: their mean).
-                base = torch.zeros_like(tensors[0])
+                base = torch.zeros(self.models[0].shape(name))
             else:  # validated in prepare(); defensive
                 raise HM3Error(f"{self.base.path}: base model lacks tensor {name!r}")
-            deltas = torch.stack(tensors) - base
+            # One (N, *shape) buffer, filled model by model: each model's tensor lives only until
+            # its task vector is written (no stacked copy of the inputs).
+            deltas = torch.empty((len(self.models), *base.shape), dtype=base.dtype)
+            for i, (m, g) in enumerate(zip(self.models, self.groups)):
+                t = m.tensor(name)
+                if kind == "out":
+                    t = expand_out(t, self.space, g)
+                torch.sub(t, base, out=deltas[i])
+                del t
             yield name, kind, base, deltas
 
 
@@ -293,7 +299,7 @@ def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor
         for name, kind, base, deltas in prep.inputs():
             merged = merge_tensor(prep, name, kind, base, deltas)
             if merged.is_floating_point():
-                if not bool(torch.isfinite(merged).all()):
+                if not all_finite(merged):
                     raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
                 merged = merged.to(dtype)
             state[name] = merged.contiguous()

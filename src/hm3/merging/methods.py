@@ -80,28 +80,45 @@ def generalized_task_arithmetic(
 
     S is the sparsify step, m_i the sign-consensus mask (all ones without consensus).
     """
-    if deltas.shape[0] == 0:
+    n = deltas.shape[0]
+    if n == 0:
         return base
-    # Sparsify each task vector on its own (a fresh tensor each: the caller's deltas stay intact).
-    trimmed = torch.stack([_sparsify_one(sparsify, deltas[i], i, p, generator) for i in range(deltas.shape[0])])
-    w = torch.tensor(p.weight, dtype=trimmed.dtype)
-    wb = steps.broadcast_weights(w, trimmed)
-    trimmed.mul_(wb)  # weights are applied before the sign election (mergekit)
+    # Per model, without stacking: sparsify (a fresh tensor, or the caller's own at density 1 — the
+    # caller's deltas must stay intact, search reuses them) and weight, in place where it is ours.
+    trimmed: list[torch.Tensor] = []
+    for i in range(n):
+        d = deltas[i]
+        t = _sparsify_one(sparsify, d, i, p, generator)
+        w = p.weight[i]
+        if w != 1:  # weights are applied before the sign election (mergekit)
+            t = t.mul_(w) if t.data_ptr() != d.data_ptr() else t * w
+        elif t.data_ptr() == d.data_ptr():
+            t = t.clone() if consensus or n == 1 else t
+        trimmed.append(t)
     if consensus:
-        mask = steps.sign_consensus(trimmed, p.consensus)
-        mixed = (trimmed * mask).sum(dim=0)
-        divisor = (wb * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        positive = steps.elect_sign(trimmed, p.consensus)
+        mixed = divisor = None
+        for i, t in enumerate(trimmed):
+            agree = steps.agrees(t, positive)
+            t.mul_(agree)
+            mixed = t if mixed is None else mixed.add_(t)
+            if p.normalize:
+                divisor = agree.to(t.dtype).mul_(p.weight[i]) if divisor is None else divisor.add_(agree, alpha=p.weight[i])
+        if p.normalize:
+            divisor.masked_fill_(divisor == 0, 1)
     else:
-        mixed = trimmed.sum(dim=0)
-        divisor = w.sum()
+        # Sum in model order (as torch.sum(dim=0)) into a tensor that is ours.
+        mixed = trimmed[0] if trimmed[0].data_ptr() != deltas[0].data_ptr() else trimmed[0] + trimmed[1]
+        for t in trimmed[1 if mixed is trimmed[0] else 2 :]:
+            mixed.add_(t)
+        divisor = torch.tensor(p.weight, dtype=deltas.dtype).sum()
         if divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
     if p.normalize:
-        mixed /= divisor
+        mixed.div_(divisor)
     if p.lambda_ != 1:
-        mixed *= p.lambda_
-    return (base + mixed).to(base.dtype)
+        mixed.mul_(p.lambda_)
+    return mixed.add_(base).to(base.dtype)
 
 
 def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:

@@ -5,13 +5,16 @@ Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/
 
 * Randomness comes only from the ``torch.Generator`` passed in (mergekit uses the global RNG), so a
   seeded merge is byte-identical whatever else ran before it.
-* Magnitude pruning selects the top-k with ``torch.topk`` (mergekit sorts the whole tensor); the
-  kept set is the same except for elements tied at the threshold, where either may be kept.
+* Magnitude pruning finds the k-th largest magnitude by selection, not by sorting (mergekit sorts
+  the whole tensor): a sample brackets it, an exact ``kthvalue`` inside the bracket finds it. The
+  kept set is the same k elements except for elements tied at the threshold, where hm3 keeps the
+  first ones in memory order (mergekit: whichever its sort puts first).
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Sequence
 
 import torch
 
@@ -48,16 +51,44 @@ def rescale_masked(
     if rescale is None:
         return masked
     if rescale is Rescale.inverse:
-        return masked / density if density > 0 else masked
+        return masked.div_(density) if density > 0 else masked
     before, after = _norm(x, rescale), _norm(masked, rescale)
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)  # in place: masked is ours
 
 
 def keep_count(density: float, n: int) -> int:
     """Elements kept by magnitude pruning: ``max(1, int(density * n))`` (mergekit)."""
     return max(1, int(density * n))
+
+
+def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of a flat tensor, exactly, in O(n) passes (no sort).
+
+    A fixed sample of 2^15 values brackets the value between two sample quantiles; one pass counts
+    what lies below the bracket and gathers what lies inside, where ``kthvalue`` selects it. If the
+    sample misjudged the bracket (rare), ``kthvalue`` over the whole tensor.
+    """
+    n = a.numel()
+    r = n - k + 1  # 1-based ascending rank of the threshold
+    if n <= 1 << 17:
+        return torch.kthvalue(a, r).values
+    m = 1 << 15
+    # A fixed local generator: the sample is an implementation detail, not part of the merge's
+    # randomness, and the result does not depend on it.
+    idx = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))
+    sample = a[idx].sort().values
+    q, margin = r / n, 0.01 + 4 / m**0.5
+    lo = sample[max(0, int((q - margin) * m))]
+    hi = sample[min(m - 1, int((q + margin) * m) + 1)]
+    inside = a >= lo
+    below = n - int(torch.count_nonzero(inside))
+    band = a[inside.logical_and_(a <= hi)]
+    j = r - below
+    if 1 <= j <= band.numel():
+        return torch.kthvalue(band, j).values
+    return torch.kthvalue(a, r).values
 
 
 def magnitude(x: torch.Tensor, density: float, rescale: Rescale | None = None) -> torch.Tensor:
@@ -68,9 +99,13 @@ def magnitude(x: torch.Tensor, density: float, rescale: Rescale | None = None) -
         return torch.zeros_like(x)
     k = keep_count(density, x.numel())
     flat = x.abs().reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat, k, sorted=False).indices] = 1
-    return rescale_masked(x, mask.view_as(x), rescale, density)
+    t = kth_largest(flat, k)
+    keep = flat >= t
+    extra = int(torch.count_nonzero(keep)) - k
+    if extra > 0:  # elements tied at the threshold: keep the first ones, exactly k in all
+        tied = (flat == t).nonzero().squeeze(1)
+        keep[tied[tied.numel() - extra :]] = False
+    return rescale_masked(x, keep.view_as(x), rescale, density)
 
 
 def magnitude_outliers(
@@ -125,21 +160,31 @@ def della_magprune(
     return rescale_masked(rows, mask, rescale, density).reshape(shape)
 
 
-def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
-    """TIES elect: a boolean mask of the entries whose sign agrees with the elected sign.
+def elect_sign(deltas: "Sequence[torch.Tensor]", method: str = "sum") -> torch.Tensor:
+    """TIES elect: ``True`` where ``+`` is elected, from the N (already weighted) task vectors.
 
-    ``deltas``: ``(N, *shape)``, already weighted. ``sum`` elects the sign of the summed deltas
-    (TIES paper, mergekit); ``count`` the sign held by more models. Ties at 0 elect ``+``.
-    Zero entries never agree (their sign is 0), so they do not count in the disjoint mean.
+    ``sum`` elects the sign of the summed deltas (TIES paper, mergekit); ``count`` the sign held by
+    more models. Ties at 0 elect ``+``. Summed in model order, as ``torch.sum(dim=0)`` does.
     """
-    sign = deltas.sign()
-    if method == "sum":
-        elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-    elif method == "count":
-        elected = (sign.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-    else:
+    if method not in ("sum", "count"):
         raise ValueError(f"unknown consensus {method!r}; use 'sum' or 'count'")
-    return sign == elected
+    terms = deltas if method == "sum" else [d.sign() for d in deltas]
+    total = terms[0].clone()
+    for t in terms[1:]:
+        total.add_(t)
+    return total >= 0
+
+
+def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Where ``delta``'s sign is the elected one. Zero entries never agree (their sign is 0)."""
+    return torch.where(positive, delta > 0, delta < 0)
+
+
+def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """TIES elect as one mask: ``(N, *shape)`` booleans, entry ``[i]`` true where model ``i``'s
+    (weighted) delta has the elected sign (``elect_sign``, ``agrees``)."""
+    positive = elect_sign(list(deltas), method)
+    return torch.stack([agrees(d, positive) for d in deltas])
 
 
 def broadcast_weights(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
