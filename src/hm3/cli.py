@@ -11,11 +11,17 @@ import functools
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+
+# Before torch is imported: its CPU allocator then backs large tensors with transparent huge pages,
+# so the first touch of the hundreds of MB a merge allocates costs a third as much (docs/BENCHMARKS.md).
+# A user's own setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from hm3.errors import HM3Error
 
