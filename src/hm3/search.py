@@ -201,10 +201,19 @@ def storage_for(url: str | None, out: Path) -> "optuna.storages.BaseStorage":
         kwargs["connect_args"] = {"timeout": 60}
     else:
         kwargs["pool_pre_ping"] = True
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=15, grace_period=60)
-    except Exception as e:  # bad URL, server down, missing driver
-        raise HM3Error(f"cannot open the study storage {_redact(url)} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=15, grace_period=60)
+        except Exception as e:  # bad URL, server down, missing driver
+            # Workers starting together race to create Optuna's tables; the loser sees a duplicate
+            # key and succeeds once the tables exist.
+            if attempt < 4 and ("UniqueViolation" in repr(e) or "already exists" in str(e)):
+                time.sleep(0.5 + attempt)
+                continue
+            raise HM3Error(
+                f"cannot open the study storage {_redact(url)} ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
@@ -212,7 +221,7 @@ def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':')[0]}:***@{host}"
+        return f"{scheme}://{cred.split(':')[0]}{':***' if ':' in cred else ''}@{host}"
     return url
 
 
