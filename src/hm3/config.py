@@ -13,6 +13,8 @@
     dtype: float32
     seed: 0                          # hm3: every random step is seeded from (seed, tensor name)
     head: {density: keep, hidden: merge}   # hm3: see HeadConfig
+    data: {texts: {jailbreak: ./jb.txt}}   # hm3: unlabelled text for data-aware methods (DataConfig)
+    refit: {mode: labelled, data: {jailbreak: ./jb-train.jsonl}}   # hm3: head re-fit (RefitConfig)
 
 A parameter value is a number, or mergekit's conditional list
 ``[{filter: classifier, value: 1.0}, {value: 0.5}]``: the first entry whose ``filter`` is a
@@ -46,6 +48,10 @@ ALLOWED: dict[str, set[str]] = {
     "della": GTA | {"epsilon"},
     "della_linear": GTA | {"epsilon"},
     "model_stock": COMMON | {"filter_wise"},
+    # data-aware methods (hm3.merging.data_aware); they read statistics of the recipe's `data:` texts
+    "regmean": COMMON | {"regmean_alpha"},
+    "fisher": COMMON | {"fisher_floor", "fisher_normalize"},
+    "adamerging": COMMON | {"density"},
 }
 
 
@@ -89,15 +95,59 @@ class HeadConfig(BaseModel):
 
 
 class RefitConfig(BaseModel):
-    """Post-merge head re-fit (see hm3.refit). Paths relative to the recipe."""
+    """Post-merge head re-fit per group (see hm3.refit). Paths relative to the recipe.
+
+    ``labelled``: logistic regression on ``data`` rows ``{"text", "label"}``. ``distill``: fit the
+    group's rows to the original guard's probabilities on unlabelled ``data`` texts (default: the
+    recipe's ``data.texts``); the guard is ``teachers[group]`` or, by default, the recipe's model of
+    that group. ``c``: inverse L2 strength, or ``auto`` — picked on ``validation[group]`` (default: a
+    seeded 20% hold-out of ``data``). Test data is never read.
+    """
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["labelled", "distill"] = "labelled"
-    data: dict[str, str] = Field(default_factory=dict)  # group -> JSONL file (text[, label])
-    groups: list[str] | None = None
-    max_texts: int = 2000
-    c: float = 1.0
-    temperature: float = 1.0
+    data: dict[str, str] = Field(default_factory=dict)  # group -> .jsonl (text[, label]) or .txt
+    validation: dict[str, str] = Field(default_factory=dict)  # group -> file for choosing c
+    teachers: dict[str, str] = Field(default_factory=dict)  # distill: group -> original guard dir
+    groups: list[str] | None = None  # default: every group with data
+    max_texts: int = Field(2000, ge=1)
+    c: Union[Literal["auto"], float] = "auto"
+    temperature: float = Field(1.0, gt=0)
+    max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("c")
+    @classmethod
+    def _c(cls, v):
+        if v != "auto" and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"c must be a positive number or 'auto', got {v!r}")
+        return v
+
+
+class AdaMergingConfig(BaseModel):
+    """Learning layer-wise coefficients (``merge_method: adamerging``), see hm3.merging.data_aware."""
+
+    model_config = ConfigDict(extra="forbid")
+    objective: Literal["distill", "entropy"] = "distill"
+    steps: int = Field(40, ge=1)
+    lr: float = Field(0.05, gt=0)
+    init: float = 0.3
+    batch_size: int = Field(16, ge=1)
+    max_texts: int = Field(64, ge=1)  # per group
+
+
+class DataConfig(BaseModel):
+    """Unlabelled text for data-aware merge methods (regmean, fisher, adamerging): per group, a
+    ``.jsonl`` (field ``text``; labels ignored) or ``.txt`` file of that model's domain.
+    Statistics are cached on disk (``$HM3_CACHE/stats``), keyed by model and text hashes."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: dict[str, str] = Field(default_factory=dict)
+    max_texts: int = Field(256, ge=1)  # per group, a seeded sample
+    max_length: int = Field(128, ge=8)  # tokens per text (truncated)
+    batch_size: int = Field(16, ge=1)
+    cache: bool = True
+    adamerging: AdaMergingConfig = Field(default_factory=AdaMergingConfig)
 
 
 class MergeConfig(BaseModel):
@@ -112,6 +162,7 @@ class MergeConfig(BaseModel):
     out_dtype: str | None = None  # mergekit key, accepted for compatibility; `dtype` decides
     head: HeadConfig = Field(default_factory=HeadConfig)
     refit: RefitConfig | None = None
+    data: DataConfig | None = None
 
     @field_validator("merge_method")
     @classmethod
@@ -125,6 +176,11 @@ class MergeConfig(BaseModel):
         method = REGISTRY[self.merge_method]
         if method.needs_base and not self.base_model:
             raise ValueError(f"merge_method {self.merge_method!r} needs `base_model` (the model the others were fine-tuned from)")
+        if method.needs_stats and (self.data is None or not self.data.texts):
+            raise ValueError(
+                f"merge_method {self.merge_method!r} is data-aware: add a `data:` section with `texts:` naming "
+                "unlabelled text (.jsonl field text, or .txt) for every group"
+            )
         if len(self.models) < method.min_models:
             raise ValueError(f"merge_method {self.merge_method!r} needs at least {method.min_models} models")
         allowed = ALLOWED[self.merge_method]
@@ -153,7 +209,12 @@ class MergeConfig(BaseModel):
         for m in data.models:
             m.model = _resolve_path(m.model, root)
         if data.refit is not None:
-            data.refit.data = {g: _resolve_path(p, root) for g, p in data.refit.data.items()}
+            r = data.refit
+            r.data = {g: _resolve_path(p, root) for g, p in r.data.items()}
+            r.validation = {g: _resolve_path(p, root) for g, p in r.validation.items()}
+            r.teachers = {g: _resolve_path(p, root) for g, p in r.teachers.items()}
+        if data.data is not None:
+            data.data.texts = {g: _resolve_path(p, root) for g, p in data.data.texts.items()}
         return data
 
     def to_yaml(self) -> str:
@@ -165,7 +226,7 @@ def _values(value: Any) -> list[Any]:
 
 
 def _check_value(where: str, key: str, v: Any) -> None:
-    if key in ("normalize", "rescale", "int8_mask", "filter_wise"):
+    if key in ("normalize", "rescale", "int8_mask", "filter_wise", "fisher_normalize"):
         if not isinstance(v, bool):
             raise ValueError(f"{where}: expected true or false, got {v!r}")
         return
@@ -185,6 +246,10 @@ def _check_value(where: str, key: str, v: Any) -> None:
         raise ValueError(f"{where}: density must be in (0, 1], got {v}")
     if key in ("gamma", "epsilon") and not (0 <= v < 1):
         raise ValueError(f"{where}: {key} must be in [0, 1), got {v}")
+    if key == "regmean_alpha" and not (0 <= v <= 1):
+        raise ValueError(f"{where}: regmean_alpha (off-diagonal scale of the Gram matrices) must be in [0, 1], got {v}")
+    if key == "fisher_floor" and v < 0:
+        raise ValueError(f"{where}: fisher_floor must be >= 0, got {v}")
 
 
 def _resolve_path(p: str | None, root: Path) -> str | None:

@@ -20,9 +20,9 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -59,6 +59,8 @@ class Prepared:
     kinds: dict[str, str]  # tensor name -> body | out | hidden | copy, in output order
     seconds_loading: float = 0.0
     notes: list[str] = field(default_factory=list)
+    stats: Any = None  # data-aware methods: hm3.merging.stats.MergeStats, built on first use
+    metadata: dict = field(default_factory=dict)  # extra `hm3` config.json keys: data, refit
 
     @property
     def groups(self) -> list[str]:
@@ -248,7 +250,11 @@ def tensor_params(cfg: MergeConfig, method: Method, name: str, kind: str, overri
         gamma=per_model("gamma", 0.01),
         epsilon=per_model("epsilon", 0.15),
         consensus=str(shared("consensus", "sum")),
-        extra={"filter_wise": bool(shared("filter_wise", False))},
+        extra={
+            "filter_wise": bool(shared("filter_wise", False)),
+            # method-specific parameters (e.g. regmean_alpha) with the method's own defaults
+            **{k: shared(k, v) for k, v in method.defaults.items() if k not in ("normalize", "rescale")},
+        },
     )
 
 
@@ -272,18 +278,24 @@ def merge_tensor(
             raise HM3Error(f"head.hidden: base needs a base model with tensor {name!r}")
         return base
     p = tensor_params(cfg, method, name, kind, overrides)
+    if method.needs_stats:
+        from hm3.merging.stats import tensor_stats
+
+        p = replace(p, stats=tensor_stats(prep, name))
     if kind == "hidden" and (prep.base is None or name not in prep.base):
         # A head layer the base does not have (a headless base): there is no task vector, so the
         # layer is the models' weighted average, whatever the method.
         w = torch.tensor(p.weight).view(-1, *([1] * base.dim()))
         return base + (deltas * w).sum(dim=0) / w.sum()
-    if kind == "out" and (method.name == "model_stock" or any(d < 1 for d in p.density)):
+    keep_rows = method.name == "model_stock" or bool(method.needs_stats)
+    if kind == "out" and (keep_rows or any(d < 1 for d in p.density)):
         out = base.clone()
         for i, g in enumerate(prep.space):
             rows = g.rows
-            if method.name == "model_stock":
+            if keep_rows:
                 # Groups' rows are disjoint, so task vectors there are orthogonal and Model Stock
                 # would pull every head to the zero base; each group keeps its own rows instead.
+                # Data-aware methods too: no other model's statistics say anything about these rows.
                 out[rows] = base[rows] + deltas[i, rows]
             else:
                 out[rows] = method.fn(base[rows], deltas[:, rows], p, tensor_generator(seed, f"{name}/{g.name}"))
@@ -295,6 +307,10 @@ def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor
     """Merge every tensor, streaming from disk. Returns the merged state dict (output dtype)."""
     dtype = DTYPES[prep.config.dtype]
     state: dict[str, torch.Tensor] = {}
+    if prep.method.needs_stats:
+        from hm3.merging.stats import ensure_stats
+
+        ensure_stats(prep, progress=progress)  # forward passes (or the disk cache) before merging
     with _progress(progress, "merging", len(prep.kinds)) as advance:
         for name, kind, base, deltas in prep.inputs():
             merged = merge_tensor(prep, name, kind, base, deltas)
@@ -349,6 +365,7 @@ def merged_config(prep: Prepared):
         "method": prep.method.name,
         "seed": prep.config.seed,
         "recipe": recipe,
+        **prep.metadata,  # data used by data-aware methods and the head re-fit: files, counts, seconds
     }
     return cfg
 

@@ -36,6 +36,8 @@ class TensorParams:
     epsilon: tuple[float, ...] = ()  # della
     consensus: str = "sum"
     extra: dict = field(default_factory=dict)
+    # Data-aware methods: this tensor's statistics, e.g. {"gram": (N, in, in)}, {"fisher": (N, *shape)}.
+    stats: dict = field(default_factory=dict)
 
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, TensorParams, "torch.Generator | None"], torch.Tensor]
@@ -52,6 +54,7 @@ class Method:
     defaults: dict = field(default_factory=dict)  # normalize, rescale, ...
     min_models: int = 1
     doc: str = ""
+    needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
 
 
 def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g) -> torch.Tensor:
@@ -210,6 +213,11 @@ REGISTRY: dict[str, Method] = {
         ),
     )
 }
+
+
+# Data-aware methods (regmean, fisher, adamerging) live in their own module and add themselves to
+# REGISTRY; imported last because they need the types above.
+from hm3.merging import data_aware as _data_aware  # noqa: E402,F401
 
 
 def get(name: str) -> Method:

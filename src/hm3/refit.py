@@ -1,0 +1,623 @@
+"""Post-merge head re-fit: each group's output rows re-fitted on the merged body's features.
+
+Why: merging moves the shared body, so the features a guard's head was trained on are gone; on a
+small base the merged heads then fall apart (a group collapses to one class) even when the task
+vectors hardly conflict. Re-fitting only the output rows of a group on the *merged* body's
+features — a convex problem over a few thousand numbers — restores them in seconds.
+
+For each group, on token windows of its texts (the same windows inference uses; a text's windows
+share its weight, so a long text counts once):
+
+* ``labelled`` — multinomial logistic regression (scikit-learn, lbfgs) on rows
+  ``{"text", "label"}``;
+* ``distill`` — label-free: the same model fitted to the original guard's softmax probabilities
+  (soft targets, temperature ``T``) on unlabelled text of the group's domain, by torch L-BFGS in
+  float64. The objective is scikit-learn's, ``C·Σ_n CE(p_n, softmax(W x_n + b)) + ½‖W‖²``, so ``C``
+  means the same in both modes.
+
+``C`` is picked from a grid on validation data — the group's ``validation`` file, or a seeded
+(stratified) 20 % hold-out of its training texts — then the rows are fitted on all training texts.
+Test data is never read. Features are standardised for the fit and the scaling is folded back into
+the written rows. Only the group's rows of the output weight and bias change; the body and every
+other group's rows stay byte-identical, and the result is still one ordinary checkpoint.
+
+The features (the output layer's input: BERT pooler output, DistilBERT after ``pre_classifier`` +
+ReLU, RoBERTa after ``classifier.dense`` + tanh) are computed once per merged body and text set and
+cached on disk (``hm3.merging.stats``), as are the teachers' logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+
+from hm3.errors import HM3Error
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from hm3.labels import LabelSpace
+    from hm3.merging.engine import Prepared
+
+log = logging.getLogger(__name__)
+
+#: inverse L2 strengths tried when ``c`` is ``auto`` (on standardised features)
+C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+HOLDOUT = 0.2  # share of the training texts used to pick C when there is no validation file
+
+
+@dataclass(frozen=True)
+class GroupRefit:
+    """What to re-fit one group's rows on. ``teacher`` set: distill from it; else labelled."""
+
+    group: str
+    data: Path
+    validation: Path | None = None
+    teacher: Path | None = None
+
+    @property
+    def mode(self) -> str:
+        return "labelled" if self.teacher is None else "distill"
+
+
+@dataclass
+class RefitReport:
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_length: int = 0
+    features: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"groups": self.groups, "max_length": self.max_length, "features": self.features,
+                "seconds": round(self.seconds, 1)}
+
+    def markdown(self) -> str:
+        lines = [
+            "## Head re-fit",
+            "",
+            f"Each group's output rows were re-fitted on the merged body's features "
+            f"({self.features.get('windows', 0)} windows of at most {self.max_length} tokens) "
+            f"in {self.seconds:.1f} s (hm3.refit). Validation data picked C; test data was not used.",
+            "",
+            "| group | mode | data | texts | validation | C | validation score | seconds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g, r in self.groups.items():
+            score = ", ".join(f"{k} {v:.4f}" for k, v in r["validation_score"].items())
+            mode = r["mode"] + (f" from `{r['teacher']}` (T={r['temperature']:g})" if r["mode"] == "distill" else "")
+            lines.append(f"| {g} | {mode} | `{r['data']}` | {r['texts']} | {r['validation']} ({r['validation_texts']}) "
+                         f"| {r['c']:g} | {score} | {r['seconds']:.1f} |")
+        return "\n".join(lines)
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+def _standardise(x: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd[sd < 1e-8] = 1.0  # a constant feature: leave it unscaled (its weight is then ~0 anyway)
+    return mu, sd
+
+
+def _fold(coef: "np.ndarray", intercept: "np.ndarray", mu: "np.ndarray", sd: "np.ndarray"):
+    """Rows for raw features from rows fitted on ``(x − mu) / sd``."""
+    w = coef / sd
+    return w, intercept - w @ mu
+
+
+def _lr_hard(xs: "np.ndarray", y: "np.ndarray", n_labels: int, c: float, weight, init=None):
+    """scikit-learn multinomial logistic regression on standardised features → (K, H), (K,) rows.
+
+    Two labels: scikit-learn fits one vector ``w`` for ``P(1) = σ(w·x + b)``; the rows
+    ``[−w/2, w/2]`` give exactly that probability under a softmax. ``init``: rows to warm-start from."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=c, max_iter=1000, tol=1e-5, warm_start=init is not None)
+    if init is not None:
+        coef, intercept = init
+        if n_labels == 2:
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        lr.coef_, lr.intercept_ = coef.copy(), intercept.copy()
+    lr.fit(xs, y, sample_weight=weight)
+    if list(lr.classes_) != list(range(n_labels)):
+        raise HM3Error(f"labels {sorted(set(range(n_labels)) - set(lr.classes_))} have no training texts")
+    coef, intercept = lr.coef_, lr.intercept_
+    if n_labels == 2:
+        coef = np.concatenate([-coef / 2, coef / 2])
+        intercept = np.concatenate([-intercept / 2, intercept / 2])
+    return coef, intercept
+
+
+def _lr_soft(xs: "np.ndarray", p: "np.ndarray", c: float, weight, init=None):
+    """Soft-target logistic regression on standardised features by L-BFGS in float64.
+
+    Minimises ``C·Σ_n w_n CE(p_n, softmax(W x_n + b)) + ½‖W‖²`` (weights ``w_n`` summing to n):
+    scikit-learn's objective with soft labels. ``init``: rows to warm-start from."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(xs).double()
+    target = torch.from_numpy(np.asarray(p, dtype=np.float64))
+    n, k = target.shape
+    sw = torch.ones(n, dtype=torch.float64) if weight is None else torch.from_numpy(np.asarray(weight, dtype=np.float64))
+    sw = sw * (n / sw.sum())
+    if init is None:
+        w = torch.zeros(k, x.shape[1], dtype=torch.float64)
+        b = torch.zeros(k, dtype=torch.float64)
+    else:
+        w, b = (torch.from_numpy(np.array(t, dtype=np.float64)) for t in init)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-7, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(x @ w.T + b, dim=1)
+        loss = (c * (sw * -(target * logp).sum(dim=1)).sum() + 0.5 * (w * w).sum()) / n  # same minimiser
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy(), b.detach().numpy()
+
+
+def fit_labelled(x: "np.ndarray", y: "np.ndarray", n_labels: int, c: float,
+                 weight: "np.ndarray | None" = None) -> tuple["np.ndarray", "np.ndarray"]:
+    """Multinomial logistic regression → rows ``(W (K, H), b (K,))`` for raw features ``x (n, H)``."""
+    mu, sd = _standardise(x)
+    return _fold(*_lr_hard((x - mu) / sd, y, n_labels, c, weight), mu, sd)
+
+
+def fit_soft(x: "np.ndarray", p: "np.ndarray", c: float, weight: "np.ndarray | None" = None,
+             temperature: float = 1.0) -> tuple["np.ndarray", "np.ndarray"]:
+    """Rows ``(W, b)`` with ``softmax((W x + b) / T)`` fitted to ``p (n, K)``, the teacher's
+    probabilities at temperature ``T`` (so at temperature 1 the rows reproduce the teacher's logits)."""
+    mu, sd = _standardise(x)
+    coef, intercept = _lr_soft((x - mu) / sd, p, c, weight)
+    return _fold(temperature * coef, temperature * intercept, mu, sd)
+
+
+def _softmax(z: "np.ndarray") -> "np.ndarray":
+    import numpy as np
+
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _per_text(probs: "np.ndarray", owner: "np.ndarray", n: int) -> "np.ndarray":
+    """Mean of the windows' probabilities per text (inference's ``mean`` aggregation)."""
+    import numpy as np
+
+    out = np.zeros((n, probs.shape[1]))
+    np.add.at(out, owner, probs)
+    return out / np.bincount(owner, minlength=n)[:, None]
+
+
+# -- data ------------------------------------------------------------------------------------------
+@dataclass
+class _Split:
+    texts: list[str]
+    labels: list[int] | None  # labelled mode
+    source: str
+
+
+def _label_index(group, raw, where: str) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if 0 <= raw < group.size:
+            return raw
+        raise HM3Error(f"{where}: label index {raw} is out of range for group {group.name!r} ({group.size} labels)")
+    if raw in group.labels:
+        return group.labels.index(raw)
+    prefix = f"{group.name}/"
+    if isinstance(raw, str) and raw.startswith(prefix) and raw[len(prefix):] in group.labels:
+        return group.labels.index(raw[len(prefix):])
+    raise HM3Error(f"{where}: unknown label {raw!r} for group {group.name!r}; valid: {', '.join(group.labels)}")
+
+
+def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str) -> _Split:
+    from hm3.merging.stats import read_rows, sample
+
+    rows = sample(read_rows(path, labelled=labelled), max_texts, seed, tag)
+    labels = [_label_index(group, lab, str(path)) for _, lab in rows] if labelled else None
+    return _Split([t for t, _ in rows], labels, str(path))
+
+
+def _holdout(split: _Split, seed: int, tag: str) -> "np.ndarray":
+    """A seeded hold-out (stratified by label when labelled) of ``HOLDOUT`` of the texts: a mask."""
+    import numpy as np
+
+    rng = random.Random(f"hm3:{seed}:{tag}")
+    n = len(split.texts)
+    strata: dict[int, list[int]] = {}
+    for i in range(n):
+        strata.setdefault(split.labels[i] if split.labels else 0, []).append(i)
+    held = np.zeros(n, dtype=bool)
+    for idx in strata.values():
+        k = int(round(HOLDOUT * len(idx))) if len(idx) > 1 else 0
+        held[rng.sample(idx, k)] = True
+    if not held.any() or held.all():
+        raise HM3Error(f"{split.source}: too few texts ({n}) to hold some out for choosing C; "
+                       "give a validation file or a fixed c")
+    return held
+
+
+# -- the re-fit ------------------------------------------------------------------------------------
+def refit_heads(
+    model: "torch.nn.Module",
+    tokenizer,
+    space: "LabelSpace",
+    specs: Sequence[GroupRefit],
+    *,
+    c: "float | str" = "auto",
+    max_texts: int = 2000,
+    temperature: float = 1.0,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = False,
+) -> RefitReport:
+    """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done."""
+    import numpy as np
+    import torch
+
+    from hm3.merging import stats as S
+    from hm3.model import GroupwiseClassifier
+
+    t0 = time.perf_counter()
+    if c != "auto" and not (isinstance(c, (int, float)) and c > 0):
+        raise HM3Error(f"c must be a positive number or 'auto', got {c!r}")
+    seen = set()
+    for s in specs:
+        space[s.group]  # unknown group: an error naming the known ones
+        if s.group in seen:
+            raise HM3Error(f"group {s.group!r} is listed twice for the re-fit")
+        seen.add(s.group)
+    model = model.float().eval()
+    clf = GroupwiseClassifier(model, tokenizer, space, max_length=max_length)
+    report = RefitReport(max_length=clf.max_length)
+    out = S.out_module(model)
+
+    # Texts per group: training texts, and validation texts (a file) or a hold-out mask over them.
+    plan = []
+    for s in specs:
+        g = space[s.group]
+        labelled = s.teacher is None
+        train = _read(s.data, g, labelled, max_texts, seed, f"refit/{g.name}")
+        val = _read(s.validation, g, labelled, max_texts, seed, f"refit-val/{g.name}") if s.validation else None
+        held = _holdout(train, seed, f"refit-holdout/{g.name}") if val is None and c == "auto" else None
+        if labelled:
+            fit_labels = [y for i, y in enumerate(train.labels) if held is None or not held[i]]
+            missing = sorted(set(range(g.size)) - set(fit_labels))
+            if missing:
+                raise HM3Error(f"{s.data}: group {g.name!r} has no training texts for labels "
+                               f"{[g.labels[i] for i in missing]}; every label needs some")
+        plan.append((s, g, train, val, held))
+
+    # Features of every text, in one pass over the merged body (cached per body and window set).
+    all_texts: list[str] = []
+    offsets = {}
+    for s, g, train, val, held in plan:
+        for name, part in (("train", train), ("val", val)):
+            if part is not None:
+                offsets[(g.name, name)] = (len(all_texts), len(part.texts))
+                all_texts += part.texts
+    wins, owner = clf.windows(all_texts)
+    owner = np.asarray(owner, dtype=np.int64)
+    tf = time.perf_counter()
+    skip = [n for n in model.state_dict() if n.startswith(_out_name(model))]
+    key = S.cache_key(kind="features", body=S.state_digest(model.state_dict(), skip=skip),
+                      windows=S.texts_digest([" ".join(map(str, w)) for w in wins]), batch_size=batch_size)
+
+    def compute():
+        feats, _ = S.window_outputs(model, wins, batch_size, tokenizer.pad_token_id or 0, progress)
+        return {"features": feats}, {"windows": len(wins)}
+
+    tensors, _, hit = S.cached("features", key, compute, cache)
+    feats_all = tensors["features"].double().numpy()
+    report.features = {"windows": len(wins), "texts": len(all_texts), "cached": hit,
+                       "seconds": round(time.perf_counter() - tf, 1)}
+
+    def windows_of(group: str, part: str) -> tuple["np.ndarray", "np.ndarray"]:
+        """Window indices of a part's texts and, per window, the text's index within the part."""
+        start, n = offsets[(group, part)]
+        sel = np.nonzero((owner >= start) & (owner < start + n))[0]
+        return sel, owner[sel] - start
+
+    # Teachers' probabilities on the same windows (cached per teacher and window set).
+    teachers, teacher_seconds = {}, {}
+    for s, g, *_ in plan:
+        if s.teacher is not None:
+            tt = time.perf_counter()
+            teachers[g.name] = _teacher_probs(s.teacher, tokenizer, wins, g, temperature, batch_size, cache)
+            teacher_seconds[g.name] = time.perf_counter() - tt
+
+    with S.single_thread():  # small fits: thread-pool hand-offs cost more than they save
+        for s, g, train, val, held in plan:
+            tg = time.perf_counter() - teacher_seconds.get(g.name, 0.0)
+            teacher_probs = teachers.get(g.name)
+
+            tr_sel, tr_txt = windows_of(g.name, "train")
+            mu, sd = _standardise(feats_all[tr_sel])  # one scaling for every fit of the group: warm starts apply
+
+            def fit(sel, txt, labels, cc, init=None):
+                """Standardised rows fitted on windows ``sel`` whose texts are ``txt`` (0..n-1, labels[txt])."""
+                wts = 1.0 / np.bincount(txt)[txt]  # each text weighs 1, however many windows it has
+                xs = (feats_all[sel] - mu) / sd
+                if teacher_probs is None:
+                    return _lr_hard(xs, np.asarray(labels)[txt], g.size, cc, wts, init)
+                return _lr_soft(xs, teacher_probs[sel], cc, wts, init)
+
+            def raw(rows):
+                """Rows for raw features at temperature 1."""
+                t = 1.0 if teacher_probs is None else temperature
+                return _fold(t * rows[0], t * rows[1], mu, sd)
+
+            def score(wb, sel, txt, labels) -> dict[str, float]:
+                w, b = wb
+                n = int(txt.max()) + 1
+                probs = _per_text(_softmax(feats_all[sel] @ w.T + b), txt, n)
+                if teacher_probs is None:
+                    from sklearn.metrics import f1_score, log_loss
+
+                    y = np.asarray(labels)
+                    return {"macro_f1": float(f1_score(y, probs.argmax(1), average="macro")),
+                            "log_loss": float(log_loss(y, probs, labels=list(range(g.size))))}
+                t = _per_text(_teacher_at_1(teacher_probs[sel], temperature), txt, n)
+                kl = (t * (np.log(np.clip(t, 1e-12, None)) - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean()
+                return {"kl": float(kl), "agreement": float((t.argmax(1) == probs.argmax(1)).mean())}
+
+            def rank(sc: dict[str, float]):
+                return (sc["macro_f1"], -sc["log_loss"]) if "macro_f1" in sc else (-sc["kl"],)
+
+            grid: dict[float, dict[str, float]] = {}
+            fitted: dict[float, tuple] = {}
+            if val is not None or held is not None:
+                if val is not None:
+                    f_sel, f_txt, f_lab = tr_sel, tr_txt, train.labels
+                    v_sel, v_txt = windows_of(g.name, "val")
+                    v_lab = val.labels
+                else:  # hold-out: split the training windows by their text's side of the mask
+                    on = held[tr_txt]
+                    f_sel, f_txt, f_lab = tr_sel[~on], *_renumber(tr_txt[~on], train.labels)
+                    v_sel, v_txt, v_lab = tr_sel[on], *_renumber(tr_txt[on], train.labels)
+                init = None
+                for cc in C_GRID if c == "auto" else (float(c),):  # ascending C, each warm-started
+                    fitted[cc] = init = fit(f_sel, f_txt, f_lab, cc, init)
+                    grid[cc] = score(raw(init), v_sel, v_txt, v_lab)
+            best = max(grid, key=lambda cc: rank(grid[cc])) if c == "auto" else float(c)
+            w, b = raw(fit(tr_sel, tr_txt, train.labels, best, fitted.get(best)))
+            with torch.no_grad():
+                out.weight[g.rows] = torch.from_numpy(w).to(out.weight.dtype)
+                out.bias[g.rows] = torch.from_numpy(b).to(out.bias.dtype)
+            validation = (str(s.validation) if val is not None else
+                          f"{HOLDOUT:.0%} hold-out of the data" if held is not None else "none (fixed C)")
+            report.groups[g.name] = {
+                "mode": s.mode,
+                "data": str(s.data),
+                "texts": len(train.texts),
+                "windows": int(len(tr_sel)),
+                "validation": validation,
+                "validation_texts": len(val.texts) if val is not None else int(held.sum()) if held is not None else 0,
+                "c": best,
+                "validation_score": grid.get(best, {}),
+                "grid": {f"{k:g}": v for k, v in grid.items()},
+                **({"teacher": str(s.teacher), "temperature": temperature} if s.teacher is not None else {}),
+                "seconds": round(time.perf_counter() - tg, 1),
+            }
+            log.info("re-fit %s (%s): %d texts, C=%g, validation %s, %.1fs", g.name, s.mode, len(train.texts), best,
+                     report.groups[g.name]["validation_score"], report.groups[g.name]["seconds"])
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _renumber(txt: "np.ndarray", labels: list[int] | None) -> tuple["np.ndarray", list[int] | None]:
+    """Text indices of a subset made contiguous (0..k-1, sorted), and those texts' labels."""
+    import numpy as np
+
+    kept, inv = np.unique(txt, return_inverse=True)
+    return inv.astype(np.int64), None if labels is None else [labels[i] for i in kept]
+
+
+def _out_name(model) -> str:
+    from hm3.heads import family_of
+
+    return family_of(model.config.model_type, "model config").out[0].rsplit(".", 1)[0] + "."
+
+
+def _teacher_at_1(p_t: "np.ndarray", temperature: float) -> "np.ndarray":
+    """Teacher probabilities at temperature 1 from those at ``temperature``."""
+    import numpy as np
+
+    if temperature == 1:
+        return p_t
+    return _softmax(np.log(np.clip(p_t, 1e-300, None)) * temperature)
+
+
+def _teacher_probs(teacher: Path, tokenizer, wins, group, temperature: float, batch_size: int,
+                   cache: bool) -> "np.ndarray":
+    """The original guard's softmax at ``temperature`` on the merged model's windows (cached logits)."""
+    import numpy as np
+
+    from hm3.merging import stats as S
+
+    key = S.cache_key(kind="teacher", model=S.model_digest(teacher),
+                      windows=S.texts_digest([" ".join(map(str, w)) for w in wins]), batch_size=batch_size)
+
+    def compute():
+        model, tok = S.load_classifier(teacher)
+        if tok.get_vocab() != tokenizer.get_vocab():
+            raise HM3Error(f"{teacher}: its tokenizer differs from the merged model's; distill from the original guard")
+        _, logits = S.window_outputs(model, wins, batch_size, tokenizer.pad_token_id or 0)
+        return {"logits": logits}, {}
+
+    logits = S.cached("teacher", key, compute, cache)[0]["logits"].double().numpy()
+    if logits.shape[1] != group.size:
+        raise HM3Error(f"{teacher}: has {logits.shape[1]} labels but group {group.name!r} has {group.size}; "
+                       "distill each group from its own original guard")
+    return _softmax(logits / temperature)
+
+
+# -- entry points ----------------------------------------------------------------------------------
+def build_model(config, state: dict[str, "torch.Tensor"]) -> "torch.nn.Module":
+    """A float32 sequence classifier with the given config and state dict (names as on disk)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_config(config).float().eval()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise HM3Error(f"the merged state lacks {missing[:3]}; cannot build the model for the re-fit")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k].to(v.dtype))
+    return model
+
+
+def specs_from_recipe(prep: "Prepared") -> list[GroupRefit]:
+    """The recipe's ``refit:`` section as per-group specs (teachers default to the recipe's models)."""
+    rc = prep.config.refit
+    texts = prep.config.data.texts if prep.config.data is not None else {}
+    for key, table in (("data", rc.data), ("validation", rc.validation), ("teachers", rc.teachers)):
+        unknown = sorted(set(table) - set(prep.groups))
+        if unknown:
+            raise HM3Error(f"refit.{key}: unknown groups {unknown}; the recipe's groups are {', '.join(prep.groups)}")
+    available = {g: rc.data.get(g) or (texts.get(g) if rc.mode == "distill" else None) for g in prep.groups}
+    groups = rc.groups if rc.groups is not None else [g for g in prep.groups if available[g]]
+    if not groups:
+        raise HM3Error("refit: no group has data; set refit.data (group: file) "
+                       + ("or data.texts" if rc.mode == "distill" else "with labelled .jsonl rows"))
+    specs = []
+    for g in groups:
+        if g not in prep.groups:
+            raise HM3Error(f"refit.groups: unknown group {g!r}; the recipe's groups are {', '.join(prep.groups)}")
+        if not available[g]:
+            raise HM3Error(f"refit: group {g!r} has no data; add `{g}: path/to/file.jsonl` under refit.data")
+        teacher = None
+        if rc.mode == "distill":
+            teacher = Path(rc.teachers.get(g) or prep.models[prep.groups.index(g)].path)
+        val = rc.validation.get(g)
+        specs.append(GroupRefit(g, Path(available[g]), Path(val) if val else None, teacher))
+    return specs
+
+
+def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bool = False):
+    """The merge engine's hook: re-fit ``state``'s head rows as the recipe's ``refit:`` says.
+
+    Returns ``(state, model-card markdown)``; records the report in ``prep.metadata["refit"]``."""
+    from hm3.merging.engine import merged_config, tokenizer_source
+
+    rc = prep.config.refit
+    specs = specs_from_recipe(prep)
+    from transformers import AutoTokenizer
+
+    model = build_model(merged_config(prep), state)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source(prep)))
+    report = refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
+                         temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
+                         seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
+                         progress=progress)
+    out = dict(state)
+    fam_out = prep.models[0].family.out
+    for name in fam_out:
+        new = model.state_dict()[name].detach()
+        out[name] = new.to(state[name].dtype).clone()
+    prep.metadata["refit"] = report.to_json()
+    return out, report.markdown()
+
+
+def refit_dir(
+    model_dir: "str | Path",
+    specs: Sequence[GroupRefit],
+    out: "str | Path",
+    *,
+    force: bool = False,
+    **kw,
+) -> RefitReport:
+    """Re-fit heads of a saved model (merged, or a single classifier) into a new directory ``out``."""
+    import json
+
+    from hm3.io import AtomicDir, prepare_output
+    from hm3.merging.engine import write_model
+    from hm3.model import load
+
+    out = Path(out)
+    prepare_output(out, force)
+    clf = load(model_dir, max_length=kw.pop("max_length", None))
+    report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, **kw)
+    config = clf.model.config
+    meta = dict(getattr(config, "hm3", None) or {"format": 1, "groups": clf.space.to_json()})
+    meta["refit"] = report.to_json()
+    config.hm3 = meta
+    readme = Path(model_dir) / "README.md"
+    card = (readme.read_text(encoding="utf-8").rstrip() + "\n\n" if readme.is_file() else "") + report.markdown() + "\n"
+    state = {k: v.detach().contiguous() for k, v in clf.model.state_dict().items()}
+    with AtomicDir(out, force) as tmp:
+        write_model(tmp, state, config, Path(model_dir), card)
+    log.info("re-fitted %s into %s in %.1fs: %s", model_dir, out, report.seconds, json.dumps(
+        {g: r["c"] for g, r in report.groups.items()}))
+    return report
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        group, sep, path = v.partition("=")
+        if not sep or not group or not path:
+            raise HM3Error(f"{option} {v!r}: expected GROUP=PATH")
+        if group in out:
+            raise HM3Error(f"{option}: group {group!r} given twice")
+        out[group] = path
+    return out
+
+
+def register(app, user_errors) -> None:
+    import typer
+
+    @app.command()
+    @user_errors
+    def refit(
+        model: Path = typer.Argument(..., help="Merged model (or single classifier) directory."),
+        data: list[str] = typer.Option(..., "--data", help="GROUP=FILE: .jsonl rows {text, label} (labelled), "
+                                       "or texts to distill on (.jsonl text / .txt) with --distill-from. Repeat per group."),
+        distill_from: Optional[List[str]] = typer.Option(None, "--distill-from",
+                                                   help="GROUP=GUARD_DIR: fit GROUP's rows to this original guard's "
+                                                        "probabilities on its --data texts (no labels needed)."),
+        validation: Optional[List[str]] = typer.Option(None, "--validation",
+                                                 help="GROUP=FILE for choosing C (default: a 20% hold-out of --data)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+        c: str = typer.Option("auto", "--c", help="Inverse L2 strength, or 'auto' (picked on validation)."),
+        max_texts: int = typer.Option(2000, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
+        temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
+        seed: int = typer.Option(0, "--seed"),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Re-fit group heads on the model's own features: labelled, or distilled from the original guards."""
+        files = _pairs(data, "--data")
+        teachers = _pairs(distill_from, "--distill-from")
+        vals = _pairs(validation, "--validation")
+        for option, table in (("--distill-from", teachers), ("--validation", vals)):
+            extra = sorted(set(table) - set(files))
+            if extra:
+                raise HM3Error(f"{option}: groups {extra} have no --data")
+        try:
+            cc: float | str = c if c == "auto" else float(c)
+        except ValueError:
+            raise HM3Error(f"--c {c!r}: expected a positive number or 'auto'") from None
+        specs = [GroupRefit(g, Path(f), Path(vals[g]) if g in vals else None,
+                            Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
+        report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
+                           max_length=max_length, seed=seed, progress=progress)
+        summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
+        typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
+

@@ -1,0 +1,213 @@
+"""Post-merge head re-fit: the fits themselves, the recipe step and the `hm3 refit` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hm3
+from hm3.errors import HM3Error
+from hm3.refit import GroupRefit, _softmax, fit_labelled, fit_soft, refit_dir
+from hm3.testing import TASK_A, TASK_B, accuracy
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HM3_CACHE", str(tmp_path / "cache"))
+
+
+# -- the fits --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 3])
+def test_labelled_fit_on_separable_features_is_exact(k):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(k, 16)) * 4
+    y = np.arange(300) % k
+    x = centres[y] + rng.normal(size=(300, 16)) * 0.3  # well separated: linearly separable
+    w, b = fit_labelled(x, y, k, c=10.0)
+    assert w.shape == (k, 16) and b.shape == (k,)
+    assert float(((x @ w.T + b).argmax(1) == y).mean()) == 1.0
+
+
+def test_labelled_fit_with_two_labels_gives_scikit_learns_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(int)
+    w, b = fit_labelled(x, y, 2, c=1.0)
+    mu, sd = x.mean(0), x.std(0)
+    ref = LogisticRegression(C=1.0, max_iter=1000, tol=1e-8).fit((x - mu) / sd, y)
+    np.testing.assert_allclose(_softmax(x @ w.T + b), ref.predict_proba((x - mu) / sd), atol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distilling_a_head_from_itself_reproduces_its_predictions(temperature):
+    rng = np.random.default_rng(2)
+    x = np.tanh(rng.normal(size=(400, 12)))
+    w0, b0 = rng.normal(size=(4, 12)), rng.normal(size=4)
+    logits = x @ w0.T + b0
+    teacher = _softmax(logits / temperature)
+    w, b = fit_soft(x, teacher, c=1e4, temperature=temperature)
+    student = x @ w.T + b
+    assert float((student.argmax(1) == logits.argmax(1)).mean()) == 1.0
+    np.testing.assert_allclose(_softmax(student), _softmax(logits), atol=0.02)
+
+
+def test_soft_fit_with_one_hot_targets_matches_the_labelled_fit():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 6))
+    y = (x @ rng.normal(size=(6, 3))).argmax(1)
+    hard = fit_labelled(x, y, 3, c=0.5)
+    soft = fit_soft(x, np.eye(3)[y], c=0.5)
+    # Same objective (scikit-learn's multinomial loss + ½‖W‖²), different solvers.
+    np.testing.assert_allclose(_softmax(x @ soft[0].T + soft[1]), _softmax(x @ hard[0].T + hard[1]), atol=2e-3)
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+def _jsonl(path: Path, task, n: int, seed: int, labelled: bool = True) -> str:
+    rows = [{"text": t, **({"label": task.labels[y]} if labelled else {})} for t, y in task.sample(n, seed=seed)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return {
+        "a": _jsonl(tmp_path / "a.jsonl", TASK_A, 80, 21),
+        "b": _jsonl(tmp_path / "b.jsonl", TASK_B, 90, 22),
+        "a_val": _jsonl(tmp_path / "a_val.jsonl", TASK_A, 30, 23),
+        "a_text": _jsonl(tmp_path / "a.txt.jsonl", TASK_A, 80, 24, labelled=False),
+        "b_text": _jsonl(tmp_path / "b.txt.jsonl", TASK_B, 80, 25, labelled=False),
+    }
+
+
+def _ties(recipe, **refit):
+    r = recipe("ties", density=0.3)
+    if refit:
+        r["refit"] = refit
+    return r
+
+
+def test_labelled_refit_restores_the_groups_and_touches_only_their_rows(tiny, tmp_path, recipe, data):
+    from hm3.io import load_checkpoint
+
+    plain = hm3.merge(_ties(recipe), tmp_path / "plain", progress=False)
+    fitted = hm3.merge(_ties(recipe, data={"a": data["a"], "b": data["b"]}), tmp_path / "fitted", progress=False)
+    p, f = load_checkpoint(plain.path), load_checkpoint(fitted.path)
+    for name in p.names:  # the body is the merge's, byte for byte
+        if not name.startswith("classifier."):
+            assert torch.equal(p.tensor(name), f.tensor(name)), name
+    assert not torch.equal(p.tensor("classifier.weight"), f.tensor("classifier.weight"))
+    clf_p, clf_f = hm3.load(plain.path), hm3.load(fitted.path)
+    for group, task in (("a", TASK_A), ("b", TASK_B)):
+        orig = hm3.load(tiny[group])
+        assert accuracy(clf_f, group, task) >= max(accuracy(clf_p, group, task), 0.9 * accuracy(orig, orig.groups[0], task))
+
+
+def test_refit_of_one_group_leaves_the_others_rows(tiny, tmp_path, recipe, data):
+    from hm3.io import load_checkpoint
+
+    plain = hm3.merge(_ties(recipe), tmp_path / "plain", progress=False)
+    only_b = hm3.merge(_ties(recipe, data={"b": data["b"]}), tmp_path / "b", progress=False)
+    p, f = load_checkpoint(plain.path), load_checkpoint(only_b.path)
+    assert torch.equal(p.tensor("classifier.weight")[0:2], f.tensor("classifier.weight")[0:2])  # group a
+    assert torch.equal(p.tensor("classifier.bias")[0:2], f.tensor("classifier.bias")[0:2])
+    assert not torch.equal(p.tensor("classifier.weight")[2:5], f.tensor("classifier.weight")[2:5])  # group b
+    meta = json.loads((only_b.path / "config.json").read_text())["hm3"]["refit"]
+    assert list(meta["groups"]) == ["b"]
+
+
+def test_refit_is_byte_reproducible_with_and_without_the_cache(tiny, tmp_path, recipe, data, monkeypatch):
+    r = _ties(recipe, data={"a": data["a"], "b": data["b"]}, validation={"a": data["a_val"]})
+    hm3.merge(r, tmp_path / "m1", progress=False)
+    hm3.merge(r, tmp_path / "m2", progress=False)  # features from the cache
+    monkeypatch.setenv("HM3_CACHE", str(tmp_path / "other-cache"))
+    hm3.merge(r, tmp_path / "m3", progress=False)  # computed afresh
+    weights = [(tmp_path / m / "model.safetensors").read_bytes() for m in ("m1", "m2", "m3")]
+    assert weights[0] == weights[1] == weights[2]
+    metas = [json.loads((tmp_path / m / "config.json").read_text())["hm3"]["refit"] for m in ("m1", "m2")]
+    assert metas[0]["features"]["cached"] is False and metas[1]["features"]["cached"] is True
+
+
+def test_refit_metadata_and_model_card(tiny, tmp_path, recipe, data):
+    res = hm3.merge(_ties(recipe, data={"a": data["a"], "b": data["b"]}, validation={"a": data["a_val"]}),
+                    tmp_path / "m", progress=False)
+    meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]
+    a, b = meta["groups"]["a"], meta["groups"]["b"]
+    assert (a["data"], a["texts"], a["mode"]) == (data["a"], 80, "labelled")
+    assert (a["validation"], a["validation_texts"]) == (data["a_val"], 30)
+    assert b["validation"] == "20% hold-out of the data" and b["validation_texts"] == 18  # 6 of each of 3 labels
+    assert a["c"] in (0.01, 0.1, 1.0, 10.0, 100.0) and set(a["grid"]) == {"0.01", "0.1", "1", "10", "100"}
+    assert meta["seconds"] >= 0 and meta["features"]["windows"] == 80 + 30 + 90
+    card = (res.path / "README.md").read_text()
+    assert "## Head re-fit" in card and data["a_val"] in card
+
+
+def test_distilled_refit_follows_the_original_guards(tiny, tmp_path, recipe, data):
+    r = _ties(recipe, mode="distill")
+    r["data"] = {"texts": {"a": data["a_text"], "b": data["b_text"]}}  # refit.data defaults to these
+    res = hm3.merge(r, tmp_path / "m", progress=False)
+    meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]
+    assert meta["groups"]["a"]["teacher"] == str(tiny["a"]) and meta["groups"]["b"]["mode"] == "distill"
+    merged = hm3.load(res.path)
+    for group, task in (("a", TASK_A), ("b", TASK_B)):
+        texts = [t for t, _ in task.sample(200, seed=99)]
+        teacher = hm3.load(tiny[group]).predict_proba(texts)
+        student = merged.predict_proba(texts, groups=[group])[group]
+        agree = float((next(iter(teacher.values())).argmax(1) == student.argmax(1)).mean())
+        assert agree >= 0.9, (group, agree)
+
+
+def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "w1 w2", "label": "purple"}) + "\n")
+    with pytest.raises(HM3Error, match=r"bad\.jsonl: unknown label 'purple' for group 'a'; valid: neg, pos"):
+        hm3.merge(_ties(recipe, data={"a": str(bad)}), progress=False)
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text("".join(json.dumps({"text": f"w{i} w3", "label": "pos"}) + "\n" for i in range(10)))
+    with pytest.raises(HM3Error, match=r"no training texts for labels \['neg'\]"):
+        hm3.merge(_ties(recipe, data={"a": str(one_label)}), progress=False)
+    with pytest.raises(HM3Error, match=r"refit.data: unknown groups \['zzz'\]"):
+        hm3.merge(_ties(recipe, data={"zzz": data["a"]}), progress=False)
+    unlabelled = _ties(recipe, data={"a": data["a_text"]})
+    with pytest.raises(HM3Error, match='needs a field "label"'):
+        hm3.merge(unlabelled, progress=False)
+    with pytest.raises(HM3Error, match="c must be a positive number"):
+        hm3.merge(_ties(recipe, data={"a": data["a"]}, c=-1), progress=False)
+
+
+# -- command ---------------------------------------------------------------------------------------
+def test_refit_command(tiny, tmp_path, recipe, data):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    merged = hm3.merge(_ties(recipe), tmp_path / "merged", progress=False).path
+    out = tmp_path / "refitted"
+    runner = CliRunner()
+    res = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "--data", f"b={data['b_text']}",
+                              "--distill-from", f"b={tiny['b']}", "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "re-fitted a (labelled" in res.output and "b (distill" in res.output
+    meta = json.loads((out / "config.json").read_text())["hm3"]
+    assert meta["groups"] == json.loads((merged / "config.json").read_text())["hm3"]["groups"]
+    assert set(meta["refit"]["groups"]) == {"a", "b"}
+    assert hm3.load(out).groups == ["a", "b"]
+
+    again = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "-o", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    orphan = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "--distill-from",
+                                 f"b={tiny['b']}", "-o", str(tmp_path / "x")])
+    assert orphan.exit_code == 2 and "--distill-from: groups ['b'] have no --data" in orphan.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_refit_dir_on_a_single_classifier(tiny, tmp_path, data):
+    report = refit_dir(tiny["a"], [GroupRefit("a", Path(data["a"]))], tmp_path / "single", c=1.0)
+    assert report.groups["a"]["c"] == 1.0 and report.groups["a"]["validation"] == "none (fixed C)"
+    clf = hm3.load(tmp_path / "single")
+    assert clf.groups == ["a"] and accuracy(clf, "a", TASK_A) >= 0.9
