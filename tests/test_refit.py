@@ -211,3 +211,31 @@ def test_refit_dir_on_a_single_classifier(tiny, tmp_path, data):
     assert report.groups["a"]["c"] == 1.0 and report.groups["a"]["validation"] == "none (fixed C)"
     clf = hm3.load(tmp_path / "single")
     assert clf.groups == ["a"] and accuracy(clf, "a", TASK_A) >= 0.9
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_features_are_what_feeds_the_output_layer(family):
+    """BERT: the pooler output; DistilBERT: after pre_classifier and ReLU (eval: no dropout)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hm3.merging.stats import window_outputs
+    from hm3.testing import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels=3)).eval()
+    tok = tiny_tokenizer()
+    texts = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9"]
+    ids = tok(texts)["input_ids"]
+    feats, logits = window_outputs(model, ids, batch_size=2, pad=tok.pad_token_id)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        if family == "bert":
+            expected = model.bert(**enc).pooler_output
+        else:
+            cls = model.distilbert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0][:, 0]
+            expected = torch.relu(model.pre_classifier(cls))
+        expected_logits = model(**({k: v for k, v in enc.items() if k != "token_type_ids"})).logits
+    torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(feats @ model.classifier.weight.T + model.classifier.bias, logits, atol=1e-5, rtol=1e-4)

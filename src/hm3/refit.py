@@ -16,7 +16,9 @@ share its weight, so a long text counts once):
   means the same in both modes.
 
 ``C`` is picked from a grid on validation data — the group's ``validation`` file, or a seeded
-(stratified) 20 % hold-out of its training texts — then the rows are fitted on all training texts.
+(stratified) 20 % hold-out of its training texts — by macro F1 (labelled: against the labels;
+distill: against the teacher's decisions), ties broken by log loss / KL divergence from the teacher;
+then the rows are fitted on all training texts.
 Test data is never read. Features are standardised for the fit and the scaling is folded back into
 the written rows. Only the group's rows of the output weight and bias change; the body and every
 other group's rows stay byte-identical, and the result is still one ordinary checkpoint.
@@ -370,12 +372,20 @@ def refit_heads(
                     y = np.asarray(labels)
                     return {"macro_f1": float(f1_score(y, probs.argmax(1), average="macro")),
                             "log_loss": float(log_loss(y, probs, labels=list(range(g.size))))}
+                from sklearn.metrics import f1_score
+
                 t = _per_text(_teacher_at_1(teacher_probs[sel], temperature), txt, n)
                 kl = (t * (np.log(np.clip(t, 1e-12, None)) - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean()
-                return {"kl": float(kl), "agreement": float((t.argmax(1) == probs.argmax(1)).mean())}
+                # The teacher's decisions are the pseudo-labels: what a guard is used for is its argmax.
+                return {"macro_f1_vs_teacher": float(f1_score(t.argmax(1), probs.argmax(1), average="macro")),
+                        "agreement": float((t.argmax(1) == probs.argmax(1)).mean()), "kl": float(kl)}
 
             def rank(sc: dict[str, float]):
-                return (sc["macro_f1"], -sc["log_loss"]) if "macro_f1" in sc else (-sc["kl"],)
+                """Best decisions first (macro F1 on labels, or on the teacher's decisions), then
+                the closest probabilities."""
+                if "macro_f1" in sc:
+                    return (sc["macro_f1"], -sc["log_loss"])
+                return (sc["macro_f1_vs_teacher"], -sc["kl"])
 
             grid: dict[float, dict[str, float]] = {}
             fitted: dict[float, tuple] = {}
