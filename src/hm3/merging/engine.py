@@ -193,19 +193,29 @@ def _check_vocab(ckpts: list[Checkpoint]) -> None:
             "vocabulary sizes differ: "
             + ", ".join(f"{c.path}: {getattr(c.config, 'vocab_size', None)}" for c in ckpts)
         )
-    ref_vocab, ref_path = None, None
+    ref_vocab, ref_path, ref_files = None, None, None
     for c in ckpts:
+        files = _tokenizer_files(c.path)
+        if ref_files is not None and files == ref_files:
+            continue  # byte-identical tokenizer files (the usual case): the same vocabulary, no load
         vocab = tokenizer_vocab(c.path)
         if vocab is None:
             continue
         if ref_vocab is None:
-            ref_vocab, ref_path = vocab, c.path
+            ref_vocab, ref_path, ref_files = vocab, c.path, files
         elif vocab != ref_vocab:
             diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
             raise HM3Error(
                 f"{c.path}: tokenizer vocabulary differs from {ref_path} (e.g. {diff}); "
                 "the models must share the base's tokenizer"
             )
+
+
+def _tokenizer_files(path: Path) -> dict[str, str]:
+    """SHA-256 of each tokenizer file in a model directory (what decides its vocabulary)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.txt", "vocab.json", "merges.txt", "spm.model", "sentencepiece.bpe.model")
+    return {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in names if (path / n).is_file()}
 
 
 # -- per-tensor merge ------------------------------------------------------------------------------
