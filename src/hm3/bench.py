@@ -1,0 +1,1043 @@
+"""Merge and inference benchmarks: hm3 against mergekit, against the memory-bandwidth floor, and a
+merged model against the guards it replaces.
+
+``hm3 bench merge``     the same merge (linear, TIES, DARE-TIES; 2 and 5 models) by hm3 and by
+                        mergekit (on pre-expanded heads), whole process and in-process, with peak RSS
+                        and the bandwidth floor for the same bytes.
+``hm3 bench inference`` N original guards vs their merged model on the same texts: load, inference,
+                        texts/s, peak memory; optional fast paths (ONNX Runtime, dynamic int8) with
+                        their agreement with fp32.
+``hm3 bench all``       both, written as docs/BENCHMARKS.md with plots (``make bench``).
+
+Every timed run is a fresh child process (``python -m hm3.bench worker``), so peak RSS is that run's
+own (``os.wait4``) and runs never share caches or allocator state. Competing implementations run
+side by side in one invocation, interleaved per repeat, so the ratios hold on a shared machine even
+when the absolute times drift. Timings live here, never in test assertions.
+
+Models are random weights in standard configurations (merge and inference cost do not depend on
+the values): a headless base like the offline MiniLM, and fine-tuned classifiers = base + small
+noise with heads of 2-4 labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hm3.errors import HM3Error
+
+log = logging.getLogger(__name__)
+
+#: BERT shapes from the standard configurations (vocabulary 30522, as the MiniLM tokenizer).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),  # tests
+    "bert-mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+LABEL_COUNTS = (2, 3, 4, 2, 3, 4, 2, 3)  # heads of the benchmark classifiers, in order
+METHODS = ("linear", "ties", "dare_ties")
+PYTHON = sys.executable
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (``hm3``, ``mergekit-yaml``)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        found = shutil.which(name)
+        if not found:
+            raise HM3Error(f"{name}: console script not found next to {sys.executable} or on PATH; install it")
+        return found
+    return str(path)
+
+
+# -- benchmark models ------------------------------------------------------------------------------
+@dataclass
+class BenchModels:
+    """Checkpoints for one size: a headless base, N classifiers, and (for mergekit) the same N and
+    the base with their heads pre-expanded to the union of the label spaces."""
+
+    size: str
+    base: Path
+    models: list[Path]
+    xbase: Path | None = None
+    xmodels: list[Path] | None = None
+    n_params: int = 0  # parameters of one classifier
+    bytes_fp32: int = 0  # of one classifier
+
+
+def _bert_config(size: str, num_labels: int | None = None):
+    from transformers import BertConfig
+
+    if size not in SIZES:
+        raise HM3Error(f"unknown model size {size!r}; valid: {', '.join(SIZES)}")
+    if size == "tiny":  # hm3.testing's word-level tokenizer: 125 tokens, 64 positions
+        from hm3.testing import tiny_config
+
+        vocab_size, positions = tiny_config().vocab_size, 64
+    else:
+        vocab_size, positions = 30522, 512
+    kw: dict[str, Any] = dict(SIZES[size], vocab_size=vocab_size, max_position_embeddings=positions)
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+        kw["architectures"] = ["BertForSequenceClassification"]
+    else:
+        kw["architectures"] = ["BertModel"]
+    return BertConfig(**kw)
+
+
+def _save_tokenizer(out: Path, size: str) -> None:
+    """The MiniLM tokenizer (BERT uncased, 30522 tokens) when installed, else (and for ``tiny``)
+    hm3's tiny word-level one."""
+    try:
+        if size == "tiny":
+            raise ImportError("tiny models use the tiny tokenizer")
+        from hm3.zoo.base import base_model_dir
+
+        src = base_model_dir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (src / f).is_file():
+                shutil.copyfile(src / f, out / f)
+        return
+    except (ImportError, HM3Error):
+        pass
+    from hm3.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(out))
+
+
+def _write(out: Path, state: dict, config, size: str) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_tokenizer(out, size)
+
+
+def make_models(root: str | os.PathLike, size: str, n: int, *, seed: int = 0, expanded: bool = True) -> BenchModels:
+    """Write (or reuse) a random base and ``n`` random classifiers of ``size`` under ``root/size``.
+
+    Fine-tuned weights are ``base + 0.01·σ·N(0, 1)`` per tensor (σ of the base tensor), so task
+    vectors look like real ones in scale; classifier ``i`` has ``LABEL_COUNTS[i]`` labels and its
+    own generator, so models are reused when a later run asks for more of them. With ``expanded``,
+    also the mergekit inputs (see ``_expand``).
+    """
+    import torch
+
+    if not 1 <= n <= len(LABEL_COUNTS):
+        raise HM3Error(f"between 1 and {len(LABEL_COUNTS)} benchmark models, got {n}")
+    root = Path(root) / size
+    stamp = root / "models.json"
+    meta = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if meta.get("seed") != seed or meta.get("size") != size:
+        shutil.rmtree(root, ignore_errors=True)
+        meta = {"seed": seed, "size": size, "n": 0}
+    root.mkdir(parents=True, exist_ok=True)
+    base = None
+    if not (root / "base" / "model.safetensors").is_file():
+        from transformers import BertModel
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in BertModel(_bert_config(size)).state_dict().items()}
+        base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+        for k in base:  # LayerNorm weights near 1, as in a trained model
+            if k.endswith("LayerNorm.weight"):
+                base[k] += 1.0
+        _write(root / "base", base, _bert_config(size), size)
+        meta["n"] = 0
+    if meta["n"] < n:
+        if base is None:
+            from safetensors.torch import load_file
+
+            base = load_file(str(root / "base" / "model.safetensors"))
+        hidden = SIZES[size]["hidden_size"]
+        for i in range(meta["n"], n):
+            g = torch.Generator().manual_seed(seed * 1000 + i + 1)
+            state = {
+                f"bert.{k}": v + (0.01 * v.std().clamp(min=1e-3)) * torch.randn(v.shape, generator=g)
+                for k, v in base.items()
+            }
+            state["classifier.weight"] = torch.randn(LABEL_COUNTS[i], hidden, generator=g) * 0.02
+            state["classifier.bias"] = torch.zeros(LABEL_COUNTS[i])
+            meta["n_params"] = sum(v.numel() for v in state.values())
+            _write(root / f"model{i}", state, _bert_config(size, LABEL_COUNTS[i]), size)
+            del state
+        meta["n"] = n
+        stamp.write_text(json.dumps(meta))
+    bm = BenchModels(size, root / "base", [root / f"model{i}" for i in range(n)],
+                     n_params=meta["n_params"], bytes_fp32=4 * meta["n_params"])
+    if expanded:
+        paths = expand(bm, root / f"expanded{n}")
+        bm.xbase, bm.xmodels = paths["_base"], [paths[f"g{i}"] for i in range(n)]
+    return bm
+
+
+
+def recipe(bm: BenchModels, method: str, density: float = 0.5, seed: int = 0) -> dict:
+    """The benchmark's hm3 recipe: weight 1 each, density 0.5 for the sparsifying methods."""
+    from hm3.merging.methods import REGISTRY
+
+    params: dict[str, float] = {"weight": 1.0}
+    if REGISTRY[method].uses_density:
+        params["density"] = density
+    return {
+        "merge_method": method,
+        "base_model": str(bm.base),
+        "models": [{"model": str(m), "group": f"g{i}", "parameters": dict(params)} for i, m in enumerate(bm.models)],
+        "dtype": "float32",
+        "seed": seed,
+    }
+
+
+def expand(bm: BenchModels, out: Path) -> dict[str, Path]:
+    """mergekit's inputs: the models and the base with heads pre-expanded (``hm3.expand``), once."""
+    from hm3.expand import expand_models
+
+    done = out / "paths.json"
+    if done.is_file():
+        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    paths = expand_models(recipe(bm, "ties"), out, force=True)
+    done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+def mergekit_recipe(bm: BenchModels, method: str, seed: int = 0) -> dict:
+    """The same merge in mergekit's terms, over the pre-expanded models (``hm3.expand``)."""
+    from hm3.expand import BASE
+    from hm3.expand import mergekit_recipe as translate
+
+    paths = {BASE: bm.xbase, **{f"g{i}": p for i, p in enumerate(bm.xmodels or [])}}
+    cfg, _notes = translate(recipe(bm, method, seed=seed), paths)
+    return cfg
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One timed child process."""
+
+    wall_s: float  # spawn to exit
+    peak_rss_mb: float  # the child's own peak resident set (os.wait4)
+    inner_s: float | None = None  # the timed call inside the child (in-process runs)
+    extra: dict | None = None
+
+
+# Runs the command as a grandchild and reports its own peak RSS. A child forked from this (large)
+# process would inherit our resident set as its starting high-water mark, which exec keeps in
+# ru_maxrss; a tiny launcher process makes the measured peak the command's own (± a few MB).
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+json.dump({"wall": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
+           "maxrss_kb": usage.ru_maxrss}, open(sys.argv[1], "w"))
+"""
+
+
+def run_child(cmd: list[str], *, env: dict | None = None, timeout: float = 3600) -> Run:
+    """Run ``cmd`` in a fresh process: its wall time (spawn to exit) and its own peak RSS.
+    An in-process worker prints one JSON line ``{"seconds": ...}`` last; it becomes ``inner_s``."""
+    with tempfile.TemporaryDirectory(prefix="hm3-bench-") as tmp:
+        report = Path(tmp) / "rusage.json"
+        try:
+            proc = subprocess.run([PYTHON, "-c", _LAUNCHER, str(report), *cmd], capture_output=True, text=True,
+                                  env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise HM3Error(f"benchmark command timed out after {timeout:.0f}s: {' '.join(cmd)}") from None
+        if not report.is_file():
+            raise HM3Error(f"benchmark launcher failed: {proc.stderr.strip()[-500:]}")
+        usage = json.loads(report.read_text())
+    if usage["rc"] != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise HM3Error(f"benchmark command failed (exit {usage['rc']}): {' '.join(cmd)}\n{tail}")
+    inner, extra = None, None
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if lines:
+        extra = json.loads(lines[-1])
+        inner = extra.pop("seconds", None)
+    return Run(usage["wall"], usage["maxrss_kb"] / 1024, inner, extra)  # ru_maxrss: KiB on Linux
+
+
+def _worker_cmd(kind: str, **spec) -> list[str]:
+    return [PYTHON, "-m", "hm3.bench", kind, json.dumps(spec)]
+
+
+def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
+    """Streaming bandwidth in GB/s: ``torch.add(a, b, out=c)`` on warm buffers moves 3× their size.
+
+    The floor of a merge is the bytes it must move at this rate (see ``floor_seconds``)."""
+    import torch
+
+    n = mbytes * 2**20 // 4
+    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    torch.add(a, b, out=c)  # touch every page first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    return 3 * 4 * n / statistics.median(times) / 1e9
+
+
+def floor_seconds(model_bytes: int, n: int, gbs: float) -> float:
+    """Reading the base and N models and writing one merged model: (N + 2) models' bytes."""
+    return (n + 2) * model_bytes / (gbs * 1e9)
+
+
+def _machine() -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import mergekit  # noqa: F401
+        from importlib.metadata import version
+
+        mk = version("mergekit")
+    except Exception:  # not installed: the comparison is skipped
+        mk = None
+    from importlib.metadata import version as _v
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory": mem,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _v("transformers"),
+        "mergekit": mk,
+        "hm3": _v("hm3") if _installed("hm3") else "dev",
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(dist)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+# -- the merge benchmark -------------------------------------------------------------------------------
+def bench_merge(
+    workdir: str | os.PathLike,
+    *,
+    sizes: tuple[str, ...] = ("minilm", "bert-base"),
+    counts: tuple[int, ...] = (2, 5),
+    methods: tuple[str, ...] = METHODS,
+    repeats: int = 3,
+    mergekit: bool = True,
+    in_process: bool = True,
+    whole_process: bool = True,
+    check: bool = True,
+    bandwidth_mb: int = 256,
+) -> dict:
+    """hm3 vs mergekit on the same merges, side by side: per (size, N, method) and repeat, hm3's
+    and mergekit's whole-process runs (console scripts) and in-process runs (a worker timing the
+    library call) are interleaved. Returns a JSON-able dict; medians over ``repeats``."""
+    workdir = Path(workdir)
+    if mergekit and not _installed("mergekit"):
+        log.warning("mergekit is not installed: comparing against the bandwidth floor only")
+        mergekit = False
+    gbs = measure_bandwidth(bandwidth_mb)
+    results: dict[str, Any] = {"machine": _machine(), "bandwidth_gbs": gbs, "repeats": repeats, "rows": [],
+                               "commands": {}}
+    hm3_cli, mk_cli = _bin("hm3"), (_bin("mergekit-yaml") if mergekit else None)
+    for size in sizes:
+        for n in counts:
+            log.info("models: %s × %d", size, n)
+            bm = make_models(workdir / "models", size, n, expanded=mergekit)
+            run_dir = workdir / "runs" / f"{size}-{n}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for method in methods:
+                hm3_cfg = run_dir / f"{method}.hm3.yaml"
+                _write_yaml(hm3_cfg, recipe(bm, method))
+                jobs: list[tuple[str, str, list[str]]] = []  # (tool, mode, command)
+                out = str(run_dir / "out")
+                if whole_process:
+                    jobs.append(("hm3", "process", [hm3_cli, "merge", str(hm3_cfg), "--out", out, "--force", "--no-progress"]))
+                if in_process:
+                    jobs.append(("hm3", "in-process", _worker_cmd("hm3-merge", config=str(hm3_cfg), out=out)))
+                if mergekit:
+                    mk_cfg = run_dir / f"{method}.mergekit.yaml"
+                    _write_yaml(mk_cfg, mergekit_recipe(bm, method))
+                    mk_out = str(run_dir / "out-mergekit")
+                    if whole_process:
+                        jobs.append(("mergekit", "process", [mk_cli, str(mk_cfg), mk_out, "--no-copy-tokenizer", "--quiet",
+                                                             "--random-seed", "0"]))
+                    if in_process:
+                        jobs.append(("mergekit", "in-process", _worker_cmd("mergekit-merge", config=str(mk_cfg), out=mk_out)))
+                runs: dict[tuple[str, str], list[Run]] = {(t, m): [] for t, m, _ in jobs}
+                for r in range(repeats):
+                    for tool, mode, cmd in jobs:
+                        if tool == "mergekit":
+                            shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
+                        run = run_child(cmd)
+                        runs[(tool, mode)].append(run)
+                        log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
+                                 run.wall_s, f"{run.inner_s:.2f}s" if run.inner_s is not None else "-", run.peak_rss_mb)
+                results["commands"].setdefault(f"{size}-{n}-{method}", {f"{t} {m}": " ".join(c) for t, m, c in jobs})
+                diff = None
+                if check and mergekit and method in ("linear", "ties") and whole_process:
+                    diff = _max_abs_diff(run_dir / "out", run_dir / "out-mergekit")
+                for (tool, mode), rs in runs.items():
+                    times = [x.inner_s if mode == "in-process" else x.wall_s for x in rs]
+                    results["rows"].append({
+                        "size": size, "params_m": bm.n_params / 1e6, "model_mb": bm.bytes_fp32 / 2**20, "n": n,
+                        "method": method, "tool": tool, "mode": mode, "times_s": times,
+                        "median_s": statistics.median(times),
+                        "peak_rss_mb": max(x.peak_rss_mb for x in rs),
+                        "rss_x_model": max(x.peak_rss_mb for x in rs) / (bm.bytes_fp32 / 2**20),
+                        "floor_s": floor_seconds(bm.bytes_fp32, n, gbs),
+                        "max_abs_diff_vs_mergekit": diff if tool == "hm3" else None,
+                    })
+                shutil.rmtree(run_dir / "out", ignore_errors=True)
+                shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
+    results["summary"] = merge_summary(results)
+    return results
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _max_abs_diff(a: Path, b: Path) -> float | None:
+    """Largest |hm3 − mergekit| over every tensor both outputs hold (deterministic methods)."""
+    import torch
+    from safetensors import safe_open
+
+    fa, fb = a / "model.safetensors", b / "model.safetensors"
+    if not fa.is_file() or not fb.is_file():
+        return None
+    worst = 0.0
+    with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
+        common = set(ha.keys()) & set(hb.keys())
+        if not common:
+            return None
+        for k in common:
+            x, y = ha.get_tensor(k), hb.get_tensor(k)
+            if x.is_floating_point() and x.shape == y.shape:
+                worst = max(worst, float((x.float() - y.float()).abs().max()))
+    return worst
+
+
+def merge_summary(results: dict) -> list[dict]:
+    """Per (size, N, method): mergekit ÷ hm3 (whole process and in-process), hm3 in-process ÷
+    floor, peak RSS in models."""
+    by: dict[tuple, dict] = {}
+    for r in results["rows"]:
+        by.setdefault((r["size"], r["n"], r["method"]), {})[(r["tool"], r["mode"])] = r
+    out = []
+    for (size, n, method), rows in by.items():
+        def med(tool, mode):
+            r = rows.get((tool, mode))
+            return r["median_s"] if r else None
+
+        hp, hi, mp, mi = med("hm3", "process"), med("hm3", "in-process"), med("mergekit", "process"), med("mergekit", "in-process")
+        any_row = next(iter(rows.values()))
+        floor = any_row["floor_s"]
+        out.append({
+            "size": size, "n": n, "method": method, "params_m": any_row["params_m"],
+            "hm3_process_s": hp, "mergekit_process_s": mp, "speedup_process": (mp / hp) if hp and mp else None,
+            "hm3_inprocess_s": hi, "mergekit_inprocess_s": mi, "speedup_inprocess": (mi / hi) if hi and mi else None,
+            "floor_s": floor, "hm3_inprocess_x_floor": (hi / floor) if hi else None,
+            "hm3_rss_x_model": rows.get(("hm3", "process"), rows.get(("hm3", "in-process"), {})).get("rss_x_model"),
+            "mergekit_rss_x_model": rows.get(("mergekit", "process"), rows.get(("mergekit", "in-process"), {})).get("rss_x_model"),
+            "max_abs_diff_vs_mergekit": rows.get(("hm3", "process"), {}).get("max_abs_diff_vs_mergekit"),
+        })
+    return out
+
+
+# -- the inference benchmark ---------------------------------------------------------------------------
+def zoo_guards(zoo: str | os.PathLike | None = None) -> list[Path]:
+    """The real guards of the zoo, when it has been built (``<zoo>/<group>/hm3-zoo.json``)."""
+    zoo = Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+    if not zoo.is_dir():
+        return []
+    return sorted(p.parent for p in zoo.glob("*/hm3-zoo.json"))
+
+
+def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> tuple[list[str], str]:
+    """``n`` texts: the zoo's test suite when built, else generated word sequences of 4-200 words
+    (from the BERT vocabulary), lengths spread like real guard inputs. Returns (texts, source)."""
+    import random
+
+    zoo = Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+    suite = zoo / "suites" / "test.jsonl"
+    texts: list[str] = []
+    if suite.is_file():
+        for line in suite.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.append(json.loads(line)["text"])
+        if texts:
+            reps = -(-n // len(texts))
+            return (texts * reps)[:n], str(suite)
+    rng = random.Random(seed)
+    words = [w for w in _vocab_words() if w.isalpha()] or [f"w{i}" for i in range(1000)]
+    for _ in range(n):
+        length = min(200, max(4, int(rng.lognormvariate(3.0, 0.8))))
+        texts.append(" ".join(rng.choice(words) for _ in range(length)))
+    return texts, f"generated (seed {seed}, log-normal lengths, median 20 words)"
+
+
+def _vocab_words() -> list[str]:
+    try:
+        from hm3.zoo.base import base_model_dir
+
+        vocab = base_model_dir() / "vocab.txt"
+        return [w for w in vocab.read_text(encoding="utf-8").splitlines() if not w.startswith(("[", "#"))]
+    except (ImportError, HM3Error, OSError):
+        return []
+
+
+def bench_inference(
+    workdir: str | os.PathLike,
+    *,
+    counts: tuple[int, ...] = (2, 5),
+    n_texts: int = 512,
+    batch_size: int = 32,
+    repeats: int = 3,
+    zoo: str | os.PathLike | None = None,
+    fast: tuple[str, ...] = ("int8", "onnx"),
+    size: str = "minilm",
+) -> dict:
+    """N original guards vs their merged model on the same texts, each run in a fresh child:
+    load time, inference time, total, texts/s, peak RSS; and opt-in fast paths of the merged model
+    (``hm3.fastpaths``) with their group-label agreement against fp32."""
+    from hm3.merging.engine import merge
+
+    workdir = Path(workdir)
+    guards = zoo_guards(zoo)
+    source = "zoo guards"
+    if len(guards) < max(counts):
+        bm = make_models(workdir / "models", size, max(counts), expanded=False)
+        guards, source = bm.models, "random MiniLM-config classifiers (zoo not built)"
+    texts, text_source = bench_texts(n_texts, zoo)
+    run_dir = workdir / "inference"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    texts_file = run_dir / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    results: dict[str, Any] = {"machine": _machine(), "guards": source, "texts": text_source, "n_texts": len(texts),
+                               "batch_size": batch_size, "repeats": repeats, "rows": [], "fast": []}
+    for n in counts:
+        members = guards[:n]
+        merged = run_dir / f"merged{n}"
+        if not (merged / "config.json").is_file():
+            base = _base_of(members)
+            merge({"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+                   "models": [{"model": str(m), "group": f"g{i}", "parameters": {"weight": 1.0, "density": 0.5}}
+                              for i, m in enumerate(members)]}, merged, force=True, progress=False)
+        jobs = {
+            "originals": _worker_cmd("infer", models=[str(m) for m in members], texts=str(texts_file), batch_size=batch_size),
+            "merged": _worker_cmd("infer", models=[str(merged)], texts=str(texts_file), batch_size=batch_size,
+                                  labels=str(run_dir / f"labels{n}-fp32.json")),
+        }
+        for name in fast:
+            jobs[f"merged+{name}"] = _worker_cmd("infer", models=[str(merged)], texts=str(texts_file),
+                                                 batch_size=batch_size, fast=name,
+                                                 labels=str(run_dir / f"labels{n}-{name}.json"))
+        for name in fast:  # one-time exports are a build step, not load time: make them first
+            if name.startswith("onnx"):
+                try:
+                    from hm3.fastpaths import accelerate
+                    from hm3.model import load
+
+                    accelerate(load(merged), name, cache_dir=merged / ".hm3-fast")
+                except HM3Error as e:
+                    log.warning("skipping %s: %s", name, e)
+                    jobs.pop(f"merged+{name}", None)
+        runs: dict[str, list[Run]] = {k: [] for k in jobs}
+        for r in range(repeats):
+            for name, cmd in list(jobs.items()):
+                try:
+                    run = run_child(cmd)
+                except HM3Error as e:
+                    if name.startswith("merged+"):  # an optional fast path that is not installed
+                        log.warning("skipping %s: %s", name, str(e).splitlines()[-1])
+                        runs.pop(name, None)
+                        jobs = {k: v for k, v in jobs.items() if k != name}
+                        continue
+                    raise
+                runs[name].append(run)
+                log.info("inference N=%d %s #%d: load %.2fs infer %.2fs rss %.0f MB", n, name, r,
+                         run.extra["load_s"], run.extra["infer_s"], run.peak_rss_mb)
+        for name, rs in runs.items():
+            if not rs:
+                continue
+            load = statistics.median(x.extra["load_s"] for x in rs)
+            infer = statistics.median(x.extra["infer_s"] for x in rs)
+            results["rows"].append({
+                "n": n, "setup": name, "load_s": load, "infer_s": infer, "total_s": load + infer,
+                "process_s": statistics.median(x.wall_s for x in rs), "texts_per_s": len(texts) / infer,
+                "peak_rss_mb": max(x.peak_rss_mb for x in rs), "forward_passes": len(texts) * (n if name == "originals" else 1),
+            })
+        ref = _read_labels(run_dir / f"labels{n}-fp32.json")
+        for name in fast:
+            got = _read_labels(run_dir / f"labels{n}-{name}.json")
+            if ref is not None and got is not None:
+                results["fast"].append({"n": n, "path": name, "agreement": label_agreement(ref, got)})
+    results["summary"] = inference_summary(results)
+    return results
+
+
+def _base_of(models: list[Path]) -> Path:
+    """The base the guards were fine-tuned from: the zoo's offline MiniLM, or the benchmark base."""
+    sibling = models[0].parent / "base"
+    if (sibling / "config.json").is_file():
+        return sibling
+    from hm3.zoo.base import base_model_dir
+
+    return base_model_dir()
+
+
+def _read_labels(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def label_agreement(ref: dict[str, list[str]], got: dict[str, list[str]]) -> dict[str, float]:
+    """Per group and overall: the fraction of texts whose predicted label is the same."""
+    out, same, total = {}, 0, 0
+    for g, labels in ref.items():
+        other = got.get(g, [])
+        k = sum(a == b for a, b in zip(labels, other))
+        out[g] = k / max(1, len(labels))
+        same += k
+        total += len(labels)
+    out["all"] = same / max(1, total)
+    return out
+
+
+def inference_summary(results: dict) -> list[dict]:
+    """Per N: merged ÷ originals for load, inference and total, against the 1.15/N target."""
+    out = []
+    for n in sorted({r["n"] for r in results["rows"]}):
+        rows = {r["setup"]: r for r in results["rows"] if r["n"] == n}
+        o, m = rows.get("originals"), rows.get("merged")
+        if not o or not m:
+            continue
+        item = {"n": n, "load_ratio": m["load_s"] / o["load_s"], "infer_ratio": m["infer_s"] / o["infer_s"],
+                "total_ratio": m["total_s"] / o["total_s"], "target_ratio": 1.15 / n,
+                "rss_ratio": m["peak_rss_mb"] / o["peak_rss_mb"]}
+        item["meets_target"] = item["total_ratio"] <= item["target_ratio"]
+        for k, r in rows.items():
+            if k.startswith("merged+"):
+                item[f"{k}_total_ratio"] = r["total_s"] / o["total_s"]
+        out.append(item)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _f(x, fmt="{:.2f}", none="–") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def plot_merge(results: dict, out: Path) -> Path | None:
+    """Time vs model size: whole process and in-process, per N; the bandwidth floor for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    counts = sorted({r["n"] for r in rows})
+    modes = [m for m in ("process", "in-process") if any(r["mode"] == m for r in rows)]
+    if not rows or not modes:
+        return None
+    fig, axes = plt.subplots(len(counts), len(modes), figsize=(5.5 * len(modes), 3.8 * len(counts)), squeeze=False)
+    colors = {"linear": "tab:green", "ties": "tab:blue", "dare_ties": "tab:orange"}
+    for a, n in enumerate(counts):
+        for b, mode in enumerate(modes):
+            ax = axes[a][b]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                for tool, style in (("hm3", "-o"), ("mergekit", "--s")):
+                    pts = sorted((r["params_m"], r["median_s"]) for r in rows
+                                 if r["n"] == n and r["mode"] == mode and r["method"] == method and r["tool"] == tool)
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=colors.get(method, "gray"), label=f"{tool} {method}")
+            floor = sorted({(r["params_m"], r["floor_s"]) for r in rows if r["n"] == n})
+            ax.plot(*zip(*floor), ":", color="black", label="bandwidth floor")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters per model (M)")
+            ax.set_ylabel("seconds")
+            ax.set_title(f"{n} models, {'whole process' if mode == 'process' else 'in-process call'}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_inference(results: dict, out: Path) -> Path | None:
+    """Load + inference time of N guards vs the merged model (and fast paths), per N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    if not rows:
+        return None
+    labels = [f"N={r['n']}\n{r['setup']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    x = range(len(rows))
+    ax.bar(x, [r["load_s"] for r in rows], label="load", color="tab:gray")
+    ax.bar(x, [r["infer_s"] for r in rows], bottom=[r["load_s"] for r in rows], label="inference", color="tab:blue")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{results['n_texts']} texts: N guards vs one merged model")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: str, images: dict[str, str]) -> str:
+    """docs/BENCHMARKS.md: machine, commands, summary tables against the targets, raw numbers."""
+    res = merge_res or infer_res or {}
+    m = res.get("machine", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` (`{command}`) — do not edit by hand; rerun it. "
+        "Timings live here only, never in the test suite's assertions.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {m.get('cpu', '?')} ({m.get('cores', '?')} cores, torch threads {m.get('torch_threads', '?')}) |",
+        f"| memory | {m.get('memory', '?')} |",
+        f"| software | Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+        f"mergekit {m.get('mergekit')} |",
+        f"| load average at start | {_f(m.get('load_average'))} (the machine is shared: compare the ratios, "
+        "measured side by side, more than the absolute times) |",
+        f"| date | {m.get('date', '?')} |",
+        "",
+        "How: every timed run is a fresh process started through a tiny launcher, so its peak RSS "
+        "(`wait4` → `ru_maxrss`) is its own. *Whole process* = the console script from spawn to exit "
+        "(`hm3 merge`, `mergekit-yaml`); *in-process* = the library call alone inside a worker that "
+        "imported everything first (`hm3.merge(...)`, `mergekit.merge.run_merge(...)`), both reading the "
+        "inputs and writing the output. Repeats are interleaved (hm3, mergekit, hm3, ...) and medians "
+        "reported. The `hm3` command sets `THP_MEM_ALLOC_ENABLE=1` before importing torch (huge pages for "
+        "large tensors); mergekit runs with the environment as it is.",
+        "",
+    ]
+    if merge_res:
+        gbs = merge_res["bandwidth_gbs"]
+        lines += [
+            "## Merging: hm3 vs mergekit",
+            "",
+            "Random-weight BERT classifiers in standard shapes (vocabulary 30522; heads of 2, 3, 4, 2, 3 labels), "
+            "fine-tuned = base + small noise; weight 1, density 0.5 (TIES, DARE-TIES); float32. mergekit merges "
+            "the same models with heads pre-expanded by `hm3 expand` (`--no-copy-tokenizer`, `--random-seed 0`). "
+            f"Bandwidth floor: (N + 2) models' bytes (read base and N models, write one) at the measured "
+            f"{gbs:.1f} GB/s (`torch.add`, warm buffers, {m.get('torch_threads')} threads).",
+            "",
+            "Targets (issue 6): ≥ 5× faster than mergekit's whole process for TIES and DARE-TIES on bert-base; "
+            "in-process within 10× of the floor; peak RSS ≤ (N + 2) × one model.",
+            "",
+            "| size | N | method | hm3 process s | mergekit process s | speed-up | hm3 in-process s | "
+            "mergekit in-process s | speed-up | floor s | hm3 in-process ÷ floor | peak RSS hm3 (× model) | "
+            "peak RSS mergekit (× model) | max abs diff hm3 vs mergekit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in merge_res["summary"]:
+            lines.append(
+                f"| {r['size']} ({r['params_m']:.0f} M) | {r['n']} | {r['method']} | {_f(r['hm3_process_s'])} | "
+                f"{_f(r['mergekit_process_s'])} | {_f(r['speedup_process'], '{:.1f}×')} | {_f(r['hm3_inprocess_s'])} | "
+                f"{_f(r['mergekit_inprocess_s'])} | {_f(r['speedup_inprocess'], '{:.1f}×')} | {_f(r['floor_s'], '{:.3f}')} | "
+                f"{_f(r['hm3_inprocess_x_floor'], '{:.0f}×')} | {_f(r['hm3_rss_x_model'], '{:.1f}')} | "
+                f"{_f(r['mergekit_rss_x_model'], '{:.1f}')} | {_f(r['max_abs_diff_vs_mergekit'], '{:.1e}')} |"
+            )
+        lines += ["", "Peak RSS includes the Python interpreter, torch and transformers (about 0.3–0.5 GB), which "
+                  "weighs most on the small models.", ""]
+        if images.get("merge"):
+            lines += [f"![merge time vs model size]({images['merge']})", ""]
+        lines += ["### Raw numbers", "", "| size | N | method | tool | mode | runs (s) | median s | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in merge_res["rows"]:
+            runs = ", ".join(f"{t:.2f}" for t in r["times_s"])
+            lines.append(f"| {r['size']} | {r['n']} | {r['method']} | {r['tool']} | {r['mode']} | {runs} | "
+                         f"{r['median_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        lines += ["", "### Commands", "", "```"]
+        for key, cmds in merge_res["commands"].items():
+            for label, cmd in cmds.items():
+                lines.append(f"# {key} {label}")
+                lines.append(cmd)
+        lines += ["```", ""]
+    if infer_res:
+        lines += [
+            "## Inference: N guards vs one merged model",
+            "",
+            f"Models: {infer_res['guards']}. Texts: {infer_res['n_texts']} from {infer_res['texts']}; batch size "
+            f"{infer_res['batch_size']}, length-sorted dynamic padding, `torch.inference_mode`. *Originals* load "
+            "every guard and run each on every text (N forward passes per text); *merged* loads the one merged "
+            "model (TIES) and runs it once. Medians of "
+            f"{infer_res['repeats']} fresh processes. Target: merged total ≤ 1.15 / N of the originals' total.",
+            "",
+            "| N | setup | load s | inference s | total s | texts/s | peak RSS MB | forward passes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in infer_res["rows"]:
+            lines.append(f"| {r['n']} | {r['setup']} | {r['load_s']:.2f} | {r['infer_s']:.2f} | {r['total_s']:.2f} | "
+                         f"{r['texts_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['forward_passes']} |")
+        lines += ["", "| N | merged ÷ originals: load | inference | total | target (1.15/N) | met | peak RSS |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in infer_res["summary"]:
+            lines.append(f"| {r['n']} | {r['load_ratio']:.2f} | {r['infer_ratio']:.2f} | {r['total_ratio']:.2f} | "
+                         f"{r['target_ratio']:.2f} | {'yes' if r['meets_target'] else 'no'} | {r['rss_ratio']:.2f} |")
+        if infer_res.get("fast"):
+            lines += ["", "Opt-in fast paths of the merged model (`hm3.fastpaths`): group-label agreement with fp32 "
+                      "on the same texts (target ≥ 99%).", "", "| N | path | agreement (all groups) | per group |",
+                      "|---|---|---|---|"]
+            for r in infer_res["fast"]:
+                per = ", ".join(f"{g} {v:.1%}" for g, v in r["agreement"].items() if g != "all")
+                lines.append(f"| {r['n']} | {r['path']} | {r['agreement']['all']:.2%} | {per} |")
+        if images.get("inference"):
+            lines += ["", f"![inference time]({images['inference']})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool = False, repeats: int = 3,
+              sizes: tuple[str, ...] = ("bert-mini", "minilm", "bert-base"), counts: tuple[int, ...] = (2, 5),
+              n_texts: int = 512, command: str = "hm3 bench all") -> dict:
+    """Both benchmarks, their plots under ``<out dir>/img/``, and the markdown report at ``out``."""
+    from hm3.io import write_text_atomic
+
+    out = Path(out)
+    workdir = Path(workdir)
+    if quick:
+        sizes, counts, repeats, n_texts = ("bert-mini",), (2,), 1, 64
+    merge_res = bench_merge(workdir, sizes=sizes, counts=counts, repeats=repeats)
+    infer_res = bench_inference(workdir, counts=counts, n_texts=n_texts, repeats=repeats)
+    img = out.parent / "img"
+    images = {}
+    if plot_merge(merge_res, img / "bench_merge.png"):
+        images["merge"] = "img/bench_merge.png"
+    if plot_inference(infer_res, img / "bench_inference.png"):
+        images["inference"] = "img/bench_inference.png"
+    write_text_atomic(out, render_markdown(merge_res, infer_res, command=command, images=images))
+    write_text_atomic(workdir / "results.json", json.dumps({"merge": merge_res, "inference": infer_res}, indent=1))
+    return {"merge": merge_res, "inference": infer_res}
+
+
+# -- CLI --------------------------------------------------------------------------------------------------
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise HM3Error(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(app, user_errors) -> None:
+    import typer
+
+    bench = typer.Typer(help="Merge and inference benchmarks (hm3 vs mergekit, N guards vs one merged model).",
+                        no_args_is_help=True)
+    app.add_typer(bench, name="bench")
+    default_workdir = Path(".cache/hm3/bench")
+
+    def _sizes(text: str) -> tuple[str, ...]:
+        sizes = _csv(text)
+        bad = [x for x in sizes if x not in SIZES]
+        if bad:
+            raise HM3Error(f"--sizes: unknown size {bad[0]!r}; valid: {', '.join(SIZES)}")
+        return sizes
+
+    @bench.command("merge")
+    @user_errors
+    def merge_cmd(
+        sizes: str = typer.Option("minilm,bert-base", help=f"Model sizes: {', '.join(SIZES)}."),
+        models: str = typer.Option("2,5", "--models", help="Numbers of models merged."),
+        methods: str = typer.Option(",".join(METHODS), help="Merge methods."),
+        repeats: int = typer.Option(3, min=1),
+        workdir: Path = typer.Option(default_workdir, help="Benchmark models and runs (reused between runs)."),
+        mergekit: bool = typer.Option(True, "--mergekit/--no-mergekit", help="Also run mergekit."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw results as JSON."),
+    ) -> None:
+        """The same merges by hm3 and mergekit, whole process and in-process, vs the bandwidth floor."""
+        from hm3.merging.methods import REGISTRY
+
+        bad = [m for m in _csv(methods) if m not in REGISTRY]
+        if bad:
+            raise HM3Error(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(REGISTRY)}")
+        res = bench_merge(workdir, sizes=_sizes(sizes), counts=_ints(models), methods=_csv(methods),
+                          repeats=repeats, mergekit=mergekit)
+        _echo_json(res["summary"], json_out, res)
+
+    @bench.command("inference")
+    @user_errors
+    def inference_cmd(
+        models: str = typer.Option("2,5", "--models", help="Numbers of guards."),
+        texts: int = typer.Option(512, min=1, help="Number of texts."),
+        batch_size: int = typer.Option(32, min=1),
+        repeats: int = typer.Option(3, min=1),
+        fast: str = typer.Option("int8,onnx", help="Fast paths to compare (int8, onnx, onnx-int8; empty: none)."),
+        zoo: Optional[Path] = typer.Option(None, help="Guard zoo (default .cache/hm3/zoo; random guards if absent)."),
+        workdir: Path = typer.Option(default_workdir),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw results as JSON."),
+    ) -> None:
+        """N original guards vs their merged model: load, inference, texts/s, peak memory."""
+        from hm3.fastpaths import PATHS
+
+        bad = [p for p in _csv(fast) if p not in PATHS]
+        if bad:
+            raise HM3Error(f"--fast: unknown path {bad[0]!r}; valid: {', '.join(PATHS)}")
+        res = bench_inference(workdir, counts=_ints(models), n_texts=texts, batch_size=batch_size, repeats=repeats,
+                              zoo=zoo, fast=_csv(fast))
+        _echo_json(res["summary"] + res["fast"], json_out, res)
+
+    @bench.command("all")
+    @user_errors
+    def all_cmd(
+        out: Path = typer.Option(Path("docs/BENCHMARKS.md"), "--out", help="Markdown report (plots go to <dir>/img/)."),
+        workdir: Path = typer.Option(default_workdir),
+        repeats: int = typer.Option(3, min=1),
+        sizes: str = typer.Option("bert-mini,minilm,bert-base"),
+        models: str = typer.Option("2,5", "--models"),
+        texts: int = typer.Option(512, min=1),
+        quick: bool = typer.Option(False, help="A minute-scale smoke run: bert-mini, 2 models, 1 repeat, 64 texts."),
+    ) -> None:
+        """Both benchmarks; writes the report with machine, commands, raw numbers and plots."""
+        cmd = "hm3 bench all " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "hm3 bench all --out docs/BENCHMARKS.md"
+        bench_all(out, workdir, quick=quick, repeats=repeats, sizes=_sizes(sizes), counts=_ints(models),
+                  n_texts=texts, command=cmd.strip())
+        typer.echo(f"wrote {out}")
+
+
+def _echo_json(summary, json_out, full) -> None:
+    import typer
+
+    for row in summary:
+        typer.echo(json.dumps(row))
+    if json_out is not None:
+        from hm3.io import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(full, indent=1))
+
+
+# -- child processes ------------------------------------------------------------------------------------
+def _worker(kind: str, spec: dict) -> dict:
+    """The timed call of an in-process run; its caller (``run_child``) measures wall time and RSS."""
+    if kind == "hm3-merge":
+        _hm3_process_settings()
+        import torch  # noqa: F401  imports are not part of the timed call
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+        from hm3.merging.engine import merge
+
+        t0 = time.perf_counter()
+        merge(spec["config"], spec["out"], force=True, progress=False)
+        return {"seconds": time.perf_counter() - t0}
+    if kind == "mergekit-merge":
+        import torch  # noqa: F401
+        import yaml
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(Path(spec["config"]).read_text()))
+        shutil.rmtree(spec["out"], ignore_errors=True)
+        t0 = time.perf_counter()
+        run_merge(cfg, spec["out"], MergeOptions(copy_tokenizer=False, quiet=True, random_seed=0))
+        return {"seconds": time.perf_counter() - t0}
+    if kind == "infer":
+        _hm3_process_settings()
+        return _infer(spec)
+    if kind == "bandwidth":
+        return {"seconds": 0.0, "gbs": measure_bandwidth()}
+    raise HM3Error(f"unknown benchmark worker {kind!r}")
+
+
+def _hm3_process_settings() -> None:
+    """What the ``hm3`` command sets before importing torch (see ``hm3.cli``)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def _infer(spec: dict) -> dict:
+    """Load every model, then classify the texts with each: what serving N guards (or one merged
+    model) costs. Writes the predicted label per group when asked (agreement of fast paths)."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401  (not timed)
+
+    from hm3.model import load
+
+    texts = json.loads(Path(spec["texts"]).read_text())
+    fast = spec.get("fast")
+    t0 = time.perf_counter()
+    clfs = [load(m) for m in spec["models"]]
+    if fast:
+        from hm3.fastpaths import accelerate
+
+        clfs = [accelerate(c, fast, cache_dir=Path(spec["models"][0]) / ".hm3-fast") for c in clfs]
+    t1 = time.perf_counter()
+    labels: dict[str, list[str]] = {}
+    for clf in clfs:
+        probs = clf.predict_proba(texts, batch_size=spec.get("batch_size", 32))
+        for g, p in probs.items():
+            names = clf.space[g].labels
+            labels[g] = [names[i] for i in p.argmax(axis=1)]
+    t2 = time.perf_counter()
+    if spec.get("labels"):
+        Path(spec["labels"]).write_text(json.dumps(labels))
+    return {"seconds": t2 - t0, "load_s": t1 - t0, "infer_s": t2 - t1}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hm3.bench <worker> <json spec>``: one timed run in a fresh process."""
+    argv = sys.argv[1:] if argv is None else argv
+    kind, spec = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    result = _worker(kind, spec)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

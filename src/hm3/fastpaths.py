@@ -1,0 +1,169 @@
+"""Opt-in faster CPU inference for a ``GroupwiseClassifier``, with its agreement against fp32.
+
+The default path (``hm3.load``) already does what is free: length-sorted batches with dynamic
+padding and ``torch.inference_mode``. The paths here change the arithmetic, so their answers can
+differ from fp32 near a decision boundary; ``agreement`` measures how often the predicted label of
+each group stays the same, and ``hm3 bench inference`` reports it.
+
+* ``int8``      — PyTorch dynamic quantisation: every ``nn.Linear`` gets int8 weights, activations
+                  quantised on the fly. No extra package.
+* ``onnx``      — the model exported to ONNX (fp32) and run by ONNX Runtime (``pip install
+                  'hm3[fast]'``). Same arithmetic up to operator fusion: agreement ≈ 100%.
+* ``onnx-int8`` — the ONNX model with ONNX Runtime's dynamic int8 weight quantisation.
+
+``accelerate(clf, path)`` returns a new classifier with the same tokenizer, label space and
+windowing; only the forward pass differs. Exports are cached next to the model (``cache_dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+from hm3.errors import HM3Error
+
+log = logging.getLogger(__name__)
+
+PATHS = ("int8", "onnx", "onnx-int8")
+
+
+def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, threads: int | None = None):
+    """A copy of ``clf`` whose forward pass runs on ``path`` (one of ``PATHS``)."""
+    from hm3.model import GroupwiseClassifier
+
+    if path not in PATHS:
+        raise HM3Error(f"unknown fast path {path!r}; valid: {', '.join(PATHS)}")
+    if path == "int8":
+        model = quantize_int8(clf.model)
+    else:
+        cache = Path(cache_dir) if cache_dir else Path(clf.name or ".") / ".hm3-fast"
+        onnx_file = export_onnx(clf.model, cache / "model.onnx")
+        if path == "onnx-int8":
+            onnx_file = quantize_onnx(onnx_file, cache / "model.int8.onnx")
+        model = OnnxClassifier(onnx_file, clf.model.config, threads=threads)
+    return GroupwiseClassifier(model, clf.tokenizer, clf.space, max_length=clf.max_length, stride=clf.stride,
+                               aggregate=clf.aggregate, name=f"{clf.name}[{path}]")
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations per batch)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8).eval()
+
+
+def export_onnx(model, out: str | os.PathLike) -> Path:
+    """Export ``input_ids, attention_mask → logits`` with dynamic batch and length; cached by
+    the weights file's identity (path, size, mtime) recorded next to the export."""
+    import json
+
+    import torch
+
+    out = Path(out)
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    stamp = {"source": str(source), "num_labels": int(model.config.num_labels)}
+    weights = Path(str(source)) / "model.safetensors"
+    if weights.is_file():
+        st = weights.stat()
+        stamp.update(size=st.st_size, mtime=st.st_mtime_ns)
+    stamp_file = out.with_suffix(".json")
+    if out.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return out
+    try:
+        import onnx  # noqa: F401  the exporter needs it
+    except ImportError:
+        raise HM3Error("the onnx fast path needs onnx and onnxruntime: pip install 'hm3[fast]'") from None
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    was_training = model.training
+    wrapper = Logits(model).eval()
+    # Trace with padding in the mask: with an all-ones mask transformers may skip masking, and the
+    # trace would keep that shortcut for every batch.
+    ids = torch.full((2, 16), 101, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (ids, mask), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                          "logits": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+    model.train(was_training)  # the exporter restores the wrapper's mode onto the model
+    os.replace(tmp, out)
+    stamp_file.write_text(json.dumps(stamp))
+    log.info("exported %s", out)
+    return out
+
+
+def quantize_onnx(src: Path, out: Path) -> Path:
+    """ONNX Runtime's dynamic int8 weight quantisation of an exported model (cached)."""
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise HM3Error("the onnx-int8 fast path needs onnxruntime: pip install 'hm3[fast]'") from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    os.replace(tmp, out)
+    return out
+
+
+class OnnxClassifier:
+    """Stands in for a transformers classifier inside ``GroupwiseClassifier``: called with
+    ``input_ids``/``attention_mask`` tensors, returns an object with ``.logits``."""
+
+    def __init__(self, onnx_file: str | os.PathLike, config, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise HM3Error("the onnx fast path needs onnxruntime: pip install 'hm3[fast]'") from None
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+        self.config = config
+        self.training = False
+
+    def eval(self) -> "OnnxClassifier":
+        return self
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        logits = self.session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def agreement(reference, fast, texts: Sequence[str], batch_size: int = 32) -> dict[str, float]:
+    """Per group (and ``all``): the fraction of texts whose predicted label is the same."""
+    ref = reference.predict_proba(texts, batch_size=batch_size)
+    got = fast.predict_proba(texts, batch_size=batch_size)
+    out, same, total = {}, 0, 0
+    for g, p in ref.items():
+        k = int((p.argmax(axis=1) == got[g].argmax(axis=1)).sum())
+        out[g] = k / max(1, len(p))
+        same, total = same + k, total + len(p)
+    out["all"] = same / max(1, total)
+    return out

@@ -1,0 +1,141 @@
+"""Smoke runs of the benchmarks on tiny models: the structure of the results, never their timings
+(timings belong to docs/BENCHMARKS.md, not to assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from hm3 import bench
+
+HAS_MERGEKIT = importlib.util.find_spec("mergekit") is not None
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def merge_results(workdir):
+    return bench.bench_merge(workdir, sizes=("tiny",), counts=(2,), methods=("ties",), repeats=1,
+                             mergekit=HAS_MERGEKIT, whole_process=False, in_process=True, bandwidth_mb=16)
+
+
+@pytest.fixture(scope="module")
+def inference_results(workdir):
+    return bench.bench_inference(workdir, counts=(2,), n_texts=12, repeats=1, zoo=workdir / "no-zoo",
+                                 fast=("int8",), size="tiny")
+
+
+def test_make_models_reuses_and_extends(tmp_path):
+    two = bench.make_models(tmp_path, "tiny", 2, expanded=False)
+    stamp = (two.models[0] / "model.safetensors").stat().st_mtime_ns
+    three = bench.make_models(tmp_path, "tiny", 3, expanded=True)
+    assert [p.name for p in three.models] == ["model0", "model1", "model2"]
+    assert (three.models[0] / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert three.n_params > 0 and three.bytes_fp32 == 4 * three.n_params
+    # mergekit's inputs: every head expanded to all labels (2 + 3 + 4), the base with a zero head
+    cfgs = [json.loads((p / "config.json").read_text()) for p in [three.xbase, *three.xmodels]]
+    assert {c["num_labels"] if "num_labels" in c else len(c["id2label"]) for c in cfgs} == {9}
+
+
+def test_merge_bench_structure(merge_results):
+    rows = merge_results["rows"]
+    tools = {(r["tool"], r["mode"]) for r in rows}
+    assert ("hm3", "in-process") in tools
+    if HAS_MERGEKIT:
+        assert ("mergekit", "in-process") in tools
+    for r in rows:
+        assert {"size", "n", "method", "tool", "mode", "times_s", "median_s", "peak_rss_mb", "rss_x_model",
+                "floor_s", "params_m"} <= set(r)
+        assert r["size"] == "tiny" and r["n"] == 2 and r["method"] == "ties"
+        assert len(r["times_s"]) == 1 and r["peak_rss_mb"] > 0 and r["floor_s"] > 0
+    (s,) = merge_results["summary"]
+    assert {"speedup_process", "speedup_inprocess", "hm3_inprocess_x_floor", "hm3_rss_x_model"} <= set(s)
+    assert merge_results["bandwidth_gbs"] > 0
+    assert "hm3 in-process" in next(iter(merge_results["commands"].values()))
+
+
+def test_whole_process_run_and_mergekit_agreement(tmp_path):
+    """One whole-process hm3 merge through the console script; with mergekit, the deterministic
+    method's outputs are compared tensor by tensor."""
+    res = bench.bench_merge(tmp_path, sizes=("tiny",), counts=(2,), methods=("linear",), repeats=1,
+                            mergekit=HAS_MERGEKIT, whole_process=True, in_process=False, bandwidth_mb=16)
+    (s,) = res["summary"]
+    assert s["hm3_process_s"] is not None and s["hm3_inprocess_s"] is None
+    if HAS_MERGEKIT:
+        assert s["max_abs_diff_vs_mergekit"] is not None and s["max_abs_diff_vs_mergekit"] < 1e-5
+
+
+def test_inference_bench_structure(inference_results):
+    res = inference_results
+    setups = {r["setup"] for r in res["rows"]}
+    assert {"originals", "merged", "merged+int8"} <= setups
+    for r in res["rows"]:
+        assert {"load_s", "infer_s", "total_s", "texts_per_s", "peak_rss_mb", "forward_passes"} <= set(r)
+    originals = next(r for r in res["rows"] if r["setup"] == "originals")
+    merged = next(r for r in res["rows"] if r["setup"] == "merged")
+    assert originals["forward_passes"] == 2 * merged["forward_passes"] == 2 * 12
+    (s,) = res["summary"]
+    assert s["target_ratio"] == pytest.approx(1.15 / 2)
+    assert {"load_ratio", "infer_ratio", "total_ratio", "meets_target"} <= set(s)
+    (fast,) = res["fast"]
+    assert fast["path"] == "int8" and set(fast["agreement"]) == {"g0", "g1", "all"}
+    assert 0 <= fast["agreement"]["all"] <= 1
+
+
+def test_report_and_plots(merge_results, inference_results, tmp_path):
+    img = {"merge": "img/m.png", "inference": "img/i.png"}
+    assert bench.plot_merge(merge_results, tmp_path / "img" / "m.png").is_file()
+    assert bench.plot_inference(inference_results, tmp_path / "img" / "i.png").is_file()
+    text = bench.render_markdown(merge_results, inference_results, command="hm3 bench all --out x", images=img)
+    for heading in ("# Benchmarks", "## Machine", "## Merging: hm3 vs mergekit", "### Raw numbers", "### Commands",
+                    "## Inference: N guards vs one merged model", "![merge time vs model size](img/m.png)"):
+        assert heading in text
+    assert "| tiny | 2 | ties | hm3 | in-process |" in text
+
+
+def test_run_child_reports_the_childs_own_peak_rss():
+    small = bench.run_child([sys.executable, "-c", "pass"])
+    big = bench.run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); print('{\"seconds\": 0.5}')"])
+    assert big.inner_s == 0.5
+    assert big.peak_rss_mb - small.peak_rss_mb > 150  # the 200 MB it touched, not this process's RSS
+
+
+def test_run_child_failure_is_a_clear_error():
+    with pytest.raises(bench.HM3Error, match="exit 3"):
+        bench.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_helpers():
+    assert bench.floor_seconds(10**9, 2, 4.0) == pytest.approx(1.0)  # (2 + 2) GB at 4 GB/s
+    agree = bench.label_agreement({"a": ["x", "y"], "b": ["p", "q"]}, {"a": ["x", "x"], "b": ["p", "q"]})
+    assert agree == {"a": 0.5, "b": 1.0, "all": 0.75}
+    texts, source = bench.bench_texts(5, zoo="/nonexistent")
+    assert len(texts) == 5 and all(isinstance(t, str) and t for t in texts) and "generated" in source
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install 'hm3[fast]')")
+def test_fastpaths_onnx_agree_with_fp32(tmp_path):
+    import hm3
+    from hm3.fastpaths import accelerate, agreement
+    from hm3.testing import TASK_A, tiny_base, tiny_finetune
+
+    model = tiny_finetune(tiny_base(tmp_path / "base"), tmp_path / "a", TASK_A, steps=20)
+    clf = hm3.load(model)
+    texts = [t for t, _ in TASK_A.sample(24, seed=5)]
+    for path in ("onnx", "int8"):
+        fast = accelerate(clf, path, cache_dir=tmp_path / "fast")
+        assert fast.space.names == clf.space.names
+        agree = agreement(clf, fast, texts)
+        assert set(agree) == {"a", "all"}
+    # fp32 ONNX Runtime computes the same function: its probabilities match torch's closely
+    onnx = accelerate(clf, "onnx", cache_dir=tmp_path / "fast")
+    import numpy as np
+
+    np.testing.assert_allclose(onnx.predict_proba(texts)["a"], clf.predict_proba(texts)["a"], atol=1e-4)
