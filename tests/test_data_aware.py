@@ -248,3 +248,15 @@ def test_data_aware_recipe_errors(tiny, tmp_path):
 def test_registry_marks_data_aware_methods():
     assert {m for m, spec in REGISTRY.items() if spec.needs_stats} == {"regmean", "fisher", "adamerging"}
     assert not REGISTRY["ties"].needs_stats
+
+
+def test_text_files_keep_line_separators_inside_json_strings(tmp_path):
+    from hm3.merging.stats import read_rows
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "one\u2028two\x85three", "label": "x"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "four"}) + "\n", encoding="utf-8")
+    assert read_rows(path) == [("one\u2028two\x85three", "x"), ("four", None)]
+    txt = tmp_path / "t.txt"
+    txt.write_text("a\r\nb\n\n", encoding="utf-8")
+    assert read_rows(txt) == [("a", None), ("b", None)]

@@ -149,7 +149,8 @@ def read_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[tuple[
     except UnicodeDecodeError as e:
         raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if path.suffix == ".jsonl":
-        for i, line in enumerate(raw.splitlines(), 1):
+        # split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on
+        for i, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -164,7 +165,7 @@ def read_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[tuple[
     elif path.suffix in (".txt", ""):
         if labelled:
             raise HM3Error(f"{path}: a labelled re-fit needs .jsonl rows {{\"text\", \"label\"}}; .txt has no labels")
-        rows = [(line, None) for line in raw.splitlines() if line.strip()]
+        rows = [(line.rstrip("\r"), None) for line in raw.split("\n") if line.strip()]
     else:
         raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text) or .txt")
     if not rows:
@@ -284,15 +285,35 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], generator: torch.Gen
     """``{parameter name: mean over texts of (∂ log p(y|x) / ∂θ)²}``, y sampled from p(·|x).
 
     One text per backward pass: the Fisher needs per-example gradients (a batch gradient would
-    square sums, not sum squares). Dropout is off (eval mode), as at inference."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    square sums, not sum squares); one thread, as many small operations are faster so. Dropout is
+    off (eval mode), as at inference. The word-embedding matrix gets no dense gradient: a text
+    touches only its own tokens' rows, summed from the gradient of the embedding output."""
+    emb = model.get_input_embeddings()
+    emb_name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not emb.weight}
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    captured: dict[str, torch.Tensor] = {}
+
+    def watch(_mod, _inputs, output):
+        output = output.detach().requires_grad_(True)  # a leaf whose gradient is the rows' gradient
+        output.register_hook(lambda g: captured.__setitem__("grad", g))
+        return output
+
     ids = encode(tokenizer, texts, max_length)
-    with single_thread():
-        for seq in ids:
-            _fisher_step(model, params, acc, seq, generator)
-    model.zero_grad(set_to_none=True)
-    return {n: (a / max(len(ids), 1)).float() for n, a in acc.items()}
+    emb.weight.requires_grad_(False)
+    handle = emb.register_forward_hook(watch)
+    try:
+        with single_thread():
+            for seq in ids:
+                _fisher_step(model, params, acc, seq, generator)
+                rows, inverse = torch.unique(torch.tensor(seq), return_inverse=True)
+                g = torch.zeros(len(rows), emb.weight.shape[1]).index_add_(0, inverse, captured.pop("grad")[0].float())
+                acc[emb_name].index_add_(0, rows, g * g)
+    finally:
+        handle.remove()
+        emb.weight.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    return {n: a / max(len(ids), 1) for n, a in acc.items()}
 
 
 def _fisher_step(model, params, acc, seq, generator) -> None:
@@ -304,7 +325,7 @@ def _fisher_step(model, params, acc, seq, generator) -> None:
     (-logp[y]).backward()
     for n, p in params.items():
         if p.grad is not None:
-            acc[n] += p.grad.double() ** 2
+            acc[n].addcmul_(p.grad, p.grad)  # float32 sums of a few hundred squares: ample precision
 
 
 @torch.inference_mode()
