@@ -136,6 +136,7 @@ BAD = [
     ("invalid UTF-8", {"content": b'{"texts": ["caf\xe9"]}'}, 400, "invalid_utf8", ["UTF-8", "byte 15"]),
     ("invalid JSON", {"content": b'{"texts": ["w1",]}'}, 400, "invalid_json", ["not valid JSON", "column"]),
     ("empty body", {"content": b""}, 400, "invalid_json", ["empty"]),
+    ("deeply nested JSON", {"content": b"[" * 1900 + b"]" * 1900}, 400, "invalid_json", ["too deeply"]),
     ("lone surrogate", {"content": b'{"texts": ["w1 \\ud800"]}'}, 422, "invalid_text", ["texts[0]", "surrogate"]),
 ]
 

@@ -10,8 +10,8 @@ the same client load:
 The CPU is shared fairly: by default the merged server gets one torch thread per core and each of
 the N guard servers ``cores // N`` (at least one), so neither setup oversubscribes the cores.
 The phases run one after the other, never at the same time. Servers are real subprocesses
-(``python -m hm3.cli serve``) with the default micro-batching settings; the client is an asyncio
-httpx load generator in this process.
+(``python -m hm3.cli serve``) with the default micro-batching settings; the client is a lean asyncio
+HTTP/1.1 load generator in this process (one keep-alive connection per client and server).
 
     python -m hm3.bench_serve --model zoo/jailbreak --model zoo/spam --merged merged/
     python -m hm3.bench_serve --tiny            # tiny in-process models, a smoke run
@@ -20,6 +20,7 @@ httpx load generator in this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -122,40 +123,96 @@ def _percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+class _Connection:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams.
+
+    The load generator shares the machine with the servers it measures; httpx costs several ms of
+    CPU per request, which would make the client, not the servers, the bottleneck (and count twice
+    against N separate servers, which get N requests per question)."""
+
+    def __init__(self, url: str):
+        hostport = url.split("://", 1)[1]
+        self.host, port = hostport.rsplit(":", 1)
+        self.port = int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        try:
+            return await asyncio.wait_for(self._post(path, body), timeout)
+        except BaseException:
+            await self.close()  # a half-read response would poison the next request
+            raise
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await self.writer.drain()
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if ":" in h)}
+        if "content-length" in headers:
+            data = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readuntil(b"\r\n")
+            data = b"".join(parts)
+        else:
+            data = await self.reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
 async def _load(urls: list[str], batches: list[list[str]], concurrency: int, timeout: float) -> dict:
     """Send every batch (to every url at once) from ``concurrency`` clients; latency per batch."""
-    import httpx
-
     latencies: list[float] = []
     errors: dict[str, int] = {}
     queue = list(reversed(batches))
-    limits = httpx.Limits(max_connections=concurrency * len(urls), max_keepalive_connections=concurrency * len(urls))
 
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async def one(conn: _Connection, texts: list[str]) -> None:
+        status, data = await conn.post("/v1/classify", json.dumps({"texts": texts}).encode(), timeout)
+        if status != 200:
+            raise HM3Error(f"HTTP {status}: {data[:200].decode(errors='replace')}")
+        if len(json.loads(data)) != len(texts):
+            raise HM3Error(f"{conn.host}:{conn.port} answered the wrong number of rows")
 
-        async def one(url: str, texts: list[str]) -> None:
-            r = await client.post(url + "/v1/classify", json={"texts": texts})
-            if r.status_code != 200:
-                raise HM3Error(f"HTTP {r.status_code}: {r.text[:200]}")
-            if len(r.json()) != len(texts):
-                raise HM3Error(f"{url} answered {len(r.json())} rows for {len(texts)} texts")
-
-        async def worker() -> None:
+    async def worker() -> None:
+        conns = [_Connection(u) for u in urls]  # one keep-alive connection per client and server
+        try:
             while queue:
                 texts = queue.pop()
                 t0 = time.perf_counter()
                 try:
-                    await asyncio.gather(*(one(u, texts) for u in urls))
+                    await asyncio.gather(*(one(c, texts) for c in conns))
                 except Exception as e:  # counted, reported; the benchmark goes on
                     key = f"{type(e).__name__}: {str(e)[:80]}"
                     errors[key] = errors.get(key, 0) + 1
                     continue
                 latencies.append(time.perf_counter() - t0)
+        finally:
+            for c in conns:
+                await c.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"latencies": latencies, "errors": errors, "wall": wall}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "errors": errors, "wall": time.perf_counter() - t0}
 
 
 def _phase(name: str, models: list[Path], threads: int, batches: list[list[str]], warmup: list[list[str]],

@@ -513,6 +513,8 @@ def _parse(raw: bytes, model_cls, clf: "GroupwiseClassifier", s: Settings) -> tu
     except json.JSONDecodeError as e:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({e.msg} at line {e.lineno} "
                        f"column {e.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", 'the request body nests JSON too deeply; send {"texts": ["..."]}') from None
     try:
         req = model_cls.model_validate(payload)
     except ValidationError as e:
