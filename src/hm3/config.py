@@ -3,7 +3,7 @@
 .. code-block:: yaml
 
     merge_method: ties               # see `hm3 methods`
-    base_model: ./base               # required by every method but linear
+    base_model: ./base               # required by every method but linear; hm3:minilm = the zoo's base
     models:
       - model: ./jailbreak-guard
         group: jailbreak             # hm3: the group name (default: the directory name)
@@ -202,10 +202,12 @@ class MergeConfig(BaseModel):
     def resolved(self, root: Path | None) -> "MergeConfig":
         """A copy with model paths resolved against ``root`` (the recipe's folder)."""
         data = self.model_copy(deep=True)
+        data.base_model = _packaged(data.base_model)
+        data.tokenizer_source = _packaged(data.tokenizer_source)
         if root is None:
             return data
-        data.base_model = _resolve_path(self.base_model, root)
-        data.tokenizer_source = _resolve_path(self.tokenizer_source, root)
+        data.base_model = _resolve_path(data.base_model, root)
+        data.tokenizer_source = _resolve_path(data.tokenizer_source, root)
         for m in data.models:
             m.model = _resolve_path(m.model, root)
         if data.refit is not None:
@@ -250,6 +252,20 @@ def _check_value(where: str, key: str, v: Any) -> None:
         raise ValueError(f"{where}: regmean_alpha (off-diagonal scale of the Gram matrices) must be in [0, 1], got {v}")
     if key == "fisher_floor" and v < 0:
         raise ValueError(f"{where}: fisher_floor must be >= 0, got {v}")
+
+
+#: ``base_model`` names for models shipped inside Python packages: a recipe that names one runs on
+#: any machine with the package installed (the path is found at load time)
+PACKAGED_MODELS = ("hm3:minilm",)
+
+
+def _packaged(p: str | None) -> str | None:
+    """``hm3:minilm`` → this machine's offline all-MiniLM-L6-v2 (the guard zoo's base); else ``p``."""
+    if p == "hm3:minilm":
+        from hm3.zoo.base import base_model_dir  # HM3Error with the pip command if not installed
+
+        return str(base_model_dir())
+    return p
 
 
 def _resolve_path(p: str | None, root: Path) -> str | None:
