@@ -129,11 +129,12 @@ class AdaMergingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     objective: Literal["distill", "entropy"] = "distill"
-    steps: int = Field(40, ge=1)
+    steps: int = Field(30, ge=1)
     lr: float = Field(0.05, gt=0)
     init: float = 0.3
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
     max_texts: int = Field(64, ge=1)  # per group
+    max_length: int = Field(64, ge=8)  # tokens per text: each step is a forward and backward pass
 
 
 class DataConfig(BaseModel):

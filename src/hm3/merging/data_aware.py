@@ -143,7 +143,6 @@ def learn_coefficients(
         models=[S.model_digest(m.path) for m in prep.models],
         texts={g: S.texts_digest(tx) for g, tx in picked.items()},
         settings=ada.model_dump(mode="json"),
-        max_length=data.max_length,
         seed=cfg.seed,
         recipe=recipe,
     )
@@ -201,7 +200,7 @@ def _learn(prep: "Prepared", picked: dict[str, list[str]], progress: bool) -> tu
     # Examples: (group index, token ids, teacher probabilities over the group's labels).
     examples: list[tuple[int, list[int], torch.Tensor | None]] = []
     for gi, (ckpt, g) in enumerate(zip(prep.models, prep.groups)):
-        ids = S.encode(tokenizer, picked[g], cfg.data.max_length)
+        ids = S.encode(tokenizer, picked[g], ada.max_length)
         teacher = None
         if ada.objective == "distill":
             guard, _ = S.load_classifier(ckpt.path, tok_dir)
@@ -225,8 +224,8 @@ def _learn(prep: "Prepared", picked: dict[str, list[str]], progress: bool) -> tu
             batch, order = order[: ada.batch_size], order[ada.batch_size :]
             params = dict(fixed)
             for n, tau in taus.items():
-                coef = lam[:, block_idx[n]].view(-1, *([1] * (tau.dim() - 1)))
-                params[n] = bases[n] + (coef * tau).sum(dim=0)
+                # Σ_i λ_i τ_i as one contraction: no (N, *shape) temporary per step
+                params[n] = bases[n] + torch.tensordot(lam[:, block_idx[n]], tau, dims=1)
             seqs = [examples[i][1] for i in batch]
             width = max(len(s) for s in seqs)
             x = torch.full((len(seqs), width), pad, dtype=torch.long)
