@@ -210,7 +210,7 @@ def test_existing_output_without_force(recipe, tmp_path):
         ('{"txt": "x"}\n', ".jsonl", 'field "text"'),
         ("{not json\n", ".jsonl", "invalid JSON"),
         (b"\xff\xfe bad", ".txt", "not valid UTF-8"),
-        ("x", ".csv", "unsupported input type"),
+        ("x", ".csv", "unsupported text file type"),
     ],
 )
 def test_bad_predict_input(tiny, tmp_path, content, suffix, pattern):

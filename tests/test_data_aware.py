@@ -251,7 +251,7 @@ def test_registry_marks_data_aware_methods():
 
 
 def test_text_files_keep_line_separators_inside_json_strings(tmp_path):
-    from hm3.merging.stats import read_rows
+    from hm3.io import read_text_rows as read_rows
 
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"text": "one\u2028two\x85three", "label": "x"}, ensure_ascii=False) + "\n"

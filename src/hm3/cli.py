@@ -88,31 +88,9 @@ def merge(
 
 def read_texts(path: Path) -> list[str]:
     """Texts from a .txt file (one per line) or a .jsonl file (field `text`)."""
-    if not path.is_file():
-        raise HM3Error(f"{path}: no such input file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
-            texts.append(row["text"])
-    elif path.suffix in (".txt", ""):
-        texts = [line for line in raw.splitlines() if line.strip()]
-    else:
-        raise HM3Error(f"{path}: unsupported input type {path.suffix!r}; use .txt (one text a line) or .jsonl (field text)")
-    if not texts:
-        raise HM3Error(f"{path}: the input file has no texts")
-    return texts
+    from hm3.io import read_text_rows
+
+    return [text for text, _ in read_text_rows(path)]
 
 
 @app.command()

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 import torch
 
 from hm3.errors import HM3Error
@@ -281,3 +282,39 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_text_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[tuple[str, Any]]:
+    """``(text, label)`` rows from ``.jsonl`` (fields ``text`` and, when ``labelled``, ``label``)
+    or ``.txt`` (one text a line, no labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HM3Error(f"{path}: no such text file")
+    rows: list[tuple[str, Any]] = []
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        # split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on
+        for i, line in enumerate(raw.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
+            if labelled and not isinstance(row.get("label"), (str, int)):
+                raise HM3Error(f'{path}:{i}: a labelled re-fit needs a field "label" (string or label index)')
+            rows.append((row["text"], row.get("label")))
+    elif path.suffix in (".txt", ""):
+        if labelled:
+            raise HM3Error(f"{path}: a labelled re-fit needs .jsonl rows {{\"text\", \"label\"}}; .txt has no labels")
+        rows = [(line.rstrip("\r"), None) for line in raw.split("\n") if line.strip()]
+    else:
+        raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text) or .txt")
+    if not rows:
+        raise HM3Error(f"{path}: the file has no texts")
+    return rows

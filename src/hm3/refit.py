@@ -224,7 +224,8 @@ def _label_index(group, raw, where: str) -> int:
 
 
 def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str) -> _Split:
-    from hm3.merging.stats import read_rows, sample
+    from hm3.io import read_text_rows as read_rows
+    from hm3.merging.stats import sample
 
     rows = sample(read_rows(path, labelled=labelled), max_texts, seed, tag)
     labels = [_label_index(group, lab, str(path)) for _, lab in rows] if labelled else None
@@ -258,7 +259,7 @@ def refit_heads(
     specs: Sequence[GroupRefit],
     *,
     c: "float | str" = "auto",
-    max_texts: int = 2000,
+    max_texts: int = 500,
     temperature: float = 1.0,
     max_length: int | None = None,
     batch_size: int = 32,
@@ -605,7 +606,7 @@ def register(app, user_errors) -> None:
                                                  help="GROUP=FILE for choosing C (default: a 20% hold-out of --data)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
         c: str = typer.Option("auto", "--c", help="Inverse L2 strength, or 'auto' (picked on validation)."),
-        max_texts: int = typer.Option(2000, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
+        max_texts: int = typer.Option(500, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
         temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
         seed: int = typer.Option(0, "--seed"),
