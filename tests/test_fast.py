@@ -98,3 +98,15 @@ def test_token_cache_predicts_like_predict_proba(models, aggregate, max_length, 
         assert 0 < first_done.sum() < len(texts)
         assert (first["a"][~first_done] == -1).all()
         np.testing.assert_array_equal(first["a"][first_done], ref["a"].argmax(axis=1)[first_done])
+
+
+def test_token_cache_truncate_reads_first_window_only(models):
+    tv = TaskVectors.from_prepared(prepare(recipe(models, "ties")))
+    clf = tv.classifier(max_length=16, stride=4)
+    tv.merge_into(clf.model, {"density": 0.6})
+    texts = [t for t, _ in TASK_B.sample(12, seed=3, length=30)]
+    cache = TokenCache(clf, texts, batch_size=5, truncate=True)
+    assert cache.n_windows == len(texts) and cache.n_tokens == 16 * len(texts)
+    _, labels = list(cache.predict(clf.model, ["b"]))[-1]
+    heads = [" ".join(t.split()[:14]) for t in texts]  # 16 tokens = [CLS] + 14 words + [SEP]
+    np.testing.assert_array_equal(labels["b"], clf.predict_proba(heads, ["b"])["b"].argmax(axis=1))

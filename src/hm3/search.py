@@ -111,6 +111,7 @@ class SearchSettings:
     seed: int = 0
     batch_size: int = 32
     max_length: int | None = None
+    truncate: bool = False  # score each text's first window only (faster; see TokenCache)
     self_merge: bool = False
 
     def check(self) -> None:
@@ -129,7 +130,7 @@ class SearchSettings:
     def identity(self) -> dict:
         """What must match for a worker to join an existing study."""
         ident = {"objective": self.objective, "space": asdict(self.space), "self_merge": self.self_merge,
-                 "max_length": self.max_length}
+                 "max_length": self.max_length, "truncate": self.truncate}
         return json.loads(json.dumps(ident))  # as stored: tuples become lists
 
 
@@ -305,13 +306,14 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     val_index = SuiteIndex(val_rows, labels, str(validation) if not isinstance(validation, list) else "validation")
     groups = val_index.groups
     chunks = settings.chunks if settings.prune else 1
-    val_cache = TokenCache(clf, val_index.texts, batch_size=settings.batch_size, chunks=chunks, seed=settings.seed)
+    val_cache = TokenCache(clf, val_index.texts, batch_size=settings.batch_size, chunks=chunks, seed=settings.seed,
+                           truncate=settings.truncate)
     test_index = test_cache = None
     if test is not None:
         test_rows = _restrict(load_suite(test) if not isinstance(test, list) else test, space.names,
                               str(test) if not isinstance(test, list) else "test")
         test_index = SuiteIndex(test_rows, labels, str(test) if not isinstance(test, list) else "test")
-        test_cache = TokenCache(clf, test_index.texts, batch_size=settings.batch_size)
+        test_cache = TokenCache(clf, test_index.texts, batch_size=settings.batch_size, truncate=settings.truncate)
     ctx = Context(settings, tv, variants, clf, groups, val_index, val_cache, test_index, test_cache, None)
     if settings.objective != "average":
         ctx.originals = originals_scores(tv, val_index, settings)
@@ -362,7 +364,7 @@ def _finite(v: float) -> float:
 def run_trial(trial: "optuna.Trial", ctx: Context) -> "float | tuple[float, ...]":
     import optuna
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     method, overrides = ctx.settings.space.suggest(trial, [g.name for g in ctx.tv.prep.space])
     tv = ctx.variants[method] if method else next(iter(ctx.variants.values()))
     seed = tv.prep.config.seed
@@ -409,6 +411,7 @@ def run_trial(trial: "optuna.Trial", ctx: Context) -> "float | tuple[float, ...]
     trial.set_user_attr("merge_seconds", t_merge)
     trial.set_user_attr("validation_seconds", t_val)
     trial.set_user_attr("seconds", time.perf_counter() - t0)
+    trial.set_user_attr("cpu_seconds", time.process_time() - cpu0)  # all threads: shows contention
     return values[0] if len(values) == 1 else values
 
 
@@ -794,6 +797,7 @@ def register(app, user_errors) -> None:
         seed: int = typer.Option(0, "--seed", help="Sampler seed (give each worker its own)."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token window (default: the model's)."),
+        truncate: bool = typer.Option(False, "--truncate", help="Score each text's first window only (faster)."),
         self_merge: bool = typer.Option(False, "--self-merge", help="Merge the recipe's one model with itself."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -805,7 +809,8 @@ def register(app, user_errors) -> None:
                               tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else ()),
             beta=(beta_a, beta_b),
             prune=(sampler in ("tpe", "cmaes") and objective != "pareto") if prune is None else prune,
-            chunks=chunks, seed=seed, batch_size=batch_size, max_length=max_length, self_merge=self_merge,
+            chunks=chunks, seed=seed, batch_size=batch_size, max_length=max_length, truncate=truncate,
+            self_merge=self_merge,
         )
         result = run_search(config, validation, test, trials, out, settings, storage=storage, study_name=study,
                             progress=progress)

@@ -175,10 +175,12 @@ class TokenCache:
 
     ``chunks`` > 1 splits the texts (in a seeded random order) into parts of about equal size;
     ``predict`` yields after each part, so a trial can be judged, and pruned, on partial data.
+    ``truncate`` keeps only each text's first window (its first ``max_length`` tokens): fewer
+    tokens per trial, at the price of not reading the rest of long texts.
     """
 
     def __init__(self, clf: "GroupwiseClassifier", texts: Sequence[str], *, batch_size: int = 32, chunks: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, truncate: bool = False):
         if batch_size < 1:
             raise HM3Error(f"batch_size must be at least 1, got {batch_size}")
         t0 = time.perf_counter()
@@ -187,6 +189,9 @@ class TokenCache:
         self.aggregate = clf.aggregate
         self.pad = clf.tokenizer.pad_token_id or 0
         wins, owner = clf.windows(self.texts) if self.texts else ([], [])
+        if truncate:
+            first = [w for w, t in enumerate(owner) if w == 0 or owner[w - 1] != t]
+            wins, owner = [wins[w] for w in first], [owner[w] for w in first]
         by_text: list[list[int]] = [[] for _ in self.texts]
         for w, t in enumerate(owner):
             by_text[t].append(w)
