@@ -132,10 +132,11 @@ class GroupScore:
     def confusion_text(self) -> str:
         """The confusion matrix as aligned text: rows expected, columns predicted."""
         width = max([len(x) for x in self.labels] + [len(str(v)) for row in self.confusion for v in row] + [8])
-        head = "expected \\ predicted".ljust(width + 2) + " ".join(x.rjust(width) for x in self.labels)
+        first = max(width, len("expected \\ predicted")) + 2  # the corner title never runs into the columns
+        head = "expected \\ predicted".ljust(first) + " ".join(x.rjust(width) for x in self.labels)
         lines = [head]
         for label, row in zip(self.labels, self.confusion):
-            lines.append(label.ljust(width + 2) + " ".join(str(v).rjust(width) for v in row))
+            lines.append(label.ljust(first) + " ".join(str(v).rjust(width) for v in row))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
