@@ -300,7 +300,7 @@ def _finetune(
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"macro_f1": -1.0}
     best_state: dict[str, torch.Tensor] | None = None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train_seconds = 0.0
     with _progress(progress) as bar:
         task = bar.add_task(f"{group}", total=total_steps, status="")
@@ -357,6 +357,8 @@ def _finetune(
         "train_seconds": round(train_seconds, 1),
         "train_examples_per_second": round(len(train) * epochs / max(train_seconds, 1e-9), 1),
         "seconds": round(total, 1),
+        # CPU time of this process: on a shared machine, wall time says more about the neighbours
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "hyperparameters": {
             "epochs": epochs,
             "lr": lr,
