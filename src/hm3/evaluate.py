@@ -58,7 +58,8 @@ def load_suite(path: str | os.PathLike) -> list[SuiteRow]:
     if not path.is_file():
         raise HM3Error(f"{path}: no such suite file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # split on "\n" only: JSON strings may hold U+2028 and other breaks that splitlines() cuts at
+        lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise HM3Error(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     raw = []
