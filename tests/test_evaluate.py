@@ -184,6 +184,10 @@ def test_group_conflicts_are_errors(zoo):
         evaluate([zoo["a"], zoo["merged"]], zoo["suite"])
     with pytest.raises(HM3Error, match=r"suite group\(s\) 'b' are answered by none of the models"):
         evaluate([zoo["a"]], zoo["suite"])
+    only_a = evaluate([zoo["a"]], zoo["suite"], groups=["a"])  # restrict the suite to the groups given
+    assert list(only_a.groups) == ["a"] and only_a.groups["a"].n == 36 and only_a.n_rows == 36
+    with pytest.raises(HM3Error, match="groups 'c' are not checked by the suite"):
+        evaluate([zoo["a"]], zoo["suite"], groups=["c"])
 
 
 def test_save_and_cli(zoo, tmp_path):

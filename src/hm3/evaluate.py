@@ -419,16 +419,26 @@ def evaluate(
     *,
     progress: bool = False,
     suite_name: str | None = None,
+    groups: Sequence[str] | None = None,
 ) -> Report:
     """Score a merged model, or original guards (each on its own groups), on one suite.
 
     ``models``: model directories or loaded ``GroupwiseClassifier``s. ``rows``: a suite file or
     parsed rows. Each model predicts once, over the distinct texts its groups are checked on.
+    ``groups`` restricts the suite to those groups (e.g. a five-group suite for a two-guard merge).
     """
     t0 = time.perf_counter()
     if isinstance(rows, (str, os.PathLike)):
         suite_name = suite_name or str(rows)
         rows = load_suite(rows)
+    if groups is not None:
+        unknown = [g for g in groups if g not in suite_groups(rows)]
+        if unknown:
+            raise HM3Error(f"groups {', '.join(map(repr, unknown))} are not checked by the suite "
+                           f"(it checks {', '.join(suite_groups(rows))})")
+        keep = set(groups)
+        rows = [SuiteRow(r.text, {g: v for g, v in r.expected.items() if g in keep}, r.sources, r.where)
+                for r in rows if keep & set(r.expected)]
     if not rows:
         raise HM3Error("the suite has no rows")
     if not models:
@@ -555,9 +565,11 @@ def register(app, user_errors) -> None:
         suite: Path = typer.Option(..., "--suite", help='JSONL rows {"text", "expected": {group: label}}.'),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, report.md and confusion PNGs here."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
+        groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated suite groups to score (default: all)."),
     ) -> None:
         """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
-        report = evaluate(models, suite, batch_size, progress=True)
+        names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
+        report = evaluate(models, suite, batch_size, progress=True, groups=names)
         typer.echo(report.summary_markdown())
         for s in report.groups.values():
             typer.echo(f"\n{s.group}:\n{s.confusion_text()}")
