@@ -285,13 +285,13 @@ def _resolve_path(p: str | None, root: Path) -> str | None:
 def _format_validation(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "recipe"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the recipe format in `hm3 merge --help`)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: " + "; ".join(parts)
 
 

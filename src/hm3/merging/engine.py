@@ -33,6 +33,7 @@ from hm3.io import AtomicDir, Checkpoint, all_finite, load_checkpoint, tokenizer
 from hm3.labels import LabelSpace, clean_labels, group_name_from
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
+from hm3.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor
         from hm3.merging.stats import ensure_stats
 
         ensure_stats(prep, progress=progress)  # forward passes (or the disk cache) before merging
-    with _progress(progress, "merging", len(prep.kinds)) as advance:
+    with progress_bar(progress, "merging", len(prep.kinds)) as advance:
         for name, kind, base, deltas in prep.inputs():
             merged = merge_tensor(prep, name, kind, base, deltas)
             if merged.is_floating_point():
@@ -331,28 +332,6 @@ def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor
             state[name] = merged.contiguous()
             advance()
     return state
-
-
-class _progress:
-    """A rich progress bar when asked for (and a terminal or log is there), else a no-op."""
-
-    def __init__(self, enabled: bool, label: str, total: int):
-        self.enabled, self.label, self.total = enabled, label, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 # -- output ----------------------------------------------------------------------------------------
