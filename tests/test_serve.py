@@ -237,7 +237,7 @@ def test_cli_serve_takes_the_key_from_the_environment_and_reports_bad_models(mon
     from hm3.cli import app
 
     seen = {}
-    monkeypatch.setattr(hm3.serve, "run", lambda model, host, port, settings, log_level: seen.update(
+    monkeypatch.setattr(hm3.serve, "run", lambda model, host, port, settings, log_level, keep_alive: seen.update(
         model=model, host=host, port=port, settings=settings))
     r = CliRunner().invoke(app, ["serve", str(merged), "--max-texts", "5"], env={"HM3_API_KEY": "k3y"})
     assert r.exit_code == 0, r.output

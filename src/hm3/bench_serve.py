@@ -138,10 +138,22 @@ class _Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            return await asyncio.wait_for(self._post(path, body), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            await self.close()
+            # The server may close an idle keep-alive connection just as we reuse it (uvicorn's
+            # keep-alive timeout): retry once on a fresh connection, as HTTP clients do.
+            if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                raise
+        except BaseException:
+            await self.close()  # a half-read response would poison the next request
+            raise
         try:
             return await asyncio.wait_for(self._post(path, body), timeout)
         except BaseException:
-            await self.close()  # a half-read response would poison the next request
+            await self.close()
             raise
 
     async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
@@ -199,10 +211,12 @@ async def _load(urls: list[str], batches: list[list[str]], concurrency: int, tim
             while queue:
                 texts = queue.pop()
                 t0 = time.perf_counter()
-                try:
-                    await asyncio.gather(*(one(c, texts) for c in conns))
-                except Exception as e:  # counted, reported; the benchmark goes on
-                    key = f"{type(e).__name__}: {str(e)[:80]}"
+                # return_exceptions: wait for every server's answer even when one fails, so no
+                # orphaned read is left on a connection that the next request reuses.
+                results = await asyncio.gather(*(one(c, texts) for c in conns), return_exceptions=True)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:  # counted and reported; the benchmark goes on
+                    key = f"{type(failed[0]).__name__}: {str(failed[0])[:80]}"
                     errors[key] = errors.get(key, 0) + 1
                     continue
                 latencies.append(time.perf_counter() - t0)

@@ -684,8 +684,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(model: "str | os.PathLike", host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None,
-        log_level: str = "info") -> None:
-    """Load ``model`` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
+        log_level: str = "info", keep_alive: float = 5.0) -> None:
+    """Load ``model`` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
+
+    ``keep_alive``: seconds an idle HTTP connection stays open; behind a load balancer that reuses
+    upstream connections, make it longer than the balancer's own idle timeout."""
     import uvicorn
 
     # Idle OpenMP threads sleep instead of spinning. With spinning (the default), a replica sharing
@@ -701,7 +704,7 @@ def run(model: "str | os.PathLike", host: str = "127.0.0.1", port: int = 8000, s
     app = create_app(model, s)
     # One process, one event loop, one inference thread: replicas scale out, not in (docs/DEPLOY.md).
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, workers=1,
-                timeout_graceful_shutdown=30)
+                timeout_keep_alive=keep_alive, timeout_graceful_shutdown=30)
 
 
 @contextlib.contextmanager
@@ -762,6 +765,8 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(Settings.batch_size, help="Windows per padded forward pass."),
         threads: Optional[int] = typer.Option(None, help="Torch threads (default: the CPUs this process may use)."),
         aggregate: str = typer.Option("mean", help="Long texts: 'mean' or 'max' over windows."),
+        keep_alive: float = typer.Option(5.0, help="Seconds an idle connection stays open (above the load "
+                                         "balancer's idle timeout)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
@@ -770,4 +775,4 @@ def register(app, user_errors) -> None:
             max_batch_texts=max_batch_texts, max_wait_ms=max_wait_ms, max_queue_texts=max_queue_texts,
             batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate,
         )
-        run(model, host, port, settings, log_level=log_level)
+        run(model, host, port, settings, log_level=log_level, keep_alive=keep_alive)
