@@ -334,12 +334,16 @@ def refit_heads(
         sel = np.nonzero((owner >= start) & (owner < start + n))[0]
         return sel, owner[sel] - start
 
-    # Teachers' probabilities on the same windows (cached per teacher and window set).
+    # Teachers' probabilities on the same windows of their own group's texts (cached per teacher
+    # and window set); rows of other groups' windows stay NaN and are never read.
     teachers, teacher_seconds = {}, {}
-    for s, g, *_ in plan:
+    for s, g, train, val, held in plan:
         if s.teacher is not None:
             tt = time.perf_counter()
-            teachers[g.name] = _teacher_probs(s.teacher, tokenizer, wins, g, temperature, batch_size, cache)
+            own = np.concatenate([windows_of(g.name, part)[0] for part in ("train", "val") if (g.name, part) in offsets])
+            probs = np.full((len(wins), g.size), np.nan)
+            probs[own] = _teacher_probs(s.teacher, tokenizer, [wins[i] for i in own], g, temperature, batch_size, cache)
+            teachers[g.name] = probs
             teacher_seconds[g.name] = time.perf_counter() - tt
 
     with S.single_thread():  # small fits: thread-pool hand-offs cost more than they save
