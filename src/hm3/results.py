@@ -1,0 +1,671 @@
+"""The zoo's case studies: ``make results`` → ``docs/RESULTS.md``, its plots and the exact commands.
+
+    python -m hm3.results --zoo .cache/hm3/zoo --out docs/RESULTS.md
+
+Builds the guard zoo first if it is incomplete (``hm3.zoo.build.build_zoo``), then, for each case
+study of :mod:`hm3.zoo.recipes` (CS1 jailbreak + harm, CS2 spam + sentiment, CS3 all five guards),
+compares on the zoo's suites:
+
+* the **originals** — each guard answering its own group;
+* **soup** — the uniform average of the guards (``linear``);
+* **TIES** — the best of a density sweep;
+* **DARE-TIES** — the best of the paper's search (``hm3.search``: Beta(1.5, 4) densities, one for
+  all models), whose trials also give the density-vs-F1 scatter of the paper's Figure 3;
+* the **recommended** recipe (``merge-*.yaml`` of the zoo, possibly with a head re-fit).
+
+Every choice (a density, the best trial) is made on the validation suite; the tables report the
+test suite. Plus the self-merge study (each guard DARE-TIES-merged with itself over a range of
+densities) and the confusion matrices of the recommended all-guards merge.
+
+Everything merges in memory (``hm3.merging.fast``) and is scored by ``hm3.evaluate``. Results are
+cached in the work directory (default ``<zoo>/../results``), keyed by the zoo's markers and suites
+and the experiment, so a re-run after an interruption redoes only what is missing; ``--fresh``
+recomputes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hm3.errors import HM3Error
+from hm3.zoo.recipes import BASE, CASE_STUDIES, RECOMMENDED, ZOO_GROUPS, CaseStudy, Recommendation, recipe, write_recipes
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when an experiment's meaning changes: old cached results are then ignored
+SPLITS = ("validation", "test")
+TARGETS = {  # case study -> (minimum average ratio to the originals, minimum worst-group ratio or None)
+    "cs1": (1.0, None),
+    "cs2": (1.0, None),
+    "all": (0.97, 0.93),
+}
+PAPER = {"cs1": "0.829 vs 0.768 (beat the originals)", "cs2": "0.925 vs 0.939 (fell short)"}
+
+
+@dataclass
+class Settings:
+    """What ``make results`` runs. The defaults keep a fresh run under ~45 minutes on 2 CPU cores."""
+
+    cases: tuple[str, ...] = ("cs1", "cs2", "all")
+    ties_densities: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    trials: int = 12  # search trials per case study (the paper's Beta sampler, DARE-TIES)
+    prune: bool = True  # stop hopeless search trials after a quarter of the validation texts
+    self_densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+    self_rows: int = 120  # rows of each guard's test split in the self-merge study (seeded sample)
+    batch_size: int = 32
+    threads: int = 0  # torch threads; 0: 2 on a quiet machine, else 1
+    seed: int = 0
+    base_model: str = BASE
+    fresh: bool = False
+    progress: bool = False
+
+    def spec(self) -> dict:
+        d = asdict(self)
+        for k in ("threads", "fresh", "progress", "cases"):
+            d.pop(k)
+        return d
+
+
+# -- bookkeeping ---------------------------------------------------------------------------------------
+def zoo_fingerprint(zoo: Path) -> str:
+    """Hash of every guard's marker (it holds the build time and metrics) and of both suites."""
+    h = hashlib.sha256()
+    for g in ZOO_GROUPS:
+        h.update((zoo / g / "hm3-zoo.json").read_bytes())
+    for split in SPLITS:
+        h.update((zoo / "suites" / f"{split}.jsonl").read_bytes())
+    return h.hexdigest()
+
+
+class Cache:
+    """JSON results in ``work/cache``, keyed by the zoo fingerprint and the experiment's description."""
+
+    def __init__(self, work: Path, fingerprint: str, fresh: bool):
+        self.dir = work / "cache"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fp, self.fresh = fingerprint, fresh
+        self.seconds: dict[str, float] = {}  # what each experiment cost when it was computed
+
+    def key(self, spec: Mapping) -> str:
+        text = json.dumps({"v": CACHE_VERSION, "zoo": self.fp, **spec}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def get(self, spec: Mapping, compute: Callable[[], Any]) -> Any:
+        from hm3.io import write_text_atomic
+
+        path = self.dir / f"{self.key(spec)}.json"
+        name = spec.get("what", "?") + ("/" + str(spec["case"]) if "case" in spec else "")
+        if path.is_file() and not self.fresh:
+            data = json.loads(path.read_text())
+            self.seconds[name] = self.seconds.get(name, 0.0) + data["seconds"]
+            return data["value"]
+        t0 = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        write_text_atomic(path, json.dumps({"spec": spec, "seconds": seconds, "value": value}, default=str) + "\n")
+        return value
+
+
+def scores_of(report) -> dict:
+    """The numbers the tables need from an ``hm3.evaluate.Report``."""
+    return {"f1": report.f1(), "benign": report.benign, "rows": report.n_rows}
+
+
+def average(scores: Mapping) -> float:
+    vals = [v for v in scores["f1"].values() if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def restrict(rows, groups: Sequence[str]):
+    """Suite rows that check any of ``groups``, with only those groups' expectations."""
+    from hm3.evaluate import SuiteRow
+
+    keep = set(groups)
+    out = []
+    for r in rows:
+        exp = {g: v for g, v in r.expected.items() if g in keep}
+        if exp:
+            out.append(SuiteRow(r.text, exp, r.sources, r.where))
+    return out
+
+
+# -- the lab -------------------------------------------------------------------------------------------
+class Lab:
+    """The zoo, its suites, the cache, and the experiments of every case study."""
+
+    def __init__(self, zoo: Path, work: Path, settings: Settings, img: Path):
+        from hm3.evaluate import load_suite
+        from hm3.zoo.build import read_marker
+
+        self.zoo, self.work, self.s, self.img = zoo, work, settings, img
+        self.markers = {g: read_marker(zoo / g) for g in ZOO_GROUPS}
+        self.suites = {split: load_suite(zoo / "suites" / f"{split}.jsonl") for split in SPLITS}
+        self.fp = zoo_fingerprint(zoo)
+        self.cache = Cache(work, self.fp, settings.fresh)
+        self.labels = {g: list(self.markers[g]["labels"]) for g in ZOO_GROUPS}
+        self._original_preds: dict[str, dict] = {}
+
+    # -- originals ----------------------------------------------------------------------------------
+    def original_predictions(self, split: str) -> dict[str, dict[str, int]]:
+        """Each guard's predicted label index for every suite text that checks its group."""
+        if split not in self._original_preds:
+            self._original_preds[split] = self.cache.get({"what": "originals", "split": split,
+                                                         "batch": self.s.batch_size},
+                                                        lambda: self._predict_originals(split))
+        return self._original_preds[split]
+
+    def _predict_originals(self, split: str) -> dict[str, dict[str, int]]:
+        from hm3.model import load
+
+        rows = self.suites[split]
+        out = {}
+        for g in ZOO_GROUPS:
+            texts = list(dict.fromkeys(r.text for r in rows if g in r.expected))
+            clf = load(self.zoo / g)
+            probs = next(iter(clf.predict_proba(texts, batch_size=self.s.batch_size, progress=self.s.progress).values()))
+            out[g] = dict(zip(texts, probs.argmax(axis=1).tolist()))
+            log.info("original %s on %s: %d texts", g, split, len(texts))
+        return out
+
+    def originals(self, case: CaseStudy, split: str):
+        """The originals' report on the case study's rows of ``split`` (each guard on its own group)."""
+        import numpy as np
+
+        from hm3.evaluate import SuiteIndex
+
+        preds = self.original_predictions(split)
+        index = SuiteIndex(restrict(self.suites[split], case.groups), {g: self.labels[g] for g in case.groups},
+                           f"{split} suite")
+        predicted = {g: np.array([preds[g].get(t, -1) for t in index.texts], dtype=int) for g in index.groups}
+        return index.score(predicted, {g: str(self.zoo / g) for g in index.groups})
+
+    # -- merges in memory ---------------------------------------------------------------------------
+    def base_recipe(self, case: CaseStudy, method: str, **kw) -> dict:
+        return recipe(case.key, root=self.zoo, base_model=self.s.base_model,
+                      rec=Recommendation(method, weight=1.0, seed=self.s.seed, **kw))
+
+    def context(self, case: CaseStudy):
+        """Task vectors of the case's guards in memory, validation and test texts tokenised once."""
+        from hm3.search import SearchSettings, build_context
+
+        settings = SearchSettings(batch_size=self.s.batch_size, seed=self.s.seed)
+        return build_context(self.base_recipe(case, "dare_ties"), restrict(self.suites["validation"], case.groups),
+                             restrict(self.suites["test"], case.groups), settings, progress=self.s.progress)
+
+    @staticmethod
+    def score_in_memory(ctx, method: str, overrides: Mapping, split: str) -> dict:
+        tv = ctx.tv.with_method(method)
+        tv.merge_into(ctx.clf.model, dict(overrides), tv.prep.config.seed)
+        index, cache = (ctx.val_index, ctx.val_cache) if split == "validation" else (ctx.test_index, ctx.test_cache)
+        labels = None
+        for _, labels in cache.predict(ctx.clf.model, index.groups):
+            pass  # one chunk: every text
+        return scores_of(index.score(labels))
+
+    def sweep(self, case: CaseStudy) -> dict:
+        """Soup, and TIES at each density, on validation; the soup and the best TIES on test."""
+        state: dict[str, Any] = {}
+
+        def ctx():
+            if "ctx" not in state:
+                state["ctx"] = self.context(case)
+            return state["ctx"]
+
+        def run(method, overrides, split):
+            spec = {"what": "merge", "case": case.key, "method": method, "overrides": overrides, "split": split,
+                    "seed": self.s.seed, "base": self.s.base_model, "batch": self.s.batch_size}
+            return self.cache.get(spec, lambda: self.score_in_memory(ctx(), method, overrides, split))
+
+        soup = {split: run("linear", {}, split) for split in SPLITS}
+        ties = {d: run("ties", {"density": d}, "validation") for d in self.s.ties_densities}
+        best = max(ties, key=lambda d: average(ties[d]))
+        ties_best = {"density": best, "validation": ties[best], "test": run("ties", {"density": best}, "test")}
+        state.clear()
+        return {"soup": soup, "ties_grid": {str(d): v for d, v in ties.items()}, "ties": ties_best}
+
+    # -- the paper's search ----------------------------------------------------------------------------
+    def search(self, case: CaseStudy) -> dict:
+        """DARE-TIES with one density for all guards drawn from Beta(1.5, 4); validation picks the best."""
+        from hm3.search import DEFAULT_STUDY, SearchSettings, open_study, run_search, trial_rows
+
+        settings = SearchSettings(sampler="beta", objective="average", prune=self.s.prune, seed=self.s.seed,
+                                  batch_size=self.s.batch_size)
+        out = self.work / f"search-{case.key}-{self.cache.key({'what': 'search', 'case': case.key, **self.s.spec()})[:8]}"
+        if self.s.fresh and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cfg = self.base_recipe(case, "dare_ties")
+        result = run_search(cfg, restrict(self.suites["validation"], case.groups),
+                            restrict(self.suites["test"], case.groups), self.s.trials, out, settings,
+                            progress=self.s.progress, write_best=False)
+        study = open_study(settings, out, None, DEFAULT_STUDY)
+        rows = trial_rows(study)
+        # what the trials cost when they ran (the study persists: a re-run only reads it)
+        self.cache.seconds[f"search/{case.key}"] = sum(float(r.get("seconds") or 0.0) for r in rows)
+        best = next(r for r in rows if r["number"] == result.best_number)
+
+        def scores(prefix: str) -> dict:
+            rate = best.get(f"{prefix}_mmlu_rate")
+            return {"f1": {g: best[f"{prefix}_{g}"] for g in case.groups if f"{prefix}_{g}" in best},
+                    "benign": None if rate is None else {"rate": rate}}
+
+        from hm3.search import plot_density_scores
+
+        plot_density_scores(rows, self.img / f"results-density-{case.key}.png",
+                            title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(rows)} trials")
+        done = [r for r in rows if r["state"] == "COMPLETE"]
+        return {"density": best["density"], "trial": best["number"], "trials": len(rows), "complete": len(done),
+                "pruned": sum(r["state"] == "PRUNED" for r in rows), "validation": scores("val"),
+                "test": scores("test"), "dir": str(out)}
+
+    # -- the recommended recipe ----------------------------------------------------------------------
+    def recommended(self, case: CaseStudy) -> dict:
+        """Merge the recommended recipe to disk (with its re-fit, if any) and evaluate it."""
+        import hm3
+        from hm3.evaluate import evaluate
+
+        cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model)
+        spec = {"what": "recommended", "case": case.key, "recipe": cfg}
+        model_dir = self.work / "models" / f"{case.key}-{self.cache.key(spec)[:8]}"
+
+        def compute():
+            t0 = time.perf_counter()
+            hm3.merge(cfg, model_dir, force=True, progress=self.s.progress)
+            merge_seconds = time.perf_counter() - t0
+            out = {"merge_seconds": merge_seconds}
+            for split in SPLITS:
+                report = evaluate([model_dir], restrict(self.suites[split], case.groups), self.s.batch_size,
+                                  suite_name=f"{split} suite")
+                out[split] = scores_of(report)
+                out[f"{split}_report"] = report.to_json()
+            return out
+
+        result = self.cache.get(spec, compute)
+        result["dir"] = str(model_dir)
+        return result
+
+    # -- self-merge ------------------------------------------------------------------------------------
+    def self_merge(self, group: str) -> dict:
+        """The guard DARE-TIES-merged with itself (weights 0.5, so the expected task vector is its own)
+        at each density, on a seeded sample of its own test split; plus the guard itself there."""
+        from hm3.evaluate import evaluate, parse_rows
+        from hm3.merging.stats import read_rows
+        from hm3.search import SearchSettings, build_context
+
+        raw = read_rows(self.zoo / group / "test.jsonl", labelled=True)
+        rng = random.Random(f"hm3-results:{self.s.seed}:{group}")
+        picked = sorted(rng.sample(range(len(raw)), min(self.s.self_rows, len(raw))))
+        rows = parse_rows([{"text": raw[i][0], "expected": {group: raw[i][1]}} for i in picked])
+
+        def compute():
+            original = scores_of(evaluate([self.zoo / group], rows, self.s.batch_size))["f1"][group]
+            cfg = {"merge_method": "dare_ties", "base_model": self.s.base_model, "seed": self.s.seed,
+                   "models": [{"model": str(self.zoo / group), "group": group, "parameters": {"weight": 0.5}}]}
+            ctx = build_context(cfg, rows, None, SearchSettings(self_merge=True, batch_size=self.s.batch_size,
+                                                                 seed=self.s.seed))
+            f1 = {str(d): self.score_in_memory(ctx, "dare_ties", {"density": d}, "validation")["f1"][group]
+                  for d in self.s.self_densities}
+            return {"original": original, "f1": f1, "rows": len(rows)}
+
+        return self.cache.get({"what": "self_merge", "group": group, "densities": self.s.self_densities,
+                               "rows": self.s.self_rows, "seed": self.s.seed, "base": self.s.base_model}, compute)
+
+    # -- one case study ----------------------------------------------------------------------------------
+    def case_study(self, case: CaseStudy) -> dict:
+        t0 = time.perf_counter()
+        originals = {split: scores_of(self.originals(case, split)) for split in SPLITS}
+        sweep = self.sweep(case)
+        search = self.search(case)
+        rec = self.recommended(case)
+        log.info("%s done in %.0fs", case.key, time.perf_counter() - t0)
+        return {"originals": originals, **sweep, "dare_ties": search, "recommended": rec}
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def plot_self_merge(data: Mapping[str, Mapping], path: Path) -> None:
+    """Macro F1 of each guard merged with itself, relative to the guard, against the density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for g, d in data.items():
+        xs = [float(x) for x in d["f1"]]
+        ys = [v / d["original"] if d["original"] else float("nan") for v in d["f1"].values()]
+        ax.plot(xs, ys, marker="o", label=f"{g} (original {d['original']:.3f})")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("DARE-TIES density (each copy)")
+    ax.set_ylabel("macro F1 / original's macro F1")
+    ax.set_title("Self-merge: each guard merged with itself (test split sample)")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- the document -------------------------------------------------------------------------------------
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def ratios(scores: Mapping, ref: Mapping) -> tuple[float, float]:
+    """(average ratio, worst group ratio) of ``scores`` to the originals' ``ref``."""
+    per = [scores["f1"][g] / ref["f1"][g] for g in ref["f1"] if ref["f1"][g] and g in scores["f1"]]
+    return average(scores) / average(ref), min(per) if per else float("nan")
+
+
+def case_rows(cs: Mapping) -> list[tuple[str, str, dict, dict]]:
+    """(name, how it was chosen, validation scores, test scores) per table row."""
+    rec = cs["recommended"]
+    rows = [
+        ("originals", "each guard on its own group", cs["originals"]["validation"], cs["originals"]["test"]),
+        ("soup", "uniform average (`linear`)", cs["soup"]["validation"], cs["soup"]["test"]),
+        ("TIES", f"density {cs['ties']['density']:g}, best of {', '.join(cs['ties_grid'])}",
+         cs["ties"]["validation"], cs["ties"]["test"]),
+        ("DARE-TIES", f"density {cs['dare_ties']['density']:.3f}: search best of {cs['dare_ties']['trials']} trials",
+         cs["dare_ties"]["validation"], cs["dare_ties"]["test"]),
+        ("**recommended**", rec["how"], rec["validation"], rec["test"]),
+    ]
+    return rows
+
+
+def case_table(case: CaseStudy, cs: Mapping) -> str:
+    ref = cs["originals"]["test"]
+    head = ["model", "chosen by validation"] + list(case.groups) + ["average", "/ originals", "worst group ratio",
+                                                                 "MMLU benign", "validation average"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name, how, val, test in case_rows(cs):
+        avg_ratio, worst = ratios(test, ref)
+        benign = test.get("benign") or {}
+        cells = [name, how] + [_f(test["f1"].get(g)) for g in case.groups] + [
+            f"**{_f(average(test))}**", _f(avg_ratio), _f(worst), _f(benign.get("rate")), _f(average(val))]
+        if name == "originals":
+            cells[-4:-2] = ["1.000", "1.000"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_line(key: str, cs: Mapping) -> tuple[str, bool]:
+    ref = cs["originals"]["test"]
+    test = cs["recommended"]["test"]
+    avg_ratio, worst = ratios(test, ref)
+    need_avg, need_worst = TARGETS[key]
+    ok = avg_ratio >= need_avg - 1e-12 and (need_worst is None or worst >= need_worst - 1e-12)
+    what = f"average ≥ {need_avg:.0%} of the originals'" + (f", every group ≥ {need_worst:.0%}" if need_worst else "")
+    got = f"{average(test):.4f} vs {average(ref):.4f} = {avg_ratio:.1%}" + (f"; worst group {worst:.1%}" if need_worst else "")
+    return f"{what} | {got} | {'**met**' if ok else '**not met**'}", ok
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"), "commit": commit}
+
+
+def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: Path, zoo_arg: str) -> str:
+    """The whole RESULTS.md."""
+    img = os.path.relpath(lab.img, out.parent)
+    s = lab.s
+    L: list[str] = []
+    L += [
+        "# Results: merging the guard zoo",
+        "",
+        "Generated by `make results` (`python -m hm3.results`, src/hm3/results.py); do not edit by hand.",
+        "Every number below was measured by that run (or read from its cache of an earlier identical run).",
+        "",
+        "## Machine and commands",
+        "",
+        f"- CPU: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; no GPU. torch {info['torch']} "
+        f"({info['threads']} threads), transformers {info['transformers']}, Python {info['python']}, "
+        f"hm3 at commit `{info['commit'] or '?'}`; load average {info['load']:.1f} at the start (a shared machine).",
+        f"- Wall time of this run: {info['wall'] / 60:.1f} min; compute time of all experiments (including "
+        f"those reused from the cache): {sum(lab.cache.seconds.values()) / 60:.1f} min.",
+        "",
+        "```sh",
+        f"make results            # = .venv/bin/python -m hm3.results --zoo {zoo_arg} --out {out.as_posix()}",
+        f"hm3 zoo build --out {zoo_arg}   # the zoo (make results builds it if it is missing)",
+        f"hm3 merge {zoo_arg}/merge-all.yaml -o merged-all          # the recommended 5-guard merge",
+        f"hm3 eval merged-all --suite {zoo_arg}/suites/test.jsonl   # its test scores",
+        "```",
+        "",
+        "Settings: TIES densities " + ", ".join(f"{d:g}" for d in s.ties_densities)
+        + f"; search {s.trials} trials (`hm3 search`, sampler `beta` = the paper's Beta(1.5, 4) density for all "
+        f"guards, DARE-TIES, pruning {'on' if s.prune else 'off'}); seed {s.seed}; self-merge densities "
+        + ", ".join(f"{d:g}" for d in s.self_densities) + f" on {s.self_rows} test rows per guard.",
+        "",
+        "**Protocol.** Every choice — a TIES density, the search's best trial, the recommended recipe — "
+        "was made on the validation suite (`suites/validation.jsonl`); the tables report the test suite "
+        "(`suites/test.jsonl`), which steered nothing. A suite row checks one or more groups: each guard's own test "
+        "split, plus cross-checks (e.g. every MMLU question, review and SMS must be `benign` for the jailbreak guard; "
+        "MMLU questions must be `benign` for the harm guard). Macro F1 per group is scikit-learn's over that group's "
+        "rows. *MMLU benign* = the share of MMLU rows answered right in every checked group. *Ratios* divide by the "
+        "originals (each guard on its own group, same rows).",
+        "",
+    ]
+    # targets
+    L += ["## Targets", "", "Measured on the test suite with the recommended recipes (`merge-*.yaml`).", "",
+          "| case study | target | measured | |", "|---|---|---|---|"]
+    for key, cs in results.items():
+        line, _ = target_line(key, cs)
+        L.append(f"| {CASE_STUDIES[key].title} | {line} |")
+    L += [""]
+    if any(k in PAPER for k in results):
+        L += ["For comparison, the paper (DARE-TIES search on its own guards): CS1 " + PAPER["cs1"] + "; CS2 "
+              + PAPER["cs2"] + ".", ""]
+    # guards
+    L += ["## The guards", "", "Five guards fine-tuned from all-MiniLM-L6-v2 by `hm3 zoo build` (see each "
+          "guard's README.md in the zoo). *Own test* is the guard's own test split (from its `hm3-zoo.json`); "
+          "*suite* is its group's rows of the test suite, cross-checks included.", "",
+          "| guard | labels | train | validation | test | own test macro F1 | suite rows | suite macro F1 |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    full = CaseStudy("all", "", ZOO_GROUPS)
+    orig_full = lab.originals(full, "test")
+    for g in ZOO_GROUPS:
+        m = lab.markers[g]
+        sz = m["sizes"]
+        gs = orig_full.groups.get(g)
+        L.append(f"| {g} | {', '.join(m['labels'])} | {sz['train']} | {sz['validation']} | {sz['test']} | "
+                 f"{m['metrics']['test_macro_f1']:.3f} | {gs.n if gs else 0} | {_f(gs.macro_f1 if gs else None)} |")
+    L += ["", f"Suites: validation {len(lab.suites['validation'])} rows, test {len(lab.suites['test'])} rows.", ""]
+    # case studies
+    for key, cs in results.items():
+        case = CASE_STUDIES[key]
+        L += [f"## {case.title}", "",
+              "Test-suite macro F1 per group; *validation average* is what chose the row's settings.", "",
+              case_table(case, cs), ""]
+        rec = cs["recommended"]
+        L += [f"Recommended recipe: `{Path(lab.zoo.name) / case.filename}` — {rec['how']}. "
+              f"Merged{' and re-fitted' if rec.get('refit') else ''} in {rec['merge_seconds']:.0f} s.", ""]
+        grid = ", ".join(f"{d}: {average(v):.3f}" for d, v in cs["ties_grid"].items())
+        dt = cs["dare_ties"]
+        L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
+              f"trials; best trial {dt['trial']} (density {dt['density']:.3f}).", "",
+              f"![density vs macro F1, {case.title}]({img}/results-density-{key}.png)", ""]
+    # self-merge
+    if self_merge:
+        L += ["## Self-merge", "",
+              "Each guard DARE-TIES-merged with itself (two copies, weight 0.5 each, so the expected task vector is the "
+              "guard's own; the copies drop different elements) at each density, scored on a seeded sample of the "
+              "guard's own test split. It shows what the random drop alone costs, with no conflict between tasks.", "",
+              "| guard | rows | original | " + " | ".join(f"d={d:g}" for d in s.self_densities) + " |",
+              "|---|---:|---:|" + "---:|" * len(s.self_densities)]
+        for g, d in self_merge.items():
+            L.append(f"| {g} | {d['rows']} | {d['original']:.3f} | " + " | ".join(_f(v) for v in d["f1"].values()) + " |")
+        L += ["", f"![self-merge]({img}/results-selfmerge.png)", ""]
+    # confusion matrices
+    if "all" in results:
+        rep = results["all"]["recommended"]["test_report"]
+        L += ["## Confusion matrices of the recommended all-guards merge (test suite)", ""]
+        from hm3.evaluate import Report
+
+        report = Report.from_json(rep)
+        for g, sc in report.groups.items():
+            L += [f"### {g} — macro F1 {sc.macro_f1:.3f} over {sc.n} rows", "", "```", sc.confusion_text(), "```", "",
+                  f"![confusion matrix of {g}]({img}/results-confusion-all-{g}.png)", ""]
+    # how the recipes were chosen
+    L += ["## How the recipes were chosen", ""]
+    for key in results:
+        r = RECOMMENDED[key]
+        L += [f"- **{CASE_STUDIES[key].title}** (`{CASE_STUDIES[key].filename}`): {r.why}"]
+    L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging) and the re-fit variants are compared in "
+          "[QUALITY.md](QUALITY.md).", ""]
+    return "\n".join(L)
+
+
+def describe(rec: Recommendation) -> str:
+    parts = [f"`{rec.method}`"]
+    if rec.density is not None:
+        parts.append("density " + (f"{rec.density:g}" if not isinstance(rec.density, dict)
+                                   else ", ".join(f"{g} {v:g}" for g, v in rec.density.items())))
+    if isinstance(rec.weight, dict) or rec.weight != 1.0:
+        parts.append("weight " + (f"{rec.weight:g}" if not isinstance(rec.weight, dict)
+                                  else ", ".join(f"{g} {v:g}" for g, v in rec.weight.items())))
+    if rec.parameters:
+        parts.append(", ".join(f"{k} {v}" for k, v in rec.parameters.items()))
+    if rec.refit:
+        parts.append(f"+ {rec.refit} head re-fit")
+    return ", ".join(parts)
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+def ensure_zoo(zoo: Path, threads: int | None = None) -> None:
+    """Build the zoo (``hm3.zoo.build.build_zoo``) if a guard or a suite is missing."""
+    from hm3.zoo.build import build_zoo, read_marker
+
+    missing = [g for g in ZOO_GROUPS if read_marker(zoo / g) is None]
+    suites = [s for s in SPLITS if not (zoo / "suites" / f"{s}.jsonl").is_file()]
+    if missing or suites:
+        log.info("zoo %s incomplete (missing %s): building it", zoo, ", ".join(missing + [f"suite {s}" for s in suites]))
+        build_zoo(zoo, num_threads=threads)
+
+
+def pick_threads(threads: int) -> int:
+    """2 threads on a quiet machine, 1 on a busy one (1 is faster when the cores are shared)."""
+    if threads > 0:
+        return threads
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 2 if load < 1.0 else 1
+
+
+def run_results(zoo: str | os.PathLike, out: str | os.PathLike = "docs/RESULTS.md", settings: Settings | None = None,
+                work: str | os.PathLike | None = None) -> dict:
+    """Everything ``make results`` does; returns the measured numbers (also written to RESULTS.md)."""
+    import torch
+
+    from hm3.evaluate import Report, plot_confusion
+    from hm3.io import write_text_atomic
+
+    t0 = time.perf_counter()
+    s = settings or Settings()
+    for key in s.cases:
+        if key not in CASE_STUDIES:
+            raise HM3Error(f"unknown case study {key!r}; valid: {', '.join(CASE_STUDIES)}")
+    zoo, out = Path(zoo), Path(out)
+    torch.set_num_threads(pick_threads(s.threads))
+    ensure_zoo(zoo, torch.get_num_threads())
+    write_recipes(zoo, base_model=s.base_model)
+    work = Path(work) if work is not None else zoo.resolve().parent / "results"
+    img = out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    lab = Lab(zoo, work, s, img)
+    results: dict[str, dict] = {}
+    for key in s.cases:
+        case = CASE_STUDIES[key]
+        cs = lab.case_study(case)
+        cs["recommended"]["how"] = describe(RECOMMENDED[key])
+        cs["recommended"]["refit"] = RECOMMENDED[key].refit
+        results[key] = cs
+    if "all" in results:
+        report = Report.from_json(results["all"]["recommended"]["test_report"])
+        for g, sc in report.groups.items():
+            plot_confusion(sc, img / f"results-confusion-all-{g}.png")
+    self_merge = {g: lab.self_merge(g) for g in ZOO_GROUPS} if s.self_densities else {}
+    if self_merge:
+        plot_self_merge(self_merge, img / "results-selfmerge.png")
+    info["wall"] = time.perf_counter() - t0
+    zoo_arg = os.path.relpath(zoo, Path.cwd()) if not zoo.is_absolute() or zoo.is_relative_to(Path.cwd()) else str(zoo)
+    text = render(lab, results, self_merge, info, out, zoo_arg)
+    write_text_atomic(out, text)
+    data = {"results": results, "self_merge": self_merge, "machine": info, "seconds": lab.cache.seconds}
+    write_text_atomic(work / "results.json", json.dumps(data, indent=1, default=str) + "\n")
+    log.info("wrote %s in %.1f min", out, info["wall"] / 60)
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hm3.results", description=__doc__.split("\n\n")[0])
+    p.add_argument("--zoo", required=True, type=Path, help="Zoo directory (built first if incomplete).")
+    p.add_argument("--out", default=Path("docs/RESULTS.md"), type=Path, help="Markdown file to write "
+                   "(plots go to its folder's img/).")
+    p.add_argument("--work", default=None, type=Path, help="Cache, searches and merged models "
+                   "(default: <zoo>/../results).")
+    p.add_argument("--cases", default="cs1,cs2,all", help="Case studies to run (cs1, cs2, all).")
+    p.add_argument("--trials", type=int, default=Settings.trials, help="Search trials per case study.")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: 2 on a quiet machine, else 1).")
+    p.add_argument("--nice", type=int, default=10, help="Lower this process's priority by this much (shared machine).")
+    p.add_argument("--fresh", action="store_true", help="Recompute everything (ignore the cache).")
+    p.add_argument("--progress", action="store_true", help="Progress bars.")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.nice > 0 and hasattr(os, "nice"):
+        os.nice(args.nice)
+    s = Settings(cases=tuple(c.strip() for c in args.cases.split(",") if c.strip()), trials=args.trials,
+                 threads=args.threads, fresh=args.fresh, progress=args.progress)
+    try:
+        run_results(args.zoo, args.out, s, args.work)
+    except HM3Error as e:
+        sys.stderr.write(f"error: {e}\n")  # the CLI's one-line error, as `hm3` prints it
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

