@@ -318,3 +318,40 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[t
     if not rows:
         raise HM3Error(f"{path}: the file has no texts")
     return rows
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_safetensors(state: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write ``state`` as a safetensors file, streaming each tensor's bytes from its own memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object, so
+    writing a model briefly needs twice its size; this writes the same format (8-byte header
+    length, JSON header with dtype/shape/offsets, then the data) without the copy.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    tensors = []
+    for name, t in state.items():
+        if t.dtype not in _ST_DTYPES:
+            raise HM3Error(f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors code")
+        t = t.detach().contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        tensors.append(t)
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for t in tensors:
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

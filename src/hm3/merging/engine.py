@@ -29,7 +29,7 @@ import torch
 from hm3.config import MergeConfig, load_config, resolve_param
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
-from hm3.io import AtomicDir, Checkpoint, all_finite, load_checkpoint, tokenizer_vocab
+from hm3.io import AtomicDir, Checkpoint, all_finite, load_checkpoint, save_safetensors, tokenizer_vocab
 from hm3.labels import LabelSpace, clean_labels, group_name_from
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -361,11 +361,10 @@ def merged_config(prep: Prepared):
 
 def write_model(out_dir: Path, state: dict[str, torch.Tensor], config, tokenizer_src: Path, card: str) -> None:
     """Write config, safetensors weights, tokenizer and model card into ``out_dir`` (exists, empty)."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     config.save_pretrained(str(out_dir))
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})  # no full-model copy
     try:
         AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(out_dir))
     except Exception as e:
