@@ -22,14 +22,15 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merge_results(workdir):
-    return bench.bench_merge(workdir, sizes=("tiny",), counts=(2,), methods=("ties",), repeats=1,
-                             mergekit=HAS_MERGEKIT, whole_process=False, in_process=True, bandwidth_mb=16)
+    # the cheapest complete run: hm3 in-process, one method, one repeat (one child process)
+    return bench.bench_merge(workdir, sizes=("tiny",), counts=(2,), methods=("linear",), repeats=1,
+                             mergekit=False, whole_process=False, bandwidth_mb=16)
 
 
 @pytest.fixture(scope="module")
 def inference_results(workdir):
     return bench.bench_inference(workdir, counts=(2,), n_texts=12, repeats=1, zoo=workdir / "no-zoo",
-                                 fast=("int8",), size="tiny")
+                                 fast=(), size="tiny")
 
 
 def test_make_models_reuses_and_extends(tmp_path):
@@ -46,36 +47,35 @@ def test_make_models_reuses_and_extends(tmp_path):
 
 def test_merge_bench_structure(merge_results):
     rows = merge_results["rows"]
-    tools = {(r["tool"], r["mode"]) for r in rows}
-    assert ("hm3", "in-process") in tools
-    if HAS_MERGEKIT:
-        assert ("mergekit", "in-process") in tools
+    assert {(r["tool"], r["mode"]) for r in rows} == {("hm3", "in-process")}
     for r in rows:
         assert {"size", "n", "method", "tool", "mode", "times_s", "median_s", "peak_rss_mb", "rss_x_model",
                 "floor_s", "params_m"} <= set(r)
-        assert r["size"] == "tiny" and r["n"] == 2 and r["method"] == "ties"
+        assert r["size"] == "tiny" and r["n"] == 2 and r["method"] == "linear"
         assert len(r["times_s"]) == 1 and r["peak_rss_mb"] > 0 and r["floor_s"] > 0
     (s,) = merge_results["summary"]
     assert {"speedup_process", "speedup_inprocess", "hm3_inprocess_x_floor", "hm3_rss_x_model"} <= set(s)
+    assert s["hm3_inprocess_s"] is not None and s["hm3_process_s"] is None and s["speedup_process"] is None
     assert merge_results["bandwidth_gbs"] > 0
     assert "hm3 in-process" in next(iter(merge_results["commands"].values()))
 
 
-def test_whole_process_run_and_mergekit_agreement(tmp_path):
-    """One whole-process hm3 merge through the console script; with mergekit, the deterministic
-    method's outputs are compared tensor by tensor."""
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MERGEKIT, reason="mergekit not installed")
+def test_whole_process_runs_and_mergekit_agreement(tmp_path):
+    """hm3 and mergekit console scripts on the same merge; linear differs by rounding only."""
     res = bench.bench_merge(tmp_path, sizes=("tiny",), counts=(2,), methods=("linear",), repeats=1,
-                            mergekit=HAS_MERGEKIT, whole_process=True, in_process=False, bandwidth_mb=16)
+                            mergekit=True, in_process=False, bandwidth_mb=16)
+    assert {(r["tool"], r["mode"]) for r in res["rows"]} == {("hm3", "process"), ("mergekit", "process")}
     (s,) = res["summary"]
-    assert s["hm3_process_s"] is not None and s["hm3_inprocess_s"] is None
-    if HAS_MERGEKIT:
-        assert s["max_abs_diff_vs_mergekit"] is not None and s["max_abs_diff_vs_mergekit"] < 1e-5
+    assert s["speedup_process"] is not None
+    assert s["max_abs_diff_vs_mergekit"] is not None and s["max_abs_diff_vs_mergekit"] < 1e-5
 
 
 def test_inference_bench_structure(inference_results):
     res = inference_results
     setups = {r["setup"] for r in res["rows"]}
-    assert {"originals", "merged", "merged+int8"} <= setups
+    assert setups == {"originals", "merged"}
     for r in res["rows"]:
         assert {"load_s", "infer_s", "total_s", "texts_per_s", "peak_rss_mb", "forward_passes"} <= set(r)
     originals = next(r for r in res["rows"] if r["setup"] == "originals")
@@ -84,9 +84,7 @@ def test_inference_bench_structure(inference_results):
     (s,) = res["summary"]
     assert s["target_ratio"] == pytest.approx(1.15 / 2)
     assert {"load_ratio", "infer_ratio", "total_ratio", "meets_target"} <= set(s)
-    (fast,) = res["fast"]
-    assert fast["path"] == "int8" and set(fast["agreement"]) == {"g0", "g1", "all"}
-    assert 0 <= fast["agreement"]["all"] <= 1
+    assert res["fast"] == []
 
 
 def test_report_and_plots(merge_results, inference_results, tmp_path):
@@ -97,7 +95,7 @@ def test_report_and_plots(merge_results, inference_results, tmp_path):
     for heading in ("# Benchmarks", "## Machine", "## Merging: hm3 vs mergekit", "### Raw numbers", "### Commands",
                     "## Inference: N guards vs one merged model", "![merge time vs model size](img/m.png)"):
         assert heading in text
-    assert "| tiny | 2 | ties | hm3 | in-process |" in text
+    assert "| tiny | 2 | linear | hm3 | in-process |" in text
 
 
 def test_run_child_reports_the_childs_own_peak_rss():
@@ -120,8 +118,7 @@ def test_helpers():
     assert len(texts) == 5 and all(isinstance(t, str) and t for t in texts) and "generated" in source
 
 
-@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install 'hm3[fast]')")
-def test_fastpaths_onnx_agree_with_fp32(tmp_path):
+def test_fastpaths_agree_with_fp32(tmp_path):
     import hm3
     from hm3.fastpaths import accelerate, agreement
     from hm3.testing import TASK_A, tiny_base, tiny_finetune
@@ -129,13 +126,36 @@ def test_fastpaths_onnx_agree_with_fp32(tmp_path):
     model = tiny_finetune(tiny_base(tmp_path / "base"), tmp_path / "a", TASK_A, steps=20)
     clf = hm3.load(model)
     texts = [t for t, _ in TASK_A.sample(24, seed=5)]
-    for path in ("onnx", "int8"):
+    for path in ("int8", "onnx") if HAS_ORT else ("int8",):
         fast = accelerate(clf, path, cache_dir=tmp_path / "fast")
         assert fast.space.names == clf.space.names
         agree = agreement(clf, fast, texts)
-        assert set(agree) == {"a", "all"}
+        assert set(agree) == {"a", "all"} and 0 <= agree["all"] <= 1
+    assert bench.label_agreement({"a": ["x"]}, {"a": ["x"]})["all"] == 1.0
+    if not HAS_ORT:
+        return
     # fp32 ONNX Runtime computes the same function: its probabilities match torch's closely
     onnx = accelerate(clf, "onnx", cache_dir=tmp_path / "fast")
     import numpy as np
 
     np.testing.assert_allclose(onnx.predict_proba(texts)["a"], clf.predict_proba(texts)["a"], atol=1e-4)
+
+
+def test_save_safetensors_roundtrip(tmp_path):
+    """hm3.io.save_safetensors (the merge's copy-free writer) is read back exactly by safetensors."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from hm3.io import save_safetensors
+
+    state = {"w": torch.randn(3, 5), "ids": torch.arange(7), "bf": torch.randn(4).to(torch.bfloat16),
+             "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False]), "t": torch.randn(6, 4).t(),
+             "h": torch.randn(5).half()}
+    save_safetensors(state, tmp_path / "m.safetensors", {"format": "pt"})
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as h:
+        assert h.metadata() == {"format": "pt"}

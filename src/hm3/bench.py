@@ -273,6 +273,14 @@ def run_child(cmd: list[str], *, env: dict | None = None, timeout: float = 3600)
     return Run(usage["wall"], usage["maxrss_kb"] / 1024, inner, extra)  # ru_maxrss: KiB on Linux
 
 
+def child_env(threads: int | None) -> dict | None:
+    """The environment of timed children: with ``threads``, every tool's OpenMP/MKL pools get that
+    many threads (the same for hm3 and mergekit); else the environment as it is."""
+    if not threads:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _worker_cmd(kind: str, **spec) -> list[str]:
     return [PYTHON, "-m", "hm3.bench", kind, json.dumps(spec)]
 
@@ -363,17 +371,21 @@ def bench_merge(
     whole_process: bool = True,
     check: bool = True,
     bandwidth_mb: int = 256,
+    threads: int | None = None,
 ) -> dict:
     """hm3 vs mergekit on the same merges, side by side: per (size, N, method) and repeat, hm3's
     and mergekit's whole-process runs (console scripts) and in-process runs (a worker timing the
     library call) are interleaved. Returns a JSON-able dict; medians over ``repeats``."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
+    env = child_env(threads)
     if mergekit and not _installed("mergekit"):
         log.warning("mergekit is not installed: comparing against the bandwidth floor only")
         mergekit = False
-    gbs = measure_bandwidth(bandwidth_mb)
+    # with a thread count, measured in a child with the runs' environment; else here (same default)
+    gbs = (run_child(_worker_cmd("bandwidth", mbytes=bandwidth_mb), env=env).extra["gbs"] if env
+           else measure_bandwidth(bandwidth_mb))
     results: dict[str, Any] = {"machine": _machine(), "bandwidth_gbs": gbs, "repeats": repeats, "rows": [],
-                               "commands": {}}
+                               "commands": {}, "threads": threads}
     hm3_cli, mk_cli = _bin("hm3"), (_bin("mergekit-yaml") if mergekit else None)
     for size in sizes:
         for n in counts:
@@ -404,7 +416,7 @@ def bench_merge(
                     for tool, mode, cmd in jobs:
                         if tool == "mergekit":
                             shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
-                        run = run_child(cmd)
+                        run = run_child(cmd, env=env)
                         runs[(tool, mode)].append(run)
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
                                  run.wall_s, f"{run.inner_s:.2f}s" if run.inner_s is not None else "-", run.peak_rss_mb)
@@ -534,13 +546,15 @@ def bench_inference(
     zoo: str | os.PathLike | None = None,
     fast: tuple[str, ...] = ("int8", "onnx"),
     size: str = "minilm",
+    threads: int | None = None,
 ) -> dict:
     """N original guards vs their merged model on the same texts, each run in a fresh child:
     load time, inference time, total, texts/s, peak RSS; and opt-in fast paths of the merged model
     (``hm3.fastpaths``) with their group-label agreement against fp32."""
     from hm3.merging.engine import merge
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
+    env = child_env(threads)
     guards = zoo_guards(zoo)
     source = "zoo guards"
     if len(guards) < max(counts):
@@ -552,7 +566,7 @@ def bench_inference(
     texts_file = run_dir / "texts.json"
     texts_file.write_text(json.dumps(texts))
     results: dict[str, Any] = {"machine": _machine(), "guards": source, "texts": text_source, "n_texts": len(texts),
-                               "batch_size": batch_size, "repeats": repeats, "rows": [], "fast": []}
+                               "batch_size": batch_size, "repeats": repeats, "rows": [], "fast": [], "threads": threads}
     for n in counts:
         members = guards[:n]
         merged = run_dir / f"merged{n}"
@@ -584,7 +598,7 @@ def bench_inference(
         for r in range(repeats):
             for name, cmd in list(jobs.items()):
                 try:
-                    run = run_child(cmd)
+                    run = run_child(cmd, env=env)
                 except HM3Error as e:
                     if name.startswith("merged+"):  # an optional fast path that is not installed
                         log.warning("skipping %s: %s", name, str(e).splitlines()[-1])
@@ -749,6 +763,7 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         f"| memory | {m.get('memory', '?')} |",
         f"| software | Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"mergekit {m.get('mergekit')} |",
+        f"| threads per timed process | {res.get('threads') or 'torch default'} (OMP_NUM_THREADS, same for hm3 and mergekit) |",
         f"| load average at start | {_f(m.get('load_average'))} (the machine is shared: compare the ratios, "
         "measured side by side, more than the absolute times) |",
         f"| date | {m.get('date', '?')} |",
@@ -771,7 +786,7 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
             "fine-tuned = base + small noise; weight 1, density 0.5 (TIES, DARE-TIES); float32. mergekit merges "
             "the same models with heads pre-expanded by `hm3 expand` (`--no-copy-tokenizer`, `--random-seed 0`). "
             f"Bandwidth floor: (N + 2) models' bytes (read base and N models, write one) at the measured "
-            f"{gbs:.1f} GB/s (`torch.add`, warm buffers, {m.get('torch_threads')} threads).",
+            f"{gbs:.1f} GB/s (`torch.add`, warm buffers, measured in a child with the runs' thread count).",
             "",
             "Targets (issue 6): ≥ 5× faster than mergekit's whole process for TIES and DARE-TIES on bert-base; "
             "in-process within 10× of the floor; peak RSS ≤ (N + 2) × one model.",
@@ -790,7 +805,12 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
                 f"{_f(r['mergekit_rss_x_model'], '{:.1f}')} | {_f(r['max_abs_diff_vs_mergekit'], '{:.1e}')} |"
             )
         lines += ["", "Peak RSS includes the Python interpreter, torch and transformers (about 0.3–0.5 GB), which "
-                  "weighs most on the small models.", ""]
+                  "weighs most on the small models. Max abs diff (read from the whole-process outputs): linear "
+                  "differs by rounding only (hm3 averages task vectors, mergekit weights); TIES differs only at "
+                  "elements tied at the trim threshold, where the two keep different members of the tie "
+                  "(documented in `hm3.merging.steps`) — these random fine-tunes have many tied magnitudes, as "
+                  "their deltas lie on the float32 grid of the base. DARE-TIES draws from different RNGs and is "
+                  "not compared.", ""]
         if images.get("merge"):
             lines += [f"![merge time vs model size]({images['merge']})", ""]
         lines += ["### Raw numbers", "", "| size | N | method | tool | mode | runs (s) | median s | peak RSS MB |",
@@ -841,16 +861,17 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
 
 def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool = False, repeats: int = 3,
               sizes: tuple[str, ...] = ("bert-mini", "minilm", "bert-base"), counts: tuple[int, ...] = (2, 5),
-              n_texts: int = 512, command: str = "hm3 bench all") -> dict:
+              infer_counts: tuple[int, ...] = (2, 5), n_texts: int = 512, threads: int | None = None,
+              command: str = "hm3 bench all") -> dict:
     """Both benchmarks, their plots under ``<out dir>/img/``, and the markdown report at ``out``."""
     from hm3.io import write_text_atomic
 
     out = Path(out)
     workdir = Path(workdir)
     if quick:
-        sizes, counts, repeats, n_texts = ("bert-mini",), (2,), 1, 64
-    merge_res = bench_merge(workdir, sizes=sizes, counts=counts, repeats=repeats)
-    infer_res = bench_inference(workdir, counts=counts, n_texts=n_texts, repeats=repeats)
+        sizes, counts, infer_counts, repeats, n_texts = ("bert-mini",), (2,), (2,), 1, 64
+    merge_res = bench_merge(workdir, sizes=sizes, counts=counts, repeats=repeats, threads=threads)
+    infer_res = bench_inference(workdir, counts=infer_counts, n_texts=n_texts, repeats=repeats, threads=threads)
     img = out.parent / "img"
     images = {}
     if plot_merge(merge_res, img / "bench_merge.png"):
@@ -898,6 +919,7 @@ def register(app, user_errors) -> None:
         repeats: int = typer.Option(3, min=1),
         workdir: Path = typer.Option(default_workdir, help="Benchmark models and runs (reused between runs)."),
         mergekit: bool = typer.Option(True, "--mergekit/--no-mergekit", help="Also run mergekit."),
+        threads: Optional[int] = typer.Option(None, min=1, help="OMP/MKL threads of every timed process."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw results as JSON."),
     ) -> None:
         """The same merges by hm3 and mergekit, whole process and in-process, vs the bandwidth floor."""
@@ -907,7 +929,7 @@ def register(app, user_errors) -> None:
         if bad:
             raise HM3Error(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(REGISTRY)}")
         res = bench_merge(workdir, sizes=_sizes(sizes), counts=_ints(models), methods=_csv(methods),
-                          repeats=repeats, mergekit=mergekit)
+                          repeats=repeats, mergekit=mergekit, threads=threads)
         _echo_json(res["summary"], json_out, res)
 
     @bench.command("inference")
@@ -919,6 +941,7 @@ def register(app, user_errors) -> None:
         repeats: int = typer.Option(3, min=1),
         fast: str = typer.Option("int8,onnx", help="Fast paths to compare (int8, onnx, onnx-int8; empty: none)."),
         zoo: Optional[Path] = typer.Option(None, help="Guard zoo (default .cache/hm3/zoo; random guards if absent)."),
+        threads: Optional[int] = typer.Option(None, min=1, help="OMP/MKL threads of every timed process."),
         workdir: Path = typer.Option(default_workdir),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw results as JSON."),
     ) -> None:
@@ -929,7 +952,7 @@ def register(app, user_errors) -> None:
         if bad:
             raise HM3Error(f"--fast: unknown path {bad[0]!r}; valid: {', '.join(PATHS)}")
         res = bench_inference(workdir, counts=_ints(models), n_texts=texts, batch_size=batch_size, repeats=repeats,
-                              zoo=zoo, fast=_csv(fast))
+                              zoo=zoo, fast=_csv(fast), threads=threads)
         _echo_json(res["summary"] + res["fast"], json_out, res)
 
     @bench.command("all")
@@ -939,14 +962,16 @@ def register(app, user_errors) -> None:
         workdir: Path = typer.Option(default_workdir),
         repeats: int = typer.Option(3, min=1),
         sizes: str = typer.Option("bert-mini,minilm,bert-base"),
-        models: str = typer.Option("2,5", "--models"),
+        models: str = typer.Option("2,5", "--models", help="Numbers of models merged."),
+        inference_models: str = typer.Option("2,5", "--inference-models", help="Numbers of guards (inference)."),
         texts: int = typer.Option(512, min=1),
+        threads: Optional[int] = typer.Option(None, min=1, help="OMP/MKL threads of every timed process."),
         quick: bool = typer.Option(False, help="A minute-scale smoke run: bert-mini, 2 models, 1 repeat, 64 texts."),
     ) -> None:
         """Both benchmarks; writes the report with machine, commands, raw numbers and plots."""
         cmd = "hm3 bench all " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "hm3 bench all --out docs/BENCHMARKS.md"
         bench_all(out, workdir, quick=quick, repeats=repeats, sizes=_sizes(sizes), counts=_ints(models),
-                  n_texts=texts, command=cmd.strip())
+                  infer_counts=_ints(inference_models), n_texts=texts, threads=threads, command=cmd.strip())
         typer.echo(f"wrote {out}")
 
 
@@ -990,7 +1015,7 @@ def _worker(kind: str, spec: dict) -> dict:
         _hm3_process_settings()
         return _infer(spec)
     if kind == "bandwidth":
-        return {"seconds": 0.0, "gbs": measure_bandwidth()}
+        return {"seconds": 0.0, "gbs": measure_bandwidth(spec.get("mbytes", 256))}
     raise HM3Error(f"unknown benchmark worker {kind!r}")
 
 
