@@ -180,7 +180,7 @@ def test_self_merge(zoo, tmp_path):
 def test_resume_after_sigkill_loses_and_repeats_nothing(zoo, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "hm3.cli", "search", str(zoo["recipe"]), "--validation", str(zoo["val"]),
-           "--trials", "9", "--out", str(out), "--no-progress", "--sampler", "tpe", "--no-prune"]
+           "--trials", "7", "--out", str(out), "--no-progress", "--sampler", "tpe", "--no-prune"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"sqlite:///{out / 'study.db'}"
 
@@ -191,20 +191,20 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(zoo, tmp_path):
             return []
         return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
-    deadline = time.time() + 240
-    while len(complete()) < 3 and proc.poll() is None and time.time() < deadline:
+    deadline = time.time() + 900  # generous: the machine may be shared
+    while len(complete()) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {t.number: (t.params, t.value) for t in complete()}
-    assert 3 <= len(before) < 9
+    assert 2 <= len(before) < 7
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     after = complete()
     numbers = [t.number for t in after]
-    assert len(numbers) == len(set(numbers)) == 9
+    assert len(numbers) == len(set(numbers)) == 7
     for t in after:  # every trial finished before the kill is still there, unchanged
         if t.number in before:
             assert (t.params, t.value) == before[t.number]
