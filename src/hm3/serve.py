@@ -64,7 +64,7 @@ class Settings:
     max_batch_texts: int = 64  # texts per micro-batch (one predict_proba call)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue_texts: int = 4096  # texts waiting; beyond that new requests get 503 (back-pressure)
-    batch_size: int = 32  # windows per padded forward pass inside a micro-batch
+    batch_size: int = 8  # windows per padded forward pass (small: less padding and activation memory)
     threads: Optional[int] = None  # torch threads of the inference thread (None: default_threads())
     api_key: Optional[str] = field(default=None, repr=False)
     aggregate: str = "mean"  # long texts: mean or max over windows (as in `hm3 predict`)
