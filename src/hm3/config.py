@@ -110,7 +110,7 @@ class RefitConfig(BaseModel):
     validation: dict[str, str] = Field(default_factory=dict)  # group -> file for choosing c
     teachers: dict[str, str] = Field(default_factory=dict)  # distill: group -> original guard dir
     groups: list[str] | None = None  # default: every group with data
-    max_texts: int = Field(2000, ge=1)
+    max_texts: int = Field(500, ge=1)  # per group (and per validation file), a seeded sample
     c: Union[Literal["auto"], float] = "auto"
     temperature: float = Field(1.0, gt=0)
     max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window

@@ -146,7 +146,7 @@ def learn_coefficients(
         seed=cfg.seed,
         recipe=recipe,
     )
-    info: dict[str, Any] = {"objective": ada.objective, "steps": ada.steps, "lr": ada.lr,
+    info: dict[str, Any] = {"objective": ada.objective, "steps": ada.steps, "lr": ada.lr, "max_length": ada.max_length,
                             "texts_per_group": {g: len(t) for g, t in picked.items()}}
 
     def compute():
