@@ -683,8 +683,14 @@ def _is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
+# Seconds an idle connection stays open. Longer than common clients' idle expiry (httpx 5 s, aiohttp
+# 15 s): when both sides time out together, a request sent as the server closes is reset (HTTP/1.1's
+# keep-alive race; uvicorn's own default of 5 s equals httpx's and produced such resets in our load test).
+KEEP_ALIVE = 20.0
+
+
 def run(model: "str | os.PathLike", host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None,
-        log_level: str = "info", keep_alive: float = 5.0) -> None:
+        log_level: str = "info", keep_alive: float = KEEP_ALIVE) -> None:
     """Load ``model`` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
 
     ``keep_alive``: seconds an idle HTTP connection stays open; behind a load balancer that reuses
@@ -721,7 +727,8 @@ def background_server(app: "FastAPI", host: str = "127.0.0.1", port: int = 0,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_keep_alive=KEEP_ALIVE))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hm3-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -765,8 +772,8 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(Settings.batch_size, help="Windows per padded forward pass."),
         threads: Optional[int] = typer.Option(None, help="Torch threads (default: the CPUs this process may use)."),
         aggregate: str = typer.Option("mean", help="Long texts: 'mean' or 'max' over windows."),
-        keep_alive: float = typer.Option(5.0, help="Seconds an idle connection stays open (above the load "
-                                         "balancer's idle timeout)."),
+        keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
+                                         "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
