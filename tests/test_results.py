@@ -124,6 +124,39 @@ def test_case_study_tables(results):
     assert results["data"]["results"]["cs2"]["originals"]["test"]["benign"] is None
 
 
+def test_ablation_tables(results):
+    """Issue 9's ablation: every configuration merged on disk, scored, timed; the best by validation marked."""
+    part = results["md"].split("## Ablation", 1)[1]
+    names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)", "RegMean", "Fisher",
+             "AdaMerging", "RegMean + re-fit (labelled)", "RegMean + re-fit (distilled)"]
+    for key, case in CASE_STUDIES.items():
+        rows = table_after(part, f"### {case.title}")
+        header, body = rows[0], rows[1:]
+        n = len(case.groups)
+        assert header[2 + n:] == ["/ originals", "worst group ratio", "MMLU benign", "validation / originals",
+                                  "merge wall s (CPU s)"]
+        assert [r[0].replace("**", "").replace(" (best on validation)", "") for r in body] == ["originals"] + names
+        bold = [r for r in body if r[0].endswith("(best on validation)**") or "(best on validation)" in r[0]]
+        assert len(bold) == 1
+        ab = results["data"]["results"][key]["ablation"]
+        orig = [float(x) for x in body[0][2:2 + n]]
+        val_ratio = {r[0]: float(r[5 + n]) for r in body[1:]}
+        assert max(val_ratio.values()) == pytest.approx(val_ratio[bold[0][0]], abs=1e-9)
+        for r in body[1:]:
+            f1 = [float(x) for x in r[2:2 + n]]
+            if sum(orig) > 0:  # the ratio column is the average over the originals' average
+                assert float(r[2 + n].strip("*")) == pytest.approx(sum(f1) / sum(orig), abs=3e-3)
+            wall, cpu = re.fullmatch(r"(\d+) \((\d+)\)", r[6 + n]).groups()
+            assert int(wall) >= 0 and int(cpu) >= 0
+        # re-fitted rows really carry a re-fit; data-aware rows really read their statistics
+        assert ab["TIES + re-fit (labelled)"]["refit_seconds"] is not None
+        assert ab["TIES + re-fit (distilled)"]["refit_seconds"] is not None
+        assert ab["TIES"]["refit_seconds"] is None and ab["TIES"]["data_seconds"] is None
+        for name in ("RegMean", "Fisher", "AdaMerging"):
+            assert ab[name]["data_seconds"] is not None, name
+    assert "Distilled vs labelled re-fit (TIES)" in part
+
+
 def test_targets_guards_self_merge_and_confusions(results):
     md = results["md"]
     targets = table_after(md, "## Targets")

@@ -65,6 +65,8 @@ class Settings:
     prune: bool = True  # stop hopeless search trials after a quarter of the validation texts
     self_densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
     self_rows: int = 120  # rows of each guard's test split in the self-merge study (seeded sample)
+    ablation: bool = True  # issue 9: TIES / DARE-TIES vs re-fit, RegMean, Fisher, AdaMerging, merged on disk
+    regmean_alpha: float = 0.9  # RegMean's off-diagonal shrink (1: none)
     batch_size: int = 32
     threads: int = 0  # torch threads; 0: 2 on a quiet machine, else 1
     seed: int = 0
@@ -74,7 +76,7 @@ class Settings:
 
     def spec(self) -> dict:
         d = asdict(self)
-        for k in ("threads", "fresh", "progress", "cases"):
+        for k in ("threads", "fresh", "progress", "cases", "ablation", "regmean_alpha"):
             d.pop(k)
         return d
 
@@ -276,18 +278,68 @@ class Lab:
     # -- the recommended recipe ----------------------------------------------------------------------
     def recommended(self, case: CaseStudy) -> dict:
         """Merge the recommended recipe to disk (with its re-fit, if any) and evaluate it."""
+        return self.disk_merge(case, None, what="recommended")
+
+    # -- the ablation of issue 9: training-free vs data-aware ------------------------------------------
+    def ablation_configs(self, cs: Mapping) -> list[tuple[str, Recommendation]]:
+        """The ablation's rows for one case study; TIES / DARE-TIES at the densities the sweep and the
+        search chose on validation."""
+        d_ties, d_dare = float(cs["ties"]["density"]), round(float(cs["dare_ties"]["density"]), 4)
+        regmean = {"regmean_alpha": self.s.regmean_alpha}
+        return [
+            ("TIES", Recommendation("ties", density=d_ties)),
+            ("DARE-TIES", Recommendation("dare_ties", density=d_dare)),
+            ("TIES + re-fit (labelled)", Recommendation("ties", density=d_ties, refit="labelled")),
+            ("TIES + re-fit (distilled)", Recommendation("ties", density=d_ties, refit="distill")),
+            ("RegMean", Recommendation("regmean", parameters=regmean)),
+            ("Fisher", Recommendation("fisher")),
+            ("AdaMerging", Recommendation("adamerging")),
+            ("RegMean + re-fit (labelled)", Recommendation("regmean", parameters=regmean, refit="labelled")),
+            ("RegMean + re-fit (distilled)", Recommendation("regmean", parameters=regmean, refit="distill")),
+        ]
+
+    def ablation(self, case: CaseStudy, cs: Mapping) -> dict[str, dict]:
+        """Each configuration merged to disk by ``hm3.merge`` — data-aware statistics, re-fit and all —
+        timed, then scored on both suites. Statistics, features and teachers are cached per case under
+        the work directory, so the times are those of a first run (cache cleared before each merge)."""
+        out = {}
+        for name, rec in self.ablation_configs(cs):
+            out[name] = self.disk_merge(case, rec, what="ablation")
+            out[name]["how"] = describe(rec)
+        return out
+
+    def disk_merge(self, case: CaseStudy, rec: Recommendation | None, what: str) -> dict:
+        """Merge ``rec`` (default: the recommended recipe) to disk with ``hm3.merge``, timed from a cold
+        statistics cache, and evaluate it on both suites."""
+        import shutil
+
         import hm3
         from hm3.evaluate import evaluate
 
-        cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model)
-        spec = {"what": "recommended", "case": case.key, "recipe": cfg}
-        model_dir = self.work / "models" / f"{case.key}-{self.cache.key(spec)[:8]}"
+        cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model, rec=rec)
+        spec = {"what": what, "case": case.key, "recipe": cfg, "batch": self.s.batch_size}
+        key = self.cache.key(spec)[:8]
+        model_dir = self.work / "models" / f"{case.key}-{key}"
 
         def compute():
-            t0 = time.perf_counter()
-            hm3.merge(cfg, model_dir, force=True, progress=self.s.progress)
-            merge_seconds = time.perf_counter() - t0
-            out = {"merge_seconds": merge_seconds}
+            cache_dir = self.work / "merge-cache" / key  # cold: the time includes every statistic
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            before = os.environ.get("HM3_CACHE")
+            os.environ["HM3_CACHE"] = str(cache_dir)
+            try:
+                t0, c0 = time.perf_counter(), time.process_time()
+                hm3.merge(cfg, model_dir, force=True, progress=self.s.progress)
+                out = {"merge_seconds": time.perf_counter() - t0, "merge_cpu_seconds": time.process_time() - c0,
+                       "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            finally:
+                if before is None:
+                    os.environ.pop("HM3_CACHE", None)
+                else:
+                    os.environ["HM3_CACHE"] = before
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("hm3", {})
+            out["refit_seconds"] = (meta.get("refit") or {}).get("seconds")
+            out["data_seconds"] = (meta.get("data") or {}).get("seconds")
             for split in SPLITS:
                 report = evaluate([model_dir], restrict(self.suites[split], case.groups), self.s.batch_size,
                                   suite_name=f"{split} suite")
@@ -332,8 +384,11 @@ class Lab:
         sweep = self.sweep(case)
         search = self.search(case)
         rec = self.recommended(case)
+        cs = {"originals": originals, **sweep, "dare_ties": search, "recommended": rec}
+        if self.s.ablation:
+            cs["ablation"] = self.ablation(case, cs)
         log.info("%s done in %.0fs", case.key, time.perf_counter() - t0)
-        return {"originals": originals, **sweep, "dare_ties": search, "recommended": rec}
+        return cs
 
 
 # -- plots -------------------------------------------------------------------------------------------
@@ -403,6 +458,33 @@ def case_table(case: CaseStudy, cs: Mapping) -> str:
         if name == "originals":
             cells[-4:-2] = ["1.000", "1.000"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_by_validation(cs: Mapping) -> str:
+    """The ablation row with the best validation average ratio (ties: the better worst group)."""
+    ref = cs["originals"]["validation"]
+    return max(cs["ablation"], key=lambda n: ratios(cs["ablation"][n]["validation"], ref))
+
+
+def ablation_table(case: CaseStudy, cs: Mapping) -> str:
+    ref, ref_val = cs["originals"]["test"], cs["originals"]["validation"]
+    best = best_by_validation(cs)
+    head = (["configuration", "recipe"] + list(case.groups)
+            + ["/ originals", "worst group ratio", "MMLU benign", "validation / originals", "merge wall s (CPU s)"])
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    benign_ref = (ref.get("benign") or {}).get("rate")
+    lines.append("| originals | each guard on its own group | " + " | ".join(_f(ref["f1"].get(g)) for g in case.groups)
+                 + f" | 1.000 | 1.000 | {_f(benign_ref)} | 1.000 | – |")
+    for name, r in cs["ablation"].items():
+        avg_ratio, worst = ratios(r["test"], ref)
+        val_ratio, _ = ratios(r["validation"], ref_val)
+        benign = (r["test"].get("benign") or {}).get("rate")
+        label = f"**{name}** (best on validation)" if name == best else name
+        lines.append("| " + " | ".join(
+            [label, r["how"]] + [_f(r["test"]["f1"].get(g)) for g in case.groups]
+            + [f"**{_f(avg_ratio)}**" if name == best else _f(avg_ratio), _f(worst), _f(benign), _f(val_ratio),
+               f"{r['merge_seconds']:.0f} ({r['merge_cpu_seconds']:.0f})"]) + " |")
     return "\n".join(lines)
 
 
@@ -525,6 +607,29 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
               f"trials; best trial {dt['trial']} (density {dt['density']:.3f}).", "",
               f"![density vs macro F1, {case.title}]({img}/results-density-{key}.png)", ""]
+    # ablation (issue 9)
+    if any("ablation" in cs for cs in results.values()):
+        L += ["## Ablation: training-free merges, head re-fit and data-aware methods", "",
+              "Each configuration merged to disk by `hm3.merge` from a cold statistics cache (the wall time "
+              "includes every data-aware step: Gram matrices, Fishers, AdaMerging's coefficients, the re-fit's "
+              "features and teachers), then scored on both suites. TIES and DARE-TIES use the densities chosen "
+              "above on validation. *Re-fit (labelled)*: each group's head rows re-fitted by logistic regression on "
+              f"the merged body's features of up to 500 of the guard's own training texts, C chosen on its "
+              "validation split. *Re-fit (distilled)*: the same fit against the original guard's probabilities on "
+              "those texts, labels unused (C on a hold-out of them). RegMean (off-diagonal shrink "
+              f"{s.regmean_alpha:g}), Fisher and AdaMerging read up to 256 unlabelled training texts per guard. "
+              "The row in bold has the best validation ratio; the test columns steered nothing.", ""]
+        for key, cs in results.items():
+            if "ablation" not in cs:
+                continue
+            case = CASE_STUDIES[key]
+            L += [f"### {case.title}", "", ablation_table(case, cs), ""]
+            rows = cs["ablation"]
+            if "TIES + re-fit (labelled)" in rows and "TIES + re-fit (distilled)" in rows:
+                lab_r = ratios(rows["TIES + re-fit (labelled)"]["test"], cs["originals"]["test"])[0]
+                dis_r = ratios(rows["TIES + re-fit (distilled)"]["test"], cs["originals"]["test"])[0]
+                L += [f"Distilled vs labelled re-fit (TIES): {dis_r:.3f} vs {lab_r:.3f} of the originals "
+                      f"(difference {dis_r - lab_r:+.3f}; target: within 0.01).", ""]
     # self-merge
     if self_merge:
         L += ["## Self-merge", "",
@@ -551,8 +656,8 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
     for key in results:
         r = RECOMMENDED[key]
         L += [f"- **{CASE_STUDIES[key].title}** (`{CASE_STUDIES[key].filename}`): {r.why}"]
-    L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging) and the re-fit variants are compared in "
-          "[QUALITY.md](QUALITY.md).", ""]
+    L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging) and the re-fit variants are compared in the "
+          "ablation above.", ""]
     return "\n".join(L)
 
 

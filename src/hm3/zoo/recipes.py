@@ -116,6 +116,8 @@ def recipe(
         out["parameters"] = dict(rec.parameters)
     out["dtype"] = "float32"
     out["seed"] = rec.seed
+    if _needs_texts(rec.method):  # data-aware methods: statistics from each guard's own (unlabelled) texts
+        out["data"] = {"texts": {g: path(g, "train.jsonl") for g in case.groups}}
     if rec.refit:
         out["refit"] = {
             "mode": rec.refit,
@@ -123,6 +125,12 @@ def recipe(
             **({"validation": {g: path(g, "validation.jsonl") for g in case.groups}} if rec.refit == "labelled" else {}),
         }
     return out
+
+
+def _needs_texts(method: str) -> bool:
+    from hm3.merging.methods import REGISTRY
+
+    return method in REGISTRY and bool(REGISTRY[method].needs_stats)
 
 
 def recipe_yaml(key: str, base_model: str = BASE) -> str:
