@@ -128,7 +128,7 @@ def test_ablation_tables(results):
     """Issue 9's ablation: every configuration merged on disk, scored, timed; the best by validation marked."""
     part = results["md"].split("## Ablation", 1)[1]
     names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)", "RegMean", "Fisher",
-             "AdaMerging", "RegMean + re-fit (labelled)", "RegMean + re-fit (distilled)"]
+             "AdaMerging", "RegMean + re-fit (labelled)"]
     for key, case in CASE_STUDIES.items():
         rows = table_after(part, f"### {case.title}")
         header, body = rows[0], rows[1:]

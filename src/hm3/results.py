@@ -57,14 +57,15 @@ PAPER = {"cs1": "0.829 vs 0.768 (beat the originals)", "cs2": "0.925 vs 0.939 (f
 
 @dataclass
 class Settings:
-    """What ``make results`` runs. The defaults keep a fresh run under ~45 minutes on 2 CPU cores."""
+    """What ``make results`` runs: about an hour on 2 CPU cores (two processes, ``make results``)."""
 
     cases: tuple[str, ...] = ("cs1", "cs2", "all")
-    ties_densities: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
-    trials: int = 12  # search trials per case study (the paper's Beta sampler, DARE-TIES)
+    ties_densities: tuple[float, ...] = (0.2, 0.4, 0.7)
+    trials: int = 10  # search trials per case study (the paper's Beta sampler, DARE-TIES)
     prune: bool = True  # stop hopeless search trials after a quarter of the validation texts
     self_densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
     self_rows: int = 120  # rows of each guard's test split in the self-merge study (seeded sample)
+    recommended: bool = True  # merge and score the zoo's merge-*.yaml (False: compute the rest only)
     ablation: bool = True  # issue 9: TIES / DARE-TIES vs re-fit, RegMean, Fisher, AdaMerging, merged on disk
     regmean_alpha: float = 0.9  # RegMean's off-diagonal shrink (1: none)
     batch_size: int = 32
@@ -74,11 +75,9 @@ class Settings:
     fresh: bool = False
     progress: bool = False
 
-    def spec(self) -> dict:
-        d = asdict(self)
-        for k in ("threads", "fresh", "progress", "cases", "ablation", "regmean_alpha"):
-            d.pop(k)
-        return d
+    def search_spec(self) -> dict:
+        """What the search's results depend on (its directory's key)."""
+        return {k: getattr(self, k) for k in ("trials", "prune", "batch_size", "seed", "base_model")}
 
 
 # -- bookkeeping ---------------------------------------------------------------------------------------
@@ -246,7 +245,7 @@ class Lab:
 
         settings = SearchSettings(sampler="beta", objective="average", prune=self.s.prune, seed=self.s.seed,
                                   batch_size=self.s.batch_size)
-        out = self.work / f"search-{case.key}-{self.cache.key({'what': 'search', 'case': case.key, **self.s.spec()})[:8]}"
+        out = self.work / f"search-{case.key}-{self.cache.key({'what': 'search', 'case': case.key, **self.s.search_spec()})[:8]}"
         if self.s.fresh and out.exists():
             import shutil
 
@@ -278,7 +277,7 @@ class Lab:
     # -- the recommended recipe ----------------------------------------------------------------------
     def recommended(self, case: CaseStudy) -> dict:
         """Merge the recommended recipe to disk (with its re-fit, if any) and evaluate it."""
-        return self.disk_merge(case, None, what="recommended")
+        return self.disk_merge(case, None)
 
     # -- the ablation of issue 9: training-free vs data-aware ------------------------------------------
     def ablation_configs(self, cs: Mapping) -> list[tuple[str, Recommendation]]:
@@ -295,7 +294,6 @@ class Lab:
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
             ("RegMean + re-fit (labelled)", Recommendation("regmean", parameters=regmean, refit="labelled")),
-            ("RegMean + re-fit (distilled)", Recommendation("regmean", parameters=regmean, refit="distill")),
         ]
 
     def ablation(self, case: CaseStudy, cs: Mapping) -> dict[str, dict]:
@@ -304,11 +302,11 @@ class Lab:
         the work directory, so the times are those of a first run (cache cleared before each merge)."""
         out = {}
         for name, rec in self.ablation_configs(cs):
-            out[name] = self.disk_merge(case, rec, what="ablation")
+            out[name] = self.disk_merge(case, rec)
             out[name]["how"] = describe(rec)
         return out
 
-    def disk_merge(self, case: CaseStudy, rec: Recommendation | None, what: str) -> dict:
+    def disk_merge(self, case: CaseStudy, rec: Recommendation | None) -> dict:
         """Merge ``rec`` (default: the recommended recipe) to disk with ``hm3.merge``, timed from a cold
         statistics cache, and evaluate it on both suites."""
         import shutil
@@ -317,7 +315,8 @@ class Lab:
         from hm3.evaluate import evaluate
 
         cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model, rec=rec)
-        spec = {"what": what, "case": case.key, "recipe": cfg, "batch": self.s.batch_size}
+        # keyed by the recipe alone: a recommended recipe that is also an ablation row is merged once
+        spec = {"what": "disk-merge", "case": case.key, "recipe": cfg, "batch": self.s.batch_size}
         key = self.cache.key(spec)[:8]
         model_dir = self.work / "models" / f"{case.key}-{key}"
 
@@ -383,10 +382,11 @@ class Lab:
         originals = {split: scores_of(self.originals(case, split)) for split in SPLITS}
         sweep = self.sweep(case)
         search = self.search(case)
-        rec = self.recommended(case)
-        cs = {"originals": originals, **sweep, "dare_ties": search, "recommended": rec}
+        cs = {"originals": originals, **sweep, "dare_ties": search}
         if self.s.ablation:
             cs["ablation"] = self.ablation(case, cs)
+        if self.s.recommended:
+            cs["recommended"] = self.recommended(case)
         log.info("%s done in %.0fs", case.key, time.perf_counter() - t0)
         return cs
 
@@ -722,9 +722,14 @@ def run_results(zoo: str | os.PathLike, out: str | os.PathLike = "docs/RESULTS.m
     for key in s.cases:
         case = CASE_STUDIES[key]
         cs = lab.case_study(case)
-        cs["recommended"]["how"] = describe(RECOMMENDED[key])
-        cs["recommended"]["refit"] = RECOMMENDED[key].refit
         results[key] = cs
+        if s.recommended:
+            cs["recommended"]["how"] = describe(RECOMMENDED[key])
+            cs["recommended"]["refit"] = RECOMMENDED[key].refit
+    if not s.recommended:  # --compute-only: the results are in the cache; a full run renders them
+        self_merge = {g: lab.self_merge(g) for g in ZOO_GROUPS} if s.self_densities else {}
+        log.info("computed %s in %.1f min (not rendered)", ", ".join(s.cases), (time.perf_counter() - t0) / 60)
+        return {"results": results, "self_merge": self_merge, "seconds": lab.cache.seconds}
     if "all" in results:
         report = Report.from_json(results["all"]["recommended"]["test_report"])
         for g, sc in report.groups.items():
@@ -753,6 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=Settings.trials, help="Search trials per case study.")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: 2 on a quiet machine, else 1).")
     p.add_argument("--nice", type=int, default=10, help="Lower this process's priority by this much (shared machine).")
+    p.add_argument("--no-self-merge", action="store_true", help="Skip the self-merge study.")
+    p.add_argument("--compute-only", action="store_true", help="Fill the cache for --cases (all but the "
+                   "recommended recipes) and write nothing else; for parallel runs before a full one.")
+    p.add_argument("--no-ablation", action="store_true", help="Skip the ablation (re-fit and data-aware methods).")
     p.add_argument("--fresh", action="store_true", help="Recompute everything (ignore the cache).")
     p.add_argument("--progress", action="store_true", help="Progress bars.")
     args = p.parse_args(argv)
@@ -763,7 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nice > 0 and hasattr(os, "nice"):
         os.nice(args.nice)
     s = Settings(cases=tuple(c.strip() for c in args.cases.split(",") if c.strip()), trials=args.trials,
-                 threads=args.threads, fresh=args.fresh, progress=args.progress)
+                 threads=args.threads, fresh=args.fresh, progress=args.progress, ablation=not args.no_ablation,
+                 recommended=not args.compute_only,
+                 **({"self_densities": ()} if args.no_self_merge else {}))
     try:
         run_results(args.zoo, args.out, s, args.work)
     except HM3Error as e:
