@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -308,54 +307,16 @@ def floor_seconds(model_bytes: int, n: int, gbs: float) -> float:
 
 
 def _machine() -> dict:
-    import torch
+    from hm3.sysinfo import machine, package_version
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import mergekit  # noqa: F401
-        from importlib.metadata import version
-
-        mk = version("mergekit")
-    except Exception:  # not installed: the comparison is skipped
-        mk = None
-    from importlib.metadata import version as _v
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory": mem,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _v("transformers"),
-        "mergekit": mk,
-        "hm3": _v("hm3") if _installed("hm3") else "dev",
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
+    mk = package_version("mergekit")  # not installed: the comparison is skipped
+    return {**machine(), "mergekit": mk, "hm3": package_version("hm3") or "dev"}
 
 
 def _installed(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
+    from hm3.sysinfo import package_version
 
-    try:
-        version(dist)
-        return True
-    except PackageNotFoundError:
-        return False
+    return package_version(dist) is not None
 
 
 # -- the merge benchmark -------------------------------------------------------------------------------

@@ -31,12 +31,10 @@ import json
 import logging
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -500,32 +498,9 @@ def target_line(key: str, cs: Mapping) -> tuple[str, bool]:
 
 
 def machine() -> dict:
-    import torch
+    from hm3.sysinfo import machine as info
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"), "commit": commit}
+    return info()
 
 
 def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: Path, zoo_arg: str) -> str:
@@ -542,8 +517,8 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         "## Machine and commands",
         "",
         f"- CPU: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; no GPU. torch {info['torch']} "
-        f"({info['threads']} threads), transformers {info['transformers']}, Python {info['python']}, "
-        f"hm3 at commit `{info['commit'] or '?'}`; load average {info['load']:.1f} at the start (a shared machine).",
+        f"({info['torch_threads']} threads), transformers {info['transformers']}, Python {info['python']}, "
+        f"hm3 at commit `{info['commit'] or '?'}`; load average {info['load_average'] or float('nan'):.1f} at the start (a shared machine).",
         f"- Wall time of this run: {info['wall'] / 60:.1f} min; compute time of all experiments (including "
         f"those reused from the cache): {sum(lab.cache.seconds.values()) / 60:.1f} min.",
         "",

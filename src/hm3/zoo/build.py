@@ -53,6 +53,18 @@ DEFAULT_LR: dict[str, float] = {
     "question": 1e-4,
 }
 MAX_LENGTH = 128
+#: fine-tuning styles for ``--style`` (issue 9: guards that interfere less when merged). Each maps to
+#: options of :func:`hm3.zoo.finetune.finetune` (``lr_scale`` multiplies the guard's learning rate).
+#: ``lp-ft``: linear probe, then fine-tune (Kumar et al. 2022: less feature distortion). ``frozen-
+#: embeddings``: the embedding tables (half of MiniLM's weights) stay the base's, so they cannot
+#: conflict. ``small-steps``: half the learning rate, a shorter task vector. Whether each helps the
+#: merge is measured in docs/RESULTS.md, not assumed.
+STYLES: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "lp-ft": {"probe_epochs": 1},
+    "frozen-embeddings": {"freeze_embeddings": True},
+    "small-steps": {"lr_scale": 0.5},
+}
 #: torch threads while building. One, not two, on our 2-core machines: with other jobs running, two
 #: threads wait on each other at every parallel region. Measured for the demo guard (spam, 600 examples,
 #: 2 epochs, load ~5): 107 s wall / 71 s CPU with 1 thread against 514 s / 357 s with 2, same weights.
@@ -203,8 +215,12 @@ def build_guard(
     num_threads: int | None = NUM_THREADS,
     progress: bool = True,
     force: bool = False,
+    style: str = "standard",
 ) -> dict[str, Any]:
     """Build one guard into ``out_dir/<group>/`` (``out_dir`` is the zoo root) and return its marker.
+
+    ``style``: a fine-tuning style of :data:`STYLES`. A complete guard of another style is an error
+    (build the other style into its own zoo directory).
 
     Skips a complete guard unless ``force``. ``max_train`` / ``epochs`` default to the per-guard
     :data:`hm3.zoo.data.DEFAULT_MAX_TRAIN` / :data:`DEFAULT_EPOCHS`, ``lr`` to :data:`DEFAULT_LR`.
@@ -212,8 +228,13 @@ def build_guard(
     ``None`` keeps torch's setting).
     """
     _check_group(group)
+    if style not in STYLES:
+        raise HM3Error(f"unknown fine-tuning style {style!r}; valid: {', '.join(STYLES)}")
     guard_dir = Path(out_dir) / group
     marker = read_marker(guard_dir)
+    if marker is not None and not force and marker.get("style", "standard") != style:
+        raise HM3Error(f"{guard_dir} was built with style {marker.get('style', 'standard')!r}, not {style!r}. "
+                       "Fix: build each style into its own --out directory (or pass force to rebuild).")
     if marker is not None and not force:
         log.info(
             "%s: complete in %s, skipping (test macro F1 %.4f)",
@@ -223,7 +244,8 @@ def build_guard(
         )
         return marker
     epochs = DEFAULT_EPOCHS[group] if epochs is None else epochs
-    lr = DEFAULT_LR[group] if lr is None else lr
+    options = dict(STYLES[style])
+    lr = (DEFAULT_LR[group] if lr is None else lr) * options.pop("lr_scale", 1.0)
     base = Path(base_dir) if base_dir is not None else base_model_dir()
     with torch_threads(num_threads):
         return _build_guard(
@@ -238,6 +260,8 @@ def build_guard(
             batch_size=batch_size,
             max_length=max_length,
             progress=progress,
+            style=style,
+            options=options,
         )
 
 
@@ -254,6 +278,8 @@ def _build_guard(
     batch_size: int,
     max_length: int,
     progress: bool,
+    style: str,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_guard(group, seed=seed, cache=cache, max_train=max_train)
@@ -271,6 +297,7 @@ def _build_guard(
         max_length=max_length,
         seed=seed,
         progress=progress,
+        **options,
     )
     for split in SPLITS:
         write_jsonl(guard_dir / f"{split}.jsonl", data.split(split))
@@ -283,6 +310,7 @@ def _build_guard(
         "seed": seed,
         "max_train": DEFAULT_MAX_TRAIN[group] if max_train is None else max_train,
         "epochs": epochs,
+        "style": style,
         "sizes": data.sizes(),
         "label_counts": {split: data.label_counts(split) for split in SPLITS},
         "metrics": {
@@ -349,6 +377,7 @@ def build_zoo(
     progress: bool = True,
     cache: str | os.PathLike[str] | None = None,
     num_threads: int | None = NUM_THREADS,
+    style: str = "standard",
 ) -> dict[str, Any]:
     """Build every guard of ``groups`` (default: all five) that is not complete yet, then the suites.
 
@@ -369,6 +398,7 @@ def build_zoo(
             cache=cache,
             progress=progress,
             num_threads=num_threads,
+            style=style,
         )
     suites = write_suites(out_dir, seed)
     from hm3.zoo.recipes import write_recipes

@@ -21,12 +21,16 @@ def register(app: typer.Typer, user_errors) -> None:
         max_train: Optional[int] = typer.Option(None, help="Cap on training examples per guard (default per guard)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs per guard (default per guard)."),
         threads: Optional[int] = typer.Option(None, help="torch threads (1 is faster on a busy machine)."),
+        style: str = typer.Option("standard", help="Fine-tuning style: standard, lp-ft (linear probe, then "
+                                  "fine-tune), frozen-embeddings, small-steps (half the learning rate). Styles "
+                                  "meant to interfere less when merged; build each into its own --out."),
     ) -> None:
         """Fine-tune the guards, write their splits, model cards, the evaluation suites and recipes."""
         from hm3.zoo.build import build_zoo
 
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
-        result = build_zoo(out, names, seed=seed, max_train=max_train, epochs=epochs, num_threads=threads)
+        result = build_zoo(out, names, seed=seed, max_train=max_train, epochs=epochs, num_threads=threads,
+                           style=style)
         for group, marker in result["guards"].items():
             m = marker["metrics"]
             typer.echo(f"{group:10s} test macro F1 {m['test_macro_f1']:.3f}  sizes {marker['sizes']}")

@@ -155,41 +155,21 @@ def finetune(
     validation: Sequence[Example],
     out_dir: str | os.PathLike[str],
     *,
-    epochs: int = 3,
-    lr: float = 5e-5,
-    batch_size: int = 16,
-    max_length: int = 128,
-    seed: int = 0,
-    freeze_embeddings: bool = False,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.01,
     num_threads: int | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune ``base_dir`` into a ``len(labels)``-way classifier saved at ``out_dir``.
 
     Returns metrics: validation macro F1 / accuracy of the kept (best) epoch, per-epoch history,
     sizes, timing and the hyper-parameters used. Validation picks the epoch; it is not a test score.
     ``num_threads`` sets torch's intra-op threads for this call only (see :func:`torch_threads`).
+    Options (keyword): ``epochs`` 3, ``lr`` 5e-5, ``batch_size`` 16, ``max_length`` 128, ``seed`` 0,
+    ``freeze_embeddings`` False, ``probe_epochs`` 0 and ``probe_lr`` 1e-3 (LP-FT: train the head alone
+    on the frozen base first, then everything), ``warmup_ratio`` 0.1, ``weight_decay`` 0.01,
+    ``progress`` True.
     """
     with torch_threads(num_threads):
-        return _finetune(
-            base_dir,
-            group,
-            labels,
-            train,
-            validation,
-            out_dir,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            max_length=max_length,
-            seed=seed,
-            freeze_embeddings=freeze_embeddings,
-            warmup_ratio=warmup_ratio,
-            weight_decay=weight_decay,
-            progress=progress,
-        )
+        return _finetune(base_dir, group, labels, train, validation, out_dir, **options)
 
 
 @contextlib.contextmanager
@@ -213,6 +193,35 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _linear_probe(model, train_ids, train_y, lengths, batch_size: int, pad_id: int, rng: random.Random,
+                  epochs: int, lr: float, group: str) -> float:
+    """LP-FT's first stage (Kumar et al. 2022): fit the head alone on the frozen pre-trained body, so
+    that fine-tuning starts from a head that already fits and distorts the body's features less. Only
+    the classifier's parameters get gradients; the body's ``requires_grad`` is restored after."""
+    t0 = time.perf_counter()
+    head = dict(model.classifier.named_parameters()) if hasattr(model, "classifier") else {}
+    if not head:
+        raise HM3Error(f"{group}: linear probing needs a `classifier` head module")
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("classifier."))
+    opt = torch.optim.AdamW(list(head.values()), lr=lr, weight_decay=0.0)
+    try:
+        for epoch in range(1, epochs + 1):
+            losses = []
+            for batch in _length_grouped_batches(lengths, batch_size, rng):
+                out = model(**_collate([train_ids[i] for i in batch], pad_id), labels=train_y[batch])
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(out.loss.item())
+            log.info("%s linear probe epoch %d/%d: loss %.4f", group, epoch, epochs, float(np.mean(losses)))
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return time.perf_counter() - t0
+
+
 def _finetune(
     base_dir: str | os.PathLike[str],
     group: str,
@@ -221,15 +230,17 @@ def _finetune(
     validation: Sequence[Example],
     out_dir: str | os.PathLike[str],
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    max_length: int,
-    seed: int,
-    freeze_embeddings: bool,
-    warmup_ratio: float,
-    weight_decay: float,
-    progress: bool,
+    epochs: int = 3,
+    lr: float = 5e-5,
+    batch_size: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+    freeze_embeddings: bool = False,
+    probe_epochs: int = 0,
+    probe_lr: float = 1e-3,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    progress: bool = True,
 ) -> dict[str, Any]:
     from transformers import (
         AutoModelForSequenceClassification,
@@ -297,6 +308,8 @@ def _finetune(
         steps_per_epoch,
         max_length,
     )
+    probe_seconds = _linear_probe(model, train_ids, train_y, lengths, batch_size, tokenizer.pad_token_id, rng,
+                                  probe_epochs, probe_lr, group) if probe_epochs > 0 else 0.0
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"macro_f1": -1.0}
     best_state: dict[str, torch.Tensor] | None = None
@@ -366,6 +379,9 @@ def _finetune(
             "max_length": max_length,
             "seed": seed,
             "freeze_embeddings": freeze_embeddings,
+            "probe_epochs": probe_epochs,
+            "probe_lr": probe_lr if probe_epochs else None,
+            "probe_seconds": round(probe_seconds, 1),
             "warmup_ratio": warmup_ratio,
             "weight_decay": weight_decay,
             "num_threads": torch.get_num_threads(),
