@@ -1,7 +1,9 @@
 """Loading and validating checkpoints; atomic saving of merged models.
 
-Tensors are read lazily from memory-mapped safetensors files, one at a time, so a merge never holds
-more than the tensors it is working on. Pickle checkpoints (``pytorch_model.bin``) are refused unless
+Tensors are read lazily from safetensors files, one at a time, with ``pread`` into a fresh tensor
+(no memory map: mapped pages would count towards the process's memory until the map is closed, so
+a merge of N models would hold all N), so a merge never holds more than the tensors it is working
+on. Merged models are written tensor by tensor as they are produced (``SafetensorsWriter``). Pickle checkpoints (``pytorch_model.bin``) are refused unless
 the caller passes ``allow_pickle=True`` — and even then they go through ``torch.load(weights_only=True)``.
 """
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +70,8 @@ class Checkpoint:
     _shapes: dict[str, tuple[int, ...]] = field(repr=False)
     _dtypes: dict[str, str] = field(repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)  # open files (or safe_open handles)
+    _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # name -> file byte range
 
     # -- table -------------------------------------------------------------------------------------
     @property
@@ -79,6 +83,14 @@ class Checkpoint:
 
     def is_float(self, name: str) -> bool:
         return self._dtypes[name] in ("F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16")
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored torch dtype of ``name`` (``tensor()`` returns floats as float32)."""
+        code = self._dtypes[name]
+        dt = _TORCH_DTYPES.get(code) or getattr(torch, code, None)
+        if not isinstance(dt, torch.dtype):
+            raise HM3Error(f"{self._where[name][0]}: tensor {name!r} has dtype {code} that hm3 cannot read")
+        return dt
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -101,6 +113,8 @@ class Checkpoint:
         file, key = self._where[name]
         if self._pickled is not None:
             t = self._pickled[key]
+        elif name in self._spans and sys.byteorder == "little":
+            t = self._pread(name, file, key)
         else:
             try:
                 handle = self._handles.get(file)
@@ -117,7 +131,38 @@ class Checkpoint:
             t = t.float()
         return t
 
+    def _pread(self, name: str, file: Path, key: str) -> torch.Tensor:
+        """Read one tensor's bytes from the file into a fresh tensor (safetensors data is
+        little-endian, as this machine). The page cache keeps the file; this process keeps only
+        the tensor, freed when the caller drops it."""
+        dtype, shape = self.dtype(name), self._shapes[name]
+        start, stop = self._spans[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if stop - start != numel * dtype.itemsize:
+            raise HM3Error(f"{file}: tensor {key!r} spans {stop - start} bytes but its shape {list(shape)} "
+                           f"needs {numel * dtype.itemsize}; the file is corrupt")
+        buf = torch.empty(stop - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        try:
+            fh = self._handles.get(file)
+            if fh is None:
+                fh = self._handles[file] = open(file, "rb", buffering=0)
+            got = 0
+            while got < len(view):
+                n = os.preadv(fh.fileno(), [view[got:]], start + got)
+                if n <= 0:
+                    raise OSError(f"file ends at byte {start + got}")
+                got += n
+        except OSError as e:
+            raise HM3Error(f"{file}: cannot read tensor {key!r} ({e}); the file is corrupt or truncated") from None
+        return buf.view(dtype).reshape(shape)
+
     def close(self) -> None:
+        for h in self._handles.values():
+            if hasattr(h, "close"):
+                h.close()
         self._handles.clear()
 
 
@@ -128,8 +173,9 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _read_safetensors_table(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (dtype, shape) from a safetensors header, validating the file's size."""
+def _read_safetensors_table(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """key -> (dtype, shape, (first byte, end byte) in the file) from a safetensors header,
+    validating the file's size."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as fh:
@@ -146,8 +192,10 @@ def _read_safetensors_table(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
             if key == "__metadata__":
                 continue
             start, stop = info["data_offsets"]
+            if not 0 <= start <= stop:
+                raise ValueError(f"tensor {key!r} has data offsets {start}..{stop}")
             end = max(end, stop)
-            table[key] = (info["dtype"], tuple(info["shape"]))
+            table[key] = (info["dtype"], tuple(info["shape"]), (8 + n + start, 8 + n + stop))
         if 8 + n + end > size:
             raise ValueError(f"data ends at byte {8 + n + end} but the file has {size} bytes")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -178,6 +226,7 @@ def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Ch
     where: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
+    spans: dict[str, tuple[int, int]] = {}
     pickled = None
     files: list[Path]
     if (path / SAFETENSORS_INDEX).is_file():
@@ -210,12 +259,13 @@ def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Ch
     for file in files:
         if not file.is_file():
             raise HM3Error(f"{file}: shard listed in the index is missing")
-        for key, (dtype, shape) in _read_safetensors_table(file).items():
+        for key, (dtype, shape, span) in _read_safetensors_table(file).items():
             name = _canonical(key, family)
             where[name] = (file, key)
             shapes[name] = shape
             dtypes[name] = dtype
-    return Checkpoint(str(ref), path, config, family, where, shapes, dtypes, pickled)
+            spans[name] = span
+    return Checkpoint(str(ref), path, config, family, where, shapes, dtypes, pickled, _spans=spans)
 
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
@@ -325,33 +375,83 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_TORCH_DTYPES = {code: dt for dt, code in _ST_DTYPES.items()}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, as the tensors are produced.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's dtype,
+    shape and data offsets, then the raw bytes in header order. The header depends only on names,
+    dtypes and shapes, so it is written first from ``specs``; each ``write`` then appends one
+    tensor's bytes straight from its memory. A merge thus never holds the merged model, and the
+    file is byte-identical to ``save_safetensors`` of the same state dict. Tensors must come in
+    ``specs`` order with the announced dtype and shape; ``close`` checks that all came.
+    """
+
+    def __init__(self, file: str | os.PathLike, specs: "list[tuple[str, torch.dtype, tuple[int, ...]]]",
+                 metadata: dict[str, str] | None = None):
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._specs = []
+        for name, dtype, shape in specs:
+            if dtype not in _ST_DTYPES:
+                raise HM3Error(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors code")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            size = numel * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(d) for d in shape],
+                            "data_offsets": [offset, offset + size]}
+            self._specs.append((name, dtype, tuple(int(d) for d in shape)))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.file = Path(file)
+        self._fh = open(self.file, "wb")
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise HM3Error(f"{self.file}: tensor {name!r} was not announced in the header")
+        want, dtype, shape = self._specs[self._next]
+        if name != want or t.dtype != dtype or tuple(t.shape) != shape:
+            raise HM3Error(f"{self.file}: got tensor {name!r} {t.dtype} {tuple(t.shape)} where the header "
+                           f"announced {want!r} {dtype} {shape}")
+        t = t.detach().contiguous()
+        if t.numel():
+            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; an error if announced tensors were never written."""
+        if self._fh.closed:
+            return
+        self._fh.close()
+        if self._next != len(self._specs):
+            raise HM3Error(f"{self.file}: only {self._next} of {len(self._specs)} tensors were written")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()  # the caller's AtomicDir removes the partial file
 
 
 def save_safetensors(state: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write ``state`` as a safetensors file, streaming each tensor's bytes from its own memory.
 
     ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object, so
-    writing a model briefly needs twice its size; this writes the same format (8-byte header
-    length, JSON header with dtype/shape/offsets, then the data) without the copy.
+    writing a model briefly needs twice its size; this writes the same format without the copy.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    tensors = []
-    for name, t in state.items():
-        if t.dtype not in _ST_DTYPES:
-            raise HM3Error(f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors code")
-        t = t.detach().contiguous()
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        tensors.append(t)
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(file, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        for t in tensors:
-            if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+    with SafetensorsWriter(file, specs, metadata) as w:
+        for name, t in state.items():
+            w.write(name, t)

@@ -2,7 +2,9 @@
 
 ``prepare`` loads and validates the checkpoints and builds the label space; ``Prepared.inputs``
 streams ``(name, kind, base, deltas)`` from disk one tensor at a time; ``merge_tensor`` merges one
-tensor; ``merge_to_dir`` writes an ordinary transformers checkpoint. ``TaskVectors`` keeps every
+tensor; ``merge`` writes an ordinary transformers checkpoint, each merged tensor appended to the
+safetensors file as soon as it is made (``merged_tensors`` + ``output_specs``), so a merge holds the
+tensors of one name at a time, never the merged model. ``TaskVectors`` keeps every
 task vector in memory for search, where hundreds of merges reuse them.
 
 Tensor kinds:
@@ -29,7 +31,8 @@ import torch
 from hm3.config import MergeConfig, load_config, resolve_param
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
-from hm3.io import AtomicDir, Checkpoint, all_finite, load_checkpoint, save_safetensors, tokenizer_vocab
+from hm3.io import (AtomicDir, Checkpoint, SafetensorsWriter, all_finite, load_checkpoint, save_safetensors,
+                    tokenizer_vocab)
 from hm3.labels import LabelSpace, clean_labels, group_name_from
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -314,10 +317,9 @@ def merge_tensor(
     return method.fn(base, deltas, p, tensor_generator(seed, name))
 
 
-def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Merge every tensor, streaming from disk. Returns the merged state dict (output dtype)."""
+def merged_tensors(prep: Prepared, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk."""
     dtype = DTYPES[prep.config.dtype]
-    state: dict[str, torch.Tensor] = {}
     if prep.method.needs_stats:
         from hm3.merging.stats import ensure_stats
 
@@ -325,13 +327,30 @@ def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor
     with progress_bar(progress, "merging", len(prep.kinds)) as advance:
         for name, kind, base, deltas in prep.inputs():
             merged = merge_tensor(prep, name, kind, base, deltas)
+            del base, deltas  # (N, *shape): free before the next tensor is read
             if merged.is_floating_point():
                 if not all_finite(merged):
                     raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
                 merged = merged.to(dtype)
-            state[name] = merged.contiguous()
+            yield name, merged.contiguous()
             advance()
-    return state
+
+
+def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Merge every tensor, streaming from disk. Returns the merged state dict (output dtype)."""
+    return dict(merged_tensors(prep, progress))
+
+
+def output_specs(prep: Prepared) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of every merged tensor, in ``merged_tensors`` order, known before
+    merging: what the safetensors header of the merged model says."""
+    dtype, ref, specs = DTYPES[prep.config.dtype], prep.models[0], []
+    for name, kind in prep.kinds.items():
+        shape = tuple(ref.shape(name))
+        if kind == "out":
+            shape = (prep.space.total, *shape[1:])
+        specs.append((name, dtype if ref.is_float(name) else ref.dtype(name), shape))
+    return specs
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -359,12 +378,25 @@ def merged_config(prep: Prepared):
     return cfg
 
 
-def write_model(out_dir: Path, state: dict[str, torch.Tensor], config, tokenizer_src: Path, card: str) -> None:
-    """Write config, safetensors weights, tokenizer and model card into ``out_dir`` (exists, empty)."""
+def write_model(out_dir: Path, state: "dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]", config,
+                tokenizer_src: Path, card: str, *, specs: list | None = None) -> None:
+    """Write config, safetensors weights, tokenizer and model card into ``out_dir`` (exists, empty).
+
+    ``state`` is a state dict, or an iterator of ``(name, tensor)`` in the order of ``specs``
+    (``output_specs``), written as it yields: the same bytes, without holding the whole model."""
     from transformers import AutoTokenizer
 
     config.save_pretrained(str(out_dir))
-    save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})  # no full-model copy
+    file = out_dir / "model.safetensors"
+    if isinstance(state, dict):
+        save_safetensors(state, file, metadata={"format": "pt"})  # no full-model copy
+    else:
+        if specs is None:
+            raise ValueError("write_model: an iterator of tensors needs their specs (output_specs)")
+        with SafetensorsWriter(file, specs, metadata={"format": "pt"}) as w:
+            for name, t in state:
+                w.write(name, t)
+                del t
     try:
         AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(out_dir))
     except Exception as e:
@@ -449,17 +481,28 @@ def merge(
 
         prepare_output(Path(out), force)  # fail before any work
     prep = prepare(config, allow_pickle=allow_pickle)
-    state = merge_state(prep, progress=progress)
-    extra = ""
-    if prep.config.refit is not None:
-        from hm3.refit import refit_state
+    try:
+        if out is not None and prep.config.refit is None:
+            # Streamed: each merged tensor goes to the file as soon as it is made.
+            out = Path(out)
+            with AtomicDir(out, force) as tmp:
+                write_model(tmp, merged_tensors(prep, progress), merged_config(prep), tokenizer_source(prep),
+                            model_card(prep), specs=output_specs(prep))
+        else:
+            state = merge_state(prep, progress=progress)
+            extra = ""
+            if prep.config.refit is not None:
+                from hm3.refit import refit_state
 
-        state, extra = refit_state(prep, state, progress=progress)
-    if out is None:
-        return MergeResult(None, prep.space, time.perf_counter() - t0, state)
-    out = Path(out)
-    with AtomicDir(out, force) as tmp:
-        write_model(tmp, state, merged_config(prep), tokenizer_source(prep), model_card(prep, extra))
+                state, extra = refit_state(prep, state, progress=progress)
+            if out is None:
+                return MergeResult(None, prep.space, time.perf_counter() - t0, state)
+            out = Path(out)
+            with AtomicDir(out, force) as tmp:
+                write_model(tmp, state, merged_config(prep), tokenizer_source(prep), model_card(prep, extra))
+    finally:
+        for c in ([prep.base] if prep.base else []) + prep.models:
+            c.close()
     seconds = time.perf_counter() - t0
     log.info("merged %d models (%s) into %s in %.1fs", len(prep.models), prep.method.name, out, seconds)
     return MergeResult(out, prep.space, seconds)
