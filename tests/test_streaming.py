@@ -82,6 +82,9 @@ def test_checkpoint_reads_every_dtype_exactly(tmp_path):
         got = ck.tensor(k)
         want = v.float() if v.is_floating_point() else v
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
+        if v.is_floating_point():  # read_into: straight into a float32 buffer, or converted (bf16, f16)
+            out = torch.full(v.shape, 7.0)
+            assert ck.read_into(k, out) is out and torch.equal(out, want), k
     ck.close()
 
 
@@ -105,3 +108,12 @@ def test_failed_streamed_merge_leaves_nothing(recipe, tmp_path):
         merge(rec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_read_into_refuses_nan(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    save_file({"bert.w": torch.tensor([1.0, float("nan")])}, str(d / "model.safetensors"))
+    with pytest.raises(HM3Error, match="NaN or inf"):
+        load_checkpoint(d).read_into("bert.w", torch.empty(2))

@@ -92,11 +92,10 @@ class Prepared:
             # its task vector is written (no stacked copy of the inputs).
             deltas = torch.empty((len(self.models), *base.shape), dtype=base.dtype)
             for i, (m, g) in enumerate(zip(self.models, self.groups)):
-                t = m.tensor(name)
                 if kind == "out":
-                    t = expand_out(t, self.space, g)
-                torch.sub(t, base, out=deltas[i])
-                del t
+                    torch.sub(expand_out(m.tensor(name), self.space, g), base, out=deltas[i])
+                else:  # read the weights straight into the buffer, then subtract in place
+                    m.read_into(name, deltas[i]).sub_(base)
             yield name, kind, base, deltas
 
 
