@@ -72,6 +72,28 @@ def test_whole_process_runs_and_mergekit_agreement(tmp_path):
     assert s["max_abs_diff_vs_mergekit"] is not None and s["max_abs_diff_vs_mergekit"] < 1e-5
 
 
+def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
+    """The whole-process breakdown makes the same model as hm3.merge and accounts for its time."""
+    import yaml
+
+    from hm3.merging.engine import merge
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(tiny["base"]), "seed": 0,
+                                   "models": [{"model": str(tiny[g]), "group": g, "parameters": {"density": 0.5}}
+                                              for g in ("a", "b")]}))
+    ph = bench.hm3_phases(str(cfg), str(tmp_path / "out"))
+    parts = ("import_torch_s", "import_rest_s", "prepare_s", "read_merge_s", "write_s")
+    assert all(ph[k] >= 0 for k in parts)
+    assert sum(ph[k] for k in parts) == pytest.approx(ph["seconds"], rel=1e-6, abs=1e-6)
+    merge(str(cfg), tmp_path / "ref", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    res = {"machine": {}, "bandwidth_gbs": 1.0, "summary": [], "rows": [], "commands": {},
+           "phases": [{"size": "tiny", "n": 2, "method": "ties", **ph, "process_s": 1.0, "peak_rss_mb": 1.0}]}
+    text = bench.render_markdown(res, None, command="x", images={})
+    assert "Where a whole-process `hm3 merge` spends its time" in text and "| tiny | 2 | ties |" in text
+
+
 def test_inference_bench_structure(inference_results):
     res = inference_results
     setups = {r["setup"] for r in res["rows"]}

@@ -333,10 +333,14 @@ def bench_merge(
     check: bool = True,
     bandwidth_mb: int = 256,
     threads: int | None = None,
+    phases: bool = True,
 ) -> dict:
     """hm3 vs mergekit on the same merges, side by side: per (size, N, method) and repeat, hm3's
     and mergekit's whole-process runs (console scripts) and in-process runs (a worker timing the
-    library call) are interleaved. Returns a JSON-able dict; medians over ``repeats``."""
+    library call) are interleaved. Returns a JSON-able dict; medians over ``repeats``.
+
+    With ``phases`` (and ``whole_process``), one more fresh hm3 process per (size, N, method) times where a whole-process
+    ``hm3 merge`` spends its time (``hm3_phases``): imports, prepare, read + merge, write."""
     workdir = Path(workdir).resolve()
     env = child_env(threads)
     if mergekit and not _installed("mergekit"):
@@ -346,7 +350,7 @@ def bench_merge(
     gbs = (run_child(_worker_cmd("bandwidth", mbytes=bandwidth_mb), env=env).extra["gbs"] if env
            else measure_bandwidth(bandwidth_mb))
     results: dict[str, Any] = {"machine": _machine(), "bandwidth_gbs": gbs, "repeats": repeats, "rows": [],
-                               "commands": {}, "threads": threads}
+                               "commands": {}, "threads": threads, "phases": []}
     hm3_cli, mk_cli = _bin("hm3"), (_bin("mergekit-yaml") if mergekit else None)
     for size in sizes:
         for n in counts:
@@ -382,6 +386,10 @@ def bench_merge(
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
                                  run.wall_s, f"{run.inner_s:.2f}s" if run.inner_s is not None else "-", run.peak_rss_mb)
                 results["commands"].setdefault(f"{size}-{n}-{method}", {f"{t} {m}": " ".join(c) for t, m, c in jobs})
+                if phases and whole_process:
+                    run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
+                    results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
+                                              "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
                 diff = None
                 if check and mergekit and method in ("linear", "ties") and whole_process:
                     diff = _max_abs_diff(run_dir / "out", run_dir / "out-mergekit")
@@ -766,12 +774,29 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
                 f"{_f(r['mergekit_rss_x_model'], '{:.1f}')} | {_f(r['max_abs_diff_vs_mergekit'], '{:.1e}')} |"
             )
         lines += ["", "Peak RSS includes the Python interpreter, torch and transformers (about 0.3–0.5 GB), which "
-                  "weighs most on the small models. Max abs diff (read from the whole-process outputs): linear "
+                  "weighs most on the small models. hm3 streams: each input tensor is read with `pread` into its "
+                  "own buffer (no memory map, whose touched pages would stay in the process until the end) and "
+                  "each merged tensor is appended to the output file as soon as it is made, so its peak is the "
+                  "interpreter plus the working set of the largest tensor (the word embeddings). Max abs diff (read from the whole-process outputs): linear "
                   "differs by rounding only (hm3 averages task vectors, mergekit weights); TIES differs only at "
                   "elements tied at the trim threshold, where the two keep different members of the tie "
                   "(documented in `hm3.merging.steps`) — these random fine-tunes have many tied magnitudes, as "
                   "their deltas lie on the float32 grid of the base. DARE-TIES draws from different RNGs and is "
                   "not compared.", ""]
+        if merge_res.get("phases"):
+            lines += ["### Where a whole-process `hm3 merge` spends its time", "",
+                      "One more fresh process per merge (`python -m hm3.bench hm3-phases`, the same calls as "
+                      "`hm3 merge` with clocks between them): imports (torch; then the CLI, the engine and "
+                      "transformers), `prepare` (configs, tensor tables, tokenizer check), reading + merging "
+                      "the tensors, writing (safetensors bytes as they are merged, config, tokenizer, card, "
+                      "rename).", "",
+                      "| size | N | method | import torch s | other imports s | prepare s | read + merge s | write s | "
+                      "process s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in merge_res["phases"]:
+                lines.append(f"| {r['size']} | {r['n']} | {r['method']} | {r['import_torch_s']:.2f} | "
+                             f"{r['import_rest_s']:.2f} | {r['prepare_s']:.2f} | {r['read_merge_s']:.2f} | "
+                             f"{r['write_s']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+            lines.append("")
         if images.get("merge"):
             lines += [f"![merge time vs model size]({images['merge']})", ""]
         lines += ["### Raw numbers", "", "| size | N | method | tool | mode | runs (s) | median s | peak RSS MB |",
@@ -960,6 +985,8 @@ def _worker(kind: str, spec: dict) -> dict:
         t0 = time.perf_counter()
         merge(spec["config"], spec["out"], force=True, progress=False)
         return {"seconds": time.perf_counter() - t0}
+    if kind == "hm3-phases":
+        return hm3_phases(spec["config"], spec["out"])
     if kind == "mergekit-merge":
         import torch  # noqa: F401
         import yaml
@@ -978,6 +1005,46 @@ def _worker(kind: str, spec: dict) -> dict:
     if kind == "bandwidth":
         return {"seconds": 0.0, "gbs": measure_bandwidth(spec.get("mbytes", 256))}
     raise HM3Error(f"unknown benchmark worker {kind!r}")
+
+
+def hm3_phases(config: str, out: str) -> dict:
+    """Where a fresh ``hm3 merge`` process spends its time, in the order it spends it: the imports
+    the command makes (torch; the CLI, the engine and transformers), ``prepare`` (configs, tensor
+    tables, tokenizer check), reading + merging the tensors, and writing (safetensors bytes, config,
+    tokenizer, card, the atomic rename). Same calls as ``hm3.merge``, with clocks between them."""
+    t0 = time.perf_counter()
+    _hm3_process_settings()
+    import torch  # noqa: F401
+
+    t1 = time.perf_counter()
+    import hm3.cli  # noqa: F401  (registers every command, as the console script does)
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (what prepare/write import)
+
+    from hm3.io import AtomicDir
+    from hm3.merging import engine
+
+    t2 = time.perf_counter()
+    prep = engine.prepare(config)
+    t3 = time.perf_counter()
+    merging = [0.0]
+
+    def timed(it):
+        while True:
+            a = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                merging[0] += time.perf_counter() - a
+                return
+            merging[0] += time.perf_counter() - a
+            yield item
+
+    with AtomicDir(Path(out), force=True) as tmp:
+        engine.write_model(tmp, timed(engine.merged_tensors(prep, progress=False)), engine.merged_config(prep),
+                           engine.tokenizer_source(prep), engine.model_card(prep), specs=engine.output_specs(prep))
+    t4 = time.perf_counter()
+    return {"seconds": t4 - t0, "import_torch_s": t1 - t0, "import_rest_s": t2 - t1, "prepare_s": t3 - t2,
+            "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0]}
 
 
 def _hm3_process_settings() -> None:
