@@ -482,7 +482,12 @@ def merge(
     prep = prepare(config, allow_pickle=allow_pickle)
     try:
         if out is not None and prep.config.refit is None:
-            # Streamed: each merged tensor goes to the file as soon as it is made.
+            # Streamed: each merged tensor goes to the file as soon as it is made. Statistics first:
+            # config.json and the model card are built before the tensors and must record them.
+            if prep.method.needs_stats:
+                from hm3.merging.stats import ensure_stats
+
+                ensure_stats(prep, progress=progress)
             out = Path(out)
             with AtomicDir(out, force) as tmp:
                 write_model(tmp, merged_tensors(prep, progress), merged_config(prep), tokenizer_source(prep),
