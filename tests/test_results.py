@@ -185,6 +185,19 @@ def test_second_run_reuses_the_cache(results, fake_zoo):
     assert again["machine"]["wall"] < results["data"]["machine"]["wall"]
 
 
+def test_compute_only_fills_the_cache_and_writes_no_document(results, fake_zoo):
+    """`make results` computes case studies in parallel with --compute-only, then renders once."""
+    d = fake_zoo["dir"]
+    s = Settings(base_model=str(fake_zoo["base"]), recommended=False, cases=("cs2",), **SMALL)
+    out = d / "docs" / "partial.md"
+    data = run_results(fake_zoo["zoo"], out, s, work=d / "work")
+    assert not out.exists()
+    cs2 = data["results"]["cs2"]
+    assert "recommended" not in cs2 and set(cs2["ablation"]) == set(results["data"]["results"]["cs2"]["ablation"])
+    # everything came from the cache of the full run: the same numbers
+    assert cs2["ties"] == results["data"]["results"]["cs2"]["ties"]
+
+
 def test_recipes_load_and_merge(results, tmp_path):
     zoo = results["zoo"]
     for key, case in CASE_STUDIES.items():
