@@ -94,6 +94,15 @@ def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
     assert "Where a whole-process `hm3 merge` spends its time" in text and "| tiny | 2 | ties |" in text
 
 
+def test_cached_merged_model_is_reused_only_for_the_same_guards(inference_results, workdir, tmp_path):
+    """A merged model left by an earlier run of other guards (e.g. random ones before the zoo was
+    built) must not be compared with these guards."""
+    merged = workdir / "inference" / "merged2"
+    models = bench._merged_from(merged)
+    assert models is not None and len(models) == 2 and all("tiny" in m for m in models)
+    assert bench._merged_from(tmp_path / "absent") is None
+
+
 def test_inference_bench_structure(inference_results):
     res = inference_results
     setups = {r["setup"] for r in res["rows"]}

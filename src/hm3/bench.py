@@ -539,7 +539,7 @@ def bench_inference(
     for n in counts:
         members = guards[:n]
         merged = run_dir / f"merged{n}"
-        if not (merged / "config.json").is_file():
+        if _merged_from(merged) != [str(m) for m in members]:  # absent, or merged from other guards
             base = _base_of(members)
             merge({"merge_method": "ties", "base_model": str(base), "dtype": "float32",
                    "models": [{"model": str(m), "group": f"g{i}", "parameters": {"weight": 1.0, "density": 0.5}}
@@ -595,6 +595,15 @@ def bench_inference(
                 results["fast"].append({"n": n, "path": name, "agreement": label_agreement(ref, got)})
     results["summary"] = inference_summary(results)
     return results
+
+
+def _merged_from(merged: Path) -> list[str] | None:
+    """The models a cached merged model was made from (its recipe in config.json), or None."""
+    try:
+        recipe = json.loads((merged / "config.json").read_text())["hm3"]["recipe"]
+        return [m["model"] for m in recipe["models"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _base_of(models: list[Path]) -> Path:
@@ -848,8 +857,10 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
 def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool = False, repeats: int = 3,
               sizes: tuple[str, ...] = ("bert-mini", "minilm", "bert-base"), counts: tuple[int, ...] = (2, 5),
               infer_counts: tuple[int, ...] = (2, 5), n_texts: int = 512, threads: int | None = None,
-              command: str = "hm3 bench all") -> dict:
-    """Both benchmarks, their plots under ``<out dir>/img/``, and the markdown report at ``out``."""
+              command: str = "hm3 bench all", inference_repeats: int | None = None) -> dict:
+    """Both benchmarks, their plots under ``<out dir>/img/``, and the markdown report at ``out``.
+    ``inference_repeats`` (default ``repeats``): inference runs are short, so more repeats of them
+    cost little and steady their medians on a shared machine."""
     from hm3.io import write_text_atomic
 
     out = Path(out)
@@ -857,7 +868,8 @@ def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool
     if quick:
         sizes, counts, infer_counts, repeats, n_texts = ("bert-mini",), (2,), (2,), 1, 64
     merge_res = bench_merge(workdir, sizes=sizes, counts=counts, repeats=repeats, threads=threads)
-    infer_res = bench_inference(workdir, counts=infer_counts, n_texts=n_texts, repeats=repeats, threads=threads)
+    infer_res = bench_inference(workdir, counts=infer_counts, n_texts=n_texts, threads=threads,
+                                repeats=repeats if inference_repeats is None else inference_repeats)
     img = out.parent / "img"
     images = {}
     if plot_merge(merge_res, img / "bench_merge.png"):
@@ -947,6 +959,7 @@ def register(app, user_errors) -> None:
         out: Path = typer.Option(Path("docs/BENCHMARKS.md"), "--out", help="Markdown report (plots go to <dir>/img/)."),
         workdir: Path = typer.Option(default_workdir),
         repeats: int = typer.Option(3, min=1),
+        inference_repeats: Optional[int] = typer.Option(None, min=1, help="Repeats of the inference runs (default: --repeats)."),
         sizes: str = typer.Option("bert-mini,minilm,bert-base"),
         models: str = typer.Option("2,5", "--models", help="Numbers of models merged."),
         inference_models: str = typer.Option("2,5", "--inference-models", help="Numbers of guards (inference)."),
@@ -957,7 +970,8 @@ def register(app, user_errors) -> None:
         """Both benchmarks; writes the report with machine, commands, raw numbers and plots."""
         cmd = "hm3 bench all " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "hm3 bench all --out docs/BENCHMARKS.md"
         bench_all(out, workdir, quick=quick, repeats=repeats, sizes=_sizes(sizes), counts=_ints(models),
-                  infer_counts=_ints(inference_models), n_texts=texts, threads=threads, command=cmd.strip())
+                  infer_counts=_ints(inference_models), n_texts=texts, threads=threads, command=cmd.strip(),
+                  inference_repeats=inference_repeats)
         typer.echo(f"wrote {out}")
 
 
