@@ -1039,6 +1039,10 @@ def hm3_phases(config: str, out: str) -> dict:
 
     t2 = time.perf_counter()
     prep = engine.prepare(config)
+    if prep.method.needs_stats:  # as hm3.merge: statistics before config.json and the card are built
+        from hm3.merging.stats import ensure_stats
+
+        ensure_stats(prep, progress=False)
     t3 = time.perf_counter()
     merging = [0.0]
 
