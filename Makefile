@@ -36,7 +36,7 @@ results: zoo
 	$(PY) -m hm3.results --zoo $(ZOO) --cases all --threads 1 --no-self-merge --compute-only & pid=$$!; \
 	$(PY) -m hm3.results --zoo $(ZOO) --cases cs1,cs2 --threads 1 --compute-only; rc=$$?; \
 	wait $$pid && test $$rc = 0
-	$(PY) -m hm3.results --zoo $(ZOO) --out docs/RESULTS.md
+	$(PY) -m hm3.results --zoo $(ZOO) --threads 1 --out docs/RESULTS.md
 
 bench: install
 	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md

@@ -517,10 +517,12 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         "## Machine and commands",
         "",
         f"- CPU: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; no GPU. torch {info['torch']} "
-        f"({info['torch_threads']} threads), transformers {info['transformers']}, Python {info['python']}, "
+        f"({info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''} per process), transformers {info['transformers']}, Python {info['python']}, "
         f"hm3 at commit `{info['commit'] or '?'}`; load average {info['load_average'] or float('nan'):.1f} at the start (a shared machine).",
-        f"- Wall time of this run: {info['wall'] / 60:.1f} min; compute time of all experiments (including "
-        f"those reused from the cache): {sum(lab.cache.seconds.values()) / 60:.1f} min.",
+        f"- Wall time of this rendering run: {info['wall'] / 60:.1f} min (`make results` computes the case studies "
+        f"first, in two parallel processes, into the cache this run reads). The experiments took "
+        f"{sum(lab.cache.seconds.values()) / 60:.1f} min of wall time when they ran, summed over experiments; the "
+        f"per-row times below were taken on the shared machine with both cores busy.",
         "",
         "```sh",
         f"make results            # = .venv/bin/python -m hm3.results --zoo {zoo_arg} --out {out.as_posix()}",
