@@ -55,7 +55,7 @@ PAPER = {"cs1": "0.829 vs 0.768 (beat the originals)", "cs2": "0.925 vs 0.939 (f
 
 @dataclass
 class Settings:
-    """What ``make results`` runs: about an hour on 2 CPU cores (two processes, ``make results``)."""
+    """What ``make results`` runs: a fresh run took 90 min on 2 CPU cores (two processes; load ~4)."""
 
     cases: tuple[str, ...] = ("cs1", "cs2", "all")
     ties_densities: tuple[float, ...] = (0.2, 0.4, 0.7)
