@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("zoos", nargs="+", type=Path)
     p.add_argument("--suites", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--groups", default=",".join(GROUPS), help="Comma-separated groups (a case study).")
+    p.add_argument("--groups", default="spam,sentiment", help="Comma-separated groups (a case study).")
     args = p.parse_args()
     global GROUPS
     GROUPS = tuple(g.strip() for g in args.groups.split(",") if g.strip())
