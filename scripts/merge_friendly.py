@@ -46,7 +46,7 @@ def recipe(zoo: Path, density: float, refit: bool) -> dict:
 def study(zoo: Path, val, test, work: Path) -> dict:
     markers = {g: json.loads((zoo / g / "hm3-zoo.json").read_text()) for g in GROUPS}
     orig = {s: f1(evaluate([zoo / g for g in GROUPS], rows, 8)) for s, rows in (("validation", val), ("test", test))}
-    out = {"style": markers["spam"].get("style", "standard"),
+    out = {"style": markers[GROUPS[0]].get("style", "standard"),
            "own_test_f1": {g: markers[g]["metrics"]["test_macro_f1"] for g in GROUPS},
            "originals": orig, "ties_validation": {}}
     for d in DENSITIES:
