@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hm3.errors import HM3Error
+from hm3.sysinfo import package_version
 
 log = logging.getLogger(__name__)
 
@@ -307,16 +308,10 @@ def floor_seconds(model_bytes: int, n: int, gbs: float) -> float:
 
 
 def _machine() -> dict:
-    from hm3.sysinfo import machine, package_version
+    from hm3.sysinfo import machine
 
     mk = package_version("mergekit")  # not installed: the comparison is skipped
     return {**machine(), "mergekit": mk, "hm3": package_version("hm3") or "dev"}
-
-
-def _installed(dist: str) -> bool:
-    from hm3.sysinfo import package_version
-
-    return package_version(dist) is not None
 
 
 # -- the merge benchmark -------------------------------------------------------------------------------
@@ -343,7 +338,7 @@ def bench_merge(
     ``hm3 merge`` spends its time (``hm3_phases``): imports, prepare, read + merge, write."""
     workdir = Path(workdir).resolve()
     env = child_env(threads)
-    if mergekit and not _installed("mergekit"):
+    if mergekit and package_version("mergekit") is None:
         log.warning("mergekit is not installed: comparing against the bandwidth floor only")
         mergekit = False
     # with a thread count, measured in a child with the runs' environment; else here (same default)
@@ -1039,10 +1034,7 @@ def hm3_phases(config: str, out: str) -> dict:
 
     t2 = time.perf_counter()
     prep = engine.prepare(config)
-    if prep.method.needs_stats:  # as hm3.merge: statistics before config.json and the card are built
-        from hm3.merging.stats import ensure_stats
-
-        ensure_stats(prep, progress=False)
+    prep.ensure_stats()  # as hm3.merge: statistics before config.json and the card are built
     t3 = time.perf_counter()
     merging = [0.0]
 

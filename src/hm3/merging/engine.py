@@ -70,6 +70,19 @@ class Prepared:
     def groups(self) -> list[str]:
         return self.space.names
 
+    def ensure_stats(self, progress: bool = False) -> None:
+        """Data-aware methods: compute (or read from the cache) their statistics now, recording them
+        in ``metadata``; a no-op for other methods and once done. Call before building config.json."""
+        if self.method.needs_stats:
+            from hm3.merging.stats import ensure_stats
+
+            ensure_stats(self, progress=progress)
+
+    def close(self) -> None:
+        """Close every input checkpoint's files."""
+        for c in ([self.base] if self.base else []) + self.models:
+            c.close()
+
     def inputs(self, names: list[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """Yield ``(name, kind, base, deltas)`` per tensor; deltas are ``(N, *shape)`` float32."""
         for name in names or list(self.kinds):
@@ -319,10 +332,7 @@ def merge_tensor(
 def merged_tensors(prep: Prepared, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk."""
     dtype = DTYPES[prep.config.dtype]
-    if prep.method.needs_stats:
-        from hm3.merging.stats import ensure_stats
-
-        ensure_stats(prep, progress=progress)  # forward passes (or the disk cache) before merging
+    prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
     with progress_bar(progress, "merging", len(prep.kinds)) as advance:
         for name, kind, base, deltas in prep.inputs():
             merged = merge_tensor(prep, name, kind, base, deltas)
@@ -484,10 +494,7 @@ def merge(
         if out is not None and prep.config.refit is None:
             # Streamed: each merged tensor goes to the file as soon as it is made. Statistics first:
             # config.json and the model card are built before the tensors and must record them.
-            if prep.method.needs_stats:
-                from hm3.merging.stats import ensure_stats
-
-                ensure_stats(prep, progress=progress)
+            prep.ensure_stats(progress)
             out = Path(out)
             with AtomicDir(out, force) as tmp:
                 write_model(tmp, merged_tensors(prep, progress), merged_config(prep), tokenizer_source(prep),
@@ -505,8 +512,7 @@ def merge(
             with AtomicDir(out, force) as tmp:
                 write_model(tmp, state, merged_config(prep), tokenizer_source(prep), model_card(prep, extra))
     finally:
-        for c in ([prep.base] if prep.base else []) + prep.models:
-            c.close()
+        prep.close()
     seconds = time.perf_counter() - t0
     log.info("merged %d models (%s) into %s in %.1fs", len(prep.models), prep.method.name, out, seconds)
     return MergeResult(out, prep.space, seconds)

@@ -55,13 +55,9 @@ class TaskVectors:
             raise HM3Error("the recipe has `refit:`; the in-memory engine merges only (remove `refit:` for search, "
                            "re-fit the best model afterwards)")
         t0 = time.perf_counter()
-        if getattr(prep.method, "needs_stats", False):
-            from hm3.merging.stats import ensure_stats
-
-            ensure_stats(prep, progress=progress)
+        prep.ensure_stats(progress)
         entries = [_Entry(n, k, b, d) for n, k, b, d in prep.inputs()]
-        for m in ([prep.base] if prep.base else []) + prep.models:
-            m.close()  # everything is in memory now: release the memory maps
+        prep.close()  # everything is in memory now: release the input files
         seconds = time.perf_counter() - t0
         n = sum(e.deltas.numel() for e in entries)
         log.info("task vectors in memory: %d tensors, %.1f M values (%.1fs)", len(entries), n / 1e6, seconds)
