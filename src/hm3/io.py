@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -150,9 +151,7 @@ class Checkpoint:
         the tensor, freed when the caller drops it."""
         dtype, shape = self.dtype(name), self._shapes[name]
         start, stop = self._spans[name]
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if stop - start != numel * dtype.itemsize:
             raise HM3Error(f"{file}: tensor {key!r} spans {stop - start} bytes but its shape {list(shape)} "
                            f"needs {numel * dtype.itemsize}; the file is corrupt")
@@ -414,10 +413,7 @@ class SafetensorsWriter:
         for name, dtype, shape in specs:
             if dtype not in _ST_DTYPES:
                 raise HM3Error(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors code")
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            size = numel * dtype.itemsize
+            size = math.prod(int(d) for d in shape) * dtype.itemsize
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(d) for d in shape],
                             "data_offsets": [offset, offset + size]}
             self._specs.append((name, dtype, tuple(int(d) for d in shape)))
