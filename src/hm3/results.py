@@ -307,7 +307,8 @@ class Lab:
     def disk_merge(self, case: CaseStudy, rec: Recommendation | None) -> dict:
         """Merge ``rec`` (default: the recommended recipe) to disk with ``hm3.merge``, timed from a cold
         statistics cache, and evaluate it on both suites."""
-        import shutil
+        import tempfile
+        from unittest import mock
 
         import hm3
         from hm3.evaluate import evaluate
@@ -319,21 +320,12 @@ class Lab:
         model_dir = self.work / "models" / f"{case.key}-{key}"
 
         def compute():
-            cache_dir = self.work / "merge-cache" / key  # cold: the time includes every statistic
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            before = os.environ.get("HM3_CACHE")
-            os.environ["HM3_CACHE"] = str(cache_dir)
-            try:
+            # a fresh, empty statistics cache: the time includes every statistic, feature and teacher
+            with tempfile.TemporaryDirectory(dir=self.work) as cold, mock.patch.dict(os.environ, {"HM3_CACHE": cold}):
                 t0, c0 = time.perf_counter(), time.process_time()
                 hm3.merge(cfg, model_dir, force=True, progress=self.s.progress)
                 out = {"merge_seconds": time.perf_counter() - t0, "merge_cpu_seconds": time.process_time() - c0,
                        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-            finally:
-                if before is None:
-                    os.environ.pop("HM3_CACHE", None)
-                else:
-                    os.environ["HM3_CACHE"] = before
-                shutil.rmtree(cache_dir, ignore_errors=True)
             meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("hm3", {})
             out["refit_seconds"] = (meta.get("refit") or {}).get("seconds")
             out["data_seconds"] = (meta.get("data") or {}).get("seconds")
