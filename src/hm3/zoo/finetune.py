@@ -193,6 +193,26 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _epoch(model, train_ids, train_y, lengths, batch_size: int, pad_id: int, rng: random.Random, optimizer,
+           scheduler=None, clip: float | None = None, on_step=None) -> list[float]:
+    """One pass over the training set in length-grouped batches; returns the per-step losses.
+    ``clip``: max gradient norm; ``on_step(losses)`` after every step (progress)."""
+    losses: list[float] = []
+    for batch in _length_grouped_batches(lengths, batch_size, rng):
+        out = model(**_collate([train_ids[i] for i in batch], pad_id), labels=train_y[batch])
+        out.loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if on_step is not None:
+            on_step(losses)
+    return losses
+
+
 def _linear_probe(model, train_ids, train_y, lengths, batch_size: int, pad_id: int, rng: random.Random,
                   epochs: int, lr: float, group: str) -> float:
     """LP-FT's first stage (Kumar et al. 2022): fit the head alone on the frozen pre-trained body, so
@@ -208,13 +228,7 @@ def _linear_probe(model, train_ids, train_y, lengths, batch_size: int, pad_id: i
     opt = torch.optim.AdamW(list(head.values()), lr=lr, weight_decay=0.0)
     try:
         for epoch in range(1, epochs + 1):
-            losses = []
-            for batch in _length_grouped_batches(lengths, batch_size, rng):
-                out = model(**_collate([train_ids[i] for i in batch], pad_id), labels=train_y[batch])
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(out.loss.item())
+            losses = _epoch(model, train_ids, train_y, lengths, batch_size, pad_id, rng, opt)
             log.info("%s linear probe epoch %d/%d: loss %.4f", group, epoch, epochs, float(np.mean(losses)))
     finally:
         for n, p in model.named_parameters():
@@ -319,17 +333,12 @@ def _finetune(
         task = bar.add_task(f"{group}", total=total_steps, status="")
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
-            losses = []
-            for batch in _length_grouped_batches(lengths, batch_size, rng):
-                inputs = _collate([train_ids[i] for i in batch], tokenizer.pad_token_id)
-                out = model(**inputs, labels=train_y[batch])
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(out.loss.item())
-                bar.update(task, advance=1, status=f"epoch {epoch}/{epochs} loss {np.mean(losses[-20:]):.3f}")
+            losses = _epoch(
+                model, train_ids, train_y, lengths, batch_size, tokenizer.pad_token_id, rng, optimizer, scheduler,
+                clip=1.0,
+                on_step=lambda losses: bar.update(
+                    task, advance=1, status=f"epoch {epoch}/{epochs} loss {np.mean(losses[-20:]):.3f}"),
+            )
             train_seconds += time.perf_counter() - t0
             scores = (
                 _scores(val_y, _predict_ids(model, tokenizer, val_texts, max_length), len(labels))
