@@ -13,6 +13,7 @@ import hm3
 from hm3.merging.engine import merge_tensor, prepare
 from hm3.merging.methods import REGISTRY, TensorParams
 from hm3.merging.steps import Rescale
+from hm3.merging.steps import magnitude as steps_magnitude
 from hm3.testing import tiny_base, tiny_config, tiny_tokenizer
 
 # The task-arithmetic family (data-aware methods, if registered, are tested with their statistics).
@@ -248,3 +249,78 @@ def test_expand_cli(synth, tmp_path):
     again = runner.invoke(app, ["expand", str(recipe), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
     assert runner.invoke(app, ["expand", str(recipe), "--out", str(out), "--force"]).exit_code == 0
+
+
+# -- TIES / DARE-TIES vs a straightforward reference (the fast in-place path must give its bits) ----
+def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Top-k by magnitude; ties at the threshold keep the first ones in memory order (stable sort)."""
+    if density >= 1:
+        return x.clone()
+    k = max(1, int(density * x.numel()))
+    order = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return x * keep.view_as(x)
+
+
+def _ref_gta(base, deltas, p: TensorParams, trim) -> torch.Tensor:
+    """TIES pipeline written out plainly: trim, weight, elect, mask, sum, divide, λ, add."""
+    ts = [trim(deltas[i], p.density[i]) * p.weight[i] for i in range(deltas.shape[0])]
+    terms = ts if p.consensus == "sum" else [t.sign() for t in ts]
+    total = terms[0].clone()
+    for t in terms[1:]:
+        total = total + t
+    positive = total >= 0
+    mixed = divisor = None
+    for t, w in zip(ts, p.weight):
+        agree = torch.where(positive, t > 0, t < 0)
+        mixed = t * agree if mixed is None else mixed + t * agree
+        if p.normalize:
+            divisor = agree.float() * w if divisor is None else divisor + agree.float() * w
+    if p.normalize:
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (mixed * p.lambda_ if p.lambda_ != 1 else mixed) + base
+
+
+def _tied(shape, seed, zeros=True):
+    """Small integers /4: many magnitudes tied at any threshold, zeros and -0.0 included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, shape, generator=g).float() / 4
+    if zeros:
+        x[torch.rand(shape, generator=g) < 0.1] = -0.0
+    return x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape", [(7,), (33, 17), (3, 5, 40), (70_000,)])
+def test_ties_equals_reference_bit_for_bit(shape, seed):
+    n = 2 + seed % 3
+    g = torch.Generator().manual_seed(100 + seed)
+    base = _tied(shape, seed + 50)
+    base[torch.rand(shape, generator=g) < 0.2] = -0.0  # where -0.0 + ±0 shows the sign of zero
+    deltas = torch.stack([_tied(shape, seed * 10 + i) if i % 2 else torch.randn(shape, generator=g) for i in range(n)])
+    before = deltas.clone()
+    weights = tuple(float(w) for w in torch.empty(n).uniform_(-0.5, 2.0, generator=g))
+    densities = tuple(float(d) for d in torch.empty(n).uniform_(0.05, 1.0, generator=g))
+    for consensus in ("sum", "count"):
+        for normalize in (True, False):
+            p = params(n, weight=weights, density=densities, normalize=normalize, consensus=consensus,
+                       lambda_=0.75 if normalize else 1.0)
+            got, want = run("ties", base, deltas, p), _ref_gta(base, deltas, p, _ref_trim)
+            assert torch.equal(_bits(got), _bits(want)), (consensus, normalize, int((got != want).sum()))
+            assert torch.equal(deltas, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_magnitude_equals_reference_in_every_dtype(dtype):
+    """numpy's in-place selection (float32/64/16) and the torch.kthvalue fallback (bfloat16)."""
+    for seed in range(5):
+        x = _tied((50, 41), seed).to(dtype)
+        for density in (0.01, 0.3, 0.5, 0.77):
+            got = steps_magnitude(x, density)
+            want = _ref_trim(x, density)
+            assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

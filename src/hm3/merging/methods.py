@@ -99,16 +99,7 @@ def generalized_task_arithmetic(
             t = t.clone() if consensus or n == 1 else t
         trimmed.append(t)
     if consensus:
-        positive = steps.elect_sign(trimmed, p.consensus)
-        mixed = divisor = None
-        for i, t in enumerate(trimmed):
-            agree = steps.agrees(t, positive)
-            t.mul_(agree)
-            mixed = t if mixed is None else mixed.add_(t)
-            if p.normalize:
-                divisor = agree.to(t.dtype).mul_(p.weight[i]) if divisor is None else divisor.add_(agree, alpha=p.weight[i])
-        if p.normalize:
-            divisor.masked_fill_(divisor == 0, 1)
+        mixed, divisor = steps.disjoint_merge(trimmed, p.consensus, p.weight if p.normalize else None)
     else:
         # Sum in model order (as torch.sum(dim=0)) into a tensor that is ours.
         mixed = trimmed[0] if trimmed[0].data_ptr() != deltas[0].data_ptr() else trimmed[0] + trimmed[1]

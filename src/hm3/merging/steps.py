@@ -6,9 +6,14 @@ Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/
 * Randomness comes only from the ``torch.Generator`` passed in (mergekit uses the global RNG), so a
   seeded merge is byte-identical whatever else ran before it.
 * Magnitude pruning finds the k-th largest magnitude by selection, not by sorting (mergekit sorts
-  the whole tensor): a sample brackets it, an exact ``kthvalue`` inside the bracket finds it. The
-  kept set is the same k elements except for elements tied at the threshold, where hm3 keeps the
-  first ones in memory order (mergekit: whichever its sort puts first).
+  the whole tensor): numpy's introselect partitions a scratch copy of ``|x|`` in place. The kept
+  set is the same k elements except for elements tied at the threshold, where hm3 keeps the first
+  ones in memory order (mergekit: whichever its sort puts first).
+
+Speed (issue 6): the large tensors are word embeddings of tens of millions of elements, where every
+fresh tensor costs page faults and every bool→float promotion a slow unvectorised loop. So the hot
+steps write into buffers they own (``|x|`` becomes the trimmed tensor), and masks are float 1.0/0.0
+multiplied in, which gives exactly the numbers of ``x * bool_mask`` (including the sign of zero).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -47,7 +53,13 @@ def rescale_masked(
     x: torch.Tensor, mask: torch.Tensor, rescale: Rescale | None, density: float = 1.0, eps: float = 1e-7
 ) -> torch.Tensor:
     """``x * mask``, optionally rescaled so that its norm matches ``x``'s (mergekit's rule)."""
-    masked = x * mask
+    return rescale_(x * mask, x, rescale, density, eps)
+
+
+def rescale_(
+    masked: torch.Tensor, x: torch.Tensor, rescale: Rescale | None, density: float = 1.0, eps: float = 1e-7
+) -> torch.Tensor:
+    """Rescale ``masked`` (= ``x * mask``, a tensor the caller owns) in place, as ``rescale_masked``."""
     if rescale is None:
         return masked
     if rescale is Rescale.inverse:
@@ -55,7 +67,7 @@ def rescale_masked(
     before, after = _norm(x, rescale), _norm(masked, rescale)
     if before < eps or after < eps:
         return masked
-    return masked.mul_(before / after)  # in place: masked is ours
+    return masked.mul_(before / after)
 
 
 def keep_count(density: float, n: int) -> int:
@@ -63,49 +75,52 @@ def keep_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest value of a flat tensor, exactly, in O(n) passes (no sort).
+# numpy partitions these in place (introselect); others (bfloat16) fall back to torch.kthvalue.
+_NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
 
-    A fixed sample of 2^15 values brackets the value between two sample quantiles; one pass counts
-    what lies below the bracket and gathers what lies inside, where ``kthvalue`` selects it. If the
-    sample misjudged the bracket (rare), ``kthvalue`` over the whole tensor.
+
+def kth_largest(a: torch.Tensor, k: int, *, scratch: bool = False) -> tuple[float, int]:
+    """The ``k``-th largest value ``t`` of a flat tensor, exactly, by selection (no sort), and how
+    many elements are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``).
+
+    ``scratch=True``: ``a`` is the caller's own buffer and is reordered in place (no copy).
     """
     n = a.numel()
-    r = n - k + 1  # 1-based ascending rank of the threshold
-    if n <= 1 << 17:
-        return torch.kthvalue(a, r).values
-    m = 1 << 15
-    # A fixed local generator: the sample is an implementation detail, not part of the merge's
-    # randomness, and the result does not depend on it.
-    idx = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))
-    sample = a[idx].sort().values
-    q, margin = r / n, 0.01 + 4 / m**0.5
-    lo = sample[max(0, int((q - margin) * m))]
-    hi = sample[min(m - 1, int((q + margin) * m) + 1)]
-    inside = a >= lo
-    below = n - int(torch.count_nonzero(inside))
-    band = a[inside.logical_and_(a <= hi)]
-    j = r - below
-    if 1 <= j <= band.numel():
-        return torch.kthvalue(band, j).values
-    return torch.kthvalue(a, r).values
+    r = n - k  # 0-based ascending rank of the threshold
+    if a.dtype in _NUMPY_SELECT:
+        arr = a.reshape(-1).numpy()
+        if not scratch:
+            arr = arr.copy()
+        arr.partition(r)  # arr[:r] <= arr[r] <= arr[r:]
+        t = arr[r]
+        # Everything from r on is >= t; below r, only the ties at t are.
+        return float(t), k + int(np.count_nonzero(arr[:r] == t))
+    t = torch.kthvalue(a.reshape(-1), r + 1).values
+    return float(t), int(torch.count_nonzero(a >= t))
 
 
 def magnitude(x: torch.Tensor, density: float, rescale: Rescale | None = None) -> torch.Tensor:
-    """TIES trim: keep the ``k = max(1, int(density·n))`` largest-magnitude elements."""
+    """TIES trim: keep the ``k = max(1, int(density·n))`` largest-magnitude elements.
+
+    Returns a new tensor (``x`` itself at density 1), ``x * keep`` exactly.
+    """
     if density >= 1:
         return x
     if density <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     k = keep_count(density, x.numel())
-    flat = x.abs().reshape(-1)
-    t = kth_largest(flat, k)
-    keep = flat >= t
-    extra = int(torch.count_nonzero(keep)) - k
-    if extra > 0:  # elements tied at the threshold: keep the first ones, exactly k in all
+    out = torch.empty(x.shape, dtype=x.dtype)  # |x| for the selection, then the mask, then the result
+    flat = out.view(-1)  # (n,)
+    t, n_ge = kth_largest(torch.abs(x, out=out).view(-1), k, scratch=True)
+    torch.abs(x, out=out)  # the selection reordered it
+    drop = None
+    if n_ge > k:  # elements tied at the threshold: keep the first ones, exactly k in all
         tied = (flat == t).nonzero().squeeze(1)
-        keep[tied[tied.numel() - extra :]] = False
-    return rescale_masked(x, keep.view_as(x), rescale, density)
+        drop = tied[tied.numel() - (n_ge - k) :]
+    torch.ge(out, t, out=out)  # 1.0 where kept
+    if drop is not None:
+        flat[drop] = 0
+    return rescale_(out.mul_(x), x, rescale, density)
 
 
 def magnitude_outliers(
@@ -160,19 +175,25 @@ def della_magprune(
     return rescale_masked(rows, mask, rescale, density).reshape(shape)
 
 
+def _sign_total(deltas: "Sequence[torch.Tensor]", method: str) -> torch.Tensor:
+    """What the election reads, in a new tensor: the deltas' sum (``sum``) or their signs' (``count``),
+    summed in model order as ``torch.sum(dim=0)`` does."""
+    if method not in ("sum", "count"):
+        raise ValueError(f"unknown consensus {method!r}; use 'sum' or 'count'")
+    terms = deltas if method == "sum" else [d.sign() for d in deltas]
+    total = torch.add(terms[0], terms[1]) if len(terms) > 1 else terms[0].clone()
+    for t in terms[2:]:
+        total.add_(t)
+    return total
+
+
 def elect_sign(deltas: "Sequence[torch.Tensor]", method: str = "sum") -> torch.Tensor:
     """TIES elect: ``True`` where ``+`` is elected, from the N (already weighted) task vectors.
 
     ``sum`` elects the sign of the summed deltas (TIES paper, mergekit); ``count`` the sign held by
     more models. Ties at 0 elect ``+``. Summed in model order, as ``torch.sum(dim=0)`` does.
     """
-    if method not in ("sum", "count"):
-        raise ValueError(f"unknown consensus {method!r}; use 'sum' or 'count'")
-    terms = deltas if method == "sum" else [d.sign() for d in deltas]
-    total = terms[0].clone()
-    for t in terms[1:]:
-        total.add_(t)
-    return total >= 0
+    return _sign_total(deltas, method) >= 0
 
 
 def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -185,6 +206,35 @@ def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
     (weighted) delta has the elected sign (``elect_sign``, ``agrees``)."""
     positive = elect_sign(list(deltas), method)
     return torch.stack([agrees(d, positive) for d in deltas])
+
+
+def disjoint_merge(
+    trimmed: "Sequence[torch.Tensor]", method: str = "sum", weights: "Sequence[float] | None" = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TIES elect + disjoint merge: ``Σ_i t_i ⊙ agree_i`` and, with ``weights`` (``normalize``),
+    the divisor ``Σ_i w_i·agree_i`` with its zeros replaced by 1. ``agree_i`` is ``agrees(t_i,
+    elect_sign(trimmed, method))``; the numbers are exactly those of masking with it.
+
+    Consumes ``trimmed`` (the caller's own tensors, weighted already): each is masked in place and
+    the first becomes the sum. Float 1.0/0.0 masks in two reused buffers, no bool tensors: on a
+    word-embedding matrix this is several times faster than ``torch.where`` and bool products.
+    """
+    positive = _sign_total(trimmed, method)
+    torch.ge(positive, 0, out=positive)  # 1.0 where + is elected
+    scratch = torch.empty_like(positive)
+    mixed = divisor = None
+    for i, t in enumerate(trimmed):
+        # (t > 0) == elected is `agrees` wherever t != 0; a zero entry stays ±0 whatever the mask,
+        # just as `t * agrees` leaves it.
+        torch.gt(t, 0, out=scratch).eq_(positive)
+        t.mul_(scratch)
+        mixed = t if mixed is None else mixed.add_(t)
+        if weights is not None:
+            torch.ne(t, 0, out=scratch)  # = agrees: the entries that survived the mask
+            divisor = torch.mul(scratch, weights[i]) if divisor is None else divisor.add_(scratch, alpha=weights[i])
+    if divisor is not None:
+        divisor.add_(torch.eq(divisor, 0, out=scratch))  # nobody agrees: divide by 1 (0 + 1, others + 0)
+    return mixed, divisor
 
 
 def broadcast_weights(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
