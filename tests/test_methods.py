@@ -263,6 +263,19 @@ def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * keep.view_as(x)
 
 
+def _ref_dare(x: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
+    """Keep where 16 random bits (unsigned) are below round(density·2^16), then mergekit's l1 rescale."""
+    if density >= 1:
+        return x.clone()
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=g)
+    bits = draws.view(torch.int16)[:n].to(torch.int32) + 2**15  # unsigned 16-bit values
+    keep = (bits < round(density * 2**16)).view(x.shape)
+    masked = x * keep
+    before, after = x.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
 def _ref_gta(base, deltas, p: TensorParams, trim) -> torch.Tensor:
     """TIES pipeline written out plainly: trim, weight, elect, mask, sum, divide, λ, add."""
     ts = [trim(deltas[i], p.density[i]) * p.weight[i] for i in range(deltas.shape[0])]
@@ -313,6 +326,18 @@ def test_ties_equals_reference_bit_for_bit(shape, seed):
             got, want = run("ties", base, deltas, p), _ref_gta(base, deltas, p, _ref_trim)
             assert torch.equal(_bits(got), _bits(want)), (consensus, normalize, int((got != want).sum()))
             assert torch.equal(deltas, before)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(9,), (40, 30), (80_000,)])
+def test_dare_ties_equals_reference_bit_for_bit(shape, seed):
+    n = 2 + seed % 2
+    base, deltas = rand(*shape, seed=seed), torch.stack([_tied(shape, seed + i) for i in range(n)])
+    p = params(n, weight=(1.0, 0.5, 1.5)[:n], density=(0.3, 0.6, 0.9)[:n], rescale=Rescale.l1)
+    gen = torch.Generator().manual_seed(7)
+    want = _ref_gta(base, deltas, p, lambda x, d: _ref_dare(x, d, gen))
+    got = run("dare_ties", base, deltas, p, seed=7)
+    assert torch.equal(_bits(got), _bits(want)), int((got != want).sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

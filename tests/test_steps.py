@@ -108,6 +108,18 @@ def test_bernoulli_fraction_and_rescale():
     assert steps.bernoulli(x, 1.0, None) is x
 
 
+@pytest.mark.parametrize("density", [1e-6, 0.1, 0.5, 0.9, 1 - 1e-6])
+def test_bernoulli_keep_probability_at_the_edges(density):
+    """16-bit draws: the keep probability is the density rounded to 2^-16, so densities within
+    2^-17 of 0 or 1 keep nothing or everything; every other tensor element is kept at ~density."""
+    x = distinct((400, 250), 2)  # 100k elements: the kept fraction's std is below 0.0016
+    out = steps.bernoulli(x, density, torch.Generator().manual_seed(3))
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept]), "kept entries are unchanged without rescale"
+    frac = float(kept.float().mean())
+    assert abs(frac - round(density * 2**16) / 2**16) < 0.008, frac
+
+
 def test_tensor_generator_depends_on_seed_and_name_only():
     draw = lambda s, n: torch.rand(8, generator=tensor_generator(s, n))  # noqa: E731
     a = draw(0, "bert.encoder.layer.0.attention.self.query.weight")

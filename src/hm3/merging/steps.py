@@ -9,11 +9,15 @@ Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/
   the whole tensor): numpy's introselect partitions a scratch copy of ``|x|`` in place. The kept
   set is the same k elements except for elements tied at the threshold, where hm3 keeps the first
   ones in memory order (mergekit: whichever its sort puts first).
+* DARE's keep mask compares 16 random bits per element with the density (mergekit:
+  ``torch.bernoulli`` of a tensor filled with it): the same distribution up to the density's rounding
+  to 2^-16, another random stream.
 
 Speed (issue 6): the large tensors are word embeddings of tens of millions of elements, where every
 fresh tensor costs page faults and every bool→float promotion a slow unvectorised loop. So the hot
-steps write into buffers they own (``|x|`` becomes the trimmed tensor), and masks are float 1.0/0.0
-multiplied in, which gives exactly the numbers of ``x * bool_mask`` (including the sign of zero).
+steps write into buffers they own (``|x|`` becomes the trimmed tensor; the random bits' comparison
+becomes the mask), and masks are float 1.0/0.0 multiplied in, which gives exactly the numbers of
+``x * bool_mask`` (including the sign of zero).
 """
 
 from __future__ import annotations
@@ -142,11 +146,27 @@ def magnitude_outliers(
 def bernoulli(
     x: torch.Tensor, density: float, generator: torch.Generator | None, rescale: Rescale | None = None
 ) -> torch.Tensor:
-    """DARE drop: keep each element independently with probability ``density``."""
+    """DARE drop: keep each element independently with probability ``density``.
+
+    Each element gets 16 random bits (a quarter of one 64-bit draw from ``generator``) and is kept
+    where they, as an unsigned number, are below ``round(density·2^16)``: the keep probability is
+    the density rounded to a multiple of 2^-16 (off by at most 7.6e-6, far below the sampling noise
+    of any tensor). Bits, mask and result share two buffers: about 6x faster than
+    ``torch.bernoulli(torch.full_like(x, density))`` (earlier hm3, and mergekit), whose random
+    stream differs.
+    """
     if density >= 1:
         return x
-    mask = torch.bernoulli(torch.full_like(x, density), generator=generator)
-    return rescale_masked(x, mask, rescale, density)
+    q = round(density * (1 << 16))
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if q >= 1 << 16:  # density within 2^-17 of 1: keep all (2^16 does not fit the int16 compare)
+        out.fill_(1)
+    else:
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
+        # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`; 1.0 where kept
+        torch.lt(bits.view(torch.int16)[:n].view(x.shape), q - (1 << 15), out=out)
+    return rescale_(out.mul_(x), x, rescale, density)
 
 
 def della_magprune(
