@@ -224,3 +224,17 @@ def test_predict_missing_model_and_unknown_group(tiny, tmp_path):
     (tmp_path / "in.txt").write_text("w0\n")
     assert_user_error(run("predict", tmp_path / "nope", "--input", tmp_path / "in.txt"), "no such model directory")
     assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--groups", "zz"), "unknown group 'zz'")
+
+
+def test_help_imports_no_heavy_library():
+    """`hm3 --help` and `hm3 merge --help` start without torch or transformers (transformers alone
+    took ~1.5 s at import, scanning its model files; the CLI callback used to import it)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom hm3.cli import app\n"
+             "for args in (['--help'], ['merge', '--help']):\n"
+             "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'optuna', 'fastapi', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

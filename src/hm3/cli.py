@@ -57,16 +57,18 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # transformers' own progress bars and load reports are noise around hm3's.
+    # transformers' own progress bars and load reports are noise around hm3's. Said through the
+    # environment, which transformers and huggingface_hub read when (and only if) a command imports
+    # them: importing transformers here cost every command ~1.5 s (it scans its ~1,600 model files).
     for name in ("transformers", "huggingface_hub", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (e.g. hm3.cli called in-process): set it now
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 @app.command()
