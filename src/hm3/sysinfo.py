@@ -1,4 +1,5 @@
-"""What machine a measurement ran on, for the reports of ``make bench`` and ``make results``."""
+"""Facts about this machine and environment: what a measurement ran on (for the reports of ``make bench``
+and ``make results``) and where hm3 keeps its caches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+
+def cache_home() -> Path:
+    """hm3's cache directory: ``$HM3_CACHE``, else ``~/.cache/hm3`` (downloaded data, statistics)."""
+    return Path(os.environ.get("HM3_CACHE") or Path.home() / ".cache" / "hm3").expanduser()
 
 
 def _cpu_model() -> str:

@@ -44,7 +44,9 @@ FORMAT = 1  # bump when a statistic's definition changes: old cache entries are 
 # -- cache -----------------------------------------------------------------------------------------
 def cache_root() -> Path:
     """``$HM3_CACHE/stats`` (default ``~/.cache/hm3/stats``)."""
-    return Path(os.environ.get("HM3_CACHE") or Path.home() / ".cache" / "hm3").expanduser() / "stats"
+    from hm3.sysinfo import cache_home
+
+    return cache_home() / "stats"
 
 
 _DIGESTS: dict[tuple, str] = {}

@@ -194,9 +194,9 @@ class GuardData:
 
 def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """The hm3 cache directory: ``cache`` if given, else ``$HM3_CACHE``, else ``~/.cache/hm3``."""
-    if cache is None:
-        cache = os.environ.get("HM3_CACHE") or Path.home() / ".cache" / "hm3"
-    path = Path(cache).expanduser()
+    from hm3.sysinfo import cache_home
+
+    path = Path(cache).expanduser() if cache is not None else cache_home()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
