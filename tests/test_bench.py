@@ -190,3 +190,18 @@ def test_save_safetensors_roundtrip(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as h:
         assert h.metadata() == {"format": "pt"}
+
+
+def test_inference_bench_reports_fast_paths(workdir, inference_results):
+    """A fast path's row: agreement per group, speed vs the fp32 merged model and, for int8-checked,
+    the share of windows re-run in fp32; the report's table shows them."""
+    # after inference_results: the same tiny guards and merged model, reused
+    res = bench.bench_inference(workdir, counts=(2,), n_texts=12, repeats=1, zoo=workdir / "no-zoo",
+                                fast=("int8-checked",), size="tiny")
+    (row,) = res["fast"]
+    assert row["path"] == "int8-checked" and set(row["agreement"]) == {"g0", "g1", "all"}
+    assert row["speedup"] > 0 and 0 <= row["rerun_share"] <= 1
+    assert "merged+int8-checked" in {r["setup"] for r in res["rows"]}
+    text = bench.render_markdown({}, res, command="x", images={})
+    assert f"| 2 | int8-checked | {row['speedup']:.2f}× | {row['agreement']['all']:.2%} |" in text
+    assert f"| {row['rerun_share']:.1%} |" in text
