@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import hm3
 from hm3.merging.engine import merge_tensor, prepare
 from hm3.merging.methods import REGISTRY, TensorParams
 from hm3.merging.steps import Rescale
 from hm3.merging.steps import magnitude as steps_magnitude
-from hm3.testing import tiny_base, tiny_config, tiny_tokenizer
+from hm3.testing import synthetic_classifier, tiny_base
 
 # The task-arithmetic family (data-aware methods, if registered, are tested with their statistics).
 GTA = [n for n in REGISTRY
@@ -130,27 +130,12 @@ def test_random_methods_follow_the_generator(name):
 GROUPS = {"a": ("neg", "pos"), "b": ("red", "green", "blue")}
 
 
-def _classifier(base_dir: Path, out: Path, labels: tuple[str, ...], seed: int) -> Path:
-    """An ordinary BertForSequenceClassification: base body + noise, random dense head."""
-    g = torch.Generator().manual_seed(seed)
-    body = load_file(str(base_dir / "model.safetensors"))
-    state = {f"bert.{k}": t + torch.randn(t.shape, generator=g) * 0.01 for k, t in body.items()}
-    state["classifier.weight"] = torch.randn(len(labels), 32, generator=g) * 0.1
-    state["classifier.bias"] = torch.randn(len(labels), generator=g) * 0.1
-    out.mkdir()
-    tiny_config("bert", num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={v: i for i, v in enumerate(labels)}).save_pretrained(str(out))
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tiny_tokenizer().save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     base = tiny_base(root / "base")
     return {"root": root, "base": base,
-            "models": {g: _classifier(base, root / g, labels, i + 1)
+            "models": {g: synthetic_classifier(base, root / g, labels, i + 1)
                        for i, (g, labels) in enumerate(GROUPS.items())}}
 
 

@@ -36,11 +36,11 @@ if metadata.version("mergekit") != "0.1.5":
     pytest.skip(f"parity is pinned to mergekit 0.1.5; {metadata.version('mergekit')} is installed",
                 allow_module_level=True)
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import hm3  # noqa: E402
 from hm3.expand import BASE, expand_models, mergekit_recipe  # noqa: E402
-from hm3.testing import tiny_base, tiny_config, tiny_tokenizer  # noqa: E402
+from hm3.testing import synthetic_classifier, tiny_base  # noqa: E402
 
 ATOL = 1e-6
 GROUPS = {"a": ("neg", "pos"), "b": ("red", "green", "blue"), "c": ("yes", "no", "maybe", "other")}
@@ -59,30 +59,12 @@ def _distinct_delta(base: torch.Tensor, gen: torch.Generator, scale: float) -> t
     raise AssertionError("could not draw a tie-free task vector")
 
 
-def _synthetic_classifier(base_dir: Path, out: Path, labels: tuple[str, ...], seed: int) -> Path:
-    """An ordinary BertForSequenceClassification directory: the base's body + a random task
-    vector, and a random head with ``len(labels)`` rows."""
-    gen = torch.Generator().manual_seed(seed)
-    body = load_file(str(base_dir / "model.safetensors"))  # headless BertModel: no "bert." prefix
-    state = {f"bert.{k}": _distinct_delta(t.float(), gen, 0.01) for k, t in body.items()}
-    n = len(labels)
-    state["classifier.weight"] = torch.randn(n, 32, generator=gen) * 0.1
-    state["classifier.bias"] = torch.randn(n, generator=gen) * 0.1
-    out.mkdir(parents=True)
-    cfg = tiny_config("bert", num_labels=n, id2label=dict(enumerate(labels)),
-                      label2id={v: i for i, v in enumerate(labels)},
-                      architectures=["BertForSequenceClassification"])
-    cfg.save_pretrained(str(out))
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tiny_tokenizer().save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     base = tiny_base(root / "base", seed=0)
-    models = {g: _synthetic_classifier(base, root / g, labels, seed=i + 1)
+    models = {g: synthetic_classifier(base, root / g, labels, seed=i + 1,
+                                     delta=lambda t, gen: _distinct_delta(t, gen, 0.01))
               for i, (g, labels) in enumerate(GROUPS.items())}
     recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
               "models": [{"model": str(p), "group": g} for g, p in models.items()]}

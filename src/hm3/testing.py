@@ -82,6 +82,28 @@ def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = T
     return Path(out)
 
 
+
+def synthetic_classifier(base_dir: Path, out: Path, labels: Sequence[str], seed: int, delta=None) -> Path:
+    """An ordinary tiny ``BertForSequenceClassification`` directory without training: the headless
+    base's body plus a random task vector (``delta(tensor, generator)``; default N(0, 0.01²) noise)
+    and a random head with ``len(labels)`` rows. For tests of merge arithmetic."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    delta = delta or (lambda t, g: t + torch.randn(t.shape, generator=g) * 0.01)
+    body = load_file(str(Path(base_dir) / "model.safetensors"))  # headless BertModel: no "bert." prefix
+    state = {f"bert.{k}": delta(t.float(), gen) for k, t in body.items()}
+    state["classifier.weight"] = torch.randn(len(labels), 32, generator=gen) * 0.1
+    state["classifier.bias"] = torch.randn(len(labels), generator=gen) * 0.1
+    out = Path(out)
+    out.mkdir(parents=True)
+    tiny_config("bert", num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={v: i for i, v in enumerate(labels)},
+                architectures=["BertForSequenceClassification"]).save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tiny_tokenizer().save_pretrained(str(out))
+    return out
+
 def tiny_pretrained_base(
     out: Path,
     *,
