@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch
