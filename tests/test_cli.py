@@ -64,6 +64,26 @@ def test_merge_predict_inspect(recipe, tmp_path):
     assert r.exit_code == 0 and "red, green, blue" in r.output and "ties" in r.output
 
 
+def test_predict_fast_path(tiny, tmp_path):
+    """`--fast` runs an opt-in path: same output shape; int8-checked re-runs close calls in fp32."""
+    (tmp_path / "in.txt").write_text("w0 w30 w31\nw12 w40\nw3 w31 w7\n")
+    plain = run("predict", tiny["a"], "--input", tmp_path / "in.txt")
+    assert plain.exit_code == 0, plain.stderr
+    for path in ("int8", "int8-checked"):
+        r = run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", path)
+        assert r.exit_code == 0, r.stderr
+        rows, ref = ([json.loads(x) for x in out.splitlines()] for out in (r.output, plain.output))
+        assert [set(x["groups"]) for x in rows] == [set(x["groups"]) for x in ref]
+        for row in rows:
+            for pred in row["groups"].values():
+                assert pred["label"] in pred["scores"] and math.isclose(sum(pred["scores"].values()), 1.0, abs_tol=1e-5)
+        if path == "int8":  # the quantised path really ran: its scores are not fp32's
+            assert [x["groups"] for x in rows] != [x["groups"] for x in ref]
+        else:  # the tiny model's calls are close, so fp32 decides them again
+            assert all(a["groups"][g]["label"] == b["groups"][g]["label"] for a, b in zip(rows, ref) for g in a["groups"])
+    assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "fp4"), "unknown fast path 'fp4'")
+
+
 def test_methods_lists_the_registry():
     r = run("methods")
     for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "model_stock"):

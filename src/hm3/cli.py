@@ -104,12 +104,19 @@ def predict(
     groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated groups (default: all)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
+    fast: Optional[str] = typer.Option(
+        None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8 (answers can differ from "
+        "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
 ) -> None:
     """Classify texts: per text and group, the label and the group's softmax scores."""
     from hm3.model import load
 
     texts = read_texts(input)
     clf = load(model, aggregate=aggregate)
+    if fast:
+        from hm3.fastpaths import accelerate
+
+        clf = accelerate(clf, fast)
     names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
     preds = clf.predict(texts, names, batch_size=batch_size, progress=output is not None)
     lines = [
