@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import hm3
+from hm3.errors import HM3Error
 from hm3.serve import Settings, background_server, create_app
 from hm3.testing import TASK_A, TASK_B, WORDS
 
@@ -212,6 +213,22 @@ def test_concurrent_requests_share_bounded_batches_and_a_failed_batch_fails_only
     assert fail.json()["error"]["code"] == "inference_failed" and "injected failure" in fail.json()["error"]["message"]
     assert after.status_code == 200 and health.status_code == 200
     assert re.search(r"^hm3_batch_failures_total 1$", metrics, re.M)
+
+
+def test_fast_path_is_served_and_reported(merged, reference):
+    """`fast=int8-checked` serves the accelerated model (close calls re-run in fp32: the tiny model's
+    labels stay fp32's) and /healthz says which path runs; an unknown path is refused up front."""
+    texts = [t for t, _ in TASK_A.sample(4, seed=21)]
+    expected = reference.predict(texts)
+    with background_server(create_app(merged, Settings(fast="int8-checked", threads=1))) as base_url:
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            r = c.post("/v1/classify", json={"texts": texts})
+            health = c.get("/healthz").json()
+    assert r.status_code == 200, r.text
+    assert [row["groups"]["a"]["label"] for row in r.json()] == [e["a"].label for e in expected]
+    assert health["fast"] == "int8-checked"
+    with pytest.raises(HM3Error, match="fast must be one of"):
+        Settings(fast="fp4")
 
 
 def test_api_key(merged):

@@ -69,6 +69,7 @@ class Settings:
     api_key: Optional[str] = field(default=None, repr=False)
     aggregate: str = "mean"  # long texts: mean or max over windows (as in `hm3 predict`)
     max_length: Optional[int] = None  # tokens per window (None: the model's own limit)
+    fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8)
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_text_bytes", "max_body_bytes", "max_batch_texts", "max_queue_texts",
@@ -82,6 +83,11 @@ class Settings:
             raise HM3Error(f"serve setting threads must be at least 1, got {self.threads!r}")
         if self.aggregate not in ("mean", "max"):
             raise HM3Error(f"serve setting aggregate must be 'mean' or 'max', got {self.aggregate!r}")
+        if self.fast is not None:
+            from hm3.fastpaths import PATHS
+
+            if self.fast not in PATHS:
+                raise HM3Error(f"serve setting fast must be one of {', '.join(PATHS)}, got {self.fast!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise HM3Error("the API key is empty; unset HM3_API_KEY / --api-key or give a non-empty key")
 
@@ -563,6 +569,10 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
         clf = hm3.load(classifier_or_path, max_length=s.max_length, aggregate=s.aggregate)
     else:
         clf = classifier_or_path
+    if s.fast:
+        from hm3.fastpaths import accelerate
+
+        clf = accelerate(clf, s.fast)
     model_name = Path(clf.name).name if getattr(clf, "name", "") else "model"
     ClassifyRequest, TextResult, ErrorResponse, LabelsResponse = _request_models()
     metrics = Metrics()
@@ -663,7 +673,7 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
         batcher = getattr(request.app.state, "batcher", None)
         if batcher is None or not batcher.alive:
             return error(503, "unhealthy", "the inference worker is not running")
-        return JSONResponse({"status": "ok", "model": model_name, "groups": clf.groups,
+        return JSONResponse({"status": "ok", "model": model_name, "groups": clf.groups, "fast": s.fast,
                              "queue_texts": batcher.queued_texts})
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_key)],
@@ -775,11 +785,13 @@ def register(app, user_errors) -> None:
         keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
                                          "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
+        fast: Optional[str] = typer.Option(None, help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8 "
+                                           "(answers can differ from fp32 near a boundary; docs/BENCHMARKS.md)."),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
         settings = Settings(
             max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes,
             max_batch_texts=max_batch_texts, max_wait_ms=max_wait_ms, max_queue_texts=max_queue_texts,
-            batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate,
+            batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate, fast=fast,
         )
         run(model, host, port, settings, log_level=log_level, keep_alive=keep_alive)
