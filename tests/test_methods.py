@@ -13,6 +13,8 @@ import hm3
 from hm3.merging.engine import merge_tensor, prepare
 from hm3.merging.methods import REGISTRY, TensorParams
 from hm3.merging.steps import Rescale
+from hm3.merging.steps import agrees as steps_agrees
+from hm3.merging.steps import elect_sign as steps_elect_sign
 from hm3.merging.steps import magnitude as steps_magnitude
 from hm3.testing import synthetic_classifier, tiny_base
 
@@ -262,16 +264,14 @@ def _ref_dare(x: torch.Tensor, density: float, g: torch.Generator) -> torch.Tens
 
 
 def _ref_gta(base, deltas, p: TensorParams, trim) -> torch.Tensor:
-    """TIES pipeline written out plainly: trim, weight, elect, mask, sum, divide, λ, add."""
+    """TIES pipeline written out plainly: trim, weight, elect, mask, sum, divide, λ, add. The election
+    is the plain steps (``elect_sign``, ``agrees``) that the mergekit parity tests check against
+    mergekit's ``get_mask``."""
     ts = [trim(deltas[i], p.density[i]) * p.weight[i] for i in range(deltas.shape[0])]
-    terms = ts if p.consensus == "sum" else [t.sign() for t in ts]
-    total = terms[0].clone()
-    for t in terms[1:]:
-        total = total + t
-    positive = total >= 0
+    positive = steps_elect_sign(ts, p.consensus)
     mixed = divisor = None
     for t, w in zip(ts, p.weight):
-        agree = torch.where(positive, t > 0, t < 0)
+        agree = steps_agrees(t, positive)
         mixed = t * agree if mixed is None else mixed + t * agree
         if p.normalize:
             divisor = agree.float() * w if divisor is None else divisor + agree.float() * w
