@@ -105,17 +105,13 @@ def _expanded_config(prep, merged_config, target: str):
 
 def _write(path: Path, state, config, tokenizer_src: Path) -> None:
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
+
+    from hm3.io import copy_tokenizer
 
     path.mkdir()
     config.save_pretrained(str(path))
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    try:
-        AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(path))
-    except Exception as e:
-        raise HM3Error(
-            f"{tokenizer_src}: cannot copy the tokenizer ({e}); set `tokenizer_source` to a model with one"
-        ) from None
+    copy_tokenizer(tokenizer_src, path)  # byte for byte, as the merged model's
 
 
 # -- mergekit recipe -------------------------------------------------------------------------------

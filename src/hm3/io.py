@@ -5,6 +5,11 @@ Tensors are read lazily from safetensors files, one at a time, with ``pread`` in
 a merge of N models would hold all N), so a merge never holds more than the tensors it is working
 on. Merged models are written tensor by tensor as they are produced (``SafetensorsWriter``). Pickle checkpoints (``pytorch_model.bin``) are refused unless
 the caller passes ``allow_pickle=True`` — and even then they go through ``torch.load(weights_only=True)``.
+
+A plain merge never imports transformers (about 1-2 s of a merge process's start-up): config.json is
+read as JSON (``ModelConfig``), a tokenizer's vocabulary from ``tokenizer.json`` / ``vocab.txt``
+(``tokenizer_vocab``), and the merged model's tokenizer is a byte-for-byte copy of the source's
+files (``copy_tokenizer``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ log = logging.getLogger(__name__)
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
+CONFIG = "config.json"
+# A directory "ships a tokenizer" when it has one of these (the files a tokenizer's vocabulary lives in).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "sentencepiece.bpe.model")
+# Everything a tokenizer directory may hold (transformers' slow and fast tokenizers of the supported
+# families): what decides the vocabulary and what ``copy_tokenizer`` copies.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spm.model", "sentencepiece.bpe.model",
+                   "spiece.model", "tokenizer.model", "bpe_encoder.bin", "chat_template.jinja")
 
 
 def resolve(ref: str | os.PathLike) -> Path:
@@ -65,7 +78,7 @@ class Checkpoint:
 
     ref: str
     path: Path
-    config: "object"  # transformers.PretrainedConfig
+    config: "ModelConfig"  # config.json as read (no transformers import)
     family: Family
     _where: dict[str, tuple[Path, str]] = field(repr=False)  # canonical name -> (file, stored key)
     _shapes: dict[str, tuple[int, ...]] = field(repr=False)
@@ -224,18 +237,75 @@ def _canonical(key: str, family: Family) -> str:
     return f"{family.prefix}.{key}"
 
 
+class ModelConfig:
+    """A model's config.json as read from disk: its keys as attributes (``cfg.model_type``,
+    ``getattr(cfg, "vocab_size", None)``), ``id2label`` with int keys as transformers gives them.
+
+    Read as JSON instead of through ``transformers.AutoConfig``, whose import alone costs a merge
+    process 1-2 s. A missing key is an AttributeError (transformers would fill in its class default:
+    hm3 reads only keys a checkpoint's config.json of a supported family has). ``to_dict`` returns
+    the file's content, for the merged model's config.json.
+    """
+
+    def __init__(self, data: dict, file: Path):
+        self._data = data
+        self.file = file
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):  # internals (and copy/pickle probing) never come from the file
+            raise AttributeError(key)
+        try:
+            value = self._data[key]
+        except KeyError:
+            raise AttributeError(f"{self.file} has no key {key!r}") from None
+        if key == "id2label" and isinstance(value, dict):
+            return {int(k): v for k, v in value.items()}  # checked in read_config
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def to_dict(self) -> dict:
+        """A deep copy of the file's content (JSON types: ``id2label`` keys are strings)."""
+        return json.loads(json.dumps(self._data))
+
+    def __repr__(self) -> str:
+        return f"ModelConfig({self.file}, model_type={self._data.get('model_type')!r})"
+
+
+def read_config(path: Path) -> ModelConfig:
+    """``path/config.json`` as a ``ModelConfig``, checked for what hm3 relies on: a JSON object with a
+    ``model_type`` and, when present, an ``id2label`` that maps label ids to names. (Whether hm3
+    supports the ``model_type`` is ``hm3.heads.family_of``'s question.)"""
+    file = path / CONFIG
+    if not file.is_file():
+        raise HM3Error(f"{path}: no {CONFIG}; expected a Hugging Face model directory")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HM3Error(f"{file}: cannot read the model config ({e}); restore the file the model was saved with") from None
+    if not isinstance(data, dict):
+        raise HM3Error(f"{file}: expected a JSON object, found {type(data).__name__}; restore the file the model "
+                       "was saved with")
+    if not isinstance(data.get("model_type"), str):
+        raise HM3Error(f'{file}: no "model_type" (e.g. "bert"); add it, or re-save the model with transformers')
+    id2label = data.get("id2label")
+    if id2label is not None:
+        try:
+            if not isinstance(id2label, dict):
+                raise ValueError("not an object")
+            for k in id2label:
+                int(k)
+        except ValueError:
+            raise HM3Error(f'{file}: "id2label" must map label ids ("0", "1", ...) to names; fix or remove it') from None
+    return ModelConfig(data, file)
+
+
 def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
     """Open a model directory: config, family and tensor table. Tensors are read on demand."""
-    from transformers import AutoConfig
-
     path = resolve(ref)
-    if not (path / "config.json").is_file():
-        raise HM3Error(f"{path}: no config.json; expected a Hugging Face model directory")
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as e:
-        raise HM3Error(f"{path / 'config.json'}: cannot read the model config ({e})") from None
-    family = family_of(config.model_type, str(path / "config.json"))
+    config = read_config(path)
+    family = family_of(config.model_type, str(path / CONFIG))
 
     where: dict[str, tuple[Path, str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -282,16 +352,93 @@ def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Ch
     return Checkpoint(str(ref), path, config, family, where, shapes, dtypes, pickled, _spans=spans)
 
 
+def has_tokenizer(path: Path) -> bool:
+    """Whether the directory ships a tokenizer (one of ``TOKENIZER_VOCAB_FILES``)."""
+    return any((path / f).is_file() for f in TOKENIZER_VOCAB_FILES)
+
+
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
-    """The tokenizer's vocabulary, or None when the directory ships no tokenizer."""
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model")):
+    """The tokenizer's vocabulary (token -> id, added tokens included), or None when the directory
+    ships no tokenizer.
+
+    Read from the files as transformers would: ``tokenizer.json`` (what a fast tokenizer loads),
+    else ``vocab.txt`` (one token a line) or ``vocab.json``, plus the added tokens of
+    ``added_tokens.json`` and ``tokenizer_config.json``. Only a tokenizer with none of those files
+    (a bare sentencepiece model) is loaded through transformers."""
+    if not has_tokenizer(path):
         return None
+    try:
+        if (path / "tokenizer.json").is_file():
+            vocab = _tokenizer_json_vocab(path / "tokenizer.json")
+        elif (path / "vocab.txt").is_file():
+            vocab = {}
+            with open(path / "vocab.txt", encoding="utf-8") as fh:  # as transformers' load_vocab reads it
+                for i, line in enumerate(fh):
+                    vocab[line.rstrip("\n")] = i
+        elif (path / "vocab.json").is_file():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+                raise ValueError("vocab.json is not an object of token ids")
+        else:
+            vocab = None
+        if vocab is not None:
+            return {**vocab, **_added_tokens(path)}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise HM3Error(f"{path}: cannot read the tokenizer's vocabulary ({type(e).__name__}: {e}); "
+                       "re-save the tokenizer with transformers") from None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path)).get_vocab()
     except Exception as e:
         raise HM3Error(f"{path}: cannot load the tokenizer ({e})") from None
+
+
+def _tokenizer_json_vocab(file: Path) -> dict[str, int]:
+    """token -> id of a ``tokenizers`` file: the model's vocabulary and the added tokens."""
+    data = json.loads(file.read_text(encoding="utf-8"))
+    model = data["model"]
+    raw = model["vocab"]
+    if isinstance(raw, dict):  # WordPiece, WordLevel, BPE
+        vocab = {str(t): int(i) for t, i in raw.items()}
+    elif isinstance(raw, list):  # Unigram: [[piece, score], ...], ids in order
+        vocab = {str(piece[0]): i for i, piece in enumerate(raw)}
+    else:
+        raise ValueError(f"{file.name}: model {model.get('type')!r} has no vocabulary hm3 can read")
+    for tok in data.get("added_tokens") or []:
+        vocab[str(tok["content"])] = int(tok["id"])
+    return vocab
+
+
+def _added_tokens(path: Path) -> dict[str, int]:
+    """Added tokens listed beside the vocabulary (``added_tokens.json``, ``tokenizer_config.json``)."""
+    added: dict[str, int] = {}
+    if (path / "added_tokens.json").is_file():
+        added.update({str(t): int(i) for t, i in json.loads((path / "added_tokens.json").read_text(encoding="utf-8")).items()})
+    if (path / "tokenizer_config.json").is_file():
+        decoder = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("added_tokens_decoder")
+        for i, tok in (decoder or {}).items():
+            added[str(tok["content"] if isinstance(tok, dict) else tok)] = int(i)
+    return added
+
+
+def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` (``TOKENIZER_FILES``) into ``out_dir`` byte for byte.
+
+    The copy loads as the source does (``AutoTokenizer.from_pretrained``), without importing
+    transformers, and with none of the keys a re-save adds. Returns the names copied; an error
+    when ``src`` ships no tokenizer."""
+    src = Path(src)
+    if not has_tokenizer(src):
+        raise HM3Error(f"{src}: no tokenizer to copy (none of {', '.join(TOKENIZER_VOCAB_FILES)}); "
+                       "set `tokenizer_source` to a model with one")
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    try:
+        for n in names:
+            shutil.copyfile(src / n, out_dir / n)
+    except OSError as e:
+        raise HM3Error(f"{src}: cannot copy the tokenizer ({e})") from None
+    return names
 
 
 # -- saving ------------------------------------------------------------------------------------------

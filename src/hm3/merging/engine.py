@@ -7,6 +7,12 @@ safetensors file as soon as it is made (``merged_tensors`` + ``output_specs``), 
 tensors of one name at a time, never the merged model. ``TaskVectors`` keeps every
 task vector in memory for search, where hundreds of merges reuse them.
 
+A plain merge (no ``refit:``, no data-aware method) never imports transformers: configs are read
+and written as JSON (``merged_config_dict``) and the tokenizer files are copied
+(``hm3.io.copy_tokenizer``), so a ``hm3 merge`` process starts without transformers' ~1-2 s.
+``merged_config`` builds the transformers config of the merged model, for callers that build a
+``torch.nn.Module`` from it (re-fit, data-aware methods, search).
+
 Tensor kinds:
 
 * ``body``   — shared encoder weights: the method with each model's parameters.
@@ -31,8 +37,8 @@ import torch
 from hm3.config import MergeConfig, load_config, resolve_param
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
-from hm3.io import (AtomicDir, Checkpoint, SafetensorsWriter, all_finite, load_checkpoint, save_safetensors,
-                    tokenizer_vocab)
+from hm3.io import (TOKENIZER_FILES, AtomicDir, Checkpoint, SafetensorsWriter, all_finite, copy_tokenizer,
+                    has_tokenizer, load_checkpoint, save_safetensors, tokenizer_vocab)
 from hm3.labels import LabelSpace, clean_labels, group_name_from
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -203,7 +209,9 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
 
 
 def _check_vocab(ckpts: list[Checkpoint]) -> None:
-    sizes = {getattr(c.config, "vocab_size", None) for c in ckpts}
+    # Among the configs that state it: a config.json without vocab_size relies on its class's
+    # default, which hm3 does not know (the embedding shapes are compared in any case).
+    sizes = {getattr(c.config, "vocab_size", None) for c in ckpts} - {None}
     if len(sizes) > 1:
         raise HM3Error(
             "vocabulary sizes differ: "
@@ -229,9 +237,7 @@ def _check_vocab(ckpts: list[Checkpoint]) -> None:
 
 def _tokenizer_files(path: Path) -> dict[str, str]:
     """SHA-256 of each tokenizer file in a model directory (what decides its vocabulary)."""
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-             "vocab.txt", "vocab.json", "merges.txt", "spm.model", "sentencepiece.bpe.model")
-    return {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in names if (path / n).is_file()}
+    return {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in TOKENIZER_FILES if (path / n).is_file()}
 
 
 # -- per-tensor merge ------------------------------------------------------------------------------
@@ -363,20 +369,26 @@ def output_specs(prep: Prepared) -> list[tuple[str, torch.dtype, tuple[int, ...]
 
 
 # -- output ----------------------------------------------------------------------------------------
-def merged_config(prep: Prepared):
-    """The first model's config with the merged label space and the hm3 metadata."""
-    import copy
+# Keys of a source config.json the merged one drops: where it was loaded from, and what the merged
+# keys replace (``dtype`` replaces transformers 4's ``torch_dtype``; ``id2label`` sets the label count).
+_DROPPED_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "torch_dtype", "num_labels")
 
-    cfg = copy.deepcopy(prep.models[0].config)
+
+def merged_config_dict(prep: Prepared) -> dict:
+    """The merged model's config.json: the first model's, with the merged label space and the hm3
+    metadata. Plain JSON, built without transformers (``config_json`` writes it as transformers
+    does: sorted keys, indent 2)."""
+    cfg = prep.models[0].config.to_dict()
+    for key in _DROPPED_CONFIG_KEYS:
+        cfg.pop(key, None)
     space = prep.space
-    cfg.id2label = space.id2label()
-    cfg.label2id = space.label2id()
-    cfg.num_labels = space.total
-    cfg.problem_type = "single_label_classification"
-    cfg.architectures = [prep.models[0].family.cls]
-    cfg.dtype = prep.config.dtype
+    cfg["id2label"] = {str(i): label for i, label in space.id2label().items()}
+    cfg["label2id"] = space.label2id()
+    cfg["problem_type"] = "single_label_classification"
+    cfg["architectures"] = [prep.models[0].family.cls]
+    cfg["dtype"] = prep.config.dtype
     recipe = json.loads(prep.config.model_dump_json(exclude_none=True))
-    cfg.hm3 = {
+    cfg["hm3"] = {
         "format": 1,
         "groups": space.to_json(),
         "method": prep.method.name,
@@ -387,15 +399,34 @@ def merged_config(prep: Prepared):
     return cfg
 
 
+def config_json(cfg: dict) -> str:
+    """config.json text as ``PretrainedConfig.save_pretrained`` writes it: sorted keys, indent 2."""
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def merged_config(prep: Prepared):
+    """The merged model's transformers config (``merged_config_dict`` as transformers loads it from
+    config.json), for building the merged ``torch.nn.Module``. Imports transformers."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = merged_config_dict(prep)
+    return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+
+
 def write_model(out_dir: Path, state: "dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]", config,
                 tokenizer_src: Path, card: str, *, specs: list | None = None) -> None:
     """Write config, safetensors weights, tokenizer and model card into ``out_dir`` (exists, empty).
 
-    ``state`` is a state dict, or an iterator of ``(name, tensor)`` in the order of ``specs``
-    (``output_specs``), written as it yields: the same bytes, without holding the whole model."""
-    from transformers import AutoTokenizer
-
-    config.save_pretrained(str(out_dir))
+    ``config``: the config.json content as a dict (``merged_config_dict``), or a transformers
+    config (saved with its ``save_pretrained``). ``state`` is a state dict, or an iterator of
+    ``(name, tensor)`` in the order of ``specs`` (``output_specs``), written as it yields: the same
+    bytes, without holding the whole model. The tokenizer files of ``tokenizer_src`` are copied
+    byte for byte, first: a source without a tokenizer fails before the weights are written."""
+    copy_tokenizer(Path(tokenizer_src), out_dir)
+    if isinstance(config, dict):
+        (out_dir / "config.json").write_text(config_json(config), encoding="utf-8")
+    else:
+        config.save_pretrained(str(out_dir))
     file = out_dir / "model.safetensors"
     if isinstance(state, dict):
         save_safetensors(state, file, metadata={"format": "pt"})  # no full-model copy
@@ -406,10 +437,6 @@ def write_model(out_dir: Path, state: "dict[str, torch.Tensor] | Iterator[tuple[
             for name, t in state:
                 w.write(name, t)
                 del t
-    try:
-        AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(out_dir))
-    except Exception as e:
-        raise HM3Error(f"{tokenizer_src}: cannot copy the tokenizer ({e}); set `tokenizer_source` to a model with one") from None
     (out_dir / "README.md").write_text(card)
 
 
@@ -420,7 +447,7 @@ def tokenizer_source(prep: Prepared) -> Path:
             return prep.base.path
         return Path(src)
     for c in ([prep.base] if prep.base else []) + prep.models:
-        if tokenizer_vocab(c.path) is not None:
+        if has_tokenizer(c.path):
             return c.path
     raise HM3Error("no model ships a tokenizer; set `tokenizer_source` to a directory that has one")
 
@@ -497,7 +524,7 @@ def merge(
             prep.ensure_stats(progress)
             out = Path(out)
             with AtomicDir(out, force) as tmp:
-                write_model(tmp, merged_tensors(prep, progress), merged_config(prep), tokenizer_source(prep),
+                write_model(tmp, merged_tensors(prep, progress), merged_config_dict(prep), tokenizer_source(prep),
                             model_card(prep), specs=output_specs(prep))
         else:
             state = merge_state(prep, progress=progress)
@@ -510,7 +537,7 @@ def merge(
                 return MergeResult(None, prep.space, time.perf_counter() - t0, state)
             out = Path(out)
             with AtomicDir(out, force) as tmp:
-                write_model(tmp, state, merged_config(prep), tokenizer_source(prep), model_card(prep, extra))
+                write_model(tmp, state, merged_config_dict(prep), tokenizer_source(prep), model_card(prep, extra))
     finally:
         prep.close()
     seconds = time.perf_counter() - t0
