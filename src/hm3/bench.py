@@ -797,8 +797,8 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         if merge_res.get("phases"):
             lines += ["### Where a whole-process `hm3 merge` spends its time", "",
                       "One more fresh process per merge (`python -m hm3.bench hm3-phases`, the same calls as "
-                      "`hm3 merge` with clocks between them): imports (torch; then the CLI, the engine and "
-                      "transformers), `prepare` (configs, tensor tables, tokenizer check), reading + merging "
+                      "`hm3 merge` with clocks between them): imports (torch; then the CLI and the engine — a "
+                      "plain merge imports no transformers), `prepare` (configs, tensor tables, tokenizer check), reading + merging "
                       "the tensors, writing (safetensors bytes as they are merged, config, tokenizer, card, "
                       "rename).", "",
                       "| size | N | method | import torch s | other imports s | prepare s | read + merge s | write s | "
@@ -1032,7 +1032,7 @@ def _worker(kind: str, spec: dict) -> dict:
 
 def hm3_phases(config: str, out: str) -> dict:
     """Where a fresh ``hm3 merge`` process spends its time, in the order it spends it: the imports
-    the command makes (torch; the CLI, the engine and transformers), ``prepare`` (configs, tensor
+    the command makes (torch; the CLI and the engine — not transformers), ``prepare`` (configs, tensor
     tables, tokenizer check), reading + merging the tensors, and writing (safetensors bytes, config,
     tokenizer, card, the atomic rename). Same calls as ``hm3.merge``, with clocks between them."""
     t0 = time.perf_counter()
@@ -1041,7 +1041,6 @@ def hm3_phases(config: str, out: str) -> dict:
 
     t1 = time.perf_counter()
     import hm3.cli  # noqa: F401  (registers every command, as the console script does)
-    from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (what prepare/write import)
 
     from hm3.io import AtomicDir
     from hm3.merging import engine
@@ -1064,7 +1063,7 @@ def hm3_phases(config: str, out: str) -> dict:
             yield item
 
     with AtomicDir(Path(out), force=True) as tmp:
-        engine.write_model(tmp, timed(engine.merged_tensors(prep, progress=False)), engine.merged_config(prep),
+        engine.write_model(tmp, timed(engine.merged_tensors(prep, progress=False)), engine.merged_config_dict(prep),
                            engine.tokenizer_source(prep), engine.model_card(prep), specs=engine.output_specs(prep))
     t4 = time.perf_counter()
     return {"seconds": t4 - t0, "import_torch_s": t1 - t0, "import_rest_s": t2 - t1, "prepare_s": t3 - t2,
