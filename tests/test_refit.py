@@ -162,6 +162,25 @@ def test_distilled_refit_follows_the_original_guards(tiny, tmp_path, recipe, dat
         assert agree >= 0.9, (group, agree)
 
 
+def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_path, recipe, data):
+    r = _ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, cross_texts=40)
+    res = hm3.merge(r, tmp_path / "m", progress=False)
+    meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]
+    for group in ("a", "b"):
+        assert meta["groups"][group]["texts"] == 80 + 40 and meta["groups"][group]["other_groups_texts"] == 40
+    distinct = {json.loads(line)["text"] for f in (data["a_text"], data["b_text"]) for line in open(f)}
+    assert meta["features"]["texts"] == len(distinct)  # each text's features computed once
+    merged = hm3.load(res.path)
+    # group a's head now follows its teacher on group b's domain too (and the other way round)
+    for group, other in (("a", TASK_B), ("b", TASK_A)):
+        texts = [t for t, _ in other.sample(200, seed=98)]
+        teacher = next(iter(hm3.load(tiny[group]).predict_proba(texts).values())).argmax(1)
+        student = merged.predict_proba(texts, groups=[group])[group].argmax(1)
+        assert float((teacher == student).mean()) >= 0.9, group
+    with pytest.raises(HM3Error, match="cross_texts needs mode: distill"):
+        hm3.merge(_ties(recipe, data={"a": data["a"]}, cross_texts=10), progress=False)
+
+
 def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1 w2", "label": "purple"}) + "\n")

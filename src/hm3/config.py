@@ -115,6 +115,7 @@ class RefitConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window
     batch_size: int = Field(32, ge=1)
+    cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
 
     @field_validator("c")
     @classmethod
@@ -122,6 +123,13 @@ class RefitConfig(BaseModel):
         if v != "auto" and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"c must be a positive number or 'auto', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.cross_texts and self.mode != "distill":
+            raise ValueError("cross_texts needs mode: distill (other groups' texts have no labels for a group; "
+                             "its teacher labels them)")
+        return self
 
 
 class AdaMergingConfig(BaseModel):

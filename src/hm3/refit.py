@@ -266,8 +266,14 @@ def refit_heads(
     seed: int = 0,
     cache: bool = True,
     progress: bool = False,
+    cross_texts: int = 0,
 ) -> RefitReport:
-    """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done."""
+    """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
+
+    ``cross_texts``: a distilled group also fits its teacher's probabilities on this many texts of every
+    other group's data (the first of their seeded samples), since the merged model answers every group
+    on every text: a jailbreak head must call an SMS or a review benign as the jailbreak guard does.
+    """
     import numpy as np
     import torch
 
@@ -302,18 +308,36 @@ def refit_heads(
             if missing:
                 raise HM3Error(f"{s.data}: group {g.name!r} has no training texts for labels "
                                f"{[g.labels[i] for i in missing]}; every label needs some")
-        plan.append((s, g, train, val, held))
+        plan.append([s, g, train, val, held])
+    if cross_texts < 0:
+        raise HM3Error(f"cross_texts must be >= 0, got {cross_texts}")
+    if cross_texts and not any(s.teacher is not None for s, *_ in plan):
+        raise HM3Error("cross_texts needs distill mode: other groups' texts have no labels for a group, "
+                       "only its teacher's probabilities")
+    if cross_texts:  # distilled groups: own texts, then up to cross_texts of each other group's
+        for item in plan:
+            s, g, train = item[:3]
+            if s.teacher is None:
+                continue
+            own = set(train.texts)
+            extra = [t for o, og, otrain, *_ in plan if og.name != g.name
+                     for t in [t for t in otrain.texts if t not in own][:cross_texts]]
+            item[2] = _Split(train.texts + list(dict.fromkeys(extra)), None, train.source)
+            if item[4] is not None:
+                item[4] = _holdout(item[2], seed, f"refit-holdout/{g.name}")
+            item.append(len(item[2].texts) - len(train.texts))
 
-    # Features of every text, in one pass over the merged body (cached per body and window set).
-    all_texts: list[str] = []
-    offsets = {}
-    for s, g, train, val, held in plan:
+    # Features of every distinct text, in one pass over the merged body (cached per body and window set).
+    index: dict[str, int] = {}
+    parts: dict[tuple[str, str], "np.ndarray"] = {}  # (group, part) -> distinct-text ids in part order
+    for s, g, train, val, held, *_ in plan:
         for name, part in (("train", train), ("val", val)):
             if part is not None:
-                offsets[(g.name, name)] = (len(all_texts), len(part.texts))
-                all_texts += part.texts
+                parts[(g.name, name)] = np.array([index.setdefault(t, len(index)) for t in part.texts], dtype=np.int64)
+    all_texts = list(index)
     wins, owner = clf.windows(all_texts)
     owner = np.asarray(owner, dtype=np.int64)
+    by_text = np.split(np.argsort(owner, kind="stable"), np.cumsum(np.bincount(owner, minlength=len(all_texts)))[:-1])
     tf = time.perf_counter()
     skip = [n for n in model.state_dict() if n.startswith(_out_name(model))]
     key = S.cache_key(kind="features", body=S.state_digest(model.state_dict(), skip=skip),
@@ -330,24 +354,24 @@ def refit_heads(
 
     def windows_of(group: str, part: str) -> tuple["np.ndarray", "np.ndarray"]:
         """Window indices of a part's texts and, per window, the text's index within the part."""
-        start, n = offsets[(group, part)]
-        sel = np.nonzero((owner >= start) & (owner < start + n))[0]
-        return sel, owner[sel] - start
+        ids = parts[(group, part)]
+        sel = np.concatenate([by_text[i] for i in ids])
+        return sel, np.repeat(np.arange(len(ids)), [len(by_text[i]) for i in ids])
 
     # Teachers' probabilities on the same windows of their own group's texts (cached per teacher
     # and window set); rows of other groups' windows stay NaN and are never read.
     teachers, teacher_seconds = {}, {}
-    for s, g, train, val, held in plan:
+    for s, g, train, val, held, *_ in plan:
         if s.teacher is not None:
             tt = time.perf_counter()
-            own = np.concatenate([windows_of(g.name, part)[0] for part in ("train", "val") if (g.name, part) in offsets])
+            own = np.unique(np.concatenate([windows_of(g.name, part)[0] for part in ("train", "val") if (g.name, part) in parts]))
             probs = np.full((len(wins), g.size), np.nan)
             probs[own] = _teacher_probs(s.teacher, tokenizer, [wins[i] for i in own], g, temperature, batch_size, cache)
             teachers[g.name] = probs
             teacher_seconds[g.name] = time.perf_counter() - tt
 
     with S.single_thread():  # small fits: thread-pool hand-offs cost more than they save
-        for s, g, train, val, held in plan:
+        for s, g, train, val, held, *cross in plan:
             tg = time.perf_counter() - teacher_seconds.get(g.name, 0.0)
             teacher_probs = teachers.get(g.name)
 
@@ -418,6 +442,7 @@ def refit_heads(
                 "mode": s.mode,
                 "data": str(s.data),
                 "texts": len(train.texts),
+                **({"other_groups_texts": cross[0]} if cross else {}),
                 "windows": int(len(tr_sel)),
                 "validation": validation,
                 "validation_texts": len(val.texts) if val is not None else int(held.sum()) if held is not None else 0,
@@ -539,7 +564,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     report = refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                          temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                          seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
-                         progress=progress)
+                         progress=progress, cross_texts=rc.cross_texts)
     out = dict(state)
     fam_out = prep.models[0].family.out
     for name in fam_out:
@@ -614,6 +639,9 @@ def register(app, user_errors) -> None:
         temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
         seed: int = typer.Option(0, "--seed"),
+        cross_texts: int = typer.Option(0, "--cross-texts", min=0,
+                                        help="Distilled groups also fit their teacher on this many texts of each "
+                                             "other group's --data (one model answers every group on every text)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -632,7 +660,7 @@ def register(app, user_errors) -> None:
         specs = [GroupRefit(g, Path(f), Path(vals[g]) if g in vals else None,
                             Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
-                           max_length=max_length, seed=seed, progress=progress)
+                           max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
 
