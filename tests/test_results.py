@@ -127,7 +127,8 @@ def test_case_study_tables(results):
 def test_ablation_tables(results):
     """Issue 9's ablation: every configuration merged on disk, scored, timed; the best by validation marked."""
     part = results["md"].split("## Ablation", 1)[1]
-    names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)", "RegMean", "Fisher",
+    names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)",
+             "TIES + re-fit (distilled, cross-domain)", "RegMean", "Fisher",
              "AdaMerging", "RegMean + re-fit (labelled)"]
     for key, case in CASE_STUDIES.items():
         rows = table_after(part, f"### {case.title}")

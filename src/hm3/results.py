@@ -66,6 +66,7 @@ class Settings:
     recommended: bool = True  # merge and score the zoo's merge-*.yaml (False: compute the rest only)
     ablation: bool = True  # issue 9: TIES / DARE-TIES vs re-fit, RegMean, Fisher, AdaMerging, merged on disk
     regmean_alpha: float = 0.9  # RegMean's off-diagonal shrink (1: none)
+    cross_texts: int = 100  # cross-domain distilled re-fit: texts of each other guard (hm3.refit)
     batch_size: int = 32
     threads: int = 0  # torch threads; 0: 2 on a quiet machine, else 1
     seed: int = 0
@@ -288,6 +289,8 @@ class Lab:
             ("DARE-TIES", Recommendation("dare_ties", density=d_dare)),
             ("TIES + re-fit (labelled)", Recommendation("ties", density=d_ties, refit="labelled")),
             ("TIES + re-fit (distilled)", Recommendation("ties", density=d_ties, refit="distill")),
+            ("TIES + re-fit (distilled, cross-domain)",
+             Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts)),
             ("RegMean", Recommendation("regmean", parameters=regmean)),
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
@@ -585,7 +588,9 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               "above on validation. *Re-fit (labelled)*: each group's head rows re-fitted by logistic regression on "
               f"the merged body's features of up to 500 of the guard's own training texts, C chosen on its "
               "validation split. *Re-fit (distilled)*: the same fit against the original guard's probabilities on "
-              "those texts, labels unused (C on a hold-out of them). RegMean (off-diagonal shrink "
+              "those texts, labels unused (C on a hold-out of them); *cross-domain*: also on "
+              f"{s.cross_texts} training texts of each other guard, so that a head follows its guard on the other "
+              "guards' traffic too (one model answers every group on every text). RegMean (off-diagonal shrink "
               f"{s.regmean_alpha:g}), Fisher and AdaMerging read up to 256 unlabelled training texts per guard. "
               "The row in bold has the best validation ratio; the test columns steered nothing.", ""]
         for key, cs in results.items():
@@ -641,7 +646,8 @@ def describe(rec: Recommendation) -> str:
     if rec.parameters:
         parts.append(", ".join(f"{k} {v}" for k, v in rec.parameters.items()))
     if rec.refit:
-        parts.append(f"+ {rec.refit} head re-fit")
+        parts.append(f"+ {rec.refit} head re-fit" + (f" (+ {rec.cross_texts} texts of each other guard)"
+                                                     if rec.cross_texts else ""))
     return ", ".join(parts)
 
 

@@ -52,7 +52,9 @@ CASE_STUDIES: dict[str, CaseStudy] = {
 class Recommendation:
     """A merge recipe in few words. ``density`` / ``weight``: one value for every model, or per group.
     ``refit``: re-fit each group's head rows on the merged body (``labelled``: on the guard's own
-    ``train.jsonl``, C picked on its ``validation.jsonl``), or ``None`` for a training-free merge."""
+    ``train.jsonl``, C picked on its ``validation.jsonl``; ``distill``: to the original guard's
+    probabilities on those texts, plus ``cross_texts`` of every other guard's), or ``None`` for a
+    training-free merge."""
 
     method: str
     density: float | dict[str, float] | None = None
@@ -60,6 +62,7 @@ class Recommendation:
     parameters: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     refit: str | None = None
+    cross_texts: int = 0  # distill: + this many texts of each other guard (hm3.refit's cross_texts)
     why: str = ""
 
     def per_group(self, value, group: str):
@@ -140,6 +143,7 @@ def recipe(
             "mode": rec.refit,
             "data": {g: path(g, "train.jsonl") for g in case.groups},
             **({"validation": {g: path(g, "validation.jsonl") for g in case.groups}} if rec.refit == "labelled" else {}),
+            **({"cross_texts": rec.cross_texts} if rec.cross_texts else {}),
         }
     return out
 
