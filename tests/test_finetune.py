@@ -280,3 +280,6 @@ def test_build_guard_styles_are_checked_and_recorded(tiny_base: Path, tmp_path: 
     # a complete guard of another style is not silently reused
     with pytest.raises(HM3Error, match="built with style 'small-steps', not 'lp-ft'"):
         build.build_guard("spam", tmp_path / "zoo", style="lp-ft", base_dir=tiny_base)
+    # the zoo's default is LP-FT (docs/QUALITY.md): the probe epoch comes without asking for it
+    build.build_guard("question", tmp_path / "zoo", base_dir=tiny_base)
+    assert seen["style"] == "lp-ft" and seen["options"] == {"probe_epochs": 1}

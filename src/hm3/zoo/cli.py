@@ -21,8 +21,8 @@ def register(app: typer.Typer, user_errors) -> None:
         max_train: Optional[int] = typer.Option(None, help="Cap on training examples per guard (default per guard)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs per guard (default per guard)."),
         threads: Optional[int] = typer.Option(None, help="torch threads (1 is faster on a busy machine)."),
-        style: str = typer.Option("standard", help="Fine-tuning style: standard, lp-ft (linear probe, then "
-                                  "fine-tune), frozen-embeddings, small-steps (half the learning rate). Styles "
+        style: str = typer.Option("lp-ft", help="Fine-tuning style: lp-ft (the default: linear probe, then "
+                                  "fine-tune), standard, frozen-embeddings, small-steps (half the learning rate). Styles "
                                   "meant to interfere less when merged; build each into its own --out."),
     ) -> None:
         """Fine-tune the guards, write their splits, model cards, the evaluation suites and recipes."""
