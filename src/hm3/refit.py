@@ -320,7 +320,7 @@ def refit_heads(
             if s.teacher is None:
                 continue
             own = set(train.texts)
-            extra = [t for o, og, otrain, *_ in plan if og.name != g.name
+            extra = [t for _, og, otrain, *_ in plan if og.name != g.name
                      for t in [t for t in otrain.texts if t not in own][:cross_texts]]
             item[2] = _Split(train.texts + list(dict.fromkeys(extra)), None, train.source)
             if item[4] is not None:
