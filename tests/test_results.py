@@ -166,6 +166,7 @@ def test_targets_guards_self_merge_and_confusions(results):
     guards = table_after(md, "## The guards")
     assert [r[0] for r in guards[1:]] == list(ZOO_GROUPS)
     assert [int(r[4]) for r in guards[1:]] == [24] * 5  # test sizes from the markers
+    assert "fine-tuning style `standard`" in md  # markers without a style: guards from before styles existed
     selfm = table_after(md, "## Self-merge")
     assert selfm[0][-2:] == ["d=0.3", "d=0.9"] and len(selfm) == 6
     assert (results["docs"] / "img" / "results-selfmerge.png").is_file()

@@ -551,7 +551,9 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         L += ["For comparison, the paper (DARE-TIES search on its own guards): CS1 " + PAPER["cs1"] + "; CS2 "
               + PAPER["cs2"] + ".", ""]
     # guards
-    L += ["## The guards", "", "Five guards fine-tuned from all-MiniLM-L6-v2 by `hm3 zoo build` (see each "
+    styles = sorted({lab.markers[g].get("style", "standard") for g in ZOO_GROUPS})
+    L += ["## The guards", "", "Five guards fine-tuned from all-MiniLM-L6-v2 by `hm3 zoo build`, fine-tuning style "
+          f"{', '.join(f'`{x}`' for x in styles)} (docs/QUALITY.md; see each "
           "guard's README.md in the zoo). *Own test* is the guard's own test split (from its `hm3-zoo.json`); "
           "*suite* is its group's rows of the test suite, cross-checks included.", "",
           "| guard | labels | train | validation | test | own test macro F1 | suite rows | suite macro F1 |",
