@@ -57,17 +57,19 @@ class Method:
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
 
 
-def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g) -> torch.Tensor:
+def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g):
+    """``(S(x), factor)``: the sparsified tensor and a multiplier still to apply to it (None: 1).
+    ``S(x)`` is new, or ``x`` itself where nothing is dropped."""
     if kind is None:
-        return x
+        return x, None
     d = p.density[i]
     if kind is Sparsify.magnitude:
-        return steps.magnitude(x, d, p.rescale)
+        return steps.magnitude(x, d, p.rescale), None
     if kind is Sparsify.random:
-        return steps.bernoulli(x, d, g, p.rescale)
+        return steps.bernoulli_parts(x, d, g, p.rescale)
     if kind is Sparsify.magnitude_outliers:
-        return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale)
-    return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale)
+        return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale), None
+    return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale), None
 
 
 def generalized_task_arithmetic(
@@ -86,33 +88,56 @@ def generalized_task_arithmetic(
     n = deltas.shape[0]
     if n == 0:
         return base
-    # Per model, without stacking: sparsify (a fresh tensor, or the caller's own at density 1 — the
-    # caller's deltas must stay intact, search reuses them) and weight, in place where it is ours.
-    trimmed: list[torch.Tensor] = []
+    # Sparsify per model, without stacking (the caller's deltas stay intact: search reuses them).
+    # What is left is elementwise (scale, weight, elect, mask, sum, normalise, λ, add the base), so it
+    # runs block by block, each block through every step while it is in cache (steps.blocks).
+    trimmed: list[torch.Tensor] = []  # (n_el,) each, flat
+    owned: list[bool] = []  # a new tensor of ours, to work in (else the caller's delta: copied per block)
+    scales: list[tuple] = []  # multipliers still to apply, in order: the sparsifier's factor, then w_i
     for i in range(n):
         d = deltas[i]
-        t = _sparsify_one(sparsify, d, i, p, generator)
-        w = p.weight[i]
-        if w != 1:  # weights are applied before the sign election (mergekit)
-            t = t.mul_(w) if t.data_ptr() != d.data_ptr() else t * w
-        elif t.data_ptr() == d.data_ptr():
-            t = t.clone() if consensus or n == 1 else t
-        trimmed.append(t)
-    if consensus:
-        mixed, divisor = steps.disjoint_merge(trimmed, p.consensus, p.weight if p.normalize else None)
-    else:
-        # Sum in model order (as torch.sum(dim=0)) into a tensor that is ours.
-        mixed = trimmed[0] if trimmed[0].data_ptr() != deltas[0].data_ptr() else trimmed[0] + trimmed[1]
-        for t in trimmed[1 if mixed is trimmed[0] else 2 :]:
-            mixed.add_(t)
-        divisor = torch.tensor(p.weight, dtype=deltas.dtype).sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
-    if p.normalize:
-        mixed.div_(divisor)
-    if p.lambda_ != 1:
-        mixed.mul_(p.lambda_)
-    return mixed.add_(base).to(base.dtype)
+        t, factor = _sparsify_one(sparsify, d, i, p, generator)
+        mine = t.data_ptr() != d.data_ptr()
+        if not t.is_contiguous():
+            t, mine = t.contiguous(), True
+        w = p.weight[i]  # weights are applied before the sign election (mergekit)
+        trimmed.append(t.view(-1))
+        owned.append(mine)
+        scales.append(tuple(f for f in (factor, w if w != 1 else None) if f is not None))
+    dtype = trimmed[0].dtype
+    flat_base = base.reshape(-1)
+    out = torch.empty(base.shape, dtype=dtype)
+    dst = out.view(-1)
+    total = None
+    if not consensus:
+        total = torch.tensor(p.weight, dtype=deltas.dtype).sum()
+        if total.abs() < 1e-8:
+            total = torch.ones_like(total)
+    copies: list[torch.Tensor | None] = [None] * n  # block buffers for the caller's deltas
+    for b in steps.blocks(flat_base.numel()):
+        ts = []
+        for i in range(n):
+            if owned[i]:
+                t = trimmed[i][b]
+            else:
+                if copies[i] is None:
+                    copies[i] = torch.empty(min(steps.BLOCK, flat_base.numel()), dtype=dtype)
+                t = copies[i][: b.stop - b.start].copy_(trimmed[i][b])
+            for f in scales[i]:
+                t.mul_(f)
+            ts.append(t)
+        if consensus:
+            mixed, divisor = steps.disjoint_merge(ts, p.consensus, p.weight if p.normalize else None)
+        else:
+            mixed, divisor = ts[0], total  # summed in model order, as torch.sum(dim=0)
+            for t in ts[1:]:
+                mixed.add_(t)
+        if p.normalize:
+            mixed.div_(divisor)
+        if p.lambda_ != 1:
+            mixed.mul_(p.lambda_)
+        torch.add(mixed, flat_base[b], out=dst[b])
+    return out.to(base.dtype)
 
 
 def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
