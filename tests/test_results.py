@@ -210,6 +210,7 @@ def test_recipes_load_and_merge(results, tmp_path):
         assert [m["model"] for m in raw["models"]] == list(case.groups)
         if RECOMMENDED[key].refit:
             assert raw["refit"]["data"] == {g: f"{g}/train.jsonl" for g in case.groups}
+            assert raw["refit"].get("cross_texts", 0) == RECOMMENDED[key].cross_texts
         cfg = load_config(path)
         assert [Path(m.model) for m in cfg.models] == [(zoo / g).resolve() for g in case.groups]
         assert cfg.merge_method == RECOMMENDED[key].method
