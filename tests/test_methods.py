@@ -334,3 +334,62 @@ def test_magnitude_equals_reference_in_every_dtype(dtype):
             got = steps_magnitude(x, density)
             want = _ref_trim(x, density)
             assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, rescale: Rescale | None) -> torch.Tensor:
+    """``_ref_dare`` with any rescale, written out whole-tensor: mask, then mergekit's norm ratio
+    (or divide by the density, ``inverse``)."""
+    if density >= 1:
+        return x.clone()
+    n, q = x.numel(), round(density * 2**16)
+    if q >= 2**16:
+        keep = torch.ones(x.shape, dtype=torch.bool)
+    else:
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=g)
+        keep = ((draws.view(torch.int16)[:n].to(torch.int32) + 2**15) < q).view(x.shape)
+    masked = x * keep
+    if rescale is None:
+        return masked
+    if rescale is Rescale.inverse:
+        return masked / density if density > 0 else masked
+    norm = {Rescale.l1: lambda t: t.abs().sum(), Rescale.l2: lambda t: t.norm(), Rescale.linf: lambda t: t.abs().max()}
+    before, after = norm[rescale](x), norm[rescale](masked)
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rescale", [Rescale.l1, None, Rescale.inverse, Rescale.l2])
+def test_dare_blockwise_equals_reference_bit_for_bit(dtype, rescale):
+    """Tensors of several blocks (steps.BLOCK), sizes not a multiple of 4, densities 0 and 1 and
+    within 2^-17 of 1, negative weights, -0.0 in base and deltas, λ, normalise, both methods:
+    the blockwise DARE path gives the whole-tensor reference's bits, inside a workspace too."""
+    from hm3.merging import steps
+
+    shape = (2, steps.BLOCK + 50_001)  # 2.4 blocks, odd size
+    g = torch.Generator().manual_seed(11)
+    base = rand(*shape, seed=3).to(dtype)
+    base[torch.rand(shape, generator=g) < 0.3] = -0.0
+    for densities, weights in [((0.0, 1.0, 0.37), (1.0, -0.5, 1.5)), ((0.999995, 0.5, 0.1), (1.0, 1.0, 1.0))]:
+        deltas = torch.stack([_tied(shape, 20 + i) for i in range(3)]).to(dtype)
+        before = deltas.clone()
+        for name, normalize, lam in [("dare_ties", False, 1.0), ("dare_ties", True, 0.75), ("dare_linear", False, -1.25)]:
+            p = params(3, weight=weights, density=densities, rescale=rescale, normalize=normalize, lambda_=lam)
+            gen = torch.Generator().manual_seed(5)
+            trim = lambda x, d: _ref_dare_rescaled(x, d, gen, rescale)  # noqa: E731
+            if name == "dare_ties":
+                want = _ref_gta(base, deltas, p, trim)
+            else:  # no election: Σ w_i S(δ_i) in model order, / Σ w_i with normalise
+                ts = [trim(deltas[i], densities[i]) * weights[i] for i in range(3)]
+                mixed = ts[0] + ts[1] + ts[2]
+                if normalize:
+                    mixed = mixed / torch.tensor(weights, dtype=dtype).sum()
+                want = (mixed * lam if lam != 1 else mixed) + base
+            got = run(name, base, deltas, p, seed=5)
+            with steps.workspace():  # scratch buffers reused: a larger tensor first leaves stale bits in them
+                run(name, torch.cat([base, base], 1), torch.cat([deltas, deltas], 2), p, seed=9)
+                in_ws = run(name, base, deltas, p, seed=5)
+                run(name, base, deltas.flip(0), p, seed=6)  # must not touch the result above
+            for out in (got, in_ws):
+                assert out.dtype == dtype and torch.equal(out.view(torch.uint8), want.view(torch.uint8)), \
+                    (name, densities, int((out != want).sum()))
+            assert torch.equal(deltas.view(torch.uint8), before.view(torch.uint8))

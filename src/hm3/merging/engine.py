@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from hm3.heads import expand_out, zero_out
 from hm3.io import (TOKENIZER_FILES, AtomicDir, Checkpoint, SafetensorsWriter, all_finite, copy_tokenizer,
                     has_tokenizer, load_checkpoint, save_safetensors, tokenizer_vocab)
 from hm3.labels import LabelSpace, clean_labels, group_name_from
+from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
 from hm3.progress import progress_bar
@@ -89,8 +91,11 @@ class Prepared:
         for c in ([self.base] if self.base else []) + self.models:
             c.close()
 
-    def inputs(self, names: list[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
-        """Yield ``(name, kind, base, deltas)`` per tensor; deltas are ``(N, *shape)`` float32."""
+    def inputs(self, names: list[str] | None = None, *, reuse: bool = False) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """Yield ``(name, kind, base, deltas)`` per tensor; deltas are ``(N, *shape)`` float32.
+
+        ``reuse``: inside ``steps.workspace()``, read every tensor's deltas into one kept buffer
+        (no page faults on a fresh one), for a caller done with each before it asks for the next."""
         for name in names or list(self.kinds):
             kind = self.kinds[name]
             if kind == "copy":
@@ -109,7 +114,9 @@ class Prepared:
                 raise HM3Error(f"{self.base.path}: base model lacks tensor {name!r}")
             # One (N, *shape) buffer, filled model by model: each model's tensor lives only until
             # its task vector is written (no stacked copy of the inputs).
-            deltas = torch.empty((len(self.models), *base.shape), dtype=base.dtype)
+            shape = (len(self.models), *base.shape)
+            deltas = (steps.scratch("deltas", math.prod(shape), base.dtype).view(shape) if reuse
+                      else torch.empty(shape, dtype=base.dtype))
             for i, (m, g) in enumerate(zip(self.models, self.groups)):
                 if kind == "out":
                     torch.sub(expand_out(m.tensor(name), self.space, g), base, out=deltas[i])
@@ -339,9 +346,13 @@ def merged_tensors(prep: Prepared, progress: bool = True) -> Iterator[tuple[str,
     """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk."""
     dtype = DTYPES[prep.config.dtype]
     prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
-    with progress_bar(progress, "merging", len(prep.kinds)) as advance:
-        for name, kind, base, deltas in prep.inputs():
+    # One workspace for the whole loop: the deltas and the steps' scratch buffers are reused from
+    # tensor to tensor (steps.workspace), so a merge touches fresh memory only for its results.
+    with progress_bar(progress, "merging", len(prep.kinds)) as advance, steps.workspace():
+        for name, kind, base, deltas in prep.inputs(reuse=True):
             merged = merge_tensor(prep, name, kind, base, deltas)
+            if merged.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
+                merged = merged.clone()  # a view of the reused deltas buffer: the next read overwrites it
             del base, deltas  # (N, *shape): free before the next tensor is read
             if merged.is_floating_point():
                 if not all_finite(merged):

@@ -57,16 +57,18 @@ class Method:
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
 
 
-def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g):
+def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g, work: torch.Tensor):
     """``(S(x), factor)``: the sparsified tensor and a multiplier still to apply to it (None: 1).
-    ``S(x)`` is new, or ``x`` itself where nothing is dropped."""
+    ``S(x)`` is new, or ``x`` itself where nothing is dropped. ``work``: a buffer of ``x``'s size
+    the step may scribble on."""
     if kind is None:
         return x, None
     d = p.density[i]
     if kind is Sparsify.magnitude:
         return steps.magnitude(x, d, p.rescale), None
-    if kind is Sparsify.random:
-        return steps.bernoulli_parts(x, d, g, p.rescale)
+    if kind is Sparsify.random:  # into a scratch buffer: the merge consumes it
+        return steps.bernoulli_parts(x, d, g, p.rescale, out=steps.scratch(("sparsified", i), x.numel(), x.dtype),
+                                     work=work)
     if kind is Sparsify.magnitude_outliers:
         return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale), None
     return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale), None
@@ -94,9 +96,11 @@ def generalized_task_arithmetic(
     trimmed: list[torch.Tensor] = []  # (n_el,) each, flat
     owned: list[bool] = []  # a new tensor of ours, to work in (else the caller's delta: copied per block)
     scales: list[tuple] = []  # multipliers still to apply, in order: the sparsifier's factor, then w_i
+    dtype = deltas.dtype
+    out = torch.empty(base.shape, dtype=dtype)  # the result; until the tail fills it, the steps' scratch
     for i in range(n):
         d = deltas[i]
-        t, factor = _sparsify_one(sparsify, d, i, p, generator)
+        t, factor = _sparsify_one(sparsify, d, i, p, generator, out)
         mine = t.data_ptr() != d.data_ptr()
         if not t.is_contiguous():
             t, mine = t.contiguous(), True
@@ -104,9 +108,7 @@ def generalized_task_arithmetic(
         trimmed.append(t.view(-1))
         owned.append(mine)
         scales.append(tuple(f for f in (factor, w if w != 1 else None) if f is not None))
-    dtype = trimmed[0].dtype
     flat_base = base.reshape(-1)
-    out = torch.empty(base.shape, dtype=dtype)
     dst = out.view(-1)
     total = None
     if not consensus:
@@ -121,7 +123,7 @@ def generalized_task_arithmetic(
                 t = trimmed[i][b]
             else:
                 if copies[i] is None:
-                    copies[i] = torch.empty(min(steps.BLOCK, flat_base.numel()), dtype=dtype)
+                    copies[i] = steps.scratch(("block copy", i), min(steps.BLOCK, flat_base.numel()), dtype)
                 t = copies[i][: b.stop - b.start].copy_(trimmed[i][b])
             for f in scales[i]:
                 t.mul_(f)

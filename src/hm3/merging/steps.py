@@ -17,11 +17,17 @@ Speed (issue 6): the large tensors are word embeddings of tens of millions of el
 fresh tensor costs page faults and every bool→float promotion a slow unvectorised loop. So the hot
 steps write into buffers they own (``|x|`` becomes the trimmed tensor; the random bits' comparison
 becomes the mask), and masks are float 1.0/0.0 multiplied in, which gives exactly the numbers of
-``x * bool_mask`` (including the sign of zero).
+``x * bool_mask`` (including the sign of zero). Elementwise steps run block by block (``blocks``),
+and inside ``workspace()`` (the merge loop) scratch buffers are reused from tensor to tensor.
+Only reductions (norms) see whole tensors, as ``torch.sum`` of the whole: a blocked sum would round
+differently. Note that ``torch.sum`` itself rounds differently with more than one thread (it splits
+the range), so DARE's rescaled outputs are byte-reproducible for a given thread count.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from enum import Enum
 from typing import Iterator, Sequence
 
@@ -90,6 +96,38 @@ BLOCK = 1 << 17
 def blocks(n: int, size: int = BLOCK) -> "Iterator[slice]":
     """Consecutive slices covering ``range(n)``, ``size`` elements each (the last may be shorter)."""
     return (slice(s, min(n, s + size)) for s in range(0, n, size))
+
+
+# Scratch buffers. A merge goes through ~200 tensors of a few shapes, and a fresh buffer costs a
+# page fault per page on first touch — for a bert-base DARE-TIES merge as much time as the steps
+# themselves. Inside ``workspace()`` the steps' scratch buffers are kept and reused from one tensor
+# to the next (grown to the largest), and freed on exit; outside it they are fresh tensors. A
+# scratch buffer never outlives the call that took it: results are always new tensors.
+_local = threading.local()
+
+
+@contextmanager
+def workspace() -> "Iterator[None]":
+    """Reuse the steps' scratch buffers (``scratch``) until the block ends (per thread)."""
+    outer = getattr(_local, "buffers", None)
+    _local.buffers = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _local.buffers = outer
+
+
+def scratch(key: object, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``(n,)`` buffer for ``key``: kept for reuse inside ``workspace()``, else new.
+    Two live buffers need two keys."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        return torch.empty(n, dtype=dtype)
+    buf = buffers.get((key, dtype))
+    if buf is None or buf.numel() < n:
+        buffers.pop((key, dtype), None)  # free the smaller one before allocating
+        buf = buffers[(key, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n]
 
 
 def keep_count(density: float, n: int) -> int:
@@ -177,22 +215,31 @@ def bernoulli(
 
 
 def bernoulli_parts(
-    x: torch.Tensor, density: float, generator: torch.Generator | None, rescale: Rescale | None = None
+    x: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    rescale: Rescale | None = None,
+    out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``bernoulli`` without its last pass: ``(x * keep, factor)``, where ``x * keep`` times
     ``factor`` (None: 1) is ``bernoulli``'s result bit for bit, so a caller that goes over the
-    tensor anyway (the TIES election) multiplies it in there. ``x * keep`` is a new tensor
-    (``x`` itself at density 1, with factor None).
+    tensor anyway (the TIES election) multiplies it in there. ``x * keep`` goes into ``out``
+    (contiguous, ``x``'s size and dtype; default a new tensor), or is ``x`` itself at density 1,
+    with factor None. ``work``: an ``(n,)`` buffer of ``x``'s dtype the l1 rescale may scribble
+    on (default a scratch buffer; a caller about to fill a result buffer passes that one: no
+    extra memory to touch).
 
-    Block by block (``blocks``): draw the block's bits, compare them into a float keep mask,
-    multiply, and for the l1 rescale also write ``|x|`` and ``|x * keep|`` into two whole-tensor
-    buffers, whose sums are then exactly ``x.abs().sum()`` and ``masked.abs().sum()``. Blocks of
-    the one ``generator`` stream in order give the same bits as one draw of ``(n + 3) // 4``.
+    Block by block (``blocks``): draw the block's bits, compare them into a float keep mask and
+    multiply; the l1 rescale writes ``|x|`` into ``work`` as it goes and sums it once complete,
+    then ``|x * keep|``, so the norms are exactly ``x.abs().sum()`` and ``masked.abs().sum()``
+    (whole-tensor sums: their rounding depends on the whole). Blocks of the one ``generator``
+    stream, in order, give the same bits as one draw of ``(n + 3) // 4``.
     """
     if density >= 1:
         return x, None
     q = round(density * (1 << 16))
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype) if out is None else out.view(x.shape)
     if q >= 1 << 16 or not x.is_contiguous():
         # density within 2^-17 of 1: keep all, no draw (2^16 does not fit the int16 compare);
         # or a strided x (no caller passes one): the whole-tensor steps.
@@ -208,10 +255,10 @@ def bernoulli_parts(
         return out, norm_ratio(_norm(x, rescale), _norm(out, rescale))
     n, flat, dst = x.numel(), x.view(-1), out.view(-1)
     l1 = rescale is Rescale.l1
-    if l1:  # (n,) each: |x| and |x * keep|, summed once complete
-        ax, am = torch.empty(n, dtype=x.dtype), torch.empty(n, dtype=x.dtype)
-    bits = torch.empty(min(n, BLOCK) // 4 + 1, dtype=torch.int64)
-    keep = torch.empty(min(n, BLOCK), dtype=x.dtype)
+    if l1:
+        work = scratch("dare norms", n, x.dtype) if work is None else work.view(-1)[:n]  # (n,)
+    bits = scratch("dare bits", min(n, BLOCK) // 4 + 1, torch.int64)
+    keep = scratch("dare keep", min(n, BLOCK), x.dtype)
     below = q - (1 << 15)  # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`
     for b in blocks(n):
         m = b.stop - b.start
@@ -219,10 +266,10 @@ def bernoulli_parts(
         k = torch.lt(draws.view(torch.int16)[:m], below, out=keep[:m])  # 1.0 where kept
         torch.mul(k, flat[b], out=dst[b])
         if l1:
-            torch.abs(flat[b], out=ax[b])
-            torch.abs(dst[b], out=am[b])
+            torch.abs(flat[b], out=work[b])
     if l1:
-        return out, norm_ratio(ax.sum(), am.sum())
+        before = work.sum()
+        return out, norm_ratio(before, torch.abs(dst, out=work).sum())
     if rescale is Rescale.inverse or rescale is None:
         return rescale_(out, x, rescale, density), None
     return out, norm_ratio(_norm(x, rescale), _norm(out, rescale))
