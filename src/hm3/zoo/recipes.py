@@ -72,11 +72,12 @@ class Recommendation:
 # Chosen on the zoo's validation suite (see docs/RESULTS.md, "How the recipes were chosen").
 RECOMMENDED: dict[str, Recommendation] = {
     "cs1": Recommendation(
-        "ties", density=0.2, refit="distill",
-        why="best validation ratio of the ablation in docs/RESULTS.md (0.983 of the originals; with other "
-            "guards' texts 0.980 at 100 of them, labelled re-fit 0.973, training-free TIES 0.966, RegMean 0.914). "
-            "Label-free: the heads are fitted to the original guards' probabilities on their training texts. "
-            "TIES density 0.2: best of the 0.2/0.4/0.7 sweep on validation.",
+        "ties", density=0.2, refit="distill", cross_texts=250,
+        why="best validation ratio of the ablation in docs/RESULTS.md (0.988 of the originals with 250 texts of "
+            "the other guard; distilled on each guard's own texts only 0.983, 0.980 with 100 texts of the other, "
+            "labelled re-fit 0.973, training-free TIES 0.966, RegMean 0.914). Label-free: each head is fitted to "
+            "its original guard's probabilities on both guards' training texts. TIES density 0.2: best of the "
+            "0.2/0.4/0.7 sweep on validation.",
     ),
     "cs2": Recommendation(
         "ties", density=0.7, refit="distill",
