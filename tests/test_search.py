@@ -251,3 +251,27 @@ def test_settings_errors(zoo, tmp_path):
     with pytest.raises(HM3Error, match="cannot open the study storage"):
         run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "z", SearchSettings(),
                    storage="postgresql+psycopg2://u:secret@127.0.0.1:1/none")
+
+
+def test_storage_retries_when_another_worker_creates_the_tables_first(tmp_path, monkeypatch):
+    """Two workers opening a fresh SQLite study at once: the loser of the race to create Optuna's
+    tables sees `UNIQUE constraint failed: alembic_version` and must retry, not crash (seen once in
+    test_resume_after_sigkill, where the test's own polling opened the study while the search did)."""
+    import sqlalchemy.exc
+
+    from hm3.search import storage_for
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception(
+                "UNIQUE constraint failed: alembic_version.version_num"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    storage = storage_for(None, tmp_path)
+    assert len(calls) == 2 and isinstance(storage, real)
+    assert (tmp_path / "study.db").is_file()

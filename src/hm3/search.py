@@ -194,6 +194,7 @@ def storage_for(url: str | None, out: Path) -> "optuna.storages.BaseStorage":
     """Optuna RDB storage: the default SQLite file in ``out``, or any SQLAlchemy URL. Heartbeats
     let a worker mark the running trials of a killed worker as failed."""
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     warnings.filterwarnings("ignore", message=".*heartbeat_interval.*")  # experimental in Optuna, stable enough here
@@ -208,7 +209,9 @@ def storage_for(url: str | None, out: Path) -> "optuna.storages.BaseStorage":
         except Exception as e:  # bad URL, server down, missing driver
             # Workers starting together race to create Optuna's tables; the loser sees a duplicate
             # key and succeeds once the tables exist.
-            if attempt < 4 and ("UniqueViolation" in repr(e) or "already exists" in str(e)):
+            # (PostgreSQL: UniqueViolation; SQLite: "UNIQUE constraint failed: alembic_version".)
+            if attempt < 4 and (isinstance(e, IntegrityError) or "UniqueViolation" in repr(e)
+                                or "already exists" in str(e)):
                 time.sleep(0.5 + attempt)
                 continue
             raise HM3Error(
