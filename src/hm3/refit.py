@@ -295,7 +295,7 @@ def refit_heads(
     out = S.out_module(model)
 
     # Texts per group: training texts, and validation texts (a file) or a hold-out mask over them.
-    plan = []
+    reads = []
     for s in specs:
         g = space[s.group]
         labelled = s.teacher is None
@@ -308,29 +308,30 @@ def refit_heads(
             if missing:
                 raise HM3Error(f"{s.data}: group {g.name!r} has no training texts for labels "
                                f"{[g.labels[i] for i in missing]}; every label needs some")
-        plan.append([s, g, train, val, held])
+        reads.append((s, g, train, val, held))
     if cross_texts < 0:
         raise HM3Error(f"cross_texts must be >= 0, got {cross_texts}")
-    if cross_texts and not any(s.teacher is not None for s, *_ in plan):
+    if cross_texts and not any(s.teacher is not None for s, *_ in reads):
         raise HM3Error("cross_texts needs distill mode: other groups' texts have no labels for a group, "
                        "only its teacher's probabilities")
-    if cross_texts:  # distilled groups: own texts, then up to cross_texts of each other group's
-        for item in plan:
-            s, g, train = item[:3]
-            if s.teacher is None:
-                continue
+    # (spec, group, train, val, held, texts of other groups in train): a distilled group's train is its
+    # own texts, then up to cross_texts of each other group's (its hold-out drawn over all of them).
+    plan = []
+    for s, g, train, val, held in reads:
+        extra = 0
+        if cross_texts and s.teacher is not None:
             own = set(train.texts)
-            extra = [t for _, og, otrain, *_ in plan if og.name != g.name
-                     for t in [t for t in otrain.texts if t not in own][:cross_texts]]
-            item[2] = _Split(train.texts + list(dict.fromkeys(extra)), None, train.source)
-            if item[4] is not None:
-                item[4] = _holdout(item[2], seed, f"refit-holdout/{g.name}")
-            item.append(len(item[2].texts) - len(train.texts))
+            more = list(dict.fromkeys(t for _, og, otrain, *_ in reads if og.name != g.name
+                                      for t in [t for t in otrain.texts if t not in own][:cross_texts]))
+            train, extra = _Split(train.texts + more, None, train.source), len(more)
+            if held is not None:
+                held = _holdout(train, seed, f"refit-holdout/{g.name}")
+        plan.append((s, g, train, val, held, extra))
 
     # Features of every distinct text, in one pass over the merged body (cached per body and window set).
     index: dict[str, int] = {}
     parts: dict[tuple[str, str], "np.ndarray"] = {}  # (group, part) -> distinct-text ids in part order
-    for s, g, train, val, held, *_ in plan:
+    for s, g, train, val, held, _ in plan:
         for name, part in (("train", train), ("val", val)):
             if part is not None:
                 parts[(g.name, name)] = np.array([index.setdefault(t, len(index)) for t in part.texts], dtype=np.int64)
@@ -361,7 +362,7 @@ def refit_heads(
     # Teachers' probabilities on the same windows of their own group's texts (cached per teacher
     # and window set); rows of other groups' windows stay NaN and are never read.
     teachers, teacher_seconds = {}, {}
-    for s, g, train, val, held, *_ in plan:
+    for s, g, train, val, held, _ in plan:
         if s.teacher is not None:
             tt = time.perf_counter()
             own = np.unique(np.concatenate([windows_of(g.name, part)[0] for part in ("train", "val") if (g.name, part) in parts]))
@@ -371,7 +372,7 @@ def refit_heads(
             teacher_seconds[g.name] = time.perf_counter() - tt
 
     with S.single_thread():  # small fits: thread-pool hand-offs cost more than they save
-        for s, g, train, val, held, *cross in plan:
+        for s, g, train, val, held, extra in plan:
             tg = time.perf_counter() - teacher_seconds.get(g.name, 0.0)
             teacher_probs = teachers.get(g.name)
 
@@ -442,7 +443,7 @@ def refit_heads(
                 "mode": s.mode,
                 "data": str(s.data),
                 "texts": len(train.texts),
-                **({"other_groups_texts": cross[0]} if cross else {}),
+                **({"other_groups_texts": extra} if cross_texts and s.teacher is not None else {}),
                 "windows": int(len(tr_sel)),
                 "validation": validation,
                 "validation_texts": len(val.texts) if val is not None else int(held.sum()) if held is not None else 0,
