@@ -54,7 +54,7 @@ def run_demo(workdir: Path) -> dict:
 
     import hm3
     from hm3.zoo.base import base_model_dir
-    from hm3.zoo.build import DEFAULT_STYLE, build_guard, read_marker
+    from hm3.zoo.build import DEFAULT_STYLE, build_guard, read_marker, style_of
     from hm3.zoo.data import read_jsonl
 
     console = Console()
@@ -65,7 +65,7 @@ def run_demo(workdir: Path) -> dict:
     console.rule("[bold]1. two guards fine-tuned from the same MiniLM base (cached)")
     for g in GROUPS:
         cached = read_marker(zoo / g)  # a cache from an hm3 with another default style is rebuilt
-        stale = cached is not None and cached.get("style", "standard") != DEFAULT_STYLE
+        stale = cached is not None and style_of(cached) != DEFAULT_STYLE
         marker = build_guard(g, zoo, max_train=DEMO_TRAIN, epochs=DEMO_EPOCHS, progress=True, force=stale)
         console.print(f"{g}: labels {marker.get('labels')}, test macro F1 {marker['metrics']['test_macro_f1']:.3f}")
     t_build = time.perf_counter() - t0

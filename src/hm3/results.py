@@ -500,6 +500,8 @@ def machine() -> dict:
 
 def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: Path, zoo_arg: str) -> str:
     """The whole RESULTS.md."""
+    from hm3.zoo.build import style_of
+
     img = os.path.relpath(lab.img, out.parent)
     s = lab.s
     L: list[str] = []
@@ -551,7 +553,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         L += ["For comparison, the paper (DARE-TIES search on its own guards): CS1 " + PAPER["cs1"] + "; CS2 "
               + PAPER["cs2"] + ".", ""]
     # guards
-    styles = sorted({lab.markers[g].get("style", "standard") for g in ZOO_GROUPS})
+    styles = sorted({style_of(lab.markers[g]) for g in ZOO_GROUPS})
     L += ["## The guards", "", "Five guards fine-tuned from all-MiniLM-L6-v2 by `hm3 zoo build`, fine-tuning style "
           f"{', '.join(f'`{x}`' for x in styles)} (docs/QUALITY.md; see each "
           "guard's README.md in the zoo). *Own test* is the guard's own test split (from its `hm3-zoo.json`); "

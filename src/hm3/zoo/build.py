@@ -68,6 +68,11 @@ STYLES: dict[str, dict[str, Any]] = {
 #: the zoo's style: LP-FT guards are as good on their own and merge far better (docs/QUALITY.md: TIES keeps
 #: 1.00 / 0.96 / 0.78 of the originals' macro F1 on CS2 / CS1 / CS3 against 0.94 / 0.80 / 0.53 standard).
 DEFAULT_STYLE = "lp-ft"
+
+
+def style_of(marker: Mapping[str, Any]) -> str:
+    """The fine-tuning style a guard's marker records (``standard``: markers from before styles existed)."""
+    return marker.get("style", "standard")
 #: torch threads while building. One, not two, on our 2-core machines: with other jobs running, two
 #: threads wait on each other at every parallel region. Measured for the demo guard (spam, 600 examples,
 #: 2 epochs, load ~5): 107 s wall / 71 s CPU with 1 thread against 514 s / 357 s with 2, same weights.
@@ -235,8 +240,8 @@ def build_guard(
         raise HM3Error(f"unknown fine-tuning style {style!r}; valid: {', '.join(STYLES)}")
     guard_dir = Path(out_dir) / group
     marker = read_marker(guard_dir)
-    if marker is not None and not force and marker.get("style", "standard") != style:
-        raise HM3Error(f"{guard_dir} was built with style {marker.get('style', 'standard')!r}, not {style!r}. "
+    if marker is not None and not force and style_of(marker) != style:
+        raise HM3Error(f"{guard_dir} was built with style {style_of(marker)!r}, not {style!r}. "
                        "Fix: build each style into its own --out directory (or pass force to rebuild).")
     if marker is not None and not force:
         log.info(
