@@ -249,10 +249,7 @@ def bernoulli_parts(
             n = x.numel()
             bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
             torch.lt(bits.view(torch.int16)[:n].view(x.shape), q - (1 << 15), out=out)
-        out.mul_(x)
-        if rescale is Rescale.inverse or rescale is None:
-            return rescale_(out, x, rescale, density), None
-        return out, norm_ratio(_norm(x, rescale), _norm(out, rescale))
+        return _owed_rescale(out.mul_(x), x, rescale, density)
     n, flat, dst = x.numel(), x.view(-1), out.view(-1)
     l1 = rescale is Rescale.l1
     if l1:
@@ -270,9 +267,15 @@ def bernoulli_parts(
     if l1:
         before = work.sum()
         return out, norm_ratio(before, torch.abs(dst, out=work).sum())
+    return _owed_rescale(out, x, rescale, density)
+
+
+def _owed_rescale(masked: torch.Tensor, x: torch.Tensor, rescale: Rescale | None, density: float):
+    """``bernoulli_parts``' result for ``masked`` = ``x * keep``: none / inverse rescale applied in
+    place (``rescale_``), a norm rescale returned as its factor."""
     if rescale is Rescale.inverse or rescale is None:
-        return rescale_(out, x, rescale, density), None
-    return out, norm_ratio(_norm(x, rescale), _norm(out, rescale))
+        return rescale_(masked, x, rescale, density), None
+    return masked, norm_ratio(_norm(x, rescale), _norm(masked, rescale))
 
 
 def della_magprune(
