@@ -82,7 +82,6 @@ def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = T
     return Path(out)
 
 
-
 def synthetic_classifier(base_dir: Path, out: Path, labels: Sequence[str], seed: int, delta=None) -> Path:
     """An ordinary tiny ``BertForSequenceClassification`` directory without training: the headless
     base's body plus a random task vector (``delta(tensor, generator)``; default N(0, 0.01²) noise)
@@ -103,6 +102,7 @@ def synthetic_classifier(base_dir: Path, out: Path, labels: Sequence[str], seed:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tiny_tokenizer().save_pretrained(str(out))
     return out
+
 
 def tiny_pretrained_base(
     out: Path,
