@@ -336,6 +336,17 @@ def test_magnitude_equals_reference_in_every_dtype(dtype):
             assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
+def _ref_fixed_sum(x: torch.Tensor) -> torch.Tensor:
+    """The documented order of ``steps.fixed_sum``, written out: rows of 4,096 elements summed one
+    by one, the remainder as one more, then the row sums the same way, until at most 4,096 remain."""
+    x = x.reshape(-1)
+    while x.numel() > 4096:
+        full = x.numel() // 4096 * 4096
+        sums = [x[i:i + 4096].sum() for i in range(0, full, 4096)] + ([x[full:].sum()] if full < x.numel() else [])
+        x = torch.stack(sums)
+    return x.sum()
+
+
 def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, rescale: Rescale | None) -> torch.Tensor:
     """``_ref_dare`` with any rescale, written out whole-tensor: mask, then mergekit's norm ratio
     (or divide by the density, ``inverse``)."""
@@ -352,7 +363,8 @@ def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, resc
         return masked
     if rescale is Rescale.inverse:
         return masked / density if density > 0 else masked
-    norm = {Rescale.l1: lambda t: t.abs().sum(), Rescale.l2: lambda t: t.norm(), Rescale.linf: lambda t: t.abs().max()}
+    norm = {Rescale.l1: lambda t: _ref_fixed_sum(t.abs()), Rescale.l2: lambda t: _ref_fixed_sum(t * t).sqrt(),
+            Rescale.linf: lambda t: t.abs().max()}
     before, after = norm[rescale](x), norm[rescale](masked)
     return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
 

@@ -229,3 +229,47 @@ def test_della_one_element_rows_keep_with_probability_density():
     x = torch.ones(4000, 1)
     kept = (della_magprune(x, 0.3, 0.1, g) != 0).float().mean().item()
     assert abs(kept - 0.3) < 0.03
+
+
+# -- reductions: the same bits with any thread count -----------------------------------------------
+@pytest.fixture
+def threads():
+    """Set torch's thread count inside a test; restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_fixed_sum_is_the_same_with_any_thread_count(threads):
+    """torch.sum of a whole tensor rounds differently with 1, 2 and 3 threads on some of these sizes
+    (it splits the range per thread); fixed_sum must not, and must still be the sum."""
+    g = torch.Generator().manual_seed(0)
+    torch_sums_differ = False
+    for n in (1, 4096, 4097, 40_000, 393_221, 3_000_001):
+        x = torch.randn(n, generator=g).abs()
+        got, plain = set(), set()
+        for t in (1, 2, 3):
+            threads(t)
+            got.add(steps.fixed_sum(x).item())
+            plain.add(x.sum().item())
+        assert len(got) == 1, (n, got)
+        torch_sums_differ |= len(plain) > 1
+        assert got.pop() == pytest.approx(x.double().sum().item(), rel=1e-5)
+    assert torch_sums_differ  # the sizes do exercise the thread-dependent case
+
+
+def test_rescaled_dare_merge_is_the_same_with_any_thread_count(threads):
+    """A DARE-TIES merge with the l1 rescale (and DARE with l2) of multi-block tensors: byte-identical
+    results with 1, 2 and 3 threads (the rescale factor is a ratio of whole-tensor sums)."""
+    from hm3.merging.methods import REGISTRY, TensorParams
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3 * steps.BLOCK + 7, generator=g)
+    deltas = torch.randn(2, base.numel(), generator=g)
+    for name, rescale in (("dare_ties", Rescale.l1), ("dare_linear", Rescale.l2)):
+        p = TensorParams(weight=(1.0, 0.7), density=(0.3, 0.55), rescale=rescale)
+        outs = []
+        for t in (1, 2, 3):
+            threads(t)
+            outs.append(REGISTRY[name].fn(base, deltas, p, torch.Generator().manual_seed(4)).view(torch.uint8))
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), name

@@ -19,9 +19,9 @@ steps write into buffers they own (``|x|`` becomes the trimmed tensor; the rando
 becomes the mask), and masks are float 1.0/0.0 multiplied in, which gives exactly the numbers of
 ``x * bool_mask`` (including the sign of zero). Elementwise steps run block by block (``blocks``),
 and inside ``workspace()`` (the merge loop) scratch buffers are reused from tensor to tensor.
-Only reductions (norms) see whole tensors, as ``torch.sum`` of the whole: a blocked sum would round
-differently. Note that ``torch.sum`` itself rounds differently with more than one thread (it splits
-the range), so DARE's rescaled outputs are byte-reproducible for a given thread count.
+Only reductions (norms) see whole tensors, by ``fixed_sum``: a sum in a fixed order, so a rescaled
+DARE merge gives the same bytes with any number of threads (``torch.sum`` of a whole tensor splits
+its range across threads, and its last bit changed with the thread count).
 """
 
 from __future__ import annotations
@@ -51,11 +51,33 @@ class Rescale(str, Enum):
     inverse = "inverse"  # hm3 opt-in: divide by density, as in the DARE paper
 
 
+#: ``fixed_sum``'s chunk: below torch's grain size (32,768), so a sum of at most this many
+#: elements never splits across threads
+SUM_CHUNK = 4096
+
+
+def fixed_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of all of ``x``'s elements (a 0-d tensor), rounded the same with any thread count.
+
+    ``torch.sum`` of a whole tensor splits the range across threads, each thread adding its part in
+    its own order, so the result's last bit depends on ``torch.get_num_threads()``. Here the
+    elements are summed in rows of ``SUM_CHUNK`` (a row-wise sum runs each row on one thread, in one
+    order), then the row sums the same way, until one short row is left. As fast as ``torch.sum``.
+    """
+    x = x.reshape(-1)
+    while x.numel() > SUM_CHUNK:
+        n = x.numel()
+        r = n % SUM_CHUNK
+        parts = x[: n - r].view(-1, SUM_CHUNK).sum(dim=1)  # (n // SUM_CHUNK,)
+        x = torch.cat([parts, x[n - r:].sum().reshape(1)]) if r else parts
+    return x.sum()
+
+
 def _norm(x: torch.Tensor, kind: Rescale) -> torch.Tensor:
     if kind is Rescale.l1:
-        return x.abs().sum()
+        return fixed_sum(x.abs())
     if kind is Rescale.l2:
-        return x.norm()
+        return fixed_sum(x * x).sqrt()
     return x.abs().max()
 
 
@@ -232,8 +254,8 @@ def bernoulli_parts(
 
     Block by block (``blocks``): draw the block's bits, compare them into a float keep mask and
     multiply; the l1 rescale writes ``|x|`` into ``work`` as it goes and sums it once complete,
-    then ``|x * keep|``, so the norms are exactly ``x.abs().sum()`` and ``masked.abs().sum()``
-    (whole-tensor sums: their rounding depends on the whole). Blocks of the one ``generator``
+    then ``|x * keep|``, so the norms are exactly ``_norm``'s (whole-tensor ``fixed_sum``s: their
+    rounding depends on the whole). Blocks of the one ``generator``
     stream, in order, give the same bits as one draw of ``(n + 3) // 4``.
     """
     if density >= 1:
@@ -265,8 +287,8 @@ def bernoulli_parts(
         if l1:
             torch.abs(flat[b], out=work[b])
     if l1:
-        before = work.sum()
-        return out, norm_ratio(before, torch.abs(dst, out=work).sum())
+        before = fixed_sum(work)
+        return out, norm_ratio(before, fixed_sum(torch.abs(dst, out=work)))
     return _owed_rescale(out, x, rescale, density)
 
 
