@@ -181,6 +181,30 @@ def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_p
         hm3.merge(_ties(recipe, data={"a": data["a"]}, cross_texts=10), progress=False)
 
 
+def test_extra_texts_distil_a_head_on_a_domain_no_group_of_the_refit_has(tiny, tmp_path, recipe, data):
+    """Only group a is re-fitted, on its own texts plus 40 of an unlabelled file of group b's domain:
+    its head then follows its teacher there as well."""
+    plain = hm3.load(hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}), tmp_path / "own",
+                               progress=False).path)
+    r = _ties(recipe, mode="distill", data={"a": data["a_text"]}, cross_texts=40, extra_texts=[data["b_text"]])
+    res = hm3.merge(r, tmp_path / "m", progress=False)
+    meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]["groups"]["a"]
+    assert meta["texts"] == 80 + 40 and meta["other_groups_texts"] == 40
+    assert meta["extra_texts"] == [data["b_text"]]
+    texts = [t for t, _ in TASK_B.sample(200, seed=97)]
+    teacher = next(iter(hm3.load(tiny["a"]).predict_proba(texts).values()))
+    student = {name: m.predict_proba(texts, groups=["a"])["a"] for name, m in (("own", plain), ("extra", hm3.load(res.path)))}
+    agree = {name: float((teacher.argmax(1) == p.argmax(1)).mean()) for name, p in student.items()}
+    gap = {name: float(np.abs(teacher - p).mean()) for name, p in student.items()}  # probabilities, not just decisions
+    assert agree["extra"] >= 0.9 and gap["extra"] < gap["own"], (agree, gap)
+    with pytest.raises(HM3Error, match="extra_texts needs cross_texts > 0"):
+        hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}, extra_texts=[data["b_text"]]),
+                  progress=False)
+    with pytest.raises(HM3Error, match="nowhere.jsonl"):
+        hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}, cross_texts=5,
+                        extra_texts=[str(tmp_path / "nowhere.jsonl")]), tmp_path / "x", progress=False)
+
+
 def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1 w2", "label": "purple"}) + "\n")

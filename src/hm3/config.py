@@ -116,6 +116,7 @@ class RefitConfig(BaseModel):
     max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window
     batch_size: int = Field(32, ge=1)
     cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
+    extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files
 
     @field_validator("c")
     @classmethod
@@ -129,6 +130,9 @@ class RefitConfig(BaseModel):
         if self.cross_texts and self.mode != "distill":
             raise ValueError("cross_texts needs mode: distill (other groups' texts have no labels for a group; "
                              "its teacher labels them)")
+        if self.extra_texts and not self.cross_texts:
+            raise ValueError("extra_texts needs cross_texts > 0: how many texts of each file every distilled "
+                             "head fits its teacher on")
         return self
 
 
@@ -224,6 +228,7 @@ class MergeConfig(BaseModel):
             r.data = {g: _resolve_path(p, root) for g, p in r.data.items()}
             r.validation = {g: _resolve_path(p, root) for g, p in r.validation.items()}
             r.teachers = {g: _resolve_path(p, root) for g, p in r.teachers.items()}
+            r.extra_texts = [_resolve_path(p, root) for p in r.extra_texts]
         if data.data is not None:
             data.data.texts = {g: _resolve_path(p, root) for g, p in data.data.texts.items()}
         return data

@@ -15,6 +15,11 @@ share its weight, so a long text counts once):
   float64. The objective is scikit-learn's, ``C·Σ_n CE(p_n, softmax(W x_n + b)) + ½‖W‖²``, so ``C``
   means the same in both modes.
 
+One merged model answers every group on every text, so a distilled head can also be fitted to its
+teacher on other domains: ``cross_texts`` texts of each other re-fitted group's data, and as many of
+each ``extra_texts`` file (unlabelled traffic no group of the merge owns — the texts where the heads
+would otherwise disagree with their guards unseen).
+
 ``C`` is picked from a grid on validation data — the group's ``validation`` file, or a seeded
 (stratified) 20 % hold-out of its training texts — by macro F1 (labelled: against the labels;
 distill: against the teacher's decisions), ties broken by log loss / KL divergence from the teacher;
@@ -267,12 +272,15 @@ def refit_heads(
     cache: bool = True,
     progress: bool = False,
     cross_texts: int = 0,
+    extra_texts: Sequence[Path] = (),
 ) -> RefitReport:
     """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
 
     ``cross_texts``: a distilled group also fits its teacher's probabilities on this many texts of every
     other group's data (the first of their seeded samples), since the merged model answers every group
     on every text: a jailbreak head must call an SMS or a review benign as the jailbreak guard does.
+    ``extra_texts``: unlabelled files of other domains (no group of the merge has them: general traffic),
+    of which every distilled group fits its teacher on ``cross_texts`` texts each, too.
     """
     import numpy as np
     import torch
@@ -314,6 +322,9 @@ def refit_heads(
     if cross_texts and not any(s.teacher is not None for s, *_ in reads):
         raise HM3Error("cross_texts needs distill mode: other groups' texts have no labels for a group, "
                        "only its teacher's probabilities")
+    if extra_texts and not cross_texts:
+        raise HM3Error("extra_texts needs cross_texts > 0: how many texts of each file every distilled head fits")
+    extras = [_read(Path(f), None, False, cross_texts, seed, f"refit-extra/{Path(f).name}").texts for f in extra_texts]
     # (spec, group, train, val, held, texts of other groups in train): a distilled group's train is its
     # own texts, then up to cross_texts of each other group's (its hold-out drawn over all of them).
     plan = []
@@ -321,8 +332,8 @@ def refit_heads(
         extra = 0
         if cross_texts and s.teacher is not None:
             own = set(train.texts)
-            more = list(dict.fromkeys(t for _, og, otrain, *_ in reads if og.name != g.name
-                                      for t in [t for t in otrain.texts if t not in own][:cross_texts]))
+            others = [otrain.texts for _, og, otrain, *_ in reads if og.name != g.name] + extras
+            more = list(dict.fromkeys(t for texts in others for t in [t for t in texts if t not in own][:cross_texts]))
             train, extra = _Split(train.texts + more, None, train.source), len(more)
             if held is not None:
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
@@ -444,6 +455,7 @@ def refit_heads(
                 "data": str(s.data),
                 "texts": len(train.texts),
                 **({"other_groups_texts": extra} if cross_texts and s.teacher is not None else {}),
+                **({"extra_texts": [str(f) for f in extra_texts]} if extra_texts and s.teacher is not None else {}),
                 "windows": int(len(tr_sel)),
                 "validation": validation,
                 "validation_texts": len(val.texts) if val is not None else int(held.sum()) if held is not None else 0,
@@ -565,7 +577,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     report = refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                          temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                          seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
-                         progress=progress, cross_texts=rc.cross_texts)
+                         progress=progress, cross_texts=rc.cross_texts, extra_texts=[Path(f) for f in rc.extra_texts])
     out = dict(state)
     fam_out = prep.models[0].family.out
     for name in fam_out:
@@ -643,6 +655,10 @@ def register(app, user_errors) -> None:
         cross_texts: int = typer.Option(0, "--cross-texts", min=0,
                                         help="Distilled groups also fit their teacher on this many texts of each "
                                              "other group's --data (one model answers every group on every text)."),
+        extra_texts: Optional[List[Path]] = typer.Option(None, "--extra-texts",
+                                                     help="Unlabelled file of another domain (.jsonl text / .txt): "
+                                                          "distilled groups also fit their teacher on --cross-texts "
+                                                          "of its texts. Repeat per file."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -661,7 +677,8 @@ def register(app, user_errors) -> None:
         specs = [GroupRefit(g, Path(f), Path(vals[g]) if g in vals else None,
                             Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
-                           max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts)
+                           max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
+                           extra_texts=extra_texts or [])
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
 

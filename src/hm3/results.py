@@ -650,7 +650,8 @@ def describe(rec: Recommendation) -> str:
     if rec.parameters:
         parts.append(", ".join(f"{k} {v}" for k, v in rec.parameters.items()))
     if rec.refit:
-        parts.append(f"+ {rec.refit} head re-fit" + (f" (+ {rec.cross_texts} texts of each other guard)"
+        extra = f" and of {', '.join(rec.extra_texts)}" if rec.extra_texts else ""
+        parts.append(f"+ {rec.refit} head re-fit" + (f" (+ {rec.cross_texts} texts of each other guard{extra})"
                                                      if rec.cross_texts else ""))
     return ", ".join(parts)
 

@@ -53,7 +53,8 @@ class Recommendation:
     """A merge recipe in few words. ``density`` / ``weight``: one value for every model, or per group.
     ``refit``: re-fit each group's head rows on the merged body (``labelled``: on the guard's own
     ``train.jsonl``, C picked on its ``validation.jsonl``; ``distill``: to the original guard's
-    probabilities on those texts, plus ``cross_texts`` of every other guard's), or ``None`` for a
+    probabilities on those texts, plus ``cross_texts`` of every other merged guard's and of each
+    ``extra_texts`` guard's, which stand for traffic of other domains), or ``None`` for a
     training-free merge."""
 
     method: str
@@ -63,6 +64,7 @@ class Recommendation:
     seed: int = 0
     refit: str | None = None
     cross_texts: int = 0  # distill: + this many texts of each other guard (hm3.refit's cross_texts)
+    extra_texts: tuple[str, ...] = ()  # distill: + cross_texts of these zoo guards' training texts (not merged)
     why: str = ""
 
     def per_group(self, value, group: str):
@@ -147,6 +149,7 @@ def recipe(
             "data": {g: path(g, "train.jsonl") for g in case.groups},
             **({"validation": {g: path(g, "validation.jsonl") for g in case.groups}} if rec.refit == "labelled" else {}),
             **({"cross_texts": rec.cross_texts} if rec.cross_texts else {}),
+            **({"extra_texts": [path(g, "train.jsonl") for g in rec.extra_texts]} if rec.extra_texts else {}),
         }
     return out
 
