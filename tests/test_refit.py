@@ -205,6 +205,31 @@ def test_extra_texts_distil_a_head_on_a_domain_no_group_of_the_refit_has(tiny, t
                         extra_texts=[str(tmp_path / "nowhere.jsonl")]), tmp_path / "x", progress=False)
 
 
+def test_label_weight_one_is_the_labelled_refit_and_mixes_in_between(tiny, tmp_path, recipe, data):
+    """label_weight 1: the targets are the one-hot labels, so the distilled fit is the labelled one
+    (same objective, same C; three labels: with two, scikit-learn's binary fit penalises its one vector
+    differently); 0.5 lands between the teacher's and the labels' fits."""
+    texts = [t for t, _ in TASK_B.sample(150, seed=96)]
+    probs = {}
+    for name, refit in [("labelled", dict(data={"b": data["b"]}, c=1.0)),
+                        ("distill", dict(mode="distill", data={"b": data["b"]}, c=1.0)),
+                        ("w1", dict(mode="distill", data={"b": data["b"]}, c=1.0, label_weight=1.0)),
+                        ("w05", dict(mode="distill", data={"b": data["b"]}, c=1.0, label_weight=0.5))]:
+        res = hm3.merge(_ties(recipe, **refit), tmp_path / name, progress=False)
+        probs[name] = hm3.load(res.path).predict_proba(texts, groups=["b"])["b"]
+        meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]["groups"]["b"]
+        assert meta.get("label_weight", 0.0) == refit.get("label_weight", 0.0)
+    np.testing.assert_allclose(probs["w1"], probs["labelled"], atol=5e-3)
+    assert np.abs(probs["distill"] - probs["labelled"]).mean() > 0.01  # the teacher is not the labels here
+    mid = np.abs(probs["w05"] - probs["labelled"]).mean()
+    assert 0 < mid < np.abs(probs["distill"] - probs["labelled"]).mean()
+    with pytest.raises(HM3Error, match="label_weight needs mode: distill"):
+        hm3.merge(_ties(recipe, data={"a": data["a"]}, label_weight=0.5), progress=False)
+    with pytest.raises(HM3Error, match="label"):  # unlabelled texts cannot give labels to mix in
+        hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}, label_weight=0.5), tmp_path / "x",
+                  progress=False)
+
+
 def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1 w2", "label": "purple"}) + "\n")

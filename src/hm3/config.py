@@ -117,6 +117,7 @@ class RefitConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
     extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files
+    label_weight: float = Field(0.0, ge=0, le=1)  # distill: targets (1-a)·teacher + a·label where data has labels
 
     @field_validator("c")
     @classmethod
@@ -130,6 +131,8 @@ class RefitConfig(BaseModel):
         if self.cross_texts and self.mode != "distill":
             raise ValueError("cross_texts needs mode: distill (other groups' texts have no labels for a group; "
                              "its teacher labels them)")
+        if self.label_weight and self.mode != "distill":
+            raise ValueError("label_weight needs mode: distill (it mixes labels into the teacher's probabilities)")
         if self.extra_texts and not self.cross_texts:
             raise ValueError("extra_texts needs cross_texts > 0: how many texts of each file every distilled "
                              "head fits its teacher on")

@@ -273,6 +273,7 @@ def refit_heads(
     progress: bool = False,
     cross_texts: int = 0,
     extra_texts: Sequence[Path] = (),
+    label_weight: float = 0.0,
 ) -> RefitReport:
     """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
 
@@ -281,6 +282,8 @@ def refit_heads(
     on every text: a jailbreak head must call an SMS or a review benign as the jailbreak guard does.
     ``extra_texts``: unlabelled files of other domains (no group of the merge has them: general traffic),
     of which every distilled group fits its teacher on ``cross_texts`` texts each, too.
+    ``label_weight``: a distilled group whose data has labels fits ``(1 − a)·teacher + a·one-hot(label)``
+    on its own texts (Hinton et al.'s soft + hard targets); texts without labels keep the teacher's.
     """
     import numpy as np
     import torch
@@ -307,7 +310,7 @@ def refit_heads(
     for s in specs:
         g = space[s.group]
         labelled = s.teacher is None
-        train = _read(s.data, g, labelled, max_texts, seed, f"refit/{g.name}")
+        train = _read(s.data, g, labelled or label_weight > 0, max_texts, seed, f"refit/{g.name}")
         val = _read(s.validation, g, labelled, max_texts, seed, f"refit-val/{g.name}") if s.validation else None
         held = _holdout(train, seed, f"refit-holdout/{g.name}") if val is None and c == "auto" else None
         if labelled:
@@ -322,6 +325,10 @@ def refit_heads(
     if cross_texts and not any(s.teacher is not None for s, *_ in reads):
         raise HM3Error("cross_texts needs distill mode: other groups' texts have no labels for a group, "
                        "only its teacher's probabilities")
+    if not 0 <= label_weight <= 1:
+        raise HM3Error(f"label_weight must be in [0, 1], got {label_weight}")
+    if label_weight and not any(s.teacher is not None for s, *_ in reads):
+        raise HM3Error("label_weight needs distill mode: it mixes labels into the teacher's probabilities")
     if extra_texts and not cross_texts:
         raise HM3Error("extra_texts needs cross_texts > 0: how many texts of each file every distilled head fits")
     extras = [_read(Path(f), None, False, cross_texts, seed, f"refit-extra/{Path(f).name}").texts for f in extra_texts]
@@ -334,7 +341,8 @@ def refit_heads(
             own = set(train.texts)
             others = [otrain.texts for _, og, otrain, *_ in reads if og.name != g.name] + extras
             more = list(dict.fromkeys(t for texts in others for t in [t for t in texts if t not in own][:cross_texts]))
-            train, extra = _Split(train.texts + more, None, train.source), len(more)
+            labels = None if train.labels is None else train.labels + [None] * len(more)
+            train, extra = _Split(train.texts + more, labels, train.source), len(more)
             if held is not None:
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
         plan.append((s, g, train, val, held, extra))
@@ -389,6 +397,12 @@ def refit_heads(
 
             tr_sel, tr_txt = windows_of(g.name, "train")
             mu, sd = _standardise(feats_all[tr_sel])  # one scaling for every fit of the group: warm starts apply
+            targets = teacher_probs
+            if teacher_probs is not None and label_weight and train.labels is not None:
+                y = np.array([-1 if y is None else y for y in train.labels])[tr_txt]  # per training window
+                at = tr_sel[y >= 0]
+                targets = teacher_probs.copy()
+                targets[at] = (1 - label_weight) * targets[at] + label_weight * np.eye(g.size)[y[y >= 0]]
 
             def fit(sel, txt, labels, cc, init=None):
                 """Standardised rows fitted on windows ``sel`` whose texts are ``txt`` (0..n-1, labels[txt])."""
@@ -396,7 +410,7 @@ def refit_heads(
                 xs = (feats_all[sel] - mu) / sd
                 if teacher_probs is None:
                     return _lr_hard(xs, np.asarray(labels)[txt], g.size, cc, wts, init)
-                return _lr_soft(xs, teacher_probs[sel], cc, wts, init)
+                return _lr_soft(xs, targets[sel], cc, wts, init)
 
             def raw(rows):
                 """Rows for raw features at temperature 1."""
@@ -463,6 +477,7 @@ def refit_heads(
                 "validation_score": grid.get(best, {}),
                 "grid": {f"{k:g}": v for k, v in grid.items()},
                 **({"teacher": str(s.teacher), "temperature": temperature} if s.teacher is not None else {}),
+                **({"label_weight": label_weight} if label_weight and s.teacher is not None else {}),
                 "seconds": round(time.perf_counter() - tg, 1),
             }
             log.info("re-fit %s (%s): %d texts, C=%g, validation %s, %.1fs", g.name, s.mode, len(train.texts), best,
@@ -577,7 +592,8 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     report = refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                          temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                          seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
-                         progress=progress, cross_texts=rc.cross_texts, extra_texts=[Path(f) for f in rc.extra_texts])
+                         progress=progress, cross_texts=rc.cross_texts, extra_texts=[Path(f) for f in rc.extra_texts],
+                         label_weight=rc.label_weight)
     out = dict(state)
     fam_out = prep.models[0].family.out
     for name in fam_out:
@@ -659,6 +675,9 @@ def register(app, user_errors) -> None:
                                                      help="Unlabelled file of another domain (.jsonl text / .txt): "
                                                           "distilled groups also fit their teacher on --cross-texts "
                                                           "of its texts. Repeat per file."),
+        label_weight: float = typer.Option(0.0, "--label-weight", min=0.0, max=1.0,
+                                           help="Distilled groups whose --data has labels fit (1 - a) x teacher "
+                                                "+ a x label on those texts."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -678,7 +697,7 @@ def register(app, user_errors) -> None:
                             Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
-                           extra_texts=extra_texts or [])
+                           extra_texts=extra_texts or [], label_weight=label_weight)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
 
