@@ -651,8 +651,10 @@ def describe(rec: Recommendation) -> str:
         parts.append(", ".join(f"{k} {v}" for k, v in rec.parameters.items()))
     if rec.refit:
         extra = f" and of {', '.join(rec.extra_texts)}" if rec.extra_texts else ""
-        parts.append(f"+ {rec.refit} head re-fit" + (f" (+ {rec.cross_texts} texts of each other guard{extra})"
-                                                     if rec.cross_texts else ""))
+        how = [f"up to {rec.max_texts} own texts"] if rec.max_texts else []
+        how += [f"+ {rec.cross_texts} texts of each other guard{extra}"] if rec.cross_texts else []
+        how += [f"label weight {rec.label_weight:g}"] if rec.label_weight else []
+        parts.append(f"+ {rec.refit} head re-fit" + (f" ({'; '.join(how)})" if how else ""))
     return ", ".join(parts)
 
 
