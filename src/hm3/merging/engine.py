@@ -7,6 +7,12 @@ safetensors file as soon as it is made (``merged_tensors`` + ``output_specs``), 
 tensors of one name at a time, never the merged model. ``TaskVectors`` keeps every
 task vector in memory for search, where hundreds of merges reuse them.
 
+Two tensors at once: with torch on 2 or more threads, ``merged_tensors`` merges two tensors in two
+threads, each with single-threaded torch ops, and hands them out in order (``_merged_in_threads``):
+the same bytes as one at a time, and faster than one tensor on 2 intra-op threads, which split
+small tensors badly (docs/BENCHMARKS.md, issue 6). ``HM3_MERGE_WORKERS`` (or ``workers=``) sets
+the count; 1 is the one-tensor-at-a-time loop.
+
 A plain merge (no ``refit:``, no data-aware method) never imports transformers: configs are read
 and written as JSON (``merged_config_dict``) and the tokenizer files are copied
 (``hm3.io.copy_tokenizer``), so a ``hm3 merge`` process starts without transformers' ~1-2 s.
@@ -28,6 +34,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +55,9 @@ from hm3.merging.steps import Rescale
 from hm3.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+#: environment variable: how many tensors ``merged_tensors`` merges at once (``merge_workers``)
+WORKERS_ENV = "HM3_MERGE_WORKERS"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -342,29 +353,153 @@ def merge_tensor(
     return method.fn(base, deltas, p, tensor_generator(seed, name))
 
 
-def merged_tensors(prep: Prepared, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk."""
+def merge_workers(workers: int | None = None) -> int:
+    """How many tensors a merge works on at once: ``workers``, else ``$HM3_MERGE_WORKERS``, else
+    ``min(2, torch.get_num_threads())`` (2 on a machine with 2 or more intra-op threads)."""
+    where = f"workers={workers}"
+    if workers is None:
+        env = os.environ.get(WORKERS_ENV, "").strip()
+        if not env:
+            return min(2, torch.get_num_threads())
+        where = f"{WORKERS_ENV}={env!r}"
+        try:
+            workers = int(env)
+        except ValueError:
+            raise HM3Error(f"{where} is not a whole number; set it to 1, 2, ... or unset it") from None
+    if workers < 1:
+        raise HM3Error(f"{where}: a merge needs at least 1 worker; use 1 (one tensor at a time) or more")
+    return workers
+
+
+def _finished(prep: Prepared, name: str, kind: str, base: torch.Tensor, deltas: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """One merged tensor as it is written: checked finite, in the output dtype, contiguous, and
+    never a view of ``deltas`` (the reused buffer the next tensor is read into)."""
+    merged = merge_tensor(prep, name, kind, base, deltas)
+    if merged.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
+        merged = merged.clone()  # a view of the reused deltas buffer: the next read overwrites it
+    del base, deltas  # (N, *shape): the caller frees its references before the next tensor is read
+    if merged.is_floating_point():
+        if not all_finite(merged):
+            raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
+        merged = merged.to(dtype)
+    return merged.contiguous()
+
+
+def merged_tensors(prep: Prepared, progress: bool = True, *, workers: int | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk.
+
+    ``workers`` (default ``merge_workers()``): with 2 or more, that many threads merge tensors at
+    once (``_merged_in_threads``); the tensors, their bytes and their order are the same."""
     dtype = DTYPES[prep.config.dtype]
     prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
+    workers = merge_workers(workers)
+    if workers > 1 and not prep.method.needs_stats and len(prep.kinds) > 1:
+        yield from _merged_in_threads(prep, workers, dtype, progress)
+        return
     # One workspace for the whole loop: the deltas and the steps' scratch buffers are reused from
     # tensor to tensor (steps.workspace), so a merge touches fresh memory only for its results.
     with progress_bar(progress, "merging", len(prep.kinds)) as advance, steps.workspace():
         for name, kind, base, deltas in prep.inputs(reuse=True):
-            merged = merge_tensor(prep, name, kind, base, deltas)
-            if merged.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
-                merged = merged.clone()  # a view of the reused deltas buffer: the next read overwrites it
-            del base, deltas  # (N, *shape): free before the next tensor is read
-            if merged.is_floating_point():
-                if not all_finite(merged):
-                    raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
-                merged = merged.to(dtype)
-            yield name, merged.contiguous()
+            merged = _finished(prep, name, kind, base, deltas, dtype)
+            del base, deltas
+            yield name, merged
             advance()
 
 
-def merge_state(prep: Prepared, progress: bool = True) -> dict[str, torch.Tensor]:
+def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progress: bool
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``merged_tensors`` with ``workers`` threads, each merging whole tensors (torch and numpy's
+    selection release the GIL), results handed out in output order by the calling thread.
+
+    Why it gives the same bytes: each tensor's merge is the same calls on the same inputs, its
+    randomness from ``tensor_generator(seed, name)`` and its norms from ``steps.fixed_sum``,
+    whichever thread runs it and in whatever order. Threads take tensors in output order.
+
+    Memory: each thread has its own ``steps.workspace()`` (thread-local: the reused deltas and
+    scratch buffers, grown to the largest tensor *that thread* merged, freed when it ends), so a
+    second worker adds buffers for its own tensors only. Results wait for the writer in order; a
+    thread starts tensor ``i`` only if it is the one the caller waits for, or if the elements of
+    every tensor started and not yet taken back from the caller (being written included) stay within
+    twice the largest tensor's. So while one thread merges the word embeddings, the other runs
+    ahead by at most that much, and never holds the merged model.
+
+    Intra-op threads: each worker runs torch on ``max(1, torch threads // workers)`` threads (torch's
+    setting is per thread; two workers on 2 cores with 2 intra-op threads each would oversubscribe).
+    The process's setting is restored at the end."""
+    names = list(prep.kinds)
+    sizes = [math.prod(shape) for _, _, shape in output_specs(prep)]  # elements of each merged tensor
+    budget = 2 * max(sizes)
+    total_threads = torch.get_num_threads()
+    per_worker = max(1, total_threads // workers)
+    cond = threading.Condition()
+    done: dict[int, torch.Tensor] = {}
+    state = {"next": 0, "taken": 0, "in_flight": 0, "stop": False, "error": None}
+
+    def may_start() -> bool:
+        i = state["next"]
+        return i == state["taken"] or state["in_flight"] + sizes[i] <= budget
+
+    def work() -> None:
+        torch.set_num_threads(per_worker)
+        with steps.workspace():
+            while True:
+                with cond:
+                    while not state["stop"] and state["next"] < len(names) and not may_start():
+                        cond.wait()
+                    if state["stop"] or state["next"] >= len(names):
+                        return
+                    i = state["next"]
+                    state["next"] += 1
+                    state["in_flight"] += sizes[i]
+                try:
+                    for name, kind, base, deltas in prep.inputs([names[i]], reuse=True):
+                        merged = _finished(prep, name, kind, base, deltas, dtype)
+                        del base, deltas
+                except BaseException as e:  # handed to the caller's thread, which raises it
+                    with cond:
+                        state["error"], state["stop"] = e, True
+                        cond.notify_all()
+                    return
+                with cond:
+                    done[i] = merged
+                    cond.notify_all()
+                del merged
+
+    threads = [threading.Thread(target=work, name=f"hm3-merge-{k}", daemon=True) for k in range(workers)]
+    try:
+        with progress_bar(progress, "merging", len(names)) as advance:
+            for t in threads:
+                t.start()
+            for i, name in enumerate(names):
+                with cond:
+                    while i not in done and state["error"] is None:
+                        cond.wait()
+                    if state["error"] is not None:
+                        raise state["error"]
+                    merged = done.pop(i)
+                yield name, merged
+                del merged
+                with cond:  # the caller is done with tensor i (written): room for the next
+                    state["in_flight"] -= sizes[i]
+                    state["taken"] = i + 1
+                    cond.notify_all()
+                advance()
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
+        for t in threads:
+            if t.ident is not None:
+                t.join()
+        torch.set_num_threads(total_threads)  # what threads started later inherit
+
+
+def merge_state(prep: Prepared, progress: bool = True, *, workers: int | None = None
+                ) -> dict[str, torch.Tensor]:
     """Merge every tensor, streaming from disk. Returns the merged state dict (output dtype)."""
-    return dict(merged_tensors(prep, progress))
+    return dict(merged_tensors(prep, progress, workers=workers))
 
 
 def output_specs(prep: Prepared) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -519,9 +654,12 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> MergeResult:
     """Merge the recipe's models. With ``out``, write an ordinary HF classifier directory
-    atomically (an existing ``out`` is refused unless ``force``); without, return the state dict."""
+    atomically (an existing ``out`` is refused unless ``force``); without, return the state dict.
+    ``workers``: tensors merged at once (``merge_workers``: default ``$HM3_MERGE_WORKERS``, else
+    2 when torch has 2 or more threads); the result is the same bytes with any number."""
     t0 = time.perf_counter()
     if out is not None:
         from hm3.io import prepare_output
@@ -535,10 +673,10 @@ def merge(
             prep.ensure_stats(progress)
             out = Path(out)
             with AtomicDir(out, force) as tmp:
-                write_model(tmp, merged_tensors(prep, progress), merged_config_dict(prep), tokenizer_source(prep),
-                            model_card(prep), specs=output_specs(prep))
+                write_model(tmp, merged_tensors(prep, progress, workers=workers), merged_config_dict(prep),
+                            tokenizer_source(prep), model_card(prep), specs=output_specs(prep))
         else:
-            state = merge_state(prep, progress=progress)
+            state = merge_state(prep, progress=progress, workers=workers)
             extra = ""
             if prep.config.refit is not None:
                 from hm3.refit import refit_state
