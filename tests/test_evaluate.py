@@ -14,9 +14,11 @@ from hm3.errors import HM3Error
 from hm3.evaluate import (
     Report,
     SuiteIndex,
+    bootstrap_ratios,
     compare,
     evaluate,
     load_suite,
+    paired_bootstrap,
     parse_rows,
     ratios,
 )
@@ -121,6 +123,59 @@ def test_ratios_and_comparison_table():
     assert "| group | originals | merged | merged / originals |" in md
     assert f"{r['g']:.4f}" in md and "worst group ratio" in md
     assert table.to_json()["worst_ratio"]["merged"] == pytest.approx(min(r.values()))
+
+
+def _bootstrap_fixture(seed: int = 0):
+    """A two-group suite with a cross-check row, and two noisy predictors of it."""
+    rng = np.random.default_rng(seed)
+    rows = [{"text": f"t{i}", "expected": {"g": ["x", "y", "z"][i % 3]}} for i in range(60)]
+    rows += [{"text": f"t{i}", "expected": {"h": "p" if i % 4 else "q"}} for i in range(40, 100)]  # t40-t59 check both
+    index = SuiteIndex(parse_rows(rows), {"g": ["x", "y", "z"], "h": ["p", "q"]})
+
+    def noisy(err: float) -> dict:
+        out = {}
+        for g in index.groups:
+            k, pred = len(index.labels[g]), np.full(len(index.texts), -1)
+            pred[index.text_index[g]] = index.expected[g]
+            flip = index.text_index[g][rng.random(len(index.text_index[g])) < err]
+            pred[flip] = (pred[flip] + 1) % k
+            out[g] = pred
+        return out
+
+    return index, noisy
+
+
+def test_bootstrap_ratios_equal_scikit_learn_on_the_drawn_rows():
+    index, noisy = _bootstrap_fixture()
+    a, b = noisy(0.2), noisy(0.1)
+    counts = np.random.default_rng(5).multinomial(len(index.texts), np.full(len(index.texts), 1 / len(index.texts)), 6)
+    got = bootstrap_ratios(index, a, b, counts)
+    for r, c in enumerate(counts):
+        avg = []
+        for preds in (a, b):
+            f1s = []
+            for g in index.groups:
+                reps = c[index.text_index[g]]  # rows drawn c times each: repeat them
+                yt = np.repeat(index.expected[g], reps)
+                yp = np.repeat(preds[g][index.text_index[g]], reps)
+                f1s.append(f1_score(yt, yp, average="macro"))
+            avg.append(np.mean(f1s))
+        assert got[r] == pytest.approx(avg[0] / avg[1], rel=1e-12)
+    full = bootstrap_ratios(index, a, b, np.ones((1, len(index.texts))))[0]
+    assert full == pytest.approx(index.score(a).average_macro_f1 / index.score(b).average_macro_f1, rel=1e-12)
+
+
+def test_paired_bootstrap_interval_and_probability():
+    index, noisy = _bootstrap_fixture(1)
+    same = noisy(0.1)
+    r = paired_bootstrap(index, same, same, n=200)
+    assert (r["ratio"], r["low"], r["high"], r["p_below"]) == (1.0, 1.0, 1.0, 0.0)  # paired: no noise at all
+    worse, better = noisy(0.35), noisy(0.0)
+    r = paired_bootstrap(index, worse, better, n=500, seed=3)
+    assert r["low"] <= r["ratio"] <= r["high"] < 1 and r["p_below"] > 0.99
+    assert paired_bootstrap(index, worse, better, n=500, seed=3) == r  # seeded
+    with pytest.raises(HM3Error, match="level"):
+        paired_bootstrap(index, worse, better, level=1.5)
 
 
 # -- tiny models: the whole path -------------------------------------------------------------------

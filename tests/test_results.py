@@ -162,7 +162,10 @@ def test_targets_guards_self_merge_and_confusions(results):
     md = results["md"]
     targets = table_after(md, "## Targets")
     assert [r[0] for r in targets[1:]] == [c.title for c in CASE_STUDIES.values()]
-    assert all(r[3] in ("**met**", "**not met**") for r in targets[1:])
+    assert all(r[4] in ("**met**", "**not met**") for r in targets[1:])
+    for r in targets[1:]:  # the bootstrap interval of the recommended merge's ratio to the originals
+        low, high, below = map(float, re.fullmatch(r"([\d.]+)% – ([\d.]+)%; below 100% in (\d+)%", r[3]).groups())
+        assert low <= high and 0 <= below <= 100
     guards = table_after(md, "## The guards")
     assert [r[0] for r in guards[1:]] == list(ZOO_GROUPS)
     assert [int(r[4]) for r in guards[1:]] == [24] * 5  # test sizes from the markers

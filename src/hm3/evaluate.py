@@ -538,6 +538,61 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
 
+def paired_bootstrap(
+    index: SuiteIndex,
+    predicted: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    *,
+    n: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """How sure is "merged ≥ originals"? A paired bootstrap of the ratio of average macro F1s.
+
+    ``predicted`` / ``reference``: label indices per group, ``(n_texts,)`` arrays indexed like
+    ``index.texts`` (what ``SuiteIndex.score`` takes), e.g. a merged model and the original guards.
+    Each replicate draws the suite's distinct texts with replacement (a text brings all its rows, so
+    the groups stay paired) and scores both on the same draw. Returns the full-suite ``ratio``, the
+    ``level`` percentile interval ``low``..``high`` and ``p_below`` (the share of replicates where
+    the ratio is below 1)."""
+    if not 0 < level < 1:
+        raise HM3Error(f"level must be in (0, 1), got {level}")
+    if n < 1:
+        raise HM3Error(f"the bootstrap needs at least one replicate, got n={n}")
+    t = len(index.texts)
+    counts = np.random.default_rng(seed).multinomial(t, np.full(t, 1 / t), size=n)  # (n, texts)
+    full = bootstrap_ratios(index, predicted, reference, np.ones((1, t)))[0]
+    ratios = bootstrap_ratios(index, predicted, reference, counts)
+    lo, hi = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return {"ratio": float(full), "low": float(lo), "high": float(hi), "level": level,
+            "p_below": float((ratios < 1).mean()), "replicates": n}
+
+
+def bootstrap_ratios(index: SuiteIndex, predicted: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                     counts: np.ndarray) -> np.ndarray:
+    """Per row of ``counts`` (how often each distinct text is drawn, ``(R, n_texts)``), the ratio of
+    ``predicted``'s average macro F1 over groups to ``reference``'s on that draw. Macro F1 as
+    scikit-learn's on the drawn rows: the mean over labels expected or predicted there of
+    2·TP / (2·TP + FP + FN), from confusion matrices weighted by the counts."""
+    averages = []
+    for preds in (predicted, reference):
+        f1s = []
+        for g in index.groups:
+            k = len(index.labels[g])
+            ti, yt = index.text_index[g], index.expected[g]
+            codes = yt * k + np.asarray(preds[g])[ti]  # (rows,) cell of the confusion matrix
+            onehot = np.zeros((len(ti), k * k))
+            onehot[np.arange(len(ti)), codes] = 1
+            conf = (counts[:, ti] @ onehot).reshape(-1, k, k)  # (R, expected, predicted)
+            tp = np.diagonal(conf, axis1=1, axis2=2)
+            denom = conf.sum(2) + conf.sum(1)  # support + predicted = 2·TP + FP + FN
+            present = denom > 0
+            f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+            f1s.append(f1.sum(1) / np.maximum(present.sum(1), 1))
+        averages.append(np.mean(f1s, axis=0))
+    return averages[0] / averages[1]
+
+
 def compare(reports: Mapping[str, Report], reference: str | None = None) -> Comparison:
     """Side-by-side table of ``{name: report}``; ``reference`` (default: the first) is the
     denominator of the ratios, e.g. ``compare({"originals": o, "ties": t, "dare_ties": d})``."""
