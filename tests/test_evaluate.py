@@ -266,3 +266,29 @@ def test_save_and_cli(zoo, tmp_path):
 
     res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["a"])])
     assert res.exit_code == 2 and "answered by none of the models" in res.output
+
+
+def test_cli_against_the_originals_with_a_bootstrap_interval(zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+    from hm3.evaluate import predict_suite
+
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--against", str(zoo["a"]),
+                                   "--against", str(zoo["b"]), "--bootstrap", "300", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "comparison.json").read_text())
+    merged, orig = evaluate([zoo["merged"]], zoo["suite"]), evaluate([zoo["a"], zoo["b"]], zoo["suite"])
+    assert saved["average"]["reference"] == pytest.approx(orig.average_macro_f1)
+    assert saved["average"]["model"] == pytest.approx(merged.average_macro_f1)
+    iv = saved["bootstrap"]
+    assert iv["ratio"] == pytest.approx(merged.average_macro_f1 / orig.average_macro_f1)
+    assert iv["low"] <= iv["high"] and iv["replicates"] == 300
+    # the same as the Python API on the same predictions
+    index, pred, *_ = predict_suite([zoo["merged"]], zoo["suite"])
+    _, ref, *_ = predict_suite([zoo["a"], zoo["b"]], zoo["suite"])
+    assert paired_bootstrap(index, pred, ref, n=300) == pytest.approx(iv)
+    assert f"95% interval {iv['low']:.4f} - {iv['high']:.4f}" in res.stdout
+    res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--against", str(zoo["a"])])
+    assert res.exit_code == 2 and "answered by none of the models" in res.output

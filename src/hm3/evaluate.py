@@ -427,6 +427,22 @@ def evaluate(
     parsed rows. Each model predicts once, over the distinct texts its groups are checked on.
     ``groups`` restricts the suite to those groups (e.g. a five-group suite for a two-guard merge).
     """
+    index, predicted, model_of, names, seconds = predict_suite(models, rows, batch_size, progress=progress,
+                                                               suite_name=suite_name, groups=groups)
+    return index.score(predicted, model_of, models=names, seconds=seconds)
+
+
+def predict_suite(
+    models: Sequence["str | os.PathLike | GroupwiseClassifier"],
+    rows: Sequence[SuiteRow] | str | os.PathLike,
+    batch_size: int = 32,
+    *,
+    progress: bool = False,
+    suite_name: str | None = None,
+    groups: Sequence[str] | None = None,
+) -> tuple[SuiteIndex, dict[str, np.ndarray], dict[str, str], list[str], float]:
+    """``evaluate``'s predictions before scoring: ``(index, predicted label index per group and text,
+    model name per group, model names, seconds)``, e.g. for ``paired_bootstrap``."""
     t0 = time.perf_counter()
     if isinstance(rows, (str, os.PathLike)):
         suite_name = suite_name or str(rows)
@@ -464,7 +480,7 @@ def evaluate(
             predicted[g] = full
         log.info("%s: %d texts, groups %s", name, len(tids), ", ".join(mine))
     model_of = {g: names[owner[g]] for g in wanted}
-    return index.score(predicted, model_of, models=names, seconds=time.perf_counter() - t0)
+    return index, predicted, model_of, names, time.perf_counter() - t0
 
 
 # -- comparisons -----------------------------------------------------------------------------------
@@ -621,13 +637,43 @@ def register(app, user_errors) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, report.md and confusion PNGs here."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated suite groups to score (default: all)."),
+        against: Optional[List[Path]] = typer.Option(None, "--against",
+                                                    help="Reference model(s), e.g. the original guards (repeat): "
+                                                         "compare on the same rows, with a paired-bootstrap 95% "
+                                                         "interval of the average macro F1 ratio."),
+        bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap replicates for --against."),
     ) -> None:
         """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
+        import json
+
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
-        report = evaluate(models, suite, batch_size, progress=True, groups=names)
+        index, predicted, model_of, used, seconds = predict_suite(models, suite, batch_size, progress=True, groups=names)
+        report = index.score(predicted, model_of, models=used, seconds=seconds)
         typer.echo(report.summary_markdown())
         for s in report.groups.values():
             typer.echo(f"\n{s.group}:\n{s.confusion_text()}")
         if out is not None:
             report.save(out)
             typer.echo(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {len(report.groups)} confusion PNGs", err=True)
+        if against:
+            ref_index, ref_pred, ref_of, ref_used, _ = predict_suite(against, index.rows, batch_size, progress=True,
+                                                                     suite_name=index.name)
+            missing = [g for g in index.groups if g not in ref_index.groups]
+            if missing:
+                raise HM3Error(f"--against: no reference model answers groups {', '.join(missing)}")
+            # the same rows, compiled against the reference's label sets: texts in the same order
+            pos = np.array([ref_index.text_ids[t] for t in index.texts])
+            reference = {}
+            for g in index.groups:  # label indices into the model's label order (matched by name)
+                remap = np.array([index.labels[g].index(x) for x in ref_index.labels[g]])
+                ref = ref_pred[g][pos]
+                reference[g] = np.where(ref >= 0, remap[np.maximum(ref, 0)], -1)
+            table = compare({"model": report, "reference": index.score(reference, ref_of, models=ref_used)}, "reference")
+            iv = paired_bootstrap(index, predicted, reference, n=bootstrap)
+            typer.echo("\n" + table.to_markdown())
+            typer.echo(f"\naverage macro F1 ratio {iv['ratio']:.4f}, 95% interval {iv['low']:.4f} - {iv['high']:.4f} "
+                       f"(paired bootstrap, {bootstrap} replicates); below 1 in {iv['p_below']:.1%} of them")
+            if out is not None:
+                from hm3.io import write_text_atomic
+
+                write_text_atomic(out / "comparison.json", json.dumps({**table.to_json(), "bootstrap": iv}, indent=2) + "\n")
