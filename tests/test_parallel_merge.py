@@ -159,3 +159,24 @@ def test_larger_tensors_same_bytes_with_any_threads_and_workers(tmp_path):
             assert files[0] == files[1] == files[2], method
     finally:
         torch.set_num_threads(before)
+
+
+def test_head_hidden_base_is_the_base_tensor_not_a_reused_buffer(tmp_path):
+    """``head.hidden: base`` returns the base's tensor itself: the merged state holds exactly it,
+    with 1 and 2 workers (a merged tensor must never be a buffer the next tensor is read into)."""
+    from hm3.io import load_checkpoint
+    from hm3.testing import TASK_A, TASK_C, tiny_base, tiny_finetune
+
+    base = tiny_base(tmp_path / "base", family="distilbert", headless=False)  # with a pre_classifier
+    a = tiny_finetune(base, tmp_path / "a", TASK_A, steps=10)
+    c = tiny_finetune(base, tmp_path / "c", TASK_C, steps=10, seed=1)
+    rec = {"merge_method": "ties", "base_model": str(base), "head": {"hidden": "base"}, "seed": 0,
+           "models": [{"model": str(m), "group": g, "parameters": {"density": 0.5}} for g, m in (("a", a), ("c", c))]}
+    states = [merge(rec, progress=False, workers=w).state for w in (1, 2)]
+    ref = load_checkpoint(base)
+    hidden = [n for n in states[0] if n.startswith("pre_classifier.")]
+    assert hidden
+    for name in hidden:
+        assert torch.equal(states[0][name], ref.tensor(name)) and torch.equal(states[1][name], ref.tensor(name))
+    assert list(states[0]) == list(states[1])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
