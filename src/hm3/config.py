@@ -101,7 +101,9 @@ class RefitConfig(BaseModel):
     group's rows to the original guard's probabilities on unlabelled ``data`` texts (default: the
     recipe's ``data.texts``); the guard is ``teachers[group]`` or, by default, the recipe's model of
     that group. ``c``: inverse L2 strength, or ``auto`` — picked on ``validation[group]`` (default: a
-    seeded 20% hold-out of ``data``). Test data is never read.
+    seeded 20% hold-out of ``data``). Test data is never read. ``cross_texts`` / ``extra_texts`` /
+    ``label_weight``: distill on other groups' texts, on unlabelled files of other domains, and with
+    the labels mixed into the teacher's targets (hm3.refit).
     """
 
     model_config = ConfigDict(extra="forbid")
