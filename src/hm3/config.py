@@ -94,6 +94,19 @@ class HeadConfig(BaseModel):
         return v
 
 
+class BodyConfig(BaseModel):
+    """Body distillation after the head re-fit (see hm3.body_distill): the whole model (or its top
+    ``layers`` encoder layers) trained so every group's softmax follows its guard on the re-fit's texts."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=16)  # tokens per text (first window)
+    layers: int | None = Field(None, ge=1)  # train only the top encoder layers (+ pooler, head); None: all
+    weight_decay: float = Field(0.01, ge=0)
+
+
 class RefitConfig(BaseModel):
     """Post-merge head re-fit per group (see hm3.refit). Paths relative to the recipe.
 
@@ -103,7 +116,8 @@ class RefitConfig(BaseModel):
     that group. ``c``: inverse L2 strength, or ``auto`` — picked on ``validation[group]`` (default: a
     seeded 20% hold-out of ``data``). Test data is never read. ``cross_texts`` / ``extra_texts`` /
     ``label_weight``: distill on other groups' texts, on unlabelled files of other domains, and with
-    the labels mixed into the teacher's targets (hm3.refit).
+    the labels mixed into the teacher's targets (hm3.refit). ``body``: then fine-tune the whole merged
+    model towards every group's guard on the same texts (hm3.body_distill; minutes, not seconds).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -120,6 +134,7 @@ class RefitConfig(BaseModel):
     cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
     extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files
     label_weight: float = Field(0.0, ge=0, le=1)  # distill: targets (1-a)·teacher + a·label where data has labels
+    body: BodyConfig | None = None  # distill: then train the body on the same texts (hm3.body_distill)
 
     @field_validator("c")
     @classmethod
@@ -138,6 +153,9 @@ class RefitConfig(BaseModel):
         if self.extra_texts and not self.cross_texts:
             raise ValueError("extra_texts needs cross_texts > 0: how many texts of each file every distilled "
                              "head fits its teacher on")
+        if self.body is not None and self.mode != "distill":
+            raise ValueError("body needs mode: distill (the body is trained towards the original guards' "
+                             "probabilities)")
         return self
 
 

@@ -78,6 +78,7 @@ class RefitReport:
     max_length: int = 0
     features: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    texts: list[str] = field(default_factory=list, repr=False)  # distinct training texts of every group (not saved)
 
     def to_json(self) -> dict[str, Any]:
         return {"groups": self.groups, "max_length": self.max_length, "features": self.features,
@@ -346,6 +347,7 @@ def refit_heads(
             if held is not None:
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
         plan.append((s, g, train, val, held, extra))
+    report.texts = list(dict.fromkeys(t for _, _, train, *_ in plan for t in train.texts))
 
     # Features of every distinct text, in one pass over the merged body (cached per body and window set).
     index: dict[str, int] = {}
@@ -594,13 +596,26 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
                          seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
                          progress=progress, cross_texts=rc.cross_texts, extra_texts=[Path(f) for f in rc.extra_texts],
                          label_weight=rc.label_weight)
+    card = report.markdown()
+    meta = report.to_json()
+    names = list(prep.models[0].family.out)  # only the head rows changed
+    if rc.body is not None:
+        from hm3.body_distill import distill_body
+
+        teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
+        body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **rc.body.model_dump(),
+                            seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
+                            progress=progress)
+        meta["body"] = body.to_json()
+        card += "\n\n" + body.markdown()
+        names = list(state)
+    trained = model.state_dict()
     out = dict(state)
-    fam_out = prep.models[0].family.out
-    for name in fam_out:
-        new = model.state_dict()[name].detach()
-        out[name] = new.to(state[name].dtype).clone()
-    prep.metadata["refit"] = report.to_json()
-    return out, report.markdown()
+    for name in names:
+        if name in trained:
+            out[name] = trained[name].detach().to(state[name].dtype).clone()
+    prep.metadata["refit"] = meta
+    return out, card
 
 
 def refit_dir(
@@ -609,9 +624,12 @@ def refit_dir(
     out: "str | Path",
     *,
     force: bool = False,
+    body: "dict[str, Any] | None" = None,
     **kw,
 ) -> RefitReport:
-    """Re-fit heads of a saved model (merged, or a single classifier) into a new directory ``out``."""
+    """Re-fit heads of a saved model (merged, or a single classifier) into a new directory ``out``;
+    with ``body`` (hm3.body_distill.distill_body's options), then train the body towards the specs'
+    teachers on the same texts (every group needs a teacher)."""
     import json
 
     from hm3.io import AtomicDir, prepare_output
@@ -621,13 +639,29 @@ def refit_dir(
     out = Path(out)
     prepare_output(out, force)
     clf = load(model_dir, max_length=kw.pop("max_length", None))
+    if body is not None:  # before any work: the body step needs every group's guard
+        missing = [g for g in clf.space.names if g not in {s.group for s in specs if s.teacher is not None}]
+        if missing:
+            raise HM3Error(f"body distillation needs an original guard for every group; missing {missing}: "
+                           "add --distill-from GROUP=GUARD_DIR (and its --data) for each")
     report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, **kw)
+    done = report.to_json()
+    text = report.markdown()
+    if body is not None:
+        from hm3.body_distill import distill_body
+
+        teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
+        b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body,
+                         seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False))
+        done["body"] = b.to_json()
+        text += "\n\n" + b.markdown()
+        report.seconds += b.seconds
     config = clf.model.config
     meta = dict(getattr(config, "hm3", None) or {"format": 1, "groups": clf.space.to_json()})
-    meta["refit"] = report.to_json()
+    meta["refit"] = done
     config.hm3 = meta
     readme = Path(model_dir) / "README.md"
-    card = (readme.read_text(encoding="utf-8").rstrip() + "\n\n" if readme.is_file() else "") + report.markdown() + "\n"
+    card = (readme.read_text(encoding="utf-8").rstrip() + "\n\n" if readme.is_file() else "") + text + "\n"
     state = {k: v.detach().contiguous() for k, v in clf.model.state_dict().items()}
     with AtomicDir(out, force) as tmp:
         write_model(tmp, state, config, Path(model_dir), card)
@@ -678,10 +712,19 @@ def register(app, user_errors) -> None:
         label_weight: float = typer.Option(0.0, "--label-weight", min=0.0, max=1.0,
                                            help="Distilled groups whose --data has labels fit (1 - a) x teacher "
                                                 "+ a x label on those texts."),
+        body_epochs: float = typer.Option(0.0, "--body-epochs", min=0.0,
+                                          help="After the head re-fit, train the whole model this many epochs so "
+                                               "every group follows its --distill-from guard on the same texts "
+                                               "(0: off; every group needs --distill-from)."),
+        body_lr: float = typer.Option(2e-5, "--body-lr", min=1e-8, help="Learning rate of the body distillation."),
+        body_layers: Optional[int] = typer.Option(None, "--body-layers", min=1,
+                                                  help="Train only the top N encoder layers (+ pooler, head)."),
+        body_max_length: int = typer.Option(128, "--body-max-length", min=16, help="Tokens per text for the body."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Re-fit group heads on the model's own features: labelled, or distilled from the original guards."""
+        """Re-fit group heads on the model's own features: labelled, or distilled from the original guards;
+        with --body-epochs, then distil the whole model from the guards."""
         files = _pairs(data, "--data")
         teachers = _pairs(distill_from, "--distill-from")
         vals = _pairs(validation, "--validation")
@@ -697,7 +740,9 @@ def register(app, user_errors) -> None:
                             Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
-                           extra_texts=extra_texts or [], label_weight=label_weight)
+                           extra_texts=extra_texts or [], label_weight=label_weight,
+                           body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers, max_length=body_max_length)
+                           if body_epochs > 0 else None)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
 

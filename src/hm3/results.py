@@ -360,6 +360,7 @@ class Lab:
                        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
             meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("hm3", {})
             out["refit_seconds"] = (meta.get("refit") or {}).get("seconds")
+            out["body_seconds"] = ((meta.get("refit") or {}).get("body") or {}).get("seconds")
             out["data_seconds"] = (meta.get("data") or {}).get("seconds")
             for split in SPLITS:
                 report = evaluate([model_dir], restrict(self.suites[split], case.groups), self.s.batch_size,

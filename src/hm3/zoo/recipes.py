@@ -67,6 +67,7 @@ class Recommendation:
     extra_texts: tuple[str, ...] = ()  # distill: + cross_texts of these zoo guards' training texts (not merged)
     max_texts: int | None = None  # re-fit texts of each guard's own (None: hm3.refit's default, 500)
     label_weight: float = 0.0  # distill: share of the training label in the targets (hm3.refit)
+    body: dict[str, Any] | None = None  # distill: then train the body too (hm3.body_distill's options)
     why: str = ""
 
     def per_group(self, value, group: str):
@@ -161,6 +162,7 @@ def recipe(
             **({"extra_texts": [path(g, "train.jsonl") for g in rec.extra_texts]} if rec.extra_texts else {}),
             **({"max_texts": rec.max_texts} if rec.max_texts else {}),
             **({"label_weight": rec.label_weight} if rec.label_weight else {}),
+            **({"body": dict(rec.body)} if rec.body else {}),
         }
     return out
 

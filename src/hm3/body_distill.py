@@ -1,0 +1,237 @@
+"""Body distillation: fine-tune the whole merged model so each group's softmax follows its guard.
+
+Why: a head re-fit (hm3.refit) only moves a group's output rows, so it can use no more than what the
+merged body's features still hold. On the small MiniLM base that caps a 2-guard merge at 0.97–1.00 of
+the originals' macro F1. Training the body too, with the original guards as teachers on unlabelled
+text (multi-task knowledge distillation, Hinton et al. 2015; the soft targets of every group at once),
+lets the one body serve every group again. It is a fine-tune: minutes, not seconds, and it is opt-in
+(``refit.body`` in a recipe, ``hm3 refit --body-epochs``).
+
+Loss per batch: ``Σ_groups KL(teacher_g ‖ softmax(z[:, rows_g]))``, mean over texts; AdamW with linear
+decay; dropout on as in fine-tuning; texts truncated to ``max_length`` tokens (the teachers see the
+same tokens). Batches are drawn from length buckets (texts of similar length together: less padding)
+in a seeded order. ``layers`` trains only the top encoder layers (and pooler and head), which skips
+the backward pass through the rest.
+
+Teachers' logits are cached on disk per guard and text set (hm3.merging.stats). The result is the same
+architecture with new weights: still one ordinary checkpoint with group-wise heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from hm3.errors import HM3Error
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from hm3.labels import LabelSpace
+
+log = logging.getLogger(__name__)
+
+BUCKET = 50  # batches per length bucket
+
+
+@dataclass
+class BodyReport:
+    texts: int = 0
+    steps: int = 0
+    epochs: float = 0.0
+    lr: float = 0.0
+    max_length: int = 0
+    trained: str = "all"
+    teachers: dict[str, str] = field(default_factory=dict)
+    loss: list[float] = field(default_factory=list)  # mean training loss per epoch (last one may be partial)
+    teacher_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"texts": self.texts, "steps": self.steps, "epochs": self.epochs, "lr": self.lr,
+                "max_length": self.max_length, "trained": self.trained, "teachers": self.teachers,
+                "loss": [round(x, 5) for x in self.loss], "teacher_seconds": round(self.teacher_seconds, 1),
+                "seconds": round(self.seconds, 1)}
+
+    def markdown(self) -> str:
+        loss = " → ".join(f"{x:.4f}" for x in self.loss)
+        return "\n".join([
+            "## Body distillation",
+            "",
+            f"The merged model ({self.trained}) was trained for {self.epochs:g} epochs ({self.steps} steps, "
+            f"lr {self.lr:g}) so that each group's softmax follows its original guard on {self.texts} texts "
+            f"(first {self.max_length} tokens each), in {self.seconds:.1f} s, {self.teacher_seconds:.1f} s of it "
+            f"the guards' forward passes (hm3.body_distill). Mean KL loss per epoch: {loss}.",
+            "",
+            "| group | teacher |",
+            "|---|---|",
+            *(f"| {g} | `{t}` |" for g, t in self.teachers.items()),
+        ])
+
+
+def _teacher_logits(teacher: Path, tokenizer, ids: list[list[int]], batch_size: int, cache: bool) -> "torch.Tensor":
+    from hm3.merging import stats as S
+
+    key = S.cache_key(kind="body-teacher", model=S.model_digest(teacher),
+                      windows=S.texts_digest([" ".join(map(str, w)) for w in ids]), batch_size=batch_size)
+
+    def compute():
+        model, tok = S.load_classifier(teacher)
+        if tok.get_vocab() != tokenizer.get_vocab():
+            raise HM3Error(f"{teacher}: its tokenizer differs from the merged model's; distill from the original guard")
+        import torch
+
+        with torch.inference_mode():
+            _, logits = S.window_outputs(model, ids, batch_size, tokenizer.pad_token_id or 0)
+        return {"logits": logits}, {}
+
+    return S.cached("body-teacher", key, compute, cache)[0]["logits"]
+
+
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches: a seeded shuffle, cut in buckets of ``BUCKET`` batches, each sorted by
+    length and cut into batches; the batches' order shuffled again."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    out = []
+    span = batch_size * BUCKET
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s: s + span], key=lambda i: lengths[i])
+        out += [chunk[k: k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def _trainable(model, layers: int | None) -> str:
+    """Freeze all but the top ``layers`` encoder layers, the pooler and the head; describe what trains."""
+    if layers is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return "all weights"
+    stacks = [m for name, m in model.named_modules() if name.endswith("encoder.layer") or name.endswith("transformer.layer")]
+    if len(stacks) != 1:
+        raise HM3Error(f"body.layers: cannot find the encoder's layer stack of this {model.config.model_type} model; "
+                       "leave body.layers unset to train all weights")
+    stack = stacks[0]
+    if layers > len(stack):
+        raise HM3Error(f"body.layers: {layers} > the model's {len(stack)} encoder layers")
+    frozen = {id(p) for p in model.base_model.parameters()}
+    for layer in list(stack)[len(stack) - layers:]:
+        frozen -= {id(p) for p in layer.parameters()}
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None:
+        frozen -= {id(p) for p in pooler.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    return f"top {layers} of {len(stack)} encoder layers, pooler and head"
+
+
+def distill_body(
+    model: "torch.nn.Module",
+    tokenizer,
+    space: "LabelSpace",
+    teachers: Mapping[str, Path],
+    texts: Sequence[str],
+    *,
+    epochs: float = 2.0,
+    lr: float = 2e-5,
+    batch_size: int = 16,
+    max_length: int = 128,
+    layers: int | None = None,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = False,
+) -> BodyReport:
+    """Train ``model`` (in place) so that every group's softmax follows ``teachers[group]`` on ``texts``.
+
+    ``teachers`` must name a guard for every group of ``space``: a group without one would drift as the
+    body moves under its head."""
+    import torch
+
+    from hm3.progress import progress_bar
+
+    t0 = time.perf_counter()
+    missing = [g for g in space.names if g not in teachers]
+    if missing:
+        raise HM3Error(f"body distillation needs an original guard for every group; missing {missing} "
+                       "(a group without a teacher would drift as the body moves)")
+    unknown = sorted(set(teachers) - set(space.names))
+    if unknown:
+        raise HM3Error(f"body distillation: unknown groups {unknown}; the model's groups are {', '.join(space.names)}")
+    if not epochs > 0 or not lr > 0:
+        raise HM3Error(f"body distillation needs epochs > 0 and lr > 0, got {epochs} and {lr}")
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise HM3Error("body distillation: no texts to train on")
+    ids = [x for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    report = BodyReport(texts=len(texts), epochs=epochs, lr=lr, max_length=max_length,
+                        teachers={g: str(t) for g, t in teachers.items()})
+
+    tt = time.perf_counter()
+    targets = {}
+    for g in space.names:
+        logits = _teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache)
+        if logits.shape[1] != space[g].size:
+            raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
+                           "distill each group from its own original guard")
+        targets[g] = torch.softmax(logits.float(), -1)
+    report.teacher_seconds = time.perf_counter() - tt
+
+    model.float()
+    report.trained = _trainable(model, layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # biases and LayerNorm, as in BERT fine-tuning
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    per_epoch = (len(texts) + batch_size - 1) // batch_size
+    total = max(1, int(round(epochs * per_epoch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+    rows = {g: space[g].rows for g in space.names}
+    log_t = {g: targets[g].clamp_min(1e-12).log() for g in space.names}
+    pad = tokenizer.pad_token_id or 0
+    rng = random.Random(f"hm3:{seed}:body")
+    torch.manual_seed(seed)  # dropout masks
+    lengths = [len(x) for x in ids]
+
+    model.train()
+    step, losses = 0, []
+    try:
+        with progress_bar(progress, "body distillation", total) as advance:
+            while step < total:
+                run, n = 0.0, 0
+                for idx in _batches(lengths, batch_size, rng):
+                    if step >= total:
+                        break
+                    width = max(lengths[i] for i in idx)
+                    x = torch.full((len(idx), width), pad, dtype=torch.long)
+                    mask = torch.zeros((len(idx), width), dtype=torch.long)
+                    for r, i in enumerate(idx):
+                        x[r, : lengths[i]] = torch.tensor(ids[i])
+                        mask[r, : lengths[i]] = 1
+                    z = model(input_ids=x, attention_mask=mask).logits
+                    loss = z.new_zeros(())
+                    for g, r in rows.items():
+                        logp = torch.log_softmax(z[:, r], -1)
+                        t = targets[g][idx]
+                        loss = loss + (t * (log_t[g][idx] - logp)).sum(-1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    run, n, step = run + loss.item(), n + 1, step + 1
+                    advance()
+                losses.append(run / max(n, 1))
+                log.info("body distillation: epoch %d, mean loss %.4f, %d/%d steps", len(losses), losses[-1], step, total)
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    report.steps, report.loss = step, losses
+    report.seconds = time.perf_counter() - t0
+    return report

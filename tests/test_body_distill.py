@@ -1,0 +1,150 @@
+"""Body distillation (hm3.body_distill): the training itself, the `refit: body:` recipe step and the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hm3
+from hm3.body_distill import _batches, distill_body
+from hm3.errors import HM3Error
+from hm3.testing import TASK_A, TASK_B
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HM3_CACHE", str(tmp_path / "cache"))
+
+
+def _texts(task, n, seed):
+    return [t for t, _ in task.sample(n, seed=seed)]
+
+
+def _jsonl(path: Path, texts) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def _kl_to_teachers(clf, teachers: dict[str, Path], texts) -> float:
+    """Mean over groups of KL(guard || merged group's softmax) on ``texts``."""
+    total = 0.0
+    for g, path in teachers.items():
+        t = torch.tensor(next(iter(hm3.load(path).predict_proba(texts).values())), dtype=torch.float64)
+        s = torch.tensor(clf.predict_proba(texts, groups=[g])[g], dtype=torch.float64)
+        total += float((t * (t.clamp_min(1e-12).log() - s.clamp_min(1e-12).log())).sum(1).mean())
+    return total / len(teachers)
+
+
+def _merged(tiny, recipe, tmp_path, name="merged"):
+    return hm3.merge(recipe("ties", density=0.3), tmp_path / name, progress=False).path
+
+
+def test_batches_cover_every_text_once_per_epoch_in_length_buckets():
+    import random
+
+    lengths = [(i * 7919) % 97 for i in range(1000)]
+    batches = _batches(lengths, 16, random.Random(0))
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert all(len(b) <= 16 for b in batches)
+    # within a batch the lengths are close: sorted buckets of 800 texts out of lengths 0..96
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10
+    assert _batches(lengths, 16, random.Random(0)) == batches
+    assert _batches(lengths, 16, random.Random(1)) != batches
+
+
+def test_body_distillation_brings_the_merged_model_closer_to_its_guards(tiny, tmp_path, recipe):
+    merged = _merged(tiny, recipe, tmp_path)
+    teachers = {"a": tiny["a"], "b": tiny["b"]}
+    train = _texts(TASK_A, 120, 1) + _texts(TASK_B, 120, 2)
+    held = _texts(TASK_A, 100, 50) + _texts(TASK_B, 100, 51)
+    clf = hm3.load(merged)
+    before = _kl_to_teachers(clf, teachers, held)
+    report = distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, epochs=4, lr=1e-3, batch_size=16,
+                          max_length=32)
+    after = _kl_to_teachers(clf, teachers, held)
+    assert after < 0.5 * before, (before, after)
+    assert report.texts == 240 and report.steps == 4 * 15 and len(report.loss) == 4
+    assert report.loss[-1] < report.loss[0]
+    assert not clf.model.training and all(p.requires_grad for p in clf.model.parameters())
+
+
+def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
+    merged = _merged(tiny, recipe, tmp_path)
+    clf = hm3.load(merged)
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    report = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]},
+                          _texts(TASK_A, 40, 3), epochs=1, lr=1e-3, layers=1, max_length=32)
+    after = clf.model.state_dict()
+    n_layers = clf.model.config.num_hidden_layers
+    top = f"bert.encoder.layer.{n_layers - 1}."
+    for k, v in before.items():
+        moved = not torch.equal(v, after[k])
+        trainable = k.startswith(top) or k.startswith("bert.pooler.") or k.startswith("classifier.")
+        if not trainable:
+            assert not moved, k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(top) and k.endswith("weight"))
+    assert report.trained == f"top 1 of {n_layers} encoder layers, pooler and head"
+    with pytest.raises(HM3Error, match="> the model's"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], layers=99)
+
+
+def test_every_group_needs_its_own_guard(tiny, tmp_path, recipe):
+    clf = hm3.load(_merged(tiny, recipe, tmp_path))
+    with pytest.raises(HM3Error, match=r"every group; missing \['b'\]"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"]}, ["w0 w1"])
+    with pytest.raises(HM3Error, match="has 2 labels but group 'b' has 3"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["a"]}, ["w0 w1"])
+    with pytest.raises(HM3Error, match="no texts"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, [])
+
+
+def test_recipe_body_step_is_recorded_reproducible_and_needs_distill(tiny, tmp_path, recipe):
+    from hm3.io import load_checkpoint
+
+    r = recipe("ties", density=0.3)
+    r["data"] = {"texts": {"a": _jsonl(tmp_path / "a.jsonl", _texts(TASK_A, 60, 4)),
+                           "b": _jsonl(tmp_path / "b.jsonl", _texts(TASK_B, 60, 5))}}
+    r["refit"] = {"mode": "distill", "body": {"epochs": 1, "lr": 1e-3, "max_length": 32}}
+    one = hm3.merge(r, tmp_path / "one", progress=False).path
+    two = hm3.merge(r, tmp_path / "two", progress=False).path  # teachers' logits from the cache
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+    heads_only = dict(r, refit={"mode": "distill"})
+    plain = load_checkpoint(hm3.merge(heads_only, tmp_path / "heads", progress=False).path)
+    trained = load_checkpoint(one)
+    assert not torch.equal(plain.tensor("bert.encoder.layer.0.attention.self.query.weight"),
+                           trained.tensor("bert.encoder.layer.0.attention.self.query.weight"))
+    meta = json.loads((one / "config.json").read_text())["hm3"]["refit"]
+    assert meta["body"]["texts"] == 120 and meta["body"]["teachers"] == {"a": str(tiny["a"]), "b": str(tiny["b"])}
+    assert meta["body"]["steps"] == 8 and set(meta["groups"]) == {"a", "b"}
+    assert "## Body distillation" in (one / "README.md").read_text()
+
+    r["refit"] = {"mode": "labelled", "data": {"a": r["data"]["texts"]["a"]}, "body": {"epochs": 1}}
+    with pytest.raises(HM3Error, match="body needs mode: distill"):
+        hm3.merge(r, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    merged = _merged(tiny, recipe, tmp_path)
+    a = _jsonl(tmp_path / "a.jsonl", _texts(TASK_A, 40, 6))
+    b = _jsonl(tmp_path / "b.jsonl", _texts(TASK_B, 40, 7))
+    runner = CliRunner()
+    args = ["refit", str(merged), "--data", f"a={a}", "--data", f"b={b}", "--distill-from", f"a={tiny['a']}",
+            "--body-epochs", "1", "--body-lr", "1e-3", "--body-max-length", "32", "--no-progress"]
+    missing = runner.invoke(app, [*args, "-o", str(tmp_path / "x")])  # b has no guard
+    assert missing.exit_code == 2 and "missing ['b']" in missing.output
+    assert not (tmp_path / "x").exists()
+    res = runner.invoke(app, [*args, "--distill-from", f"b={tiny['b']}", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["refit"]
+    assert meta["body"]["texts"] == 80 and meta["body"]["epochs"] == 1
