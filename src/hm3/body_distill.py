@@ -73,25 +73,6 @@ class BodyReport:
         ])
 
 
-def _teacher_logits(teacher: Path, tokenizer, ids: list[list[int]], batch_size: int, cache: bool) -> "torch.Tensor":
-    from hm3.merging import stats as S
-
-    key = S.cache_key(kind="body-teacher", model=S.model_digest(teacher),
-                      windows=S.texts_digest([" ".join(map(str, w)) for w in ids]), batch_size=batch_size)
-
-    def compute():
-        model, tok = S.load_classifier(teacher)
-        if tok.get_vocab() != tokenizer.get_vocab():
-            raise HM3Error(f"{teacher}: its tokenizer differs from the merged model's; distill from the original guard")
-        import torch
-
-        with torch.inference_mode():
-            _, logits = S.window_outputs(model, ids, batch_size, tokenizer.pad_token_id or 0)
-        return {"logits": logits}, {}
-
-    return S.cached("body-teacher", key, compute, cache)[0]["logits"]
-
-
 def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """One epoch of batches: a seeded shuffle, cut in buckets of ``BUCKET`` batches, each sorted by
     length and cut into batches; the batches' order shuffled again."""
@@ -154,6 +135,7 @@ def distill_body(
     import torch
 
     from hm3.progress import progress_bar
+    from hm3.refit import teacher_logits
 
     t0 = time.perf_counter()
     missing = [g for g in space.names if g not in teachers]
@@ -175,7 +157,7 @@ def distill_body(
     tt = time.perf_counter()
     targets = {}
     for g in space.names:
-        logits = _teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache)
+        logits = teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache)
         if logits.shape[1] != space[g].size:
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")

@@ -511,11 +511,8 @@ def _teacher_at_1(p_t: "np.ndarray", temperature: float) -> "np.ndarray":
     return _softmax(np.log(np.clip(p_t, 1e-300, None)) * temperature)
 
 
-def _teacher_probs(teacher: Path, tokenizer, wins, group, temperature: float, batch_size: int,
-                   cache: bool) -> "np.ndarray":
-    """The original guard's softmax at ``temperature`` on the merged model's windows (cached logits)."""
-    import numpy as np
-
+def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool) -> "torch.Tensor":
+    """The original guard's logits ``(W, T)`` on token windows ``wins`` (cached per guard and windows)."""
     from hm3.merging import stats as S
 
     key = S.cache_key(kind="teacher", model=S.model_digest(teacher),
@@ -528,7 +525,13 @@ def _teacher_probs(teacher: Path, tokenizer, wins, group, temperature: float, ba
         _, logits = S.window_outputs(model, wins, batch_size, tokenizer.pad_token_id or 0)
         return {"logits": logits}, {}
 
-    logits = S.cached("teacher", key, compute, cache)[0]["logits"].double().numpy()
+    return S.cached("teacher", key, compute, cache)[0]["logits"]
+
+
+def _teacher_probs(teacher: Path, tokenizer, wins, group, temperature: float, batch_size: int,
+                   cache: bool) -> "np.ndarray":
+    """The original guard's softmax at ``temperature`` on the merged model's windows."""
+    logits = teacher_logits(teacher, tokenizer, wins, batch_size, cache).double().numpy()
     if logits.shape[1] != group.size:
         raise HM3Error(f"{teacher}: has {logits.shape[1]} labels but group {group.name!r} has {group.size}; "
                        "distill each group from its own original guard")
