@@ -124,6 +124,16 @@ def test_recipe_body_step_is_recorded_reproducible_and_needs_distill(tiny, tmp_p
     assert meta["body"]["steps"] == 8 and set(meta["groups"]) == {"a", "b"}
     assert "## Body distillation" in (one / "README.md").read_text()
 
+    after = dict(r, refit={"mode": "distill", "body": {"epochs": 1, "lr": 1e-3, "max_length": 32, "heads_after": True}})
+    res = hm3.merge(after, tmp_path / "after", progress=False).path
+    again = load_checkpoint(res)
+    for name in trained.names:  # the same body (same seed, same training); the heads fitted once more on it
+        same = torch.equal(trained.tensor(name), again.tensor(name))
+        assert same != name.startswith("classifier."), name
+    meta = json.loads((res / "config.json").read_text())["hm3"]["refit"]
+    assert set(meta["heads_after"]["groups"]) == {"a", "b"}
+    assert "## Head re-fit after the body" in (res / "README.md").read_text()
+
     r["refit"] = {"mode": "labelled", "data": {"a": r["data"]["texts"]["a"]}, "body": {"epochs": 1}}
     with pytest.raises(HM3Error, match="body needs mode: distill"):
         hm3.merge(r, tmp_path / "bad", progress=False)

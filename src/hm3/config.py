@@ -105,6 +105,7 @@ class BodyConfig(BaseModel):
     max_length: int = Field(128, ge=16)  # tokens per text (first window)
     layers: int | None = Field(None, ge=1)  # train only the top encoder layers (+ pooler, head); None: all
     weight_decay: float = Field(0.01, ge=0)
+    heads_after: bool = False  # then re-fit the heads once more on the trained body (same refit settings)
 
 
 class RefitConfig(BaseModel):

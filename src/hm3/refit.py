@@ -594,11 +594,15 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
 
     model = build_model(merged_config(prep), state)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source(prep)))
-    report = refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
-                         temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
-                         seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
-                         progress=progress, cross_texts=rc.cross_texts, extra_texts=[Path(f) for f in rc.extra_texts],
-                         label_weight=rc.label_weight)
+    cache = prep.config.data.cache if prep.config.data else True
+
+    def heads():
+        return refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
+                           temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
+                           seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
+                           extra_texts=[Path(f) for f in rc.extra_texts], label_weight=rc.label_weight)
+
+    report = heads()
     card = report.markdown()
     meta = report.to_json()
     names = list(prep.models[0].family.out)  # only the head rows changed
@@ -606,12 +610,16 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         from hm3.body_distill import distill_body
 
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
-        body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **rc.body.model_dump(),
-                            seed=prep.config.seed, cache=prep.config.data.cache if prep.config.data else True,
-                            progress=progress)
+        options = rc.body.model_dump(exclude={"heads_after"})
+        body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options,
+                            seed=prep.config.seed, cache=cache, progress=progress)
         meta["body"] = body.to_json()
         card += "\n\n" + body.markdown()
         names = list(state)
+        if rc.body.heads_after:  # the heads once more, on the trained body (teachers' logits from the cache)
+            again = heads()
+            meta["heads_after"] = again.to_json()
+            card += "\n\n" + again.markdown().replace("## Head re-fit", "## Head re-fit after the body", 1)
     trained = model.state_dict()
     out = dict(state)
     for name in names:
