@@ -128,7 +128,8 @@ def test_ablation_tables(results):
     """Issue 9's ablation: every configuration merged on disk, scored, timed; the best by validation marked."""
     part = results["md"].split("## Ablation", 1)[1]
     names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)",
-             "TIES + re-fit (distilled, cross-domain)", "RegMean", "Fisher",
+             "TIES + re-fit (distilled, cross-domain)", "TIES + re-fit (distilled, cross-domain) + body distillation",
+             "RegMean", "Fisher",
              "AdaMerging", "RegMean + re-fit (labelled)"]
     for key, case in CASE_STUDIES.items():
         rows = table_after(part, f"### {case.title}")
@@ -153,6 +154,8 @@ def test_ablation_tables(results):
         assert ab["TIES + re-fit (labelled)"]["refit_seconds"] is not None
         assert ab["TIES + re-fit (distilled)"]["refit_seconds"] is not None
         assert ab["TIES"]["refit_seconds"] is None and ab["TIES"]["data_seconds"] is None
+        assert ab["TIES + re-fit (distilled, cross-domain) + body distillation"]["body_seconds"] > 0
+        assert ab["TIES + re-fit (distilled, cross-domain)"]["body_seconds"] is None
         for name in ("RegMean", "Fisher", "AdaMerging"):
             assert ab[name]["data_seconds"] is not None, name
     assert "Distilled vs labelled re-fit (TIES)" in part

@@ -320,6 +320,9 @@ class Lab:
             ("TIES + re-fit (distilled)", Recommendation("ties", density=d_ties, refit="distill")),
             ("TIES + re-fit (distilled, cross-domain)",
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts)),
+            ("TIES + re-fit (distilled, cross-domain) + body distillation",
+             Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts,
+                            body={"epochs": 2})),
             ("RegMean", Recommendation("regmean", parameters=regmean)),
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
@@ -691,6 +694,11 @@ def describe(rec: Recommendation) -> str:
         how += [f"+ {rec.cross_texts} texts of each other guard{extra}"] if rec.cross_texts else []
         how += [f"label weight {rec.label_weight:g}"] if rec.label_weight else []
         parts.append(f"+ {rec.refit} head re-fit" + (f" ({'; '.join(how)})" if how else ""))
+    if rec.body:
+        b = rec.body
+        parts.append(f"+ body distillation ({b.get('epochs', 2):g} epochs, lr {b.get('lr', 2e-5):g}"
+                     + (f", top {b['layers']} layers" if b.get("layers") else "")
+                     + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
     return ", ".join(parts)
 
 
