@@ -89,7 +89,11 @@ RECOMMENDED: dict[str, Recommendation] = {
             "probabilities alone on the other texts. TIES density 0.2: best of the 0.2/0.4/0.7 sweep. "
             "Caveat, seen after the choice: on the test suite these 14 distilled CS1 variants range 0.965-0.999 "
             "and rank only loosely like on validation (Spearman 0.46); this one scores 0.984 there, the previous "
-            "recommendation (validation 0.988) 0.991. CS1's harm rows (18-37 per label) cannot separate them.",
+            "recommendation (validation 0.988) 0.991. CS1's harm rows (18-37 per label) cannot separate them. "
+            "Session 6, body distillation (refit.body, 2 epochs) on top: 0.990; without the label weight 0.995; "
+            "with the heads re-fitted after the body 1.0065 — but against this recipe on the same validation "
+            "draws that is 1.004 (95% interval 0.990-1.020, behind in 30%) and its agreement with the guards is "
+            "no better (jailbreak 0.995 vs 0.997, harm 0.984 vs 0.980), so the simpler recipe stays.",
     ),
     "cs2": Recommendation(
         "ties", density=0.7, refit="distill",
