@@ -633,9 +633,13 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               "validation split. *Re-fit (distilled)*: the same fit against the original guard's probabilities on "
               "those texts, labels unused (C on a hold-out of them); *cross-domain*: also on "
               f"{s.cross_texts} training texts of each other guard, so that a head follows its guard on the other "
-              "guards' traffic too (one model answers every group on every text). RegMean (off-diagonal shrink "
+              "guards' traffic too (one model answers every group on every text); *+ body distillation*: then the "
+              "whole model trained for 2 epochs (AdamW, lr 2e-5, first 128 tokens) so that every group's softmax "
+              "follows its guard on the same texts (`refit.body`, src/hm3/body_distill.py). RegMean (off-diagonal shrink "
               f"{s.regmean_alpha:g}), Fisher and AdaMerging read up to 256 unlabelled training texts per guard. "
-              "The row in bold has the best validation ratio; the test columns steered nothing.", ""]
+              "The row in bold has the best validation ratio; the test columns steered nothing. A recommended "
+              "recipe (below) takes a costlier row only when the gain clears the validation noise (see "
+              "\"How the recipes were chosen\").", ""]
         for key, cs in results.items():
             if "ablation" not in cs:
                 continue

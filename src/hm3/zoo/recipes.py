@@ -99,7 +99,10 @@ RECOMMENDED: dict[str, Recommendation] = {
         "ties", density=0.7, refit="distill",
         why="best validation ratio of the ablation in docs/RESULTS.md (1.006 of the originals; RegMean 1.001, "
             "training-free TIES 1.000, labelled re-fit 0.998). Label-free: the heads are fitted to the original "
-            "guards' probabilities on their training texts. TIES density 0.7: best of the 0.2/0.4/0.7 sweep.",
+            "guards' probabilities on their training texts. TIES density 0.7: best of the 0.2/0.4/0.7 sweep. "
+            "Session 6: the ablation's body-distillation row scores higher on validation (1.012), but paired "
+            "against this recipe on the same validation draws it is 1.006 (95% interval 0.994-1.020, behind in "
+            "16%) for 4x the merge time, so the simpler recipe stays.",
     ),
     "all": Recommendation(
         "ties", density=0.2, refit="distill", cross_texts=250,
@@ -108,7 +111,10 @@ RECOMMENDED: dict[str, Recommendation] = {
             "RegMean + re-fit 0.961; training-free: AdaMerging 0.857, RegMean 0.813, TIES 0.761, DARE-TIES 0.697). "
             "Label-free: each head is fitted to its original guard's probabilities on that guard's training "
             "texts and on the other guards' (one model answers every group on every text). TIES density 0.2: "
-            "best of the 0.2/0.4/0.7 sweep on validation.",
+            "best of the 0.2/0.4/0.7 sweep on validation. Session 6: the ablation's body-distillation row "
+            "(this recipe + 2 epochs of the body) scores higher on validation (0.986), but paired against this "
+            "recipe on the same validation draws it is 1.007 (95% interval 0.997-1.017, behind in 10%) for "
+            "about twice the CPU time, so the simpler recipe stays.",
     ),
 }
 
