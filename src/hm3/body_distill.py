@@ -134,6 +134,7 @@ def distill_body(
     body moves under its head."""
     import torch
 
+    from hm3.merging.stats import pad_batch
     from hm3.progress import progress_bar
     from hm3.refit import teacher_logits
 
@@ -190,12 +191,7 @@ def distill_body(
                 for idx in _batches(lengths, batch_size, rng):
                     if step >= total:
                         break
-                    width = max(lengths[i] for i in idx)
-                    x = torch.full((len(idx), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(idx), width), dtype=torch.long)
-                    for r, i in enumerate(idx):
-                        x[r, : lengths[i]] = torch.tensor(ids[i])
-                        mask[r, : lengths[i]] = 1
+                    x, mask = pad_batch(ids, idx, pad)
                     z = model(input_ids=x, attention_mask=mask).logits
                     loss = z.new_zeros(())
                     for g, r in rows.items():

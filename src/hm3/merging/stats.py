@@ -173,18 +173,23 @@ def out_module(model: torch.nn.Module) -> torch.nn.Linear:
     return model.get_submodule(family.out[0].rsplit(".", 1)[0])
 
 
+def pad_batch(ids: Sequence[Sequence[int]], idx: Sequence[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of the sequences ``ids[i] for i in idx``, right-padded to the longest."""
+    width = max(len(ids[i]) for i in idx)
+    x = torch.full((len(idx), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x[r, : len(ids[i])] = torch.tensor(ids[i])
+        mask[r, : len(ids[i])] = 1
+    return x, mask
+
+
 def batches(ids: Sequence[Sequence[int]], batch_size: int, pad: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """``(indices, input_ids, attention_mask)`` batches sorted by length (dynamic padding)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        width = max(len(ids[i]) for i in idx)
-        x = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            x[r, : len(ids[i])] = torch.tensor(ids[i])
-            mask[r, : len(ids[i])] = 1
-        yield idx, x, mask
+        yield (idx, *pad_batch(ids, idx, pad))
 
 
 class single_thread:
