@@ -616,7 +616,9 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               case_table(case, cs), ""]
         rec = cs["recommended"]
         L += [f"Recommended recipe: `{Path(lab.zoo.name) / case.filename}` — {rec['how']}. "
-              f"Merged{' and re-fitted' if rec.get('refit') else ''} in {rec['merge_seconds']:.0f} s.", ""]
+              f"Merged{' and re-fitted' if rec.get('refit') else ''} in {rec['merge_seconds']:.0f} s wall, "
+              f"{rec['merge_cpu_seconds']:.0f} CPU s (cold statistics cache"
+              + (f"; load average {rec['load']:.1f} as it finished" if rec.get("load") is not None else "") + ").", ""]
         grid = ", ".join(f"{d}: {average(v):.3f}" for d, v in cs["ties_grid"].items())
         dt = cs["dare_ties"]
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
