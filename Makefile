@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 ZOO ?= .cache/hm3/zoo
 
-.PHONY: install demo test zoo results bench lint clean
+.PHONY: install demo test zoo results bench clean
 
 # torch first, pinned to the CPU wheel, so that nothing later pulls a CUDA build.
 $(STAMP): pyproject.toml Makefile
