@@ -225,7 +225,7 @@ def test_label_weight_one_is_the_labelled_refit_and_mixes_in_between(tiny, tmp_p
     assert 0 < mid < np.abs(probs["distill"] - probs["labelled"]).mean()
     with pytest.raises(HM3Error, match="label_weight needs mode: distill"):
         hm3.merge(_ties(recipe, data={"a": data["a"]}, label_weight=0.5), progress=False)
-    with pytest.raises(HM3Error, match="label"):  # unlabelled texts cannot give labels to mix in
+    with pytest.raises(HM3Error, match=r'a\.txt\.jsonl:1: label_weight 0\.5 \(it mixes .* or set it to 0\) needs a field "label"'):
         hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}, label_weight=0.5), tmp_path / "x",
                   progress=False)
 

@@ -495,9 +495,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def read_text_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[tuple[str, Any]]:
+def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
+                   why: str = "a labelled re-fit") -> list[tuple[str, Any]]:
     """``(text, label)`` rows from ``.jsonl`` (fields ``text`` and, when ``labelled``, ``label``)
-    or ``.txt`` (one text a line, no labels)."""
+    or ``.txt`` (one text a line, no labels). ``why``: what needs the labels, for the error message."""
     path = Path(path)
     if not path.is_file():
         raise HM3Error(f"{path}: no such text file")
@@ -518,11 +519,11 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False) -> list[t
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
             if labelled and not isinstance(row.get("label"), (str, int)):
-                raise HM3Error(f'{path}:{i}: a labelled re-fit needs a field "label" (string or label index)')
+                raise HM3Error(f'{path}:{i}: {why} needs a field "label" (string or label index)')
             rows.append((row["text"], row.get("label")))
     elif path.suffix in (".txt", ""):
         if labelled:
-            raise HM3Error(f"{path}: a labelled re-fit needs .jsonl rows {{\"text\", \"label\"}}; .txt has no labels")
+            raise HM3Error(f"{path}: {why} needs .jsonl rows {{\"text\", \"label\"}}; .txt has no labels")
         rows = [(line.rstrip("\r"), None) for line in raw.split("\n") if line.strip()]
     else:
         raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text) or .txt")

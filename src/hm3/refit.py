@@ -229,11 +229,12 @@ def _label_index(group, raw, where: str) -> int:
     raise HM3Error(f"{where}: unknown label {raw!r} for group {group.name!r}; valid: {', '.join(group.labels)}")
 
 
-def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str) -> _Split:
+def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str,
+          why: str = "a labelled re-fit") -> _Split:
     from hm3.io import read_text_rows as read_rows
     from hm3.merging.stats import sample
 
-    rows = sample(read_rows(path, labelled=labelled), max_texts, seed, tag)
+    rows = sample(read_rows(path, labelled=labelled, why=why), max_texts, seed, tag)
     labels = [_label_index(group, lab, str(path)) for _, lab in rows] if labelled else None
     return _Split([t for t, _ in rows], labels, str(path))
 
@@ -311,7 +312,9 @@ def refit_heads(
     for s in specs:
         g = space[s.group]
         labelled = s.teacher is None
-        train = _read(s.data, g, labelled or label_weight > 0, max_texts, seed, f"refit/{g.name}")
+        why = ("a labelled re-fit" if labelled else
+               f"label_weight {label_weight:g} (it mixes each text's label into the targets; or set it to 0)")
+        train = _read(s.data, g, labelled or label_weight > 0, max_texts, seed, f"refit/{g.name}", why)
         val = _read(s.validation, g, labelled, max_texts, seed, f"refit-val/{g.name}") if s.validation else None
         held = _holdout(train, seed, f"refit-holdout/{g.name}") if val is None and c == "auto" else None
         if labelled:
