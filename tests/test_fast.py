@@ -110,3 +110,18 @@ def test_token_cache_truncate_reads_first_window_only(models):
     _, labels = list(cache.predict(clf.model, ["b"]))[-1]
     heads = [" ".join(t.split()[:14]) for t in texts]  # 16 tokens = [CLS] + 14 words + [SEP]
     np.testing.assert_array_equal(labels["b"], clf.predict_proba(heads, ["b"])["b"].argmax(axis=1))
+
+
+def test_token_cache_bf16_runs_under_autocast_and_stays_close(models):
+    tv = TaskVectors.from_prepared(prepare(recipe(models, "ties")))
+    clf = tv.classifier()
+    tv.merge_into(clf.model, {"density": 0.6})
+    texts = [t for t, _ in TASK_A.sample(20, seed=1)] + [t for t, _ in TASK_B.sample(20, seed=2)]
+    fp32 = TokenCache(clf, texts, batch_size=8)
+    bf16 = TokenCache(clf, texts, batch_size=8, precision="bfloat16")
+    ref, got = fp32.chunk_logits(clf.model, fp32.chunks[0]), bf16.chunk_logits(clf.model, bf16.chunks[0])
+    assert got.dtype == torch.float32 and not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    assert all(p.dtype == torch.float32 for p in clf.model.parameters())
+    with pytest.raises(HM3Error, match="unknown precision 'half'"):
+        TokenCache(clf, texts, precision="half")

@@ -65,3 +65,33 @@ def test_int8_checked_agrees_wherever_int8_was_unsure(clf, texts):
     assert checked.model.rerun == int(close.sum())
     assert 0 < int(close.sum()) < len(wins), "both kinds of window occur (else this test says little)"
 
+
+
+def test_bf16_autocasts_the_matrix_products_and_stays_close_to_fp32(clf, texts):
+    wins, _ = clf.windows(texts)
+    ref = clf.window_logits(wins)
+    fast = accelerate(clf, "bf16")
+    seen = []
+    hook = clf.model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    try:
+        got = fast.window_logits(wins)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}, "the encoder's linear layers ran in bf16"
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, ref), "bf16 arithmetic differs from fp32 somewhere"
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    assert all(p.dtype == torch.float32 for p in clf.model.parameters()), "the weights stay fp32"
+    np.testing.assert_allclose(clf.predict_proba(texts)["a"], hm3.load(clf.name).predict_proba(texts)["a"])
+
+
+def test_unknown_precision_is_refused():
+    from hm3.errors import HM3Error
+    from hm3.fastpaths import check_precision, forward_context
+
+    for bad in ("fp16", "float16", ""):
+        with pytest.raises(HM3Error, match="unknown precision .*valid: float32, bfloat16"):
+            check_precision(bad)
+        with pytest.raises(HM3Error, match="unknown precision"):
+            forward_context(bad)

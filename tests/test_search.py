@@ -177,6 +177,23 @@ def test_self_merge(zoo, tmp_path):
         run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "self2", SearchSettings(self_merge=True), progress=False)
 
 
+def test_bf16_trials_score_like_fp32_trials_and_save_a_float32_best(zoo, tmp_path):
+    """The same seeded trials with bf16 forward passes: same parameters, scores within a label or two
+    of fp32's on the tiny suite, the best model on disk in float32 and its recipe unchanged."""
+    runs = {p: run_search(zoo["recipe"], zoo["val"], zoo["test"], 3, tmp_path / p, SearchSettings(precision=p),
+                          progress=False) for p in ("float32", "bfloat16")}
+    a, b = (rows_of(tmp_path / p / "trials.csv") for p in ("float32", "bfloat16"))
+    assert [r["density"] for r in a] == [r["density"] for r in b]
+    assert all(abs(float(x["value"]) - float(y["value"])) < 0.1 for x, y in zip(a, b))
+    assert "forward passes in bfloat16" in (tmp_path / "bfloat16" / "summary.md").read_text()
+    assert "bfloat16" not in (tmp_path / "float32" / "summary.md").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bfloat16" / "best" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert runs["bfloat16"].best_number is not None
+
+
 def test_resume_after_sigkill_loses_and_repeats_nothing(zoo, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "hm3.cli", "search", str(zoo["recipe"]), "--validation", str(zoo["val"]),
@@ -247,6 +264,11 @@ def test_settings_errors(zoo, tmp_path):
     run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "y", SearchSettings(), progress=False, write_best=False)
     with pytest.raises(HM3Error, match="was made with other settings"):
         run_search(zoo["recipe"], zoo["val"], None, 2, tmp_path / "y", SearchSettings(space=SearchSpace("per-model")),
+                   progress=False)
+    with pytest.raises(HM3Error, match="unknown precision 'fp8'"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "x", SearchSettings(precision="fp8"))
+    with pytest.raises(HM3Error, match="was made with other settings"):  # bf16 scores must not mix with fp32 ones
+        run_search(zoo["recipe"], zoo["val"], None, 2, tmp_path / "y", SearchSettings(precision="bfloat16"),
                    progress=False)
     with pytest.raises(HM3Error, match="cannot open the study storage"):
         run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "z", SearchSettings(),

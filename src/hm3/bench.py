@@ -509,7 +509,7 @@ def bench_inference(
     batch_size: int = 32,
     repeats: int = 3,
     zoo: str | os.PathLike | None = None,
-    fast: tuple[str, ...] = ("int8", "int8-checked", "onnx"),
+    fast: tuple[str, ...] = ("int8", "int8-checked", "onnx", "bf16"),
     size: str = "minilm",
     threads: int | None = None,
 ) -> dict:
@@ -851,7 +851,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
                       "on the same texts (target ≥ 99%), and inference speed relative to the fp32 merged model "
                       "(its inference s ÷ the path's). `int8`: per-channel dynamic quantisation of the encoder "
                       "(pooler and classifier fp32). `int8-checked`: int8, with the windows where some group's "
-                      "top-two logits are within 0.5 nats re-run in fp32 (share re-run shown).", "",
+                      "top-two logits are within 0.5 nats re-run in fp32 (share re-run shown). `bf16`: `torch.autocast` "
+                      "to bfloat16 (matrix products in bf16, softmax and layer norms fp32; fast only on CPUs with "
+                      "AMX or AVX512-BF16).", "",
                       "| N | path | speed vs fp32 | agreement (all groups) | per group | windows re-run in fp32 |",
                       "|---|---|---|---|---|---|"]
             for r in infer_res["fast"]:
@@ -948,8 +950,8 @@ def register(app, user_errors) -> None:
         texts: int = typer.Option(512, min=1, help="Number of texts."),
         batch_size: int = typer.Option(32, min=1),
         repeats: int = typer.Option(3, min=1),
-        fast: str = typer.Option("int8,int8-checked,onnx",
-                                 help="Fast paths to compare (int8, int8-checked, onnx, onnx-int8; empty: none)."),
+        fast: str = typer.Option("int8,int8-checked,onnx,bf16",
+                                 help="Fast paths to compare (int8, int8-checked, onnx, onnx-int8, bf16; empty: none)."),
         zoo: Optional[Path] = typer.Option(None, help="Guard zoo (default .cache/hm3/zoo; random guards if absent)."),
         threads: Optional[int] = typer.Option(None, min=1, help="OMP/MKL threads of every timed process."),
         workdir: Path = typer.Option(default_workdir),

@@ -105,7 +105,7 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
     fast: Optional[str] = typer.Option(
-        None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8 (answers can differ from "
+        None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, bf16 (answers can differ from "
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
 ) -> None:
     """Classify texts: per text and group, the label and the group's softmax scores."""

@@ -17,6 +17,10 @@ each group stays the same, and ``hm3 bench inference`` reports it.
 * ``onnx``      — the model exported to ONNX (fp32) and run by ONNX Runtime (``pip install
                   'hm3[fast]'``). Same arithmetic up to operator fusion: agreement ≈ 100%.
 * ``onnx-int8`` — the ONNX model with ONNX Runtime's dynamic int8 weight quantisation.
+* ``bf16``      — ``torch.autocast`` to bfloat16: the matrix products run in bf16 (AMX or AVX512-BF16
+                  where the CPU has them: several times fp32's speed), softmax and layer norms stay
+                  fp32, weights stay fp32 on disk and in memory. On a CPU without bf16 instructions
+                  it is slower than fp32 (``bf16_is_fast`` tells; a warning says so).
 
 ``accelerate(clf, path)`` returns a new classifier with the same tokenizer, label space and
 windowing; only the forward pass differs. Exports are cached next to the model (``cache_dir``).
@@ -34,7 +38,9 @@ from hm3.errors import HM3Error
 
 log = logging.getLogger(__name__)
 
-PATHS = ("int8", "int8-checked", "onnx", "onnx-int8")
+PATHS = ("int8", "int8-checked", "onnx", "onnx-int8", "bf16")
+# Forward-pass precisions of the search's trials (``hm3 search --precision``) and of ``forward_context``.
+PRECISIONS = ("float32", "bfloat16")
 
 # Modules dynamic int8 leaves in fp32: the pooler and the classifier are a sliver of the compute, and
 # the classifier's rows are the groups' decisions.
@@ -57,6 +63,8 @@ def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, th
         model = quantize_int8(clf.model)
     elif path == "int8-checked":
         model = CheckedInt8(clf.model, clf.space)
+    elif path == "bf16":
+        model = Autocast(clf.model, "bfloat16")
     else:
         cache = Path(cache_dir) if cache_dir else Path(clf.name or ".") / ".hm3-fast"
         onnx_file = export_onnx(clf.model, cache / "model.onnx")
@@ -112,6 +120,55 @@ class CheckedInt8:
             logits = logits.clone()
             logits[idx] = self.fp32(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).logits.to(logits.dtype)
         return SimpleNamespace(logits=logits)
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16)."""
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def forward_context(precision: str):
+    """A context for forward passes at ``precision`` (one of ``PRECISIONS``): ``bfloat16`` is
+    ``torch.autocast`` on the CPU (bf16 matrix products, fp32 softmax and layer norms)."""
+    import contextlib
+
+    import torch
+
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown precision; warn when bf16 would be slower than fp32 on this CPU."""
+    if precision not in PRECISIONS:
+        raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "bfloat16" and not bf16_is_fast():
+        log.warning("this CPU has no bf16 matrix instructions (AMX, AVX512-BF16): bfloat16 will be slower than "
+                    "float32 here")
+
+
+class Autocast:
+    """Stands in for the classifier inside ``GroupwiseClassifier``: the same model, its forward pass
+    under ``forward_context(precision)``, logits returned as fp32."""
+
+    def __init__(self, model, precision: str):
+        check_precision(precision)
+        self.model, self.precision = model, precision
+        self.config = model.config
+        self.training = False
+
+    def eval(self) -> "Autocast":
+        return self
+
+    def __call__(self, input_ids, attention_mask):
+        with forward_context(self.precision):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return SimpleNamespace(logits=logits.float())
 
 
 def export_onnx(model, out: str | os.PathLike) -> Path:

@@ -113,6 +113,7 @@ class SearchSettings:
     max_length: int | None = None
     truncate: bool = False  # score each text's first window only (faster; see TokenCache)
     self_merge: bool = False
+    precision: str = "float32"  # forward passes of the trials: float32 | bfloat16 (TokenCache)
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -125,12 +126,17 @@ class SearchSettings:
             raise HM3Error("--prune works with one objective only; drop --prune or use --objective average|worst")
         if self.chunks < 1:
             raise HM3Error(f"--chunks must be at least 1, got {self.chunks}")
+        from hm3.fastpaths import check_precision
+
+        check_precision(self.precision)
         self.space.check()
 
     def identity(self) -> dict:
         """What must match for a worker to join an existing study."""
         ident = {"objective": self.objective, "space": asdict(self.space), "self_merge": self.self_merge,
                  "max_length": self.max_length, "truncate": self.truncate}
+        if self.precision != "float32":  # studies made before --precision existed ran float32
+            ident["precision"] = self.precision
         return json.loads(json.dumps(ident))  # as stored: tuples become lists
 
 
@@ -310,13 +316,14 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     groups = val_index.groups
     chunks = settings.chunks if settings.prune else 1
     val_cache = TokenCache(clf, val_index.texts, batch_size=settings.batch_size, chunks=chunks, seed=settings.seed,
-                           truncate=settings.truncate)
+                           truncate=settings.truncate, precision=settings.precision)
     test_index = test_cache = None
     if test is not None:
         test_rows = _restrict(load_suite(test) if not isinstance(test, list) else test, space.names,
                               str(test) if not isinstance(test, list) else "test")
         test_index = SuiteIndex(test_rows, labels, str(test) if not isinstance(test, list) else "test")
-        test_cache = TokenCache(clf, test_index.texts, batch_size=settings.batch_size, truncate=settings.truncate)
+        test_cache = TokenCache(clf, test_index.texts, batch_size=settings.batch_size, truncate=settings.truncate,
+                                precision=settings.precision)
     ctx = Context(settings, tv, variants, clf, groups, val_index, val_cache, test_index, test_cache, None)
     if settings.objective != "average":
         ctx.originals = originals_scores(tv, val_index, settings)
@@ -706,7 +713,9 @@ def summary_markdown(result: SearchResult, rows: list[dict], settings: SearchSet
         "",
         f"sampler `{settings.sampler}`"
         + (f" Beta({settings.beta[0]}, {settings.beta[1]})" if settings.sampler == "beta" else "")
-        + f", space `{settings.space.kind}`, objective `{settings.objective}`, prune {settings.prune}, seed {settings.seed}",
+        + f", space `{settings.space.kind}`, objective `{settings.objective}`, prune {settings.prune}, seed {settings.seed}"
+        + (f", forward passes in {settings.precision} (`best/` is float32; `hm3 eval` scores it in float32)"
+           if settings.precision != "float32" else ""),
         "",
         "trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
         f"median seconds per finished trial: {result.seconds_per_trial:.2f}" if result.seconds_per_trial else "",
@@ -805,6 +814,9 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token window (default: the model's)."),
         truncate: bool = typer.Option(False, "--truncate", help="Score each text's first window only (faster)."),
+        precision: str = typer.Option("float32", "--precision", help="Trials' forward passes: float32 | bfloat16 "
+                                      "(autocast; several times faster on CPUs with AMX or AVX512-BF16, labels can "
+                                      "differ near a decision boundary)."),
         self_merge: bool = typer.Option(False, "--self-merge", help="Merge the recipe's one model with itself."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -817,7 +829,7 @@ def register(app, user_errors) -> None:
             beta=(beta_a, beta_b),
             prune=(sampler in ("tpe", "cmaes") and objective != "pareto") if prune is None else prune,
             chunks=chunks, seed=seed, batch_size=batch_size, max_length=max_length, truncate=truncate,
-            self_merge=self_merge,
+            self_merge=self_merge, precision=precision,
         )
         result = run_search(config, validation, test, trials, out, settings, storage=storage, study_name=study,
                             progress=progress)

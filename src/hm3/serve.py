@@ -69,7 +69,7 @@ class Settings:
     api_key: Optional[str] = field(default=None, repr=False)
     aggregate: str = "mean"  # long texts: mean or max over windows (as in `hm3 predict`)
     max_length: Optional[int] = None  # tokens per window (None: the model's own limit)
-    fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8)
+    fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8, bf16)
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_text_bytes", "max_body_bytes", "max_batch_texts", "max_queue_texts",
