@@ -205,3 +205,24 @@ def test_inference_bench_reports_fast_paths(workdir, inference_results):
     text = bench.render_markdown({}, res, command="x", images={})
     assert f"| 2 | int8-checked | {row['speedup']:.2f}× | {row['agreement']['all']:.2%} |" in text
     assert f"| {row['rerun_share']:.1%} |" in text
+
+
+def test_trial_bench_structure_and_report(workdir):
+    from hm3.bench_trial import bench_trial, trial_markdown
+    from hm3.errors import HM3Error
+
+    res = bench_trial(workdir, counts=(2,), n_texts=12, trials=2, size="tiny", zoo=workdir / "no-zoo", max_length=16)
+    assert res["guards"].startswith("random tiny") and res["n_texts"] == 12 and len(res["densities"]) == 2
+    rows = {r["precision"]: r for r in res["rows"]}
+    assert set(rows) == {"float32", "bfloat16"} and all(r["n"] == 2 and r["target_s"] == 3.0 for r in rows.values())
+    assert rows["float32"]["agreement_min"] == 1.0  # float32 is the reference
+    assert 0.0 <= rows["bfloat16"]["agreement_min"] <= rows["bfloat16"]["agreement_mean"] <= 1.0
+    for r in rows.values():
+        assert r["tokens"] > 12 and len(r["runs_s"]) == 2
+        assert 0 < r["merge_s"] <= r["trial_s"] and 0 < r["forward_s"] <= r["trial_s"]
+    md = trial_markdown(res, "hm3 bench trial --models 2")
+    assert "| 2 | bfloat16 |" in md and "| 2 | float32 |" in md and "hm3 bench trial --models 2" in md
+    with pytest.raises(HM3Error, match="list float32 first"):
+        bench_trial(workdir, counts=(2,), n_texts=4, trials=1, size="tiny", precisions=("bfloat16",))
+    with pytest.raises(HM3Error, match="unknown precision"):
+        bench_trial(workdir, counts=(2,), n_texts=4, trials=1, size="tiny", precisions=("float32", "int4"))

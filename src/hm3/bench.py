@@ -870,7 +870,7 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
 def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool = False, repeats: int = 3,
               sizes: tuple[str, ...] = ("bert-mini", "minilm", "bert-base"), counts: tuple[int, ...] = (2, 5),
               infer_counts: tuple[int, ...] = (2, 5), n_texts: int = 512, threads: int | None = None,
-              command: str = "hm3 bench all", inference_repeats: int | None = None) -> dict:
+              command: str = "hm3 bench all", inference_repeats: int | None = None, trials: int = 5) -> dict:
     """Both benchmarks, their plots under ``<out dir>/img/``, and the markdown report at ``out``.
     ``inference_repeats`` (default ``repeats``): inference runs are short, so more repeats of them
     cost little and steady their medians on a shared machine."""
@@ -878,20 +878,28 @@ def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool
 
     out = Path(out)
     workdir = Path(workdir)
+    from hm3.bench_trial import bench_trial, trial_markdown
+
+    trial_texts = 1000
     if quick:
         sizes, counts, infer_counts, repeats, n_texts = ("bert-mini",), (2,), (2,), 1, 64
+        trials, trial_texts = 2, 64
     merge_res = bench_merge(workdir, sizes=sizes, counts=counts, repeats=repeats, threads=threads)
     infer_res = bench_inference(workdir, counts=infer_counts, n_texts=n_texts, threads=threads,
                                 repeats=repeats if inference_repeats is None else inference_repeats)
+    trial_res = bench_trial(workdir, counts=infer_counts, n_texts=trial_texts, trials=trials, threads=threads)
     img = out.parent / "img"
     images = {}
     if plot_merge(merge_res, img / "bench_merge.png"):
         images["merge"] = "img/bench_merge.png"
     if plot_inference(infer_res, img / "bench_inference.png"):
         images["inference"] = "img/bench_inference.png"
-    write_text_atomic(out, render_markdown(merge_res, infer_res, command=command, images=images))
-    write_text_atomic(workdir / "results.json", json.dumps({"merge": merge_res, "inference": infer_res}, indent=1))
-    return {"merge": merge_res, "inference": infer_res}
+    write_text_atomic(out, render_markdown(merge_res, infer_res, command=command, images=images) + "\n"
+                      + trial_markdown(trial_res))
+    results = {"merge": merge_res, "inference": infer_res, "trial": trial_res}
+    write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
+    return results
+
 
 
 # -- CLI --------------------------------------------------------------------------------------------------
@@ -966,6 +974,30 @@ def register(app, user_errors) -> None:
         res = bench_inference(workdir, counts=_ints(models), n_texts=texts, batch_size=batch_size, repeats=repeats,
                               zoo=zoo, fast=_csv(fast), threads=threads)
         _echo_json(res["summary"] + res["fast"], json_out, res)
+
+    @bench.command("trial")
+    @user_errors
+    def trial_cmd(
+        models: str = typer.Option("2,5", "--models", help="Numbers of guards merged per trial."),
+        texts: int = typer.Option(1000, min=1, help="Validation texts per trial."),
+        trials: int = typer.Option(5, min=1, help="Trials per precision (Beta(1.5, 4) densities)."),
+        precisions: str = typer.Option("float32,bfloat16", help="Forward-pass precisions (float32 first)."),
+        max_length: int = typer.Option(128, min=8, help="Tokens read per text (its first window)."),
+        batch_size: int = typer.Option(64, min=1),
+        threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's)."),
+        zoo: Optional[Path] = typer.Option(None, help="Guard zoo (default .cache/hm3/zoo; random guards if absent)."),
+        workdir: Path = typer.Option(default_workdir),
+        markdown: bool = typer.Option(False, "--markdown", help="Print the docs/BENCHMARKS.md section."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw results as JSON."),
+    ) -> None:
+        """What one `hm3 search` trial costs (merge + forward passes), float32 vs bfloat16."""
+        from hm3.bench_trial import bench_trial, trial_markdown
+
+        res = bench_trial(workdir, counts=_ints(models), n_texts=texts, trials=trials, precisions=_csv(precisions),
+                          max_length=max_length, batch_size=batch_size, threads=threads, zoo=zoo)
+        if markdown:
+            typer.echo(trial_markdown(res, "hm3 bench trial " + " ".join(sys.argv[3:])))
+        _echo_json([{k: v for k, v in r.items() if k != "runs_s"} for r in res["rows"]], json_out, res)
 
     @bench.command("all")
     @user_errors
