@@ -162,6 +162,29 @@ def test_distilled_refit_follows_the_original_guards(tiny, tmp_path, recipe, dat
         assert agree >= 0.9, (group, agree)
 
 
+def test_bf16_refit_records_its_precision_caches_apart_and_answers_like_fp32(tiny, tmp_path, recipe, data):
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        r = _ties(recipe, mode="distill", precision=precision)
+        r["data"] = {"texts": {"a": data["a_text"], "b": data["b_text"]}}
+        runs[precision] = hm3.merge(r, tmp_path / precision, progress=False).path
+    metas = {p: json.loads((d / "config.json").read_text())["hm3"]["refit"] for p, d in runs.items()}
+    assert metas["float32"]["precision"] == "float32" and metas["bfloat16"]["precision"] == "bfloat16"
+    assert metas["bfloat16"]["features"]["cached"] is False, "bf16 features are not fp32's cache entry"
+    assert "forward passes in bfloat16" in (runs["bfloat16"] / "README.md").read_text()
+    w = [(d / "model.safetensors").read_bytes() for d in runs.values()]
+    assert w[0] != w[1]
+    fp32, bf16 = hm3.load(runs["float32"]), hm3.load(runs["bfloat16"])
+    for group, task in (("a", TASK_A), ("b", TASK_B)):
+        texts = [t for t, _ in task.sample(200, seed=98)]
+        agree = float((fp32.predict_proba(texts, [group])[group].argmax(1)
+                       == bf16.predict_proba(texts, [group])[group].argmax(1)).mean())
+        assert agree >= 0.9, (group, agree)
+    with pytest.raises(Exception, match="precision"):
+        hm3.merge(_ties(recipe, data={"a": data["a"]}, precision="half"), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_path, recipe, data):
     r = _ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, cross_texts=40)
     res = hm3.merge(r, tmp_path / "m", progress=False)
@@ -272,6 +295,10 @@ def test_refit_command(tiny, tmp_path, recipe, data):
                                  f"b={tiny['b']}", "-o", str(tmp_path / "x")])
     assert orphan.exit_code == 2 and "--distill-from: groups ['b'] have no --data" in orphan.output
     assert not (tmp_path / "x").exists()
+    half = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "--precision", "half",
+                               "-o", str(tmp_path / "h")])
+    assert half.exit_code == 2 and "unknown precision 'half'; valid: float32, bfloat16" in half.output
+    assert not (tmp_path / "h").exists()
 
 
 def test_refit_dir_on_a_single_classifier(tiny, tmp_path, data):

@@ -302,8 +302,10 @@ def _fisher_step(model, params, acc, seq, generator) -> None:
 
 @torch.inference_mode()
 def window_outputs(model, wins: Sequence[Sequence[int]], batch_size: int = 32, pad: int = 0,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """For token windows: the output layer's input ``(W, H)`` and the logits ``(W, T)``."""
+                   progress: bool = False, precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """For token windows: the output layer's input ``(W, H)`` and the logits ``(W, T)``, both fp32
+    (``precision`` ``bfloat16``: forward passes under ``hm3.fastpaths.forward_context``)."""
+    from hm3.fastpaths import forward_context
     from hm3.progress import progress_bar
 
     out = out_module(model)
@@ -313,7 +315,7 @@ def window_outputs(model, wins: Sequence[Sequence[int]], batch_size: int = 32, p
     handle = out.register_forward_hook(lambda _m, inputs, _o: got.__setitem__("x", inputs[0]))
     n_batches = (len(wins) + batch_size - 1) // batch_size
     try:
-        with progress_bar(progress and n_batches > 1, "features", n_batches) as advance:
+        with progress_bar(progress and n_batches > 1, "features", n_batches) as advance, forward_context(precision):
             for idx, x, mask in batches(wins, batch_size, pad):
                 logits[idx] = model(input_ids=x, attention_mask=mask).logits.float()
                 feats[idx] = got["x"].float()
