@@ -73,6 +73,28 @@ def test_body_distillation_brings_the_merged_model_closer_to_its_guards(tiny, tm
     assert not clf.model.training and all(p.requires_grad for p in clf.model.parameters())
 
 
+def test_bf16_body_distillation_trains_in_mixed_precision_and_still_gets_closer(tiny, tmp_path, recipe):
+    merged = _merged(tiny, recipe, tmp_path)
+    teachers = {"a": tiny["a"], "b": tiny["b"]}
+    train = _texts(TASK_A, 120, 1) + _texts(TASK_B, 120, 2)
+    held = _texts(TASK_A, 100, 50) + _texts(TASK_B, 100, 51)
+    clf = hm3.load(merged)
+    before = _kl_to_teachers(clf, teachers, held)
+    seen = []
+    hook = clf.model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        report = distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, epochs=4, lr=1e-3,
+                              batch_size=16, max_length=32, precision="bfloat16")
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}, "the student's matrix products ran in bf16"
+    assert all(p.dtype == torch.float32 for p in clf.model.parameters()), "weights stay fp32"
+    assert _kl_to_teachers(clf, teachers, held) < 0.5 * before
+    assert report.to_json()["precision"] == "bfloat16" and "bfloat16 (autocast)" in report.markdown()
+    with pytest.raises(HM3Error, match="unknown precision"):
+        distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, precision="fp16")
+
+
 def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
     merged = _merged(tiny, recipe, tmp_path)
     clf = hm3.load(merged)

@@ -50,9 +50,11 @@ class BodyReport:
     loss: list[float] = field(default_factory=list)  # mean training loss per epoch (last one may be partial)
     teacher_seconds: float = 0.0
     seconds: float = 0.0
+    precision: str = "float32"
 
     def to_json(self) -> dict[str, Any]:
         return {"texts": self.texts, "steps": self.steps, "epochs": self.epochs, "lr": self.lr,
+                "precision": self.precision,
                 "max_length": self.max_length, "trained": self.trained, "teachers": self.teachers,
                 "loss": [round(x, 5) for x in self.loss], "teacher_seconds": round(self.teacher_seconds, 1),
                 "seconds": round(self.seconds, 1)}
@@ -65,7 +67,9 @@ class BodyReport:
             f"The merged model ({self.trained}) was trained for {self.epochs:g} epochs ({self.steps} steps, "
             f"lr {self.lr:g}) so that each group's softmax follows its original guard on {self.texts} texts "
             f"(first {self.max_length} tokens each), in {self.seconds:.1f} s, {self.teacher_seconds:.1f} s of it "
-            f"the guards' forward passes (hm3.body_distill). Mean KL loss per epoch: {loss}.",
+            f"the guards' forward passes (hm3.body_distill)"
+            + (f", forward and backward passes in {self.precision} (autocast)" if self.precision != "float32" else "")
+            + f". Mean KL loss per epoch: {loss}.",
             "",
             "| group | teacher |",
             "|---|---|",
@@ -127,12 +131,17 @@ def distill_body(
     seed: int = 0,
     cache: bool = True,
     progress: bool = False,
+    precision: str = "float32",
 ) -> BodyReport:
     """Train ``model`` (in place) so that every group's softmax follows ``teachers[group]`` on ``texts``.
 
     ``teachers`` must name a guard for every group of ``space``: a group without one would drift as the
-    body moves under its head."""
+    body moves under its head. ``precision`` ``bfloat16``: teachers' and student's forward (and the
+    student's backward) passes under ``torch.autocast`` — mixed precision: the weights, the optimiser
+    and the loss stay fp32."""
     import torch
+
+    from hm3.fastpaths import check_precision, forward_context
 
     from hm3.merging.stats import pad_batch
     from hm3.progress import progress_bar
@@ -148,17 +157,18 @@ def distill_body(
         raise HM3Error(f"body distillation: unknown groups {unknown}; the model's groups are {', '.join(space.names)}")
     if not epochs > 0 or not lr > 0:
         raise HM3Error(f"body distillation needs epochs > 0 and lr > 0, got {epochs} and {lr}")
+    check_precision(precision)
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise HM3Error("body distillation: no texts to train on")
     ids = [x for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     report = BodyReport(texts=len(texts), epochs=epochs, lr=lr, max_length=max_length,
-                        teachers={g: str(t) for g, t in teachers.items()})
+                        teachers={g: str(t) for g, t in teachers.items()}, precision=precision)
 
     tt = time.perf_counter()
     targets = {}
     for g in space.names:
-        logits = teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache)
+        logits = teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache, precision)
         if logits.shape[1] != space[g].size:
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")
@@ -192,7 +202,8 @@ def distill_body(
                     if step >= total:
                         break
                     x, mask = pad_batch(ids, idx, pad)
-                    z = model(input_ids=x, attention_mask=mask).logits
+                    with forward_context(precision):
+                        z = model(input_ids=x, attention_mask=mask).logits.float()
                     loss = z.new_zeros(())
                     for g, r in rows.items():
                         logp = torch.log_softmax(z[:, r], -1)

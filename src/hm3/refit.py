@@ -630,7 +630,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
         options = rc.body.model_dump(exclude={"heads_after"})
         body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options,
-                            seed=prep.config.seed, cache=cache, progress=progress)
+                            seed=prep.config.seed, cache=cache, progress=progress, precision=rc.precision)
         meta["body"] = body.to_json()
         card += "\n\n" + body.markdown()
         names = list(state)
@@ -681,7 +681,8 @@ def refit_dir(
 
         teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
         b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body,
-                         seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False))
+                         seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False),
+                         precision=kw.get("precision", "float32"))
         done["body"] = b.to_json()
         text += "\n\n" + b.markdown()
         report.seconds += b.seconds
