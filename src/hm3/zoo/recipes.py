@@ -68,6 +68,7 @@ class Recommendation:
     max_texts: int | None = None  # re-fit texts of each guard's own (None: hm3.refit's default, 500)
     label_weight: float = 0.0  # distill: share of the training label in the targets (hm3.refit)
     body: dict[str, Any] | None = None  # distill: then train the body too (hm3.body_distill's options)
+    precision: str = "float32"  # re-fit (and body) forward passes: float32 | bfloat16 (hm3.refit)
     why: str = ""
 
     def per_group(self, value, group: str):
@@ -175,6 +176,7 @@ def recipe(
             **({"max_texts": rec.max_texts} if rec.max_texts else {}),
             **({"label_weight": rec.label_weight} if rec.label_weight else {}),
             **({"body": dict(rec.body)} if rec.body else {}),
+            **({"precision": rec.precision} if rec.precision != "float32" else {}),
         }
     return out
 
