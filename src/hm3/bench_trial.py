@@ -32,9 +32,12 @@ def _texts(n: int, zoo: Path) -> tuple[list[str], str]:
     if suite.is_file():
         from hm3.evaluate import load_suite
 
-        texts = [r.text for r in load_suite(suite)]
-        if texts:
-            return (texts * -(-n // len(texts)))[:n], str(suite)
+        texts = list(dict.fromkeys(r.text for r in load_suite(suite)))
+        if texts:  # a seeded draw (the suite is ordered by source: its head is not typical)
+            import random
+
+            texts = random.Random(0).sample(texts, n) if n <= len(texts) else (texts * -(-n // len(texts)))[:n]
+            return texts, f"{suite} ({len(texts)} distinct texts, a seeded draw)" if n <= len(texts) else str(suite)
     from hm3.bench import bench_texts
 
     return bench_texts(n, zoo)
