@@ -38,7 +38,9 @@ results: zoo
 	wait $$pid && test $$rc = 0
 	$(PY) -m hm3.results --zoo $(ZOO) --threads 1 --out docs/RESULTS.md
 
+# The opt-in ONNX Runtime fast paths need the `fast` extra; the benchmark compares them too.
 bench: install
+	$(PIP) install -q -e ".[fast]"
 	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md
 
 clean:
