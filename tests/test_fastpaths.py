@@ -95,3 +95,16 @@ def test_unknown_precision_is_refused():
             check_precision(bad)
         with pytest.raises(HM3Error, match="unknown precision"):
             forward_context(bad)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import hm3.fastpaths as fp
+    from hm3.errors import HM3Error
+
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)
+    assert fp.resolve_precision("auto") == "bfloat16"
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: False)
+    assert fp.resolve_precision("auto") == "float32"
+    assert fp.resolve_precision("bfloat16") == "bfloat16" and fp.resolve_precision("float32") == "float32"
+    with pytest.raises(HM3Error, match="unknown precision 'fp16'; valid: float32, bfloat16, auto"):
+        fp.resolve_precision("fp16")

@@ -185,6 +185,22 @@ def test_bf16_refit_records_its_precision_caches_apart_and_answers_like_fp32(tin
     assert not (tmp_path / "bad").exists()
 
 
+def test_auto_precision_resolves_per_cpu_and_records_what_ran(tiny, tmp_path, recipe, data, monkeypatch):
+    import hm3.fastpaths as fp
+
+    r = _ties(recipe, mode="distill", precision="auto")
+    r["data"] = {"texts": {"a": data["a_text"], "b": data["b_text"]}}
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: False)  # an AVX2-only CPU: float32, the plain recipe's bytes
+    auto = hm3.merge(r, tmp_path / "auto", progress=False).path
+    plain = dict(r, refit={k: v for k, v in r["refit"].items() if k != "precision"})
+    ref = hm3.merge(plain, tmp_path / "plain", progress=False).path
+    assert json.loads((auto / "config.json").read_text())["hm3"]["refit"]["precision"] == "float32"
+    assert (auto / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)
+    fast = hm3.merge(r, tmp_path / "fast", progress=False).path
+    assert json.loads((fast / "config.json").read_text())["hm3"]["refit"]["precision"] == "bfloat16"
+
+
 def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_path, recipe, data):
     r = _ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, cross_texts=40)
     res = hm3.merge(r, tmp_path / "m", progress=False)
@@ -297,7 +313,7 @@ def test_refit_command(tiny, tmp_path, recipe, data):
     assert not (tmp_path / "x").exists()
     half = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "--precision", "half",
                                "-o", str(tmp_path / "h")])
-    assert half.exit_code == 2 and "unknown precision 'half'; valid: float32, bfloat16" in half.output
+    assert half.exit_code == 2 and "unknown precision 'half'; valid: float32, bfloat16, auto" in half.output
     assert not (tmp_path / "h").exists()
 
 

@@ -141,7 +141,7 @@ def distill_body(
     and the loss stay fp32."""
     import torch
 
-    from hm3.fastpaths import check_precision, forward_context
+    from hm3.fastpaths import forward_context, resolve_precision
 
     from hm3.merging.stats import pad_batch
     from hm3.progress import progress_bar
@@ -157,7 +157,7 @@ def distill_body(
         raise HM3Error(f"body distillation: unknown groups {unknown}; the model's groups are {', '.join(space.names)}")
     if not epochs > 0 or not lr > 0:
         raise HM3Error(f"body distillation needs epochs > 0 and lr > 0, got {epochs} and {lr}")
-    check_precision(precision)
+    precision = resolve_precision(precision)
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise HM3Error("body distillation: no texts to train on")

@@ -136,7 +136,8 @@ class RefitConfig(BaseModel):
     extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files
     label_weight: float = Field(0.0, ge=0, le=1)  # distill: targets (1-a)·teacher + a·label where data has labels
     body: BodyConfig | None = None  # distill: then train the body on the same texts (hm3.body_distill)
-    precision: Literal["float32", "bfloat16"] = "float32"  # forward passes for features and teachers (hm3.refit)
+    # forward passes for features and teachers (hm3.refit); auto: bfloat16 on CPUs with bf16 matrix instructions
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"
 
     @field_validator("c")
     @classmethod

@@ -143,6 +143,17 @@ def forward_context(precision: str):
     raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` → ``bfloat16`` on a CPU with bf16 matrix instructions, else ``float32``; any other
+    value is checked (``check_precision``) and returned."""
+    if precision == "auto":
+        return "bfloat16" if bf16_is_fast() else "float32"
+    if precision not in PRECISIONS:
+        raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}, auto")
+    check_precision(precision)
+    return precision
+
+
 def check_precision(precision: str) -> None:
     """Refuse an unknown precision; warn when bf16 would be slower than fp32 on this CPU."""
     if precision not in PRECISIONS:

@@ -291,7 +291,8 @@ def refit_heads(
     on its own texts (Hinton et al.'s soft + hard targets); texts without labels keep the teacher's.
     ``precision`` ``bfloat16``: the merged body's features and the teachers' logits come from forward
     passes under ``torch.autocast`` (several times faster on CPUs with AMX / AVX512-BF16); the fits
-    are fp64 as always and the saved weights fp32.
+    are fp64 as always and the saved weights fp32. ``auto``: bfloat16 where the CPU has bf16 matrix
+    instructions, else float32 (the report says which ran).
     """
     import numpy as np
     import torch
@@ -302,9 +303,9 @@ def refit_heads(
     t0 = time.perf_counter()
     if c != "auto" and not (isinstance(c, (int, float)) and c > 0):
         raise HM3Error(f"c must be a positive number or 'auto', got {c!r}")
-    from hm3.fastpaths import check_precision
+    from hm3.fastpaths import resolve_precision
 
-    check_precision(precision)
+    precision = resolve_precision(precision)
     seen = set()
     for s in specs:
         space[s.group]  # unknown group: an error naming the known ones
@@ -752,7 +753,8 @@ def register(app, user_errors) -> None:
         body_max_length: int = typer.Option(128, "--body-max-length", min=16, help="Tokens per text for the body."),
         precision: str = typer.Option("float32", "--precision", help="Forward passes for features and teachers: "
                                       "float32 | bfloat16 (autocast: several times faster on CPUs with AMX or "
-                                      "AVX512-BF16; the fits and saved weights stay fp32)."),
+                                      "AVX512-BF16; the fits and saved weights stay fp32) | auto (bfloat16 where "
+                                      "the CPU has those instructions)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:

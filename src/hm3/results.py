@@ -320,9 +320,9 @@ class Lab:
             ("TIES + re-fit (distilled)", Recommendation("ties", density=d_ties, refit="distill")),
             ("TIES + re-fit (distilled, cross-domain)",
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts)),
-            ("TIES + re-fit (distilled, cross-domain) + body distillation",
+            ("TIES + re-fit (distilled, cross-domain) + body distillation",  # bf16: the body trains ~4x faster
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts,
-                            body={"epochs": 2})),
+                            body={"epochs": 2}, precision="bfloat16")),
             ("RegMean", Recommendation("regmean", parameters=regmean)),
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
