@@ -57,13 +57,17 @@ def test_batches_cover_every_text_once_per_epoch_in_length_buckets():
     assert _batches(lengths, 16, random.Random(1)) != batches
 
 
-def test_body_distillation_brings_the_merged_model_closer_to_its_guards(tiny, tmp_path, recipe):
-    merged = _merged(tiny, recipe, tmp_path)
+def _setup(tiny, recipe, tmp_path):
+    """The merged tiny model, its guards, training and held-out texts, and its KL to the guards before."""
     teachers = {"a": tiny["a"], "b": tiny["b"]}
     train = _texts(TASK_A, 120, 1) + _texts(TASK_B, 120, 2)
     held = _texts(TASK_A, 100, 50) + _texts(TASK_B, 100, 51)
-    clf = hm3.load(merged)
-    before = _kl_to_teachers(clf, teachers, held)
+    clf = hm3.load(_merged(tiny, recipe, tmp_path))
+    return clf, teachers, train, held, _kl_to_teachers(clf, teachers, held)
+
+
+def test_body_distillation_brings_the_merged_model_closer_to_its_guards(tiny, tmp_path, recipe):
+    clf, teachers, train, held, before = _setup(tiny, recipe, tmp_path)
     report = distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, epochs=4, lr=1e-3, batch_size=16,
                           max_length=32)
     after = _kl_to_teachers(clf, teachers, held)
@@ -74,12 +78,7 @@ def test_body_distillation_brings_the_merged_model_closer_to_its_guards(tiny, tm
 
 
 def test_bf16_body_distillation_trains_in_mixed_precision_and_still_gets_closer(tiny, tmp_path, recipe):
-    merged = _merged(tiny, recipe, tmp_path)
-    teachers = {"a": tiny["a"], "b": tiny["b"]}
-    train = _texts(TASK_A, 120, 1) + _texts(TASK_B, 120, 2)
-    held = _texts(TASK_A, 100, 50) + _texts(TASK_B, 100, 51)
-    clf = hm3.load(merged)
-    before = _kl_to_teachers(clf, teachers, held)
+    clf, teachers, train, held, before = _setup(tiny, recipe, tmp_path)
     seen = []
     hook = clf.model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     try:
