@@ -126,7 +126,9 @@ def bf16_is_fast() -> bool:
     """Whether this CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16)."""
     import torch
 
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    # private helpers of torch.cpu (present in 2.x); a torch without them is treated as "no"
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def forward_context(precision: str):
