@@ -705,7 +705,11 @@ def describe(rec: Recommendation) -> str:
         parts.append(f"+ body distillation ({b.get('epochs', 2):g} epochs, lr {b.get('lr', 2e-5):g}"
                      + (f", top {b['layers']} layers" if b.get("layers") else "")
                      + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
-    if rec.refit and rec.precision != "float32":
+    if rec.refit and rec.precision == "auto":
+        from hm3.fastpaths import resolve_precision
+
+        parts.append(f"precision auto (forward passes in {resolve_precision('auto')} on this CPU)")
+    elif rec.refit and rec.precision != "float32":
         parts.append(f"forward passes in {rec.precision}")
     return ", ".join(parts)
 

@@ -53,8 +53,11 @@ def machine() -> dict:
     """CPU, cores, memory, library versions, torch threads, load average, date and git commit."""
     import torch
 
+    from hm3.fastpaths import bf16_is_fast
+
+    isa = torch.backends.cpu.get_cpu_capability()  # the vector ISA torch's kernels use: AVX2, AVX512, ...
     return {
-        "cpu": _cpu_model(),
+        "cpu": f"{_cpu_model()} ({isa}; bf16 matrix instructions: {'yes' if bf16_is_fast() else 'no'})",
         "cores": os.cpu_count(),
         "memory": _memory(),
         "python": platform.python_version(),
