@@ -226,3 +226,18 @@ def test_trial_bench_structure_and_report(workdir):
         bench_trial(workdir, counts=(2,), n_texts=4, trials=1, size="tiny", precisions=("bfloat16",))
     with pytest.raises(HM3Error, match="unknown precision"):
         bench_trial(workdir, counts=(2,), n_texts=4, trials=1, size="tiny", precisions=("float32", "int4"))
+
+
+def test_trial_texts_are_a_seeded_draw_from_the_validation_suite_or_say_they_repeat(tmp_path):
+    import json as _json
+
+    from hm3.bench_trial import _texts
+
+    (tmp_path / "suites").mkdir()
+    rows = [{"text": t, "expected": {"a": "x"}} for t in ("one", "two", "three", "two")]
+    (tmp_path / "suites" / "validation.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    drawn, source = _texts(2, tmp_path)
+    assert len(set(drawn)) == 2 and set(drawn) <= {"one", "two", "three"} and "2 distinct texts, a seeded draw" in source
+    assert _texts(2, tmp_path) == (drawn, source)
+    more, source = _texts(5, tmp_path)
+    assert more == ["one", "two", "three", "one", "two"] and "3 distinct texts, repeated to 5" in source

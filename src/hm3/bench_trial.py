@@ -13,7 +13,6 @@ and ≤ 8 s per 5-guard trial on 1,000 validation texts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -33,11 +32,12 @@ def _texts(n: int, zoo: Path) -> tuple[list[str], str]:
         from hm3.evaluate import load_suite
 
         texts = list(dict.fromkeys(r.text for r in load_suite(suite)))
-        if texts:  # a seeded draw (the suite is ordered by source: its head is not typical)
+        if len(texts) >= n:  # a seeded draw (the suite is ordered by source: its head is not typical)
             import random
 
-            texts = random.Random(0).sample(texts, n) if n <= len(texts) else (texts * -(-n // len(texts)))[:n]
-            return texts, f"{suite} ({len(texts)} distinct texts, a seeded draw)" if n <= len(texts) else str(suite)
+            return random.Random(0).sample(texts, n), f"{suite} ({n} distinct texts, a seeded draw)"
+        if texts:
+            return (texts * -(-n // len(texts)))[:n], f"{suite} ({len(texts)} distinct texts, repeated to {n})"
     from hm3.bench import bench_texts
 
     return bench_texts(n, zoo)
