@@ -150,16 +150,15 @@ def resolve_precision(precision: str) -> str:
     value is checked (``check_precision``) and returned."""
     if precision == "auto":
         return "bfloat16" if bf16_is_fast() else "float32"
-    if precision not in PRECISIONS:
-        raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}, auto")
-    check_precision(precision)
+    check_precision(precision, also_valid=("auto",))
     return precision
 
 
-def check_precision(precision: str) -> None:
-    """Refuse an unknown precision; warn when bf16 would be slower than fp32 on this CPU."""
+def check_precision(precision: str, also_valid: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown precision (the message lists ``PRECISIONS`` and ``also_valid``); warn when
+    bf16 would be slower than fp32 on this CPU."""
     if precision not in PRECISIONS:
-        raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS + also_valid)}")
     if precision == "bfloat16" and not bf16_is_fast():
         log.warning("this CPU has no bf16 matrix instructions (AMX, AVX512-BF16): bfloat16 will be slower than "
                     "float32 here")
