@@ -377,7 +377,7 @@ def refit_heads(
     skip = [n for n in model.state_dict() if n.startswith(_out_name(model))]
     key = S.cache_key(kind="features", body=S.state_digest(model.state_dict(), skip=skip),
                       windows=S.texts_digest([" ".join(map(str, w)) for w in wins]), batch_size=batch_size,
-                      **({"precision": precision} if precision != "float32" else {}))
+                      **_precision_key(precision))
 
     def compute():
         feats, _ = S.window_outputs(model, wins, batch_size, tokenizer.pad_token_id or 0, progress, precision)
@@ -526,6 +526,12 @@ def _teacher_at_1(p_t: "np.ndarray", temperature: float) -> "np.ndarray":
     return _softmax(np.log(np.clip(p_t, 1e-300, None)) * temperature)
 
 
+def _precision_key(precision: str) -> dict[str, str]:
+    """The cache-key part of a forward pass's precision: none for float32, so the keys of caches
+    written before precisions existed still match."""
+    return {} if precision == "float32" else {"precision": precision}
+
+
 def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
                    precision: str = "float32") -> "torch.Tensor":
     """The original guard's logits ``(W, T)`` on token windows ``wins`` (cached per guard, windows
@@ -534,7 +540,7 @@ def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
 
     key = S.cache_key(kind="teacher", model=S.model_digest(teacher),
                       windows=S.texts_digest([" ".join(map(str, w)) for w in wins]), batch_size=batch_size,
-                      **({"precision": precision} if precision != "float32" else {}))
+                      **_precision_key(precision))
 
     def compute():
         model, tok = S.load_classifier(teacher)
@@ -631,7 +637,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
         options = rc.body.model_dump(exclude={"heads_after"})
         body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options,
-                            seed=prep.config.seed, cache=cache, progress=progress, precision=rc.precision)
+                            seed=prep.config.seed, cache=cache, progress=progress, precision=report.precision)
         meta["body"] = body.to_json()
         card += "\n\n" + body.markdown()
         names = list(state)
@@ -683,7 +689,7 @@ def refit_dir(
         teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
         b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body,
                          seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False),
-                         precision=kw.get("precision", "float32"))
+                         precision=report.precision)
         done["body"] = b.to_json()
         text += "\n\n" + b.markdown()
         report.seconds += b.seconds
