@@ -901,7 +901,6 @@ def bench_all(out: str | os.PathLike, workdir: str | os.PathLike, *, quick: bool
     return results
 
 
-
 # -- CLI --------------------------------------------------------------------------------------------------
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
