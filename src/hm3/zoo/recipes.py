@@ -79,8 +79,17 @@ class Recommendation:
 RECOMMENDED: dict[str, Recommendation] = {
     "cs1": Recommendation(
         "ties", density=0.2, refit="distill", cross_texts=250, extra_texts=("spam", "sentiment", "question"),
-        max_texts=1500, label_weight=0.3, precision="auto",
-        why="best validation ratio found (1.003 of the originals; session-5 sweep, all TIES + distilled re-fit "
+        max_texts=1500, label_weight=0.3, precision="auto", body={"epochs": 3, "heads_after": True},
+        why="the heads' recipe below, then body distillation (3 epochs) and the heads re-fitted once more on the "
+            "trained body, because it answers like the two guards significantly more often. Session 8 (AMD EPYC "
+            "with AVX512-BF16, 1 thread, cold cache), agreement with each original guard on all 1,455 validation "
+            "texts (every text, whichever group it checks: what a user sees is the guard's answer): harm 0.981 "
+            "vs 0.972 without the body step (of the rows where the two differ, 18 follow the guard only with the "
+            "body step, 4 only without: exact sign test p = 0.004), jailbreak 0.9966 for both; 2 epochs: harm "
+            "0.979 (19 vs 8), jailbreak 0.9952 (1 vs 3). The validation ratio cannot tell them apart (1.0055 vs "
+            "1.004, paired 1.0015, 95% 0.995-1.009), so the fidelity the issue asks for decides; the cost is "
+            "750 s instead of 228 s at one thread. The heads' recipe: "
+            "best validation ratio found (1.003 of the originals; session-5 sweep, all TIES + distilled re-fit "
             "with 250 texts of the other guard: 0.988 as in the ablation of docs/RESULTS.md; + 250 texts each "
             "of the spam, sentiment and question guards' training data, which stand for traffic neither guard "
             "was trained on, 0.991; + all of each guard's own training texts instead of 500, 1.000; + label "
