@@ -185,6 +185,30 @@ def test_targets_guards_self_merge_and_confusions(results):
         assert (results["docs"] / link).is_file(), link
 
 
+def test_agreement_with_the_guards(results):
+    """The recommended merge's agreement with each original guard over every text of a case's rows,
+    recomputed here from the models themselves, and its line in the document."""
+    from hm3.model import load
+    from hm3.results import restrict
+
+    zoo = results["zoo"]
+    for key, case in CASE_STUDIES.items():
+        rec = results["data"]["results"][key]["recommended"]
+        for split in ("validation", "test"):
+            rows = restrict(load_suite(zoo / "suites" / f"{split}.jsonl"), case.groups)
+            texts = list(dict.fromkeys(r.text for r in rows))
+            merged = load(rec["dir"]).predict_proba(texts, list(case.groups), batch_size=16)
+            got = rec["agreement"][split]
+            assert got["texts"] == len(texts)
+            for g in case.groups:
+                guard = next(iter(load(zoo / g).predict_proba(texts, batch_size=16).values())).argmax(1)
+                # every text, also those whose row does not check g (the MMLU rows check jailbreak and harm)
+                assert got["groups"][g] == pytest.approx(float((merged[g].argmax(1) == guard).mean()))
+        line = results["md"].split(f"## {case.title}", 1)[1].split("Agreement with the original guards", 1)[1]
+        first = case.groups[0]
+        assert f"test {first} {rec['agreement']['test']['groups'][first]:.3f}" in line.split("\n", 1)[0]
+
+
 def test_second_run_reuses_the_cache(results, fake_zoo):
     d = fake_zoo["dir"]
     s = Settings(base_model=str(fake_zoo["base"]), **SMALL)

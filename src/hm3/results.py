@@ -280,7 +280,38 @@ class Lab:
         its ratio to the originals on the test suite."""
         out = self.disk_merge(case, None)
         out["interval"] = self.interval(case, Path(out["dir"]), "test")
+        out["agreement"] = {split: self.agreement(case, Path(out["dir"]), split) for split in SPLITS}
         return out
+
+    def guard_labels(self, split: str) -> dict[str, list[int]]:
+        """Each original guard's label index for *every* text of ``split``'s suite (in suite order),
+        whichever groups the text checks: what that guard would answer in production."""
+        from hm3.model import load
+
+        def compute():
+            texts = list(dict.fromkeys(r.text for r in self.suites[split]))
+            return {g: next(iter(load(self.zoo / g).predict_proba(texts, batch_size=self.s.batch_size).values()))
+                    .argmax(axis=1).tolist() for g in ZOO_GROUPS}
+
+        return self.cache.get({"what": "guard-labels", "split": split, "batch": self.s.batch_size}, compute)
+
+    def agreement(self, case: CaseStudy, model_dir: Path, split: str) -> dict:
+        """Per group, the share of the case's ``split`` texts (every text with a row of the case, not
+        only the rows that check the group) on which the merged model gives the original guard's label:
+        how often a user would see a different answer after replacing the guards (cached)."""
+        from hm3.model import load
+
+        def compute():
+            order = {t: i for i, t in enumerate(dict.fromkeys(r.text for r in self.suites[split]))}
+            texts = list(dict.fromkeys(r.text for r in restrict(self.suites[split], case.groups)))
+            guards = self.guard_labels(split)
+            probs = load(model_dir).predict_proba(texts, list(case.groups), batch_size=self.s.batch_size)
+            same = {g: sum(int(p) == guards[g][order[t]] for t, p in zip(texts, probs[g].argmax(axis=1)))
+                    for g in case.groups}
+            return {"texts": len(texts), "groups": {g: same[g] / len(texts) for g in case.groups}}
+
+        return self.cache.get({"what": "agreement", "case": case.key, "model": model_dir.name, "split": split,
+                               "batch": self.s.batch_size}, compute)
 
     def interval(self, case: CaseStudy, model_dir: Path, split: str) -> dict:
         """``hm3.evaluate.paired_bootstrap`` of a merged model against the originals on ``split``: the
@@ -619,6 +650,12 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               f"Merged{' and re-fitted' if rec.get('refit') else ''} in {rec['merge_seconds']:.0f} s wall, "
               f"{rec['merge_cpu_seconds']:.0f} CPU s (cold statistics cache"
               + (f"; load average {rec['load']:.1f} as it finished" if rec.get("load") is not None else "") + ").", ""]
+        if rec.get("agreement"):
+            agree = {split: ", ".join(f"{g} {v:.3f}" for g, v in a["groups"].items())
+                     for split, a in rec["agreement"].items()}
+            L += [f"Agreement with the original guards (the share of texts on which the merged model gives the "
+                  f"guard's label, over every text of the suite, whichever groups its row checks): test "
+                  f"{agree['test']} ({rec['agreement']['test']['texts']} texts); validation {agree['validation']}.", ""]
         grid = ", ".join(f"{d}: {average(v):.3f}" for d, v in cs["ties_grid"].items())
         dt = cs["dare_ties"]
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
