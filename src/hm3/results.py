@@ -170,17 +170,20 @@ class Lab:
         return self._original_preds[split]
 
     def _predict_originals(self, split: str) -> dict[str, dict[str, int]]:
-        from hm3.model import load
-
         rows = self.suites[split]
         out = {}
         for g in ZOO_GROUPS:
-            texts = list(dict.fromkeys(r.text for r in rows if g in r.expected))
-            clf = load(self.zoo / g)
-            probs = next(iter(clf.predict_proba(texts, batch_size=self.s.batch_size, progress=self.s.progress).values()))
-            out[g] = dict(zip(texts, probs.argmax(axis=1).tolist()))
-            log.info("original %s on %s: %d texts", g, split, len(texts))
+            out[g] = self._guard_labels(g, list(dict.fromkeys(r.text for r in rows if g in r.expected)))
+            log.info("original %s on %s: %d texts", g, split, len(out[g]))
         return out
+
+    def _guard_labels(self, group: str, texts: Sequence[str]) -> dict[str, int]:
+        """The original guard of ``group``: its label index for each of ``texts``."""
+        from hm3.model import load
+
+        clf = load(self.zoo / group)
+        probs = next(iter(clf.predict_proba(texts, batch_size=self.s.batch_size, progress=self.s.progress).values()))
+        return dict(zip(texts, probs.argmax(axis=1).tolist()))
 
     def originals(self, case: CaseStudy, split: str):
         """The originals' report on the case study's rows of ``split`` (each guard on its own group)."""
@@ -283,15 +286,13 @@ class Lab:
         out["agreement"] = {split: self.agreement(case, Path(out["dir"]), split) for split in SPLITS}
         return out
 
-    def guard_labels(self, split: str) -> dict[str, list[int]]:
-        """Each original guard's label index for *every* text of ``split``'s suite (in suite order),
-        whichever groups the text checks: what that guard would answer in production."""
-        from hm3.model import load
+    def guard_labels(self, split: str) -> dict[str, dict[str, int]]:
+        """Each original guard's label index for *every* text of ``split``'s suite, whichever groups
+        the text checks: what that guard would answer in production."""
 
         def compute():
             texts = list(dict.fromkeys(r.text for r in self.suites[split]))
-            return {g: next(iter(load(self.zoo / g).predict_proba(texts, batch_size=self.s.batch_size).values()))
-                    .argmax(axis=1).tolist() for g in ZOO_GROUPS}
+            return {g: self._guard_labels(g, texts) for g in ZOO_GROUPS}
 
         return self.cache.get({"what": "guard-labels", "split": split, "batch": self.s.batch_size}, compute)
 
@@ -302,11 +303,10 @@ class Lab:
         from hm3.model import load
 
         def compute():
-            order = {t: i for i, t in enumerate(dict.fromkeys(r.text for r in self.suites[split]))}
             texts = list(dict.fromkeys(r.text for r in restrict(self.suites[split], case.groups)))
             guards = self.guard_labels(split)
             probs = load(model_dir).predict_proba(texts, list(case.groups), batch_size=self.s.batch_size)
-            same = {g: sum(int(p) == guards[g][order[t]] for t, p in zip(texts, probs[g].argmax(axis=1)))
+            same = {g: sum(int(p) == guards[g][t] for t, p in zip(texts, probs[g].argmax(axis=1)))
                     for g in case.groups}
             return {"texts": len(texts), "groups": {g: same[g] / len(texts) for g in case.groups}}
 
@@ -650,12 +650,11 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               f"Merged{' and re-fitted' if rec.get('refit') else ''} in {rec['merge_seconds']:.0f} s wall, "
               f"{rec['merge_cpu_seconds']:.0f} CPU s (cold statistics cache"
               + (f"; load average {rec['load']:.1f} as it finished" if rec.get("load") is not None else "") + ").", ""]
-        if rec.get("agreement"):
-            agree = {split: ", ".join(f"{g} {v:.3f}" for g, v in a["groups"].items())
-                     for split, a in rec["agreement"].items()}
-            L += [f"Agreement with the original guards (the share of texts on which the merged model gives the "
-                  f"guard's label, over every text of the suite, whichever groups its row checks): test "
-                  f"{agree['test']} ({rec['agreement']['test']['texts']} texts); validation {agree['validation']}.", ""]
+        agree = {split: ", ".join(f"{g} {v:.3f}" for g, v in a["groups"].items())
+                 for split, a in rec["agreement"].items()}
+        L += [f"Agreement with the original guards (the share of texts on which the merged model gives the "
+              f"guard's label, over every text of the suite, whichever groups its row checks): test "
+              f"{agree['test']} ({rec['agreement']['test']['texts']} texts); validation {agree['validation']}.", ""]
         grid = ", ".join(f"{d}: {average(v):.3f}" for d, v in cs["ties_grid"].items())
         dt = cs["dare_ties"]
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
