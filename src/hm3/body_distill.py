@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BUCKET = 50  # batches per length bucket
+# Bump when the training's arithmetic changes (same recipe, different weights): hm3.results keys its
+# cached body-distilled merges on it. 2: fused AdamW (session 9).
+VERSION = 2
 
 
 @dataclass
@@ -180,8 +183,10 @@ def distill_body(
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases and LayerNorm, as in BERT fine-tuning
+    # fused: one kernel per step instead of a dozen passes over every weight; 97 → 14 ms per step for
+    # MiniLM's 22.7M weights at 2 threads (session 9), half a step's time on the small batches here
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
     per_epoch = (len(texts) + batch_size - 1) // batch_size
     total = max(1, int(round(epochs * per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))

@@ -382,6 +382,10 @@ class Lab:
         cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model, rec=rec)
         # keyed by the recipe alone: a recommended recipe that is also an ablation row is merged once
         spec = {"what": "disk-merge", "case": case.key, "recipe": cfg, "batch": self.s.batch_size}
+        if (cfg.get("refit") or {}).get("body"):
+            from hm3.body_distill import VERSION
+
+            spec["body_version"] = VERSION  # the same recipe trains to other weights after such a change
         key = self.cache.key(spec)[:8]
         model_dir = self.work / "models" / f"{case.key}-{key}"
 
