@@ -30,6 +30,55 @@ def distinct(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return (mags * signs).reshape(shape)
 
 
+
+# -- kth_largest (the selection behind TIES' trim) -------------------------------------------------
+def _reference(a: torch.Tensor, k: int) -> tuple[float, int]:
+    t = float(torch.sort(a.reshape(-1), descending=True).values[k - 1])
+    return t, int((a >= t).sum())
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "skewed"])
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.97, 1.0])
+def test_kth_largest_matches_a_full_sort_on_large_tensors(kind, density):
+    """Tensors above 4 samples take the bracketed path; its result must be the sort's, ties included."""
+    g = torch.Generator().manual_seed(3)
+    n = 5 * steps.SAMPLE + 17
+    a = {"normal": lambda: torch.randn(n, generator=g).abs(),
+         "ties": lambda: torch.randint(0, 50, (n,), generator=g).float(),  # every value tied ~5,000 times
+         "zeros": lambda: torch.cat([torch.zeros(n - 1000), torch.rand(1000, generator=g)]),  # unchanged rows
+         "skewed": lambda: torch.randn(n, generator=g).exp() ** 4}[kind]()
+    before = a.clone()
+    k = steps.keep_count(density, n)
+    assert steps.kth_largest(a, k) == _reference(a, k)
+    assert torch.equal(a, before), "the input is left as it was"
+
+
+def test_kth_largest_falls_back_when_the_bracket_misses(monkeypatch):
+    a = torch.randn(5 * steps.SAMPLE, generator=torch.Generator().manual_seed(4)).abs()
+    monkeypatch.setattr(steps, "_bracket", lambda arr, r: None)
+    assert steps.kth_largest(a, 1234) == _reference(a, 1234)
+
+
+def test_bracket_reports_a_miss_and_leaves_nan_above():
+    arr = torch.rand(5 * steps.SAMPLE, generator=torch.Generator().manual_seed(5)).numpy()
+    r = arr.size // 2
+    part, below = steps._bracket(arr, r)
+    assert below <= r < below + part.size and (part >= arr[arr < 2].min()).all()
+    assert int((arr < part.min()).sum()) == below
+    arr[:10] = float("nan")  # numpy ranks NaN above everything: the bracket must not count it below
+    part, below = steps._bracket(arr, r)
+    assert int((arr < part.min()).sum()) == below
+    # A sample that lies: every sampled position holds a small value, the rest are large, so the
+    # bracket sits far below the median and must say it missed.
+    import numpy as np
+
+    seen = np.random.default_rng(0).integers(0, arr.size, steps.SAMPLE)  # _bracket's sample positions
+    arr[:] = 2.0
+    arr[seen] = np.linspace(0, 1, seen.size, dtype=arr.dtype)
+    assert steps._bracket(arr, r) is None
+    assert steps.kth_largest(torch.from_numpy(arr), arr.size - r) == (2.0, arr.size - int((arr < 2).sum()))
+
+
 # -- magnitude (TIES trim) -------------------------------------------------------------------------
 @FAST
 @given(shape=shapes, density=densities, seed=st.integers(0, 2**16))

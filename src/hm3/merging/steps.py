@@ -6,9 +6,10 @@ Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/
 * Randomness comes only from the ``torch.Generator`` passed in (mergekit uses the global RNG), so a
   seeded merge is byte-identical whatever else ran before it.
 * Magnitude pruning finds the k-th largest magnitude by selection, not by sorting (mergekit sorts
-  the whole tensor): numpy's introselect partitions a scratch copy of ``|x|`` in place. The kept
-  set is the same k elements except for elements tied at the threshold, where hm3 keeps the first
-  ones in memory order (mergekit: whichever its sort puts first).
+  the whole tensor): a random sample brackets the threshold, one pass gathers the few elements inside
+  the bracket, and numpy's introselect partitions only those (``kth_largest``). The kept set is the
+  same k elements except for elements tied at the threshold, where hm3 keeps the first ones in memory
+  order (mergekit: whichever its sort puts first).
 * DARE's keep mask compares 16 random bits per element with the density (mergekit:
   ``torch.bernoulli`` of a tensor filled with it): the same distribution up to the density's rounding
   to 2^-16, another random stream.
@@ -159,24 +160,58 @@ def keep_count(density: float, n: int) -> int:
 
 # numpy partitions these in place (introselect); others (bfloat16) fall back to torch.kthvalue.
 _NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
+SAMPLE = 1 << 16  # sample that brackets the threshold; smaller tensors are partitioned whole
 
 
-def kth_largest(a: torch.Tensor, k: int, *, scratch: bool = False) -> tuple[float, int]:
+def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
+    """The elements of ``arr`` between two sample quantiles around ascending rank ``r``, and how many
+    lie below them; None when the bracket misses rank ``r`` (the caller then partitions everything).
+
+    The sample's rank of the threshold is binomial; the bracket spans 4 standard deviations (+8) each
+    side, ~1.6% of the elements at rank n/2, so it misses with probability ~1e-4 and the partition
+    afterwards works on ~1/60 of the tensor. One pass, block by block, two comparisons an element.
+    """
+    n, m = arr.size, SAMPLE
+    sample = np.sort(arr[np.random.default_rng(0).integers(0, n, m)])  # fixed seed: same work every time
+    p = r / n
+    pos, margin = p * m, 4.0 * float(np.sqrt(m * p * (1 - p))) + 8
+    lo = sample[int(pos - margin)] if pos - margin >= 0 else -np.inf
+    hi = sample[int(np.ceil(pos + margin))] if pos + margin <= m - 1 else np.inf
+    below, parts = 0, []
+    inside, under = np.empty(min(n, BLOCK), bool), np.empty(min(n, BLOCK), bool)
+    for b in blocks(n):
+        blk = arr[b]
+        u, i = under[: blk.size], inside[: blk.size]
+        below += np.count_nonzero(np.less(blk, lo, out=u))  # NaN: neither below nor inside (numpy: largest)
+        np.logical_and(np.greater_equal(blk, lo, out=i), np.less_equal(blk, hi, out=u), out=i)
+        parts.append(blk[i])
+    bracket = np.concatenate(parts)
+    if not 0 <= r - below < bracket.size:
+        return None
+    return bracket, below
+
+
+def kth_largest(a: torch.Tensor, k: int) -> tuple[float, int]:
     """The ``k``-th largest value ``t`` of a flat tensor, exactly, by selection (no sort), and how
-    many elements are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``).
+    many elements are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``). ``a`` is not changed.
 
-    ``scratch=True``: ``a`` is the caller's own buffer and is reordered in place (no copy).
+    Large float tensors: a sample brackets ``t`` (``_bracket``) and only the bracket is partitioned;
+    5-8x faster than partitioning a whole word-embedding matrix (session 9). Exact either way: the
+    sample only decides how much is partitioned.
     """
     n = a.numel()
     r = n - k  # 0-based ascending rank of the threshold
     if a.dtype in _NUMPY_SELECT:
         arr = a.reshape(-1).numpy()
-        if not scratch:
-            arr = arr.copy()
-        arr.partition(r)  # arr[:r] <= arr[r] <= arr[r:]
-        t = arr[r]
-        # Everything from r on is >= t; below r, only the ties at t are.
-        return float(t), k + int(np.count_nonzero(arr[:r] == t))
+        found = _bracket(arr, r) if n > 4 * SAMPLE else None
+        if found is None:
+            part, j = arr.copy(), r
+        else:
+            part, j = found[0], r - found[1]
+        part.partition(j)  # part[:j] <= part[j] <= part[j:]
+        t = part[j]
+        # Everything from j on is >= t (and so is all above the bracket); below j, only the ties at t are.
+        return float(t), k + int(np.count_nonzero(part[:j] == t))
     t = torch.kthvalue(a.reshape(-1), r + 1).values
     return float(t), int(torch.count_nonzero(a >= t))
 
@@ -193,8 +228,7 @@ def magnitude(x: torch.Tensor, density: float, rescale: Rescale | None = None) -
     k = keep_count(density, x.numel())
     out = torch.empty(x.shape, dtype=x.dtype)  # |x| for the selection, then the mask, then the result
     flat = out.view(-1)  # (n,)
-    t, n_ge = kth_largest(torch.abs(x, out=out).view(-1), k, scratch=True)
-    torch.abs(x, out=out)  # the selection reordered it
+    t, n_ge = kth_largest(torch.abs(x, out=out).view(-1), k)
     drop = None
     if n_ge > k:  # elements tied at the threshold: keep the first ones, exactly k in all
         tied = (flat == t).nonzero().squeeze(1)
