@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from functools import lru_cache
 from enum import Enum
 from typing import Iterator, Sequence
 
@@ -163,6 +164,12 @@ _NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
 SAMPLE = 1 << 16  # sample that brackets the threshold; smaller tensors are partitioned whole
 
 
+@lru_cache(maxsize=16)  # a model has a few distinct tensor sizes
+def _sample_positions(n: int) -> np.ndarray:
+    """``SAMPLE`` positions in ``range(n)``, drawn with a fixed seed: the same work every time."""
+    return np.random.default_rng(0).integers(0, n, SAMPLE)
+
+
 def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
     """The elements of ``arr`` between two sample quantiles around ascending rank ``r``, and how many
     lie below them; None when the bracket misses rank ``r`` (the caller then partitions everything).
@@ -172,9 +179,12 @@ def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
     afterwards works on ~1/60 of the tensor. One pass, block by block, two comparisons an element.
     """
     n, m = arr.size, SAMPLE
-    sample = np.sort(arr[np.random.default_rng(0).integers(0, n, m)])  # fixed seed: same work every time
     p = r / n
     pos, margin = p * m, 4.0 * float(np.sqrt(m * p * (1 - p))) + 8
+    ranks = [i for i in (int(pos - margin), int(np.ceil(pos + margin))) if 0 <= i <= m - 1]
+    sample = arr[_sample_positions(n)]
+    if ranks:
+        sample.partition(ranks)  # only the two sample quantiles are needed: no sort
     lo = sample[int(pos - margin)] if pos - margin >= 0 else -np.inf
     hi = sample[int(np.ceil(pos + margin))] if pos + margin <= m - 1 else np.inf
     below, parts = 0, []
