@@ -27,10 +27,11 @@ its range across threads, and its last bit changed with the thread count).
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
-from functools import lru_cache
 from enum import Enum
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -181,12 +182,13 @@ def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
     n, m = arr.size, SAMPLE
     p = r / n
     pos, margin = p * m, 4.0 * float(np.sqrt(m * p * (1 - p))) + 8
-    ranks = [i for i in (int(pos - margin), int(np.ceil(pos + margin))) if 0 <= i <= m - 1]
+    i_lo, i_hi = math.floor(pos - margin), math.ceil(pos + margin)  # sample ranks; off the ends: unbounded
     sample = arr[_sample_positions(n)]
+    ranks = [i for i in (i_lo, i_hi) if 0 <= i < m]
     if ranks:
         sample.partition(ranks)  # only the two sample quantiles are needed: no sort
-    lo = sample[int(pos - margin)] if pos - margin >= 0 else -np.inf
-    hi = sample[int(np.ceil(pos + margin))] if pos + margin <= m - 1 else np.inf
+    lo = sample[i_lo] if i_lo >= 0 else -np.inf
+    hi = sample[i_hi] if i_hi < m else np.inf
     below, parts = 0, []
     inside, under = np.empty(min(n, BLOCK), bool), np.empty(min(n, BLOCK), bool)
     for b in blocks(n):
