@@ -148,12 +148,28 @@ def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=
     Written over task vectors θ_i = base + δ_i, so it needs no base checkpoint: with hm3's zero
     base head the head rows of group i become w_i/Σw · W_i (the paper's soup).
     """
+    if deltas.shape[0] == 0:
+        return base
     w = torch.tensor(p.weight, dtype=deltas.dtype)
-    mixed = (deltas * steps.broadcast_weights(w, deltas)).sum(dim=0)
     total = w.sum()
-    if p.normalize:
-        return (base + mixed / total).to(base.dtype)
-    return (total * base + mixed).to(base.dtype)
+    # Block by block (steps.blocks), each block through every step while it is in cache: the numbers
+    # of (deltas * w).sum(dim=0) on BERT's tensors (products summed in model order), then the base,
+    # without the (N, *shape) temporaries of that whole-tensor expression.
+    out = torch.empty(base.shape, dtype=deltas.dtype)
+    flat_base, dst = base.reshape(-1), out.view(-1)
+    flat = deltas.reshape(deltas.shape[0], -1)
+    term = steps.scratch("linear term", min(steps.BLOCK, dst.numel()), deltas.dtype)
+    for b in steps.blocks(dst.numel()):
+        acc, t = dst[b], term[: b.stop - b.start]
+        torch.mul(flat[0, b], w[0], out=acc)
+        for i in range(1, flat.shape[0]):
+            acc.add_(torch.mul(flat[i, b], w[i], out=t))
+        if p.normalize:
+            acc.div_(total).add_(flat_base[b])
+        else:
+            acc.add_(total * flat_base[b])  # in the base's dtype, as before (total first: bf16 rounds
+            # the product differently the other way round)
+    return out.to(base.dtype)
 
 
 def model_stock(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
