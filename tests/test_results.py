@@ -164,10 +164,11 @@ def test_ablation_tables(results):
 def test_targets_guards_self_merge_and_confusions(results):
     md = results["md"]
     targets = table_after(md, "## Targets")
-    assert [r[0] for r in targets[1:]] == [c.title for c in CASE_STUDIES.values()]
-    assert all(r[4] in ("**met**", "**not met**") for r in targets[1:])
+    titles = [c.title for c in CASE_STUDIES.values()]
+    assert [(r[0], r[1]) for r in targets[1:]] == [(t, i) for i in ("4", "9") for t in titles]
+    assert all(r[5] in ("**met**", "**not met**") for r in targets[1:])
     for r in targets[1:]:  # the bootstrap interval of the recommended merge's ratio to the originals
-        low, high, below = map(float, re.fullmatch(r"([\d.]+)% – ([\d.]+)%; below 100% in (\d+)%", r[3]).groups())
+        low, high, below = map(float, re.fullmatch(r"([\d.]+)% – ([\d.]+)%; below 100% in (\d+)%", r[4]).groups())
         assert low <= high and 0 <= below <= 100
     guards = table_after(md, "## The guards")
     assert [r[0] for r in guards[1:]] == list(ZOO_GROUPS)
@@ -183,6 +184,21 @@ def test_targets_guards_self_merge_and_confusions(results):
     # images are linked relative to the document
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (results["docs"] / link).is_file(), link
+
+
+def test_target_verdicts_are_exact():
+    """A ratio of 98.97% must not pass (or read as) a 99% target; MMLU benign compares with the originals'."""
+    from hm3.results import TARGETS, target_line
+
+    ref = {"f1": {"a": 1.0, "b": 1.0}, "benign": {"rate": 0.99}}
+    cs = {"originals": {"test": ref}, "recommended": {"test": {"f1": {"a": 0.9794, "b": 1.0}, "benign": {"rate": 1.0}}}}
+    line, ok = target_line("all", cs, TARGETS["9"]["all"])
+    assert not ok and "98.97%" in line and "worst group 97.94%" in line and "MMLU benign 1.000 vs 0.990" in line
+    assert target_line("all", cs, TARGETS["4"]["all"])[1]
+    cs["recommended"]["test"] = {"f1": {"a": 0.98, "b": 1.0}, "benign": {"rate": 0.98}}  # 99.00% but fewer benign
+    assert not target_line("all", cs, TARGETS["9"]["all"])[1]
+    cs["recommended"]["test"]["benign"]["rate"] = 0.99
+    assert target_line("all", cs, TARGETS["9"]["all"])[1]
 
 
 def test_agreement_with_the_guards(results):

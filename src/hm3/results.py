@@ -45,10 +45,11 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when an experiment's meaning changes: old cached results are then ignored
 SPLITS = ("validation", "test")
-TARGETS = {  # case study -> (minimum average ratio to the originals, minimum worst-group ratio or None)
-    "cs1": (1.0, None),
-    "cs2": (1.0, None),
-    "all": (0.97, 0.93),
+# issue -> case study -> (minimum average ratio to the originals, minimum worst-group ratio or None,
+# MMLU benign rate at least the originals')
+TARGETS = {
+    "4": {"cs1": (1.0, None, False), "cs2": (1.0, None, False), "all": (0.97, 0.93, False)},
+    "9": {"cs1": (1.0, None, False), "cs2": (1.0, None, False), "all": (0.99, 0.97, True)},
 }
 PAPER = {"cs1": "0.829 vs 0.768 (beat the originals)", "cs2": "0.925 vs 0.939 (fell short)"}
 
@@ -549,14 +550,21 @@ def ablation_table(case: CaseStudy, cs: Mapping) -> str:
     return "\n".join(lines)
 
 
-def target_line(key: str, cs: Mapping) -> tuple[str, bool]:
+def target_line(key: str, cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[str, bool]:
+    """``target | measured | interval | verdict`` cells of the recommended merge against one target.
+    Ratios to two decimals of a percent: 98.97% must not read as 99.0% against a 99% target."""
     ref = cs["originals"]["test"]
     test = cs["recommended"]["test"]
     avg_ratio, worst = ratios(test, ref)
-    need_avg, need_worst = TARGETS[key]
+    need_avg, need_worst, need_benign = need
+    benign, benign_ref = ((s.get("benign") or {}).get("rate") for s in (test, ref))
     ok = avg_ratio >= need_avg - 1e-12 and (need_worst is None or worst >= need_worst - 1e-12)
-    what = f"average ≥ {need_avg:.0%} of the originals'" + (f", every group ≥ {need_worst:.0%}" if need_worst else "")
-    got = f"{average(test):.4f} vs {average(ref):.4f} = {avg_ratio:.1%}" + (f"; worst group {worst:.1%}" if need_worst else "")
+    if need_benign:
+        ok = ok and benign is not None and benign_ref is not None and benign >= benign_ref - 1e-12
+    what = (f"average ≥ {need_avg:.0%} of the originals'" + (f", every group ≥ {need_worst:.0%}" if need_worst else "")
+            + (", MMLU benign ≥ the originals'" if need_benign else ""))
+    got = (f"{average(test):.4f} vs {average(ref):.4f} = {avg_ratio:.2%}" + (f"; worst group {worst:.2%}" if need_worst else "")
+           + (f"; MMLU benign {_f(benign)} vs {_f(benign_ref)}" if need_benign else ""))
     iv = cs["recommended"].get("interval")
     sure = f"{iv['low']:.1%} – {iv['high']:.1%}; below 100% in {iv['p_below']:.0%}" if iv else "–"
     return f"{what} | {got} | {sure} | {'**met**' if ok else '**not met**'}", ok
@@ -617,11 +625,13 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
           "paired bootstrap of the average ratio (`hm3.evaluate.paired_bootstrap`, "
           f"{lab.s.bootstrap} replicates): the test suite's distinct texts drawn with replacement, merged model and "
           "originals scored on the same draw; *below 100%*: the share of draws where the merged model is behind. "
-          "An interval that straddles 100% means the suite cannot tell the two apart.", "",
-          "| case study | target | measured | 95% interval | |", "|---|---|---|---|---|"]
-    for key, cs in results.items():
-        line, _ = target_line(key, cs)
-        L.append(f"| {CASE_STUDIES[key].title} | {line} |")
+          "An interval that straddles 100% means the suite cannot tell the two apart. Issue 4 asks for the "
+          "paper's case studies, issue 9 for merges that lose nothing.", "",
+          "| case study | issue | target | measured | 95% interval | |", "|---|---|---|---|---|---|"]
+    for issue, needs in TARGETS.items():
+        for key, cs in results.items():
+            line, _ = target_line(key, cs, needs[key])
+            L.append(f"| {CASE_STUDIES[key].title} | {issue} | {line} |")
     L += [""]
     if any(k in PAPER for k in results):
         L += ["For comparison, the paper (DARE-TIES search on its own guards): CS1 " + PAPER["cs1"] + "; CS2 "
