@@ -192,13 +192,13 @@ def test_target_verdicts_are_exact():
 
     ref = {"f1": {"a": 1.0, "b": 1.0}, "benign": {"rate": 0.99}}
     cs = {"originals": {"test": ref}, "recommended": {"test": {"f1": {"a": 0.9794, "b": 1.0}, "benign": {"rate": 1.0}}}}
-    line, ok = target_line("all", cs, TARGETS["9"]["all"])
+    line, ok = target_line(cs, TARGETS["9"]["all"])
     assert not ok and "98.97%" in line and "worst group 97.94%" in line and "MMLU benign 1.000 vs 0.990" in line
-    assert target_line("all", cs, TARGETS["4"]["all"])[1]
+    assert target_line(cs, TARGETS["4"]["all"])[1]
     cs["recommended"]["test"] = {"f1": {"a": 0.98, "b": 1.0}, "benign": {"rate": 0.98}}  # 99.00% but fewer benign
-    assert not target_line("all", cs, TARGETS["9"]["all"])[1]
+    assert not target_line(cs, TARGETS["9"]["all"])[1]
     cs["recommended"]["test"]["benign"]["rate"] = 0.99
-    assert target_line("all", cs, TARGETS["9"]["all"])[1]
+    assert target_line(cs, TARGETS["9"]["all"])[1]
 
 
 def test_agreement_with_the_guards(results):

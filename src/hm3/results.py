@@ -550,7 +550,7 @@ def ablation_table(case: CaseStudy, cs: Mapping) -> str:
     return "\n".join(lines)
 
 
-def target_line(key: str, cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[str, bool]:
+def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[str, bool]:
     """``target | measured | interval | verdict`` cells of the recommended merge against one target.
     Ratios to two decimals of a percent: 98.97% must not read as 99.0% against a 99% target."""
     ref = cs["originals"]["test"]
@@ -630,7 +630,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
           "| case study | issue | target | measured | 95% interval | |", "|---|---|---|---|---|---|"]
     for issue, needs in TARGETS.items():
         for key, cs in results.items():
-            line, _ = target_line(key, cs, needs[key])
+            line, _ = target_line(cs, needs[key])
             L.append(f"| {CASE_STUDIES[key].title} | {issue} | {line} |")
     L += [""]
     if any(k in PAPER for k in results):
