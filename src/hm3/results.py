@@ -160,6 +160,7 @@ class Lab:
         self.cache = Cache(work, self.fp, settings.fresh)
         self.labels = {g: list(self.markers[g]["labels"]) for g in ZOO_GROUPS}
         self._original_preds: dict[str, dict] = {}
+        self._merged_labels: dict[tuple[str, str, str], dict[str, dict[str, int]]] = {}
 
     # -- originals ----------------------------------------------------------------------------------
     def original_predictions(self, split: str) -> dict[str, dict[str, int]]:
@@ -301,18 +302,27 @@ class Lab:
         """Per group, the share of the case's ``split`` texts (every text with a row of the case, not
         only the rows that check the group) on which the merged model gives the original guard's label:
         how often a user would see a different answer after replacing the guards (cached)."""
-        from hm3.model import load
 
         def compute():
-            texts = list(dict.fromkeys(r.text for r in restrict(self.suites[split], case.groups)))
-            guards = self.guard_labels(split)
-            probs = load(model_dir).predict_proba(texts, list(case.groups), batch_size=self.s.batch_size)
-            same = {g: sum(int(p) == guards[g][t] for t, p in zip(texts, probs[g].argmax(axis=1)))
-                    for g in case.groups}
+            guards, merged = self.guard_labels(split), self.merged_labels(case, model_dir, split)
+            texts = list(merged[case.groups[0]])
+            same = {g: sum(merged[g][t] == guards[g][t] for t in texts) for g in case.groups}
             return {"texts": len(texts), "groups": {g: same[g] / len(texts) for g in case.groups}}
 
         return self.cache.get({"what": "agreement", "case": case.key, "model": model_dir.name, "split": split,
                                "batch": self.s.batch_size}, compute)
+
+    def merged_labels(self, case: CaseStudy, model_dir: Path, split: str) -> dict[str, dict[str, int]]:
+        """The merged model's label index in each of the case's groups for every text of the case's
+        ``split`` rows: one forward pass, shared by ``interval`` and ``agreement`` (kept in memory)."""
+        key = (case.key, str(model_dir), split)
+        if key not in self._merged_labels:
+            from hm3.model import load
+
+            texts = list(dict.fromkeys(r.text for r in restrict(self.suites[split], case.groups)))
+            probs = load(model_dir).predict_proba(texts, list(case.groups), batch_size=self.s.batch_size)
+            self._merged_labels[key] = {g: dict(zip(texts, probs[g].argmax(axis=1).tolist())) for g in case.groups}
+        return self._merged_labels[key]
 
     def interval(self, case: CaseStudy, model_dir: Path, split: str) -> dict:
         """``hm3.evaluate.paired_bootstrap`` of a merged model against the originals on ``split``: the
@@ -320,20 +330,14 @@ class Lab:
         import numpy as np
 
         from hm3.evaluate import SuiteIndex, paired_bootstrap
-        from hm3.model import load
 
         def compute():
             index = SuiteIndex(restrict(self.suites[split], case.groups), {g: self.labels[g] for g in case.groups},
                                f"{split} suite")
             orig = self.original_predictions(split)
             reference = {g: np.array([orig[g].get(t, -1) for t in index.texts]) for g in index.groups}
-            tids = index.texts_of(index.groups)
-            probs = load(model_dir).predict_proba([index.texts[t] for t in tids], index.groups,
-                                                  batch_size=self.s.batch_size)
-            merged = {}
-            for g in index.groups:
-                merged[g] = np.full(len(index.texts), -1)
-                merged[g][tids] = probs[g].argmax(axis=1)
+            labels = self.merged_labels(case, model_dir, split)
+            merged = {g: np.array([labels[g].get(t, -1) for t in index.texts]) for g in index.groups}
             return paired_bootstrap(index, merged, reference, n=self.s.bootstrap, seed=self.s.seed)
 
         return self.cache.get({"what": "bootstrap", "case": case.key, "model": model_dir.name, "split": split,
