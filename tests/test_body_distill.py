@@ -124,6 +124,25 @@ def test_every_group_needs_its_own_guard(tiny, tmp_path, recipe):
         distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, [])
 
 
+def test_teacher_logits_run_each_window_once_and_match_a_fresh_pass(tiny):
+    from hm3.refit import TeacherLogits, teacher_logits
+
+    clf = hm3.load(tiny["a"])
+    wins, _ = clf.windows(_texts(TASK_A, 40, 3))
+    distinct = list(dict.fromkeys(map(tuple, wins)))
+    memo = TeacherLogits()
+    first = memo(tiny["a"], clf.tokenizer, wins[:25], 8, cache=False)
+    assert memo.computed == len(set(map(tuple, wins[:25]))) and memo.reused == 0
+    both = memo(tiny["a"], clf.tokenizer, wins[15:], 8, cache=False)
+    assert memo.computed == len(distinct)
+    assert memo.reused == len(set(map(tuple, wins[:25])) & set(map(tuple, wins[15:])))
+    fresh = teacher_logits(tiny["a"], clf.tokenizer, wins, 8, cache=False)
+    torch.testing.assert_close(first, fresh[:25], rtol=0, atol=1e-5)  # other batches: rounding only
+    torch.testing.assert_close(both, fresh[15:], rtol=0, atol=1e-5)
+    assert memo(tiny["b"], clf.tokenizer, wins[:5], 8, cache=False).shape[0] == 5
+    assert memo.computed == len(distinct) + len(set(map(tuple, wins[:5]))), "another guard: its own windows"
+
+
 def test_recipe_body_step_is_recorded_reproducible_and_needs_distill(tiny, tmp_path, recipe):
     from hm3.io import load_checkpoint
 
@@ -143,6 +162,11 @@ def test_recipe_body_step_is_recorded_reproducible_and_needs_distill(tiny, tmp_p
     meta = json.loads((one / "config.json").read_text())["hm3"]["refit"]
     assert meta["body"]["texts"] == 120 and meta["body"]["teachers"] == {"a": str(tiny["a"]), "b": str(tiny["b"])}
     assert meta["body"]["steps"] == 8 and set(meta["groups"]) == {"a", "b"}
+    # each guard's own texts (all shorter than 32 tokens) already ran in the head re-fit: looked up
+    tok = hm3.load(one).tokenizer
+    short = {g: sum(len(x) <= 32 for x in tok(_texts(task, 60, seed))["input_ids"])
+             for g, task, seed in (("a", TASK_A, 4), ("b", TASK_B, 5))}
+    assert short["a"] > 0 and meta["body"]["teacher_reused"] == short["a"] + short["b"]
     assert "## Body distillation" in (one / "README.md").read_text()
 
     after = dict(r, refit={"mode": "distill", "body": {"epochs": 1, "lr": 1e-3, "max_length": 32, "heads_after": True}})

@@ -32,13 +32,15 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from hm3.labels import LabelSpace
+    from hm3.refit import TeacherLogits
 
 log = logging.getLogger(__name__)
 
 BUCKET = 50  # batches per length bucket
 # Bump when the training's arithmetic changes (same recipe, different weights): hm3.results keys its
-# cached body-distilled merges on it. 2: fused AdamW (session 9).
-VERSION = 2
+# cached body-distilled merges on it. 2: fused AdamW (session 9). 3: teachers' logits of windows the
+# head re-fit already ran are reused (hm3.refit.TeacherLogits; other batches, other bf16 rounding).
+VERSION = 3
 
 
 @dataclass
@@ -52,6 +54,7 @@ class BodyReport:
     teachers: dict[str, str] = field(default_factory=dict)
     loss: list[float] = field(default_factory=list)  # mean training loss per epoch (last one may be partial)
     teacher_seconds: float = 0.0
+    teacher_reused: int = 0  # (guard, window) pairs whose logits the head re-fit had computed
     seconds: float = 0.0
     precision: str = "float32"
 
@@ -60,6 +63,7 @@ class BodyReport:
                 "precision": self.precision,
                 "max_length": self.max_length, "trained": self.trained, "teachers": self.teachers,
                 "loss": [round(x, 5) for x in self.loss], "teacher_seconds": round(self.teacher_seconds, 1),
+                "teacher_reused": self.teacher_reused,
                 "seconds": round(self.seconds, 1)}
 
     def markdown(self) -> str:
@@ -70,7 +74,9 @@ class BodyReport:
             f"The merged model ({self.trained}) was trained for {self.epochs:g} epochs ({self.steps} steps, "
             f"lr {self.lr:g}) so that each group's softmax follows its original guard on {self.texts} texts "
             f"(first {self.max_length} tokens each), in {self.seconds:.1f} s, {self.teacher_seconds:.1f} s of it "
-            f"the guards' forward passes (hm3.body_distill)"
+            f"the guards' forward passes (hm3.body_distill"
+            + (f"; the head re-fit's logits reused for {self.teacher_reused} of the "
+               f"{len(self.teachers) * self.texts} (guard, text) windows" if self.teacher_reused else "") + ")"
             + (f", forward and backward passes in {self.precision} (autocast)" if self.precision != "float32" else "")
             + f". Mean KL loss per epoch: {loss}.",
             "",
@@ -135,20 +141,22 @@ def distill_body(
     cache: bool = True,
     progress: bool = False,
     precision: str = "float32",
+    teacher_memo: "TeacherLogits | None" = None,
 ) -> BodyReport:
     """Train ``model`` (in place) so that every group's softmax follows ``teachers[group]`` on ``texts``.
 
     ``teachers`` must name a guard for every group of ``space``: a group without one would drift as the
     body moves under its head. ``precision`` ``bfloat16``: teachers' and student's forward (and the
     student's backward) passes under ``torch.autocast`` — mixed precision: the weights, the optimiser
-    and the loss stay fp32."""
+    and the loss stay fp32. ``teacher_memo``: an ``hm3.refit.TeacherLogits`` holding the guards' logits
+    the head re-fit computed (texts no longer than ``max_length`` are the same windows: not run again)."""
     import torch
 
     from hm3.fastpaths import forward_context, resolve_precision
 
     from hm3.merging.stats import pad_batch
     from hm3.progress import progress_bar
-    from hm3.refit import teacher_logits
+    from hm3.refit import TeacherLogits
 
     t0 = time.perf_counter()
     missing = [g for g in space.names if g not in teachers]
@@ -170,13 +178,16 @@ def distill_body(
 
     tt = time.perf_counter()
     targets = {}
+    teacher_memo = TeacherLogits() if teacher_memo is None else teacher_memo
+    reused = teacher_memo.reused
     for g in space.names:
-        logits = teacher_logits(Path(teachers[g]), tokenizer, ids, 32, cache, precision)
+        logits = teacher_memo(Path(teachers[g]), tokenizer, ids, 32, cache, precision)
         if logits.shape[1] != space[g].size:
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")
         targets[g] = torch.softmax(logits.float(), -1)
     report.teacher_seconds = time.perf_counter() - tt
+    report.teacher_reused = teacher_memo.reused - reused
 
     model.float()
     report.trained = _trainable(model, layers)

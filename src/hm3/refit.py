@@ -279,6 +279,7 @@ def refit_heads(
     extra_texts: Sequence[Path] = (),
     label_weight: float = 0.0,
     precision: str = "float32",
+    teacher_memo: "TeacherLogits | None" = None,
 ) -> RefitReport:
     """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
 
@@ -293,6 +294,7 @@ def refit_heads(
     passes under ``torch.autocast`` (several times faster on CPUs with AMX / AVX512-BF16); the fits
     are fp64 as always and the saved weights fp32. ``auto``: bfloat16 where the CPU has bf16 matrix
     instructions, else float32 (the report says which ran).
+    ``teacher_memo``: the guards' logits already computed in this merge (``TeacherLogits``; filled in).
     """
     import numpy as np
     import torch
@@ -301,6 +303,7 @@ def refit_heads(
     from hm3.model import GroupwiseClassifier
 
     t0 = time.perf_counter()
+    teacher_memo = TeacherLogits() if teacher_memo is None else teacher_memo
     if c != "auto" and not (isinstance(c, (int, float)) and c > 0):
         raise HM3Error(f"c must be a positive number or 'auto', got {c!r}")
     from hm3.fastpaths import resolve_precision
@@ -402,8 +405,8 @@ def refit_heads(
             tt = time.perf_counter()
             own = np.unique(np.concatenate([windows_of(g.name, part)[0] for part in ("train", "val") if (g.name, part) in parts]))
             probs = np.full((len(wins), g.size), np.nan)
-            probs[own] = _teacher_probs(s.teacher, tokenizer, [wins[i] for i in own], g, temperature, batch_size, cache,
-                                        precision)
+            probs[own] = _teacher_probs(teacher_memo, s.teacher, tokenizer, [wins[i] for i in own], g, temperature,
+                                        batch_size, cache, precision)
             teachers[g.name] = probs
             teacher_seconds[g.name] = time.perf_counter() - tt
 
@@ -532,6 +535,39 @@ def _precision_key(precision: str) -> dict[str, str]:
     return {} if precision == "float32" else {"precision": precision}
 
 
+class TeacherLogits:
+    """The original guards' logits by token window, kept for one merge.
+
+    The head re-fit, the body step and the re-fit after it ask the same guards about overlapping
+    windows: a text of at most 128 tokens is the same window for the body step (first 128 tokens)
+    as for the re-fit (512-token windows). Each (guard, precision, window) runs once; the rest is
+    looked up. Rows are fp32 logits; windows computed in another batch may differ from a fresh
+    pass in the last bits of bf16 rounding, never more."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], dict[tuple[int, ...], "torch.Tensor"]] = {}
+        self.computed = 0  # distinct windows run through a guard
+        self.reused = 0  # distinct windows asked for again and looked up
+
+    def __call__(self, teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
+                 precision: str = "float32") -> "torch.Tensor":
+        """``teacher_logits`` of ``wins``, running only the windows this object has not seen."""
+        import torch
+
+        known = self._rows.setdefault((str(Path(teacher).resolve()), precision), {})
+        keys = [tuple(w) for w in wins]
+        distinct = dict.fromkeys(keys)
+        todo = [k for k in distinct if k not in known]
+        self.reused += len(distinct) - len(todo)
+        if todo:
+            known.update(zip(todo, teacher_logits(teacher, tokenizer, [list(k) for k in todo], batch_size, cache,
+                                                  precision)))
+            self.computed += len(todo)
+        if not keys:
+            return torch.empty(0, 0)
+        return torch.stack([known[k] for k in keys])
+
+
 def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
                    precision: str = "float32") -> "torch.Tensor":
     """The original guard's logits ``(W, T)`` on token windows ``wins`` (cached per guard, windows
@@ -552,10 +588,10 @@ def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
     return S.cached("teacher", key, compute, cache)[0]["logits"]
 
 
-def _teacher_probs(teacher: Path, tokenizer, wins, group, temperature: float, batch_size: int,
-                   cache: bool, precision: str = "float32") -> "np.ndarray":
+def _teacher_probs(teachers: TeacherLogits, teacher: Path, tokenizer, wins, group, temperature: float,
+                   batch_size: int, cache: bool, precision: str = "float32") -> "np.ndarray":
     """The original guard's softmax at ``temperature`` on the merged model's windows."""
-    logits = teacher_logits(teacher, tokenizer, wins, batch_size, cache, precision).double().numpy()
+    logits = teachers(teacher, tokenizer, wins, batch_size, cache, precision).double().numpy()
     if logits.shape[1] != group.size:
         raise HM3Error(f"{teacher}: has {logits.shape[1]} labels but group {group.name!r} has {group.size}; "
                        "distill each group from its own original guard")
@@ -619,13 +655,14 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     model = build_model(merged_config(prep), state)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source(prep)))
     cache = prep.config.data.cache if prep.config.data else True
+    memo = TeacherLogits()  # the guards' logits, shared by the re-fits and the body step
 
     def heads():
         return refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
                            extra_texts=[Path(f) for f in rc.extra_texts], label_weight=rc.label_weight,
-                           precision=rc.precision)
+                           precision=rc.precision, teacher_memo=memo)
 
     report = heads()
     card = report.markdown()
@@ -637,7 +674,8 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
         options = rc.body.model_dump(exclude={"heads_after"})
         body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options,
-                            seed=prep.config.seed, cache=cache, progress=progress, precision=report.precision)
+                            seed=prep.config.seed, cache=cache, progress=progress, precision=report.precision,
+                            teacher_memo=memo)
         meta["body"] = body.to_json()
         card += "\n\n" + body.markdown()
         names = list(state)
@@ -680,7 +718,8 @@ def refit_dir(
         if missing:
             raise HM3Error(f"body distillation needs an original guard for every group; missing {missing}: "
                            "add --distill-from GROUP=GUARD_DIR (and its --data) for each")
-    report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, **kw)
+    memo = TeacherLogits()
+    report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, teacher_memo=memo, **kw)
     done = report.to_json()
     text = report.markdown()
     if body is not None:
@@ -689,7 +728,7 @@ def refit_dir(
         teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
         b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body,
                          seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False),
-                         precision=report.precision)
+                         precision=report.precision, teacher_memo=memo)
         done["body"] = b.to_json()
         text += "\n\n" + b.markdown()
         report.seconds += b.seconds
