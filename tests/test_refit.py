@@ -288,6 +288,28 @@ def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
 
 
 # -- command ---------------------------------------------------------------------------------------
+def test_truncate_fits_each_text_on_its_first_window_only(tiny, tmp_path, recipe):
+    # texts of 3 samples each (26 tokens with [CLS]/[SEP]): 3 windows of 16 tokens (stride 6), or the first only
+    rows = [{"text": " ".join(t for t, _ in TASK_A.sample(3, seed=100 + i)), "label": TASK_A.labels[y]}
+            for i, (_, y) in enumerate(TASK_A.sample(60, seed=31))]
+    for i, r in enumerate(rows):  # the label of the first 14 words: what the truncated text shows
+        r["label"] = TASK_A.labels[TASK_A.sample(3, seed=100 + i)[0][1]]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metas, weights = {}, {}
+    for truncate in (False, True):
+        res = hm3.merge(_ties(recipe, data={"a": str(path)}, max_length=16, truncate=truncate, c=1.0),
+                        tmp_path / f"t{truncate}", progress=False)
+        metas[truncate] = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]
+        weights[truncate] = hm3.load(res.path).model.classifier.weight[:2].detach().clone()
+        card = (res.path / "README.md").read_text()
+        assert ("the first 16 tokens of each of 60 texts" in card) == truncate
+    assert metas[True]["truncate"] is True and metas[False]["truncate"] is False
+    assert metas[True]["features"]["windows"] == metas[True]["features"]["texts"] == 60
+    assert metas[False]["features"]["windows"] > 2 * 60
+    assert not torch.equal(weights[True], weights[False])
+
+
 def test_refit_command(tiny, tmp_path, recipe, data):
     from typer.testing import CliRunner
 
@@ -315,6 +337,10 @@ def test_refit_command(tiny, tmp_path, recipe, data):
                                "-o", str(tmp_path / "h")])
     assert half.exit_code == 2 and "unknown precision 'half'; valid: float32, bfloat16, auto" in half.output
     assert not (tmp_path / "h").exists()
+    first = runner.invoke(app, ["refit", str(merged), "--data", f"a={data['a']}", "--max-length", "16", "--truncate",
+                                "-o", str(tmp_path / "f"), "--no-progress"])
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["hm3"]["refit"]["truncate"] is True
 
 
 def test_refit_dir_on_a_single_classifier(tiny, tmp_path, data):

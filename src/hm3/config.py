@@ -131,6 +131,7 @@ class RefitConfig(BaseModel):
     c: Union[Literal["auto"], float] = "auto"
     temperature: float = Field(1.0, gt=0)
     max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window
+    truncate: bool = False  # each text's first window only (else all its windows, as inference)
     batch_size: int = Field(32, ge=1)
     cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
     extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files

@@ -76,13 +76,14 @@ class GroupRefit:
 class RefitReport:
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_length: int = 0
+    truncate: bool = False  # each text's first window only
     features: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     texts: list[str] = field(default_factory=list, repr=False)  # distinct training texts of every group (not saved)
     precision: str = "float32"  # of the forward passes (features, teachers)
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": self.groups, "max_length": self.max_length, "features": self.features,
+        return {"groups": self.groups, "max_length": self.max_length, "truncate": self.truncate, "features": self.features,
                 "seconds": round(self.seconds, 1), "precision": self.precision}
 
     def markdown(self) -> str:
@@ -90,7 +91,8 @@ class RefitReport:
             "## Head re-fit",
             "",
             f"Each group's output rows were re-fitted on the merged body's features "
-            f"({self.features.get('windows', 0)} windows of at most {self.max_length} tokens"
+            + (f"(the first {self.max_length} tokens of each of {self.features.get('texts', 0)} texts"
+               if self.truncate else f"({self.features.get('windows', 0)} windows of at most {self.max_length} tokens")
             + (f", forward passes in {self.precision}" if self.precision != "float32" else "")
             + f") in {self.seconds:.1f} s (hm3.refit). Validation data picked C; test data was not used.",
             "",
@@ -280,6 +282,7 @@ def refit_heads(
     label_weight: float = 0.0,
     precision: str = "float32",
     teacher_memo: "TeacherLogits | None" = None,
+    truncate: bool = False,
 ) -> RefitReport:
     """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
 
@@ -295,6 +298,8 @@ def refit_heads(
     are fp64 as always and the saved weights fp32. ``auto``: bfloat16 where the CPU has bf16 matrix
     instructions, else float32 (the report says which ran).
     ``teacher_memo``: the guards' logits already computed in this merge (``TeacherLogits``; filled in).
+    ``truncate``: fit on each text's first ``max_length`` tokens (one window per text: the inputs body
+    distillation trains on) instead of on all its windows as inference reads it.
     """
     import numpy as np
     import torch
@@ -317,7 +322,7 @@ def refit_heads(
         seen.add(s.group)
     model = model.float().eval()
     clf = GroupwiseClassifier(model, tokenizer, space, max_length=max_length)
-    report = RefitReport(max_length=clf.max_length, precision=precision)
+    report = RefitReport(max_length=clf.max_length, precision=precision, truncate=truncate)
     out = S.out_module(model)
 
     # Texts per group: training texts, and validation texts (a file) or a hold-out mask over them.
@@ -373,7 +378,11 @@ def refit_heads(
             if part is not None:
                 parts[(g.name, name)] = np.array([index.setdefault(t, len(index)) for t in part.texts], dtype=np.int64)
     all_texts = list(index)
-    wins, owner = clf.windows(all_texts)
+    if truncate:  # each text's first window only, as the body step sees it
+        wins = tokenizer(all_texts, truncation=True, max_length=clf.max_length)["input_ids"]
+        owner = list(range(len(all_texts)))
+    else:
+        wins, owner = clf.windows(all_texts)
     owner = np.asarray(owner, dtype=np.int64)
     by_text = np.split(np.argsort(owner, kind="stable"), np.cumsum(np.bincount(owner, minlength=len(all_texts)))[:-1])
     tf = time.perf_counter()
@@ -662,7 +671,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
                            extra_texts=[Path(f) for f in rc.extra_texts], label_weight=rc.label_weight,
-                           precision=rc.precision, teacher_memo=memo)
+                           precision=rc.precision, teacher_memo=memo, truncate=rc.truncate)
 
     report = heads()
     card = report.markdown()
@@ -777,6 +786,8 @@ def register(app, user_errors) -> None:
         max_texts: int = typer.Option(500, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
         temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
+        truncate: bool = typer.Option(False, "--truncate", help="Fit on each text's first --max-length tokens only "
+                                      "(the inputs --body-epochs trains on), not on all its windows."),
         seed: int = typer.Option(0, "--seed"),
         cross_texts: int = typer.Option(0, "--cross-texts", min=0,
                                         help="Distilled groups also fit their teacher on this many texts of each "
@@ -821,7 +832,7 @@ def register(app, user_errors) -> None:
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
                            extra_texts=extra_texts or [], label_weight=label_weight, precision=precision,
-                           body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers, max_length=body_max_length)
+                           truncate=truncate, body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers, max_length=body_max_length)
                            if body_epochs > 0 else None)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
