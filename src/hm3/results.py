@@ -753,6 +753,10 @@ def describe(rec: Recommendation) -> str:
         how = [f"up to {rec.max_texts} own texts"] if rec.max_texts else []
         how += [f"+ {rec.cross_texts} texts of each other guard{extra}"] if rec.cross_texts else []
         how += [f"label weight {rec.label_weight:g}"] if rec.label_weight else []
+        if rec.truncate:
+            how.append(f"each text's first {rec.max_length} tokens" if rec.max_length else "each text's first window")
+        elif rec.max_length:
+            how.append(f"windows of {rec.max_length} tokens")
         parts.append(f"+ {rec.refit} head re-fit" + (f" ({'; '.join(how)})" if how else ""))
     if rec.body:
         b = rec.body

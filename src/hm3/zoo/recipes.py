@@ -68,6 +68,8 @@ class Recommendation:
     max_texts: int | None = None  # re-fit texts of each guard's own (None: hm3.refit's default, 500)
     label_weight: float = 0.0  # distill: share of the training label in the targets (hm3.refit)
     body: dict[str, Any] | None = None  # distill: then train the body too (hm3.body_distill's options)
+    max_length: int | None = None  # re-fit tokens per window (None: the model's inference window)
+    truncate: bool = False  # re-fit on each text's first window only (hm3.refit's truncate)
     precision: str = "float32"  # re-fit (and body) forward passes: float32 | bfloat16 (hm3.refit)
     why: str = ""
 
@@ -121,17 +123,22 @@ RECOMMENDED: dict[str, Recommendation] = {
     ),
     "all": Recommendation(
         "ties", density=0.2, refit="distill", cross_texts=150, max_texts=300, precision="auto",
-        body={"epochs": 2, "heads_after": True},
-        why="the heads' recipe below, then body distillation (2 epochs) and the heads re-fitted once more on the "
-            "trained body: the first CS3 change whose gain clears the validation suite's noise. Session 8-9 (AMD "
-            "EPYC with AVX512-BF16, 2 threads, cold cache): validation 0.9877 vs 0.9785, paired against the "
-            "heads-only recipe on the same draws 1.009 (95% interval 1.000-1.020, behind in 2%), worst group "
-            "(harm) 0.968 vs 0.926 of its original, and agreement with the original guards on all 1,455 "
-            "validation texts up in every group (texts moved towards / away from the guard: harm 12/3, spam 8/3, "
-            "sentiment 52/26, question 84/32, jailbreak 3/1). Cost: the merge takes ~195 s instead of ~85 s on "
-            "that machine (first re-fit 75 s, body 88 s of which the guards' passes 30 s, heads again 26 s), "
-            "over issue 9's 2-minute budget there; on session 7's AMX machine the body step alone cost "
-            "~60 s. Tried and not taken: 1 epoch (166 s, paired 1.001), the top 3 layers only (158 s, 1.001), "
+        max_length=128, truncate=True, body={"epochs": 2},
+        why="the heads' recipe below fitted on each text's first 128 tokens, then body distillation (2 epochs) on "
+            "the same 128 tokens: the quality of session 9's recipe at half its cost. Session 10 (AMD EPYC with "
+            "AVX512-BF16, no AMX, 2 threads, cold cache): validation 0.9862 of the originals in 96 s (re-fit 34 "
+            "s, body 58 s), worst group (harm) 0.983; paired against session 9's recipe on the same validation "
+            "draws 0.9985 (95% interval 0.987-1.010, behind in 59%), against the heads-only recipe 1.008 "
+            "(0.996-1.021, behind in 11%); agreement with the original guards on all validation texts vs the "
+            "heads-only recipe (texts moved towards / away from the guard): sentiment 79/29, question 95/57, "
+            "spam 11/5, harm 29/30, jailbreak 3/3. Session 9's recipe (re-fit on all 512-token windows, body, "
+            "heads re-fitted again after it) scored 0.9877 but took ~150-195 s, over issue 9's 2-minute budget: "
+            "the guards' passes over the long jailbreak prompts in 512-token windows (~50 s) and the features "
+            "of every window (15 s) bought no measurable quality once the body trains on 128 tokens. Also measured in session 10: "
+            "without the re-fit after the body 0.987 (150 s; paired 0.999); body distillation alone from the "
+            "merge's heads (a separate head learning rate, code not kept) 0.979 at 5e-3 (80 s), 0.938 at 1e-3; 1 epoch at lr 5e-5 "
+            "0.982 (173 s). Session 9's measurements of the body step: 1 epoch (paired 1.001 against no body "
+            "step), the top 3 layers only (1.001), "
             "the first 64 tokens instead of 128 (168 s, 0.9825). The heads' recipe: "
             "the cheaper of two recipes the validation suite cannot tell apart: 300 of each guard's own training "
             "texts + 150 of each other guard's, validation 0.9785 of the originals, vs 500 + 250 (the ablation's "
@@ -208,6 +215,8 @@ def recipe(
             **({"extra_texts": [path(g, "train.jsonl") for g in rec.extra_texts]} if rec.extra_texts else {}),
             **({"max_texts": rec.max_texts} if rec.max_texts else {}),
             **({"label_weight": rec.label_weight} if rec.label_weight else {}),
+            **({"max_length": rec.max_length} if rec.max_length else {}),
+            **({"truncate": True} if rec.truncate else {}),
             **({"body": dict(rec.body)} if rec.body else {}),
             **({"precision": rec.precision} if rec.precision != "float32" else {}),
         }
