@@ -307,6 +307,20 @@ def test_fixed_sum_is_the_same_with_any_thread_count(threads):
     assert torch_sums_differ  # the sizes do exercise the thread-dependent case
 
 
+@pytest.mark.parametrize("n", [5, 4096, 4097, steps.BLOCK, steps.BLOCK + 4096, 3 * steps.BLOCK + 4097 + 3])
+def test_dare_l1_factor_from_block_row_sums_is_the_whole_tensor_norms_ratio(n, threads):
+    """bernoulli_parts sums |x| and |x * keep| block by block into fixed_sum's rows: the factor must
+    be the one of the whole-tensor norms, bit for bit, with any thread count."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-3
+    for t in (1, 2):
+        threads(t)
+        with steps.workspace():
+            masked, factor = steps.bernoulli_parts(x, 0.3, torch.Generator().manual_seed(1), Rescale.l1)
+        expect = steps.norm_ratio(steps._norm(x, Rescale.l1), steps._norm(masked, Rescale.l1))
+        assert factor is not None and factor.item() == expect.item(), (n, t)
+        assert factor.item() == pytest.approx(float(x.double().abs().sum() / masked.double().abs().sum()), rel=1e-5)
+
+
 def test_rescaled_dare_merge_is_the_same_with_any_thread_count(threads):
     """A DARE-TIES merge with the l1 rescale (and DARE with l2) of multi-block tensors: byte-identical
     results with 1, 2 and 3 threads (the rescale factor is a ratio of whole-tensor sums)."""

@@ -57,18 +57,16 @@ class Method:
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
 
 
-def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g, work: torch.Tensor):
+def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g):
     """``(S(x), factor)``: the sparsified tensor and a multiplier still to apply to it (None: 1).
-    ``S(x)`` is new, or ``x`` itself where nothing is dropped. ``work``: a buffer of ``x``'s size
-    the step may scribble on."""
+    ``S(x)`` is new, or ``x`` itself where nothing is dropped."""
     if kind is None:
         return x, None
     d = p.density[i]
     if kind is Sparsify.magnitude:
         return steps.magnitude(x, d, p.rescale), None
     if kind is Sparsify.random:  # into a scratch buffer: the merge consumes it
-        return steps.bernoulli_parts(x, d, g, p.rescale, out=steps.scratch(("sparsified", i), x.numel(), x.dtype),
-                                     work=work)
+        return steps.bernoulli_parts(x, d, g, p.rescale, out=steps.scratch(("sparsified", i), x.numel(), x.dtype))
     if kind is Sparsify.magnitude_outliers:
         return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale), None
     return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale), None
@@ -97,10 +95,10 @@ def generalized_task_arithmetic(
     owned: list[bool] = []  # a new tensor of ours, to work in (else the caller's delta: copied per block)
     scales: list[tuple] = []  # multipliers still to apply, in order: the sparsifier's factor, then w_i
     dtype = deltas.dtype
-    out = torch.empty(base.shape, dtype=dtype)  # the result; until the tail fills it, the steps' scratch
+    out = torch.empty(base.shape, dtype=dtype)  # the result
     for i in range(n):
         d = deltas[i]
-        t, factor = _sparsify_one(sparsify, d, i, p, generator, out)
+        t, factor = _sparsify_one(sparsify, d, i, p, generator)
         mine = t.data_ptr() != d.data_ptr()
         if not t.is_contiguous():
             t, mine = t.contiguous(), True

@@ -69,11 +69,25 @@ def fixed_sum(x: torch.Tensor) -> torch.Tensor:
     """
     x = x.reshape(-1)
     while x.numel() > SUM_CHUNK:
-        n = x.numel()
-        r = n % SUM_CHUNK
-        parts = x[: n - r].view(-1, SUM_CHUNK).sum(dim=1)  # (n // SUM_CHUNK,)
-        x = torch.cat([parts, x[n - r:].sum().reshape(1)]) if r else parts
+        x = _row_sums(x, torch.empty(_rows(x.numel()), dtype=x.dtype))
     return x.sum()
+
+
+def _rows(n: int) -> int:
+    """How many sums ``fixed_sum``'s first level makes of ``n`` elements."""
+    return (n + SUM_CHUNK - 1) // SUM_CHUNK
+
+
+def _row_sums(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``fixed_sum``'s first level of flat ``x`` into ``out`` (``_rows(n)``,): the sum of each row of
+    ``SUM_CHUNK`` elements, then of the short rest. Rows start at multiples of ``SUM_CHUNK``, so the
+    sums of a flat tensor cut in such pieces, piece by piece, are its sums."""
+    n = x.numel()
+    r = n % SUM_CHUNK
+    torch.sum(x[: n - r].view(-1, SUM_CHUNK), dim=1, out=out[: n // SUM_CHUNK])
+    if r:
+        out[n // SUM_CHUNK] = x[n - r:].sum()
+    return out
 
 
 def _norm(x: torch.Tensor, kind: Rescale) -> torch.Tensor:
@@ -288,21 +302,18 @@ def bernoulli_parts(
     generator: torch.Generator | None,
     rescale: Rescale | None = None,
     out: torch.Tensor | None = None,
-    work: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``bernoulli`` without its last pass: ``(x * keep, factor)``, where ``x * keep`` times
     ``factor`` (None: 1) is ``bernoulli``'s result bit for bit, so a caller that goes over the
     tensor anyway (the TIES election) multiplies it in there. ``x * keep`` goes into ``out``
     (contiguous, ``x``'s size and dtype; default a new tensor), or is ``x`` itself at density 1,
-    with factor None. ``work``: an ``(n,)`` buffer of ``x``'s dtype the l1 rescale may scribble
-    on (default a scratch buffer; a caller about to fill a result buffer passes that one: no
-    extra memory to touch).
+    with factor None.
 
     Block by block (``blocks``): draw the block's bits, compare them into a float keep mask and
-    multiply; the l1 rescale writes ``|x|`` into ``work`` as it goes and sums it once complete,
-    then ``|x * keep|``, so the norms are exactly ``_norm``'s (whole-tensor ``fixed_sum``s: their
-    rounding depends on the whole). Blocks of the one ``generator``
-    stream, in order, give the same bits as one draw of ``(n + 3) // 4``.
+    multiply; the l1 rescale takes ``|x|`` and ``|x * keep|`` of the block while it is in cache
+    and keeps only their ``fixed_sum`` row sums (a block is a whole number of rows), so the norms
+    are exactly ``_norm``'s. Blocks of the one ``generator`` stream, in order, give the same bits
+    as one draw of ``(n + 3) // 4``.
     """
     if density >= 1:
         return x, None
@@ -319,9 +330,10 @@ def bernoulli_parts(
             torch.lt(bits.view(torch.int16)[:n].view(x.shape), q - (1 << 15), out=out)
         return _owed_rescale(out.mul_(x), x, rescale, density)
     n, flat, dst = x.numel(), x.view(-1), out.view(-1)
-    l1 = rescale is Rescale.l1
+    l1 = rescale is Rescale.l1 and n > SUM_CHUNK  # (one row: the whole-tensor norms cost nothing)
     if l1:
-        work = scratch("dare norms", n, x.dtype) if work is None else work.view(-1)[:n]  # (n,)
+        sums = scratch("dare l1 rows", 2 * _rows(n), x.dtype).view(2, -1)  # rows of |x|, of |x * keep|
+        absb = scratch("dare abs", min(n, BLOCK), x.dtype)
     bits = scratch("dare bits", min(n, BLOCK) // 4 + 1, torch.int64)
     keep = scratch("dare keep", min(n, BLOCK), x.dtype)
     below = q - (1 << 15)  # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`
@@ -331,10 +343,11 @@ def bernoulli_parts(
         k = torch.lt(draws.view(torch.int16)[:m], below, out=keep[:m])  # 1.0 where kept
         torch.mul(k, flat[b], out=dst[b])
         if l1:
-            torch.abs(flat[b], out=work[b])
+            rows = slice(b.start // SUM_CHUNK, b.start // SUM_CHUNK + _rows(m))
+            _row_sums(torch.abs(flat[b], out=absb[:m]), sums[0, rows])
+            _row_sums(torch.abs(dst[b], out=absb[:m]), sums[1, rows])
     if l1:
-        before = fixed_sum(work)
-        return out, norm_ratio(before, fixed_sum(torch.abs(dst, out=work)))
+        return out, norm_ratio(fixed_sum(sums[0]), fixed_sum(sums[1]))
     return _owed_rescale(out, x, rescale, density)
 
 
