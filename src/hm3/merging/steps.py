@@ -130,6 +130,7 @@ def norm_ratio(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> 
 # depend on the blocking; reductions (norms) always run over whole tensors. A multiple of 4 elements,
 # so each block of DARE's random bits is a whole number of 64-bit draws.
 BLOCK = 1 << 17
+assert BLOCK % SUM_CHUNK == 0, "bernoulli_parts sums whole fixed_sum rows per block"
 
 
 def blocks(n: int, size: int = BLOCK) -> "Iterator[slice]":
