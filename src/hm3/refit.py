@@ -786,8 +786,9 @@ def register(app, user_errors) -> None:
         max_texts: int = typer.Option(500, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
         temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
-        truncate: bool = typer.Option(False, "--truncate", help="Fit on each text's first --max-length tokens only "
-                                      "(the inputs --body-epochs trains on), not on all its windows."),
+        truncate: bool = typer.Option(False, "--truncate", help="Fit on each text's first --max-length tokens only, "
+                                      "not on all its windows (with --max-length equal to --body-max-length: the "
+                                      "inputs the body step trains on)."),
         seed: int = typer.Option(0, "--seed"),
         cross_texts: int = typer.Option(0, "--cross-texts", min=0,
                                         help="Distilled groups also fit their teacher on this many texts of each "
