@@ -154,7 +154,7 @@ def distill_body(
 
     from hm3.fastpaths import forward_context, resolve_precision
 
-    from hm3.merging.stats import pad_batch
+    from hm3.merging.stats import encode, pad_batch
     from hm3.progress import progress_bar
     from hm3.refit import TeacherLogits
 
@@ -172,7 +172,7 @@ def distill_body(
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise HM3Error("body distillation: no texts to train on")
-    ids = [x for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    ids = encode(tokenizer, texts, max_length)
     report = BodyReport(texts=len(texts), epochs=epochs, lr=lr, max_length=max_length,
                         teachers={g: str(t) for g, t in teachers.items()}, precision=precision)
 

@@ -379,7 +379,7 @@ def refit_heads(
                 parts[(g.name, name)] = np.array([index.setdefault(t, len(index)) for t in part.texts], dtype=np.int64)
     all_texts = list(index)
     if truncate:  # each text's first window only, as the body step sees it
-        wins = tokenizer(all_texts, truncation=True, max_length=clf.max_length)["input_ids"]
+        wins = S.encode(tokenizer, all_texts, clf.max_length)
         owner = list(range(len(all_texts)))
     else:
         wins, owner = clf.windows(all_texts)
