@@ -84,6 +84,23 @@ def test_predict_fast_path(tiny, tmp_path):
     assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "fp4"), "unknown fast path 'fp4'")
 
 
+def test_predict_reads_stdin_and_text_options(tiny, tmp_path):
+    """`--input -` reads one text a line from stdin and `--text` takes texts on the command line: the
+    same predictions as the file; giving neither, both, or an empty stdin is a one-line error."""
+    (tmp_path / "in.txt").write_text("w0 w30 w31\nw12 w40\n")
+    ref = run("predict", tiny["a"], "--input", tmp_path / "in.txt")
+    assert ref.exit_code == 0, ref.stderr
+    piped = runner.invoke(app, ["predict", str(tiny["a"]), "--input", "-"], input="w0 w30 w31\r\n\nw12 w40\n")
+    assert piped.exit_code == 0, piped.stderr
+    given = run("predict", tiny["a"], "-t", "w0 w30 w31", "--text", "w12 w40")
+    assert given.exit_code == 0, given.stderr
+    assert len(ref.output.splitlines()) == 2
+    assert piped.output == ref.output and given.output == ref.output
+    assert_user_error(run("predict", tiny["a"]), "no texts: pass --input")
+    assert_user_error(run("predict", tiny["a"], "-t", "w0", "--input", tmp_path / "in.txt"), "not both")
+    assert_user_error(runner.invoke(app, ["predict", str(tiny["a"]), "--input", "-"], input="\n \n"), "stdin (--input -): no texts")
+
+
 def test_methods_lists_the_registry():
     r = run("methods")
     for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "model_stock"):

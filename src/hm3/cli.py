@@ -89,9 +89,14 @@ def merge(
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts from a .txt file (one per line) or a .jsonl file (field `text`)."""
+    """Texts from a .txt file (one per line) or a .jsonl file (field `text`); `-` reads lines from stdin."""
     from hm3.io import read_text_rows
 
+    if str(path) == "-":
+        texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
+        if not texts:
+            raise HM3Error("stdin (--input -): no texts; pipe one text a line")
+        return texts
     return [text for text, _ in read_text_rows(path)]
 
 
@@ -99,7 +104,9 @@ def read_texts(path: Path) -> list[str]:
 @user_errors
 def predict(
     model: Path = typer.Argument(..., help="Merged model or single classifier directory."),
-    input: Path = typer.Option(..., "--input", "-i", help=".txt (one text a line) or .jsonl (field `text`)."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help=".txt (one text a line), .jsonl (field `text`), "
+                                         "or - for one text a line on stdin."),
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="A text to classify (repeat for more)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output (default: stdout)."),
     groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated groups (default: all)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -111,7 +118,10 @@ def predict(
     """Classify texts: per text and group, the label and the group's softmax scores."""
     from hm3.model import load
 
-    texts = read_texts(input)
+    if (input is None) == (not text):
+        raise HM3Error("give the texts with --input FILE (or - for stdin) or with --text, not both" if text
+                       else "no texts: pass --input FILE (.txt, .jsonl, or - for stdin) or --text TEXT")
+    texts = list(text) if text else read_texts(input)
     clf = load(model, aggregate=aggregate)
     if fast:
         from hm3.fastpaths import accelerate
