@@ -88,18 +88,6 @@ def merge(
     typer.echo(f"wrote {result.path}: {result.space.total} labels in groups {groups} ({result.seconds:.1f}s)")
 
 
-def read_texts(path: Path) -> list[str]:
-    """Texts from a .txt file (one per line) or a .jsonl file (field `text`); `-` reads lines from stdin."""
-    from hm3.io import read_text_rows
-
-    if str(path) == "-":
-        texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
-        if not texts:
-            raise HM3Error("stdin (--input -): no texts; pipe one text a line")
-        return texts
-    return [text for text, _ in read_text_rows(path)]
-
-
 @app.command()
 @user_errors
 def predict(
@@ -118,10 +106,9 @@ def predict(
     """Classify texts: per text and group, the label and the group's softmax scores."""
     from hm3.model import load
 
-    if (input is None) == (not text):
-        raise HM3Error("give the texts with --input FILE (or - for stdin) or with --text, not both" if text
-                       else "no texts: pass --input FILE (.txt, .jsonl, or - for stdin) or --text TEXT")
-    texts = list(text) if text else read_texts(input)
+    from hm3.io import texts_from
+
+    texts = texts_from(input, text)
     clf = load(model, aggregate=aggregate)
     if fast:
         from hm3.fastpaths import accelerate

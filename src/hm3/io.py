@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 import torch
 
 from hm3.errors import HM3Error
@@ -530,6 +530,22 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
     if not rows:
         raise HM3Error(f"{path}: the file has no texts")
     return rows
+
+
+def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = None) -> list[str]:
+    """The texts a command was given: ``--text`` values, or ``--input`` — a .txt file (one text a line),
+    a .jsonl file (field ``text``), or ``-`` for one text a line on stdin. Exactly one of the two."""
+    if (input is None) == (not text):
+        raise HM3Error("give the texts with --input FILE (or - for stdin) or with --text, not both" if text
+                       else "no texts: pass --input FILE (.txt, .jsonl, or - for stdin) or --text TEXT")
+    if text:
+        return list(text)
+    if str(input) == "-":
+        texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
+        if not texts:
+            raise HM3Error("stdin (--input -): no texts; pipe one text a line")
+        return texts
+    return [t for t, _ in read_text_rows(input)]
 
 
 _ST_DTYPES = {
