@@ -187,7 +187,7 @@ def demo(
 
 
 # Later stages register their commands from their own modules.
-for _module in ("hm3.zoo.cli", "hm3.evaluate", "hm3.search", "hm3.serve", "hm3.bench", "hm3.refit",
+for _module in ("hm3.zoo.cli", "hm3.evaluate", "hm3.agreement", "hm3.search", "hm3.serve", "hm3.bench", "hm3.refit",
                 "hm3.expand"):
     try:
         _mod = importlib.import_module(_module)

@@ -1,0 +1,232 @@
+"""Does the merged model answer like the original guards on *your* text? Label agreement, no labels needed.
+
+A suite (hm3.evaluate) says how often a model is right; users replacing N guards by one model also want
+to know how often it answers *differently from the guards* on their own traffic, which has no labels.
+``agreement(model, guards, texts)`` runs each guard on the texts and the merged model once, and reports
+per group the share of texts where both give the same label, the confusion matrix (guard's label ×
+merged model's), and the disagreements, the ones where the guard was surest first.
+
+Guards are matched to groups by name: ``{group: guard directory}``; by default the recipe recorded in the
+merged model's ``config.json`` (``hm3.recipe.models``), so a model merged on this machine needs none.
+A guard is a single classifier (its one group answers ``group``) or a model that has ``group`` itself.
+Labels are compared by position within the group (the merge keeps each guard's label order); the
+counts of labels must match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from hm3.errors import HM3Error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hm3.model import GroupwiseClassifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Disagreement:
+    index: int  # the text's position in the input
+    guard: str  # the guard's label
+    merged: str  # the merged model's label
+    guard_p: float  # the guard's probability of its label
+    merged_p: float  # the merged model's probability of its label
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "guard": self.guard, "merged": self.merged,
+                "guard_p": round(self.guard_p, 4), "merged_p": round(self.merged_p, 4)}
+
+
+@dataclass
+class GroupAgreement:
+    group: str
+    guard: str  # where the guard came from
+    labels: list[str]
+    confusion: np.ndarray  # (k, k): rows the guard's label, columns the merged model's
+    disagreements: list[Disagreement] = field(default_factory=list)  # surest guard first
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def agree(self) -> int:
+        return int(np.trace(self.confusion))
+
+    @property
+    def share(self) -> float:
+        return self.agree / self.n if self.n else float("nan")
+
+    def to_json(self, show: int | None = None) -> dict:
+        return {"group": self.group, "guard": self.guard, "labels": self.labels, "texts": self.n,
+                "agree": self.agree, "share": self.share, "confusion": self.confusion.tolist(),
+                "disagreements": [d.to_json() for d in self.disagreements[:show]]}
+
+    def confusion_text(self) -> str:
+        width = max(10, *(len(x) + 1 for x in self.labels))
+        head = "guard \\ merged".ljust(width + 6) + "".join(x.rjust(width) for x in self.labels)
+        rows = [label.ljust(width + 6) + "".join(str(int(c)).rjust(width) for c in row)
+                for label, row in zip(self.labels, self.confusion)]
+        return "\n".join([head, *rows])
+
+
+@dataclass
+class Agreement:
+    model: str
+    texts: list[str]
+    groups: dict[str, GroupAgreement]
+    seconds: float
+
+    def to_json(self, show: int | None = None) -> dict:
+        return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2),
+                "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
+
+    def markdown(self, show: int = 5, width: int = 100) -> str:
+        lines = [f"Agreement of {self.model} with the original guards on {len(self.texts)} texts "
+                 f"({self.seconds:.1f} s): the share of texts where both give the same label.", "",
+                 "| group | guard | texts | same label | share |", "|---|---|---:|---:|---:|"]
+        for a in self.groups.values():
+            lines.append(f"| {a.group} | {a.guard} | {a.n} | {a.agree} | {a.share:.2%} |")
+        for a in self.groups.values():
+            lines += ["", f"### {a.group}", "", "```", a.confusion_text(), "```"]
+            if a.disagreements and show:
+                lines += ["", f"Disagreements, the guard's surest first ({min(show, len(a.disagreements))} of "
+                              f"{len(a.disagreements)}):", "", "| text | guard | merged |", "|---|---|---|"]
+                for d in a.disagreements[:show]:
+                    t = " ".join(self.texts[d.index].split())
+                    t = (t[: width - 1] + "…" if len(t) > width else t).replace("|", "\\|")
+                    lines.append(f"| {d.index}: {t} | {d.guard} ({d.guard_p:.2f}) | {d.merged} ({d.merged_p:.2f}) |")
+        return "\n".join(lines)
+
+
+def recorded_guards(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{group: guard directory}`` from the recipe in a merged model's ``config.json`` (``hm3.recipe``);
+    only guards whose directory still exists (a hub id or a moved folder is left out)."""
+    cfg_file = Path(model_dir) / "config.json"
+    try:
+        meta = json.loads(cfg_file.read_text()).get("hm3") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for m in (meta.get("recipe") or {}).get("models") or []:
+        group, path = m.get("group"), m.get("model")
+        if group and path and Path(path).is_dir():
+            out[group] = Path(path)
+    return out
+
+
+def _guard_group(guard: "GroupwiseClassifier", group: str, where: str) -> str:
+    if group in guard.groups:
+        return group
+    if len(guard.groups) == 1:
+        return guard.groups[0]
+    raise HM3Error(f"{where}: has groups {', '.join(guard.groups)} but none is {group!r}; give a guard that "
+                   f"answers only {group!r} or has a group of that name")
+
+
+def agreement(
+    model: "str | os.PathLike | GroupwiseClassifier",
+    texts: Sequence[str],
+    guards: "Mapping[str, str | os.PathLike | GroupwiseClassifier] | None" = None,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Agreement:
+    """Label agreement per group between ``model`` and each group's original guard on ``texts``.
+
+    ``guards``: ``{group: guard}`` (directories or loaded classifiers); default the recipe's models
+    recorded in ``model``'s config (``recorded_guards``). Groups without a guard are left out; none
+    at all is an error."""
+    from hm3.model import GroupwiseClassifier, load
+
+    t0 = time.perf_counter()
+    name = str(model) if not isinstance(model, GroupwiseClassifier) else (model.name or "model")
+    if guards is None:
+        if isinstance(model, GroupwiseClassifier):
+            raise HM3Error("agreement: pass the guards ({group: directory}) with a loaded model")
+        guards = recorded_guards(model)
+        if not guards:
+            raise HM3Error(f"{model}: its config.json records no guard directory that exists here; "
+                           "name them with --guard GROUP=DIR")
+    clf = model if isinstance(model, GroupwiseClassifier) else load(model)
+    unknown = [g for g in guards if g not in clf.groups]
+    if unknown:
+        raise HM3Error(f"{name}: has no group {', '.join(map(repr, unknown))}; its groups are {', '.join(clf.groups)}")
+    texts = list(texts)
+    if not texts:
+        raise HM3Error("agreement needs at least one text")
+    groups = [g for g in clf.groups if g in guards]
+    merged = clf.predict_proba(texts, groups, batch_size=batch_size, progress=progress)
+    out: dict[str, GroupAgreement] = {}
+    for g in groups:
+        src = guards[g]
+        where = str(src) if not isinstance(src, GroupwiseClassifier) else (src.name or f"guard of {g}")
+        guard = src if isinstance(src, GroupwiseClassifier) else load(src)
+        gg = _guard_group(guard, g, where)
+        labels = list(clf.space[g].labels)
+        if guard.space[gg].size != len(labels):
+            raise HM3Error(f"{where}: has {guard.space[gg].size} labels but group {g!r} of {name} has "
+                           f"{len(labels)}; give the guard that group was merged from")
+        gp = guard.predict_proba(texts, [gg], batch_size=batch_size, progress=progress)[gg]
+        mp = merged[g]
+        ya, yb = gp.argmax(1), mp.argmax(1)
+        conf = np.zeros((len(labels), len(labels)), dtype=np.int64)
+        np.add.at(conf, (ya, yb), 1)
+        idx = np.flatnonzero(ya != yb)
+        idx = idx[np.argsort(-gp[idx, ya[idx]], kind="stable")]
+        dis = [Disagreement(int(i), labels[ya[i]], labels[yb[i]], float(gp[i, ya[i]]), float(mp[i, yb[i]])) for i in idx]
+        out[g] = GroupAgreement(g, where, labels, conf, dis)
+        log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
+    return Agreement(name, texts, out, time.perf_counter() - t0)
+
+
+def _parse_guards(items: Sequence[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        group, sep, path = item.partition("=")
+        if not sep or not group.strip() or not path.strip():
+            raise HM3Error(f"--guard {item!r}: expected GROUP=DIR, e.g. --guard jailbreak=./jailbreak-guard")
+        if group.strip() in out:
+            raise HM3Error(f"--guard: group {group.strip()!r} given twice")
+        out[group.strip()] = Path(path.strip())
+    return out
+
+
+def register(app, user_errors) -> None:
+    import typer
+
+    @app.command("agree")
+    @user_errors
+    def agree_command(
+        model: Path = typer.Argument(..., help="The merged model."),
+        guard: Optional[List[str]] = typer.Option(None, "--guard", "-g",
+                                                 help="GROUP=DIR: the original guard of a group (repeat; default: "
+                                                      "the guards recorded in the model's recipe)."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help=".txt (one text a line), .jsonl (field "
+                                             "`text`), or - for stdin. Unlabelled: e.g. a sample of your traffic."),
+        text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text (repeat for more)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write agreement.json and agreement.md here."),
+        show: int = typer.Option(5, "--show", min=0, help="Disagreements to list per group (the guard's surest first)."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+    ) -> None:
+        """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
+        from hm3.io import texts_from, write_text_atomic
+
+        texts = texts_from(input, text)
+        guards = _parse_guards(guard) if guard else None
+        report = agreement(model, texts, guards, batch_size=batch_size, progress=True)
+        md = report.markdown(show)
+        typer.echo(md)
+        if out is not None:
+            write_text_atomic(out / "agreement.json", json.dumps(report.to_json(), indent=2) + "\n")
+            write_text_atomic(out / "agreement.md", md + "\n")
+            typer.echo(f"\nwrote {out / 'agreement.md'} and {out / 'agreement.json'}", err=True)
