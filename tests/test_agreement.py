@@ -31,7 +31,7 @@ def merged(tiny, tmp_path_factory):
 def test_counts_match_the_two_models_predictions(tiny, merged):
     from hm3.model import load
 
-    rep = agreement(merged, TEXTS)  # guards from the recipe recorded in config.json
+    rep = agreement(merged, TEXTS, sure=0.6)  # guards from the recipe recorded in config.json
     assert set(rep.groups) == {"a", "b"}
     clf = load(merged)
     for g in ("a", "b"):
@@ -43,6 +43,9 @@ def test_counts_match_the_two_models_predictions(tiny, merged):
         assert a.confusion.tolist() == [[int(((want_g == i) & (want_m == j)).sum()) for j in range(len(a.labels))]
                                         for i in range(len(a.labels))]
         assert sorted(d.index for d in a.disagreements) == np.flatnonzero(want_g != want_m).tolist()
+        p_guard = guard.predict_proba(TEXTS)[guard.groups[0]].max(1)
+        sure = p_guard >= 0.6
+        assert (a.sure, a.sure_agree) == (int(sure.sum()), int((sure & (want_g == want_m)).sum()))
         ps = [d.guard_p for d in a.disagreements]
         assert ps == sorted(ps, reverse=True)  # the guard's surest first
         for d in a.disagreements:
@@ -64,6 +67,8 @@ def test_bad_guards_are_explained(tiny, merged, tmp_path):
         agreement(merged, TEXTS, {"zzz": tiny["a"]})
     with pytest.raises(HM3Error, match="has 3 labels but group 'a'"):
         agreement(merged, TEXTS, {"a": tiny["b"]})
+    with pytest.raises(HM3Error, match="sure must be in"):
+        agreement(merged, TEXTS, {"a": tiny["a"]}, sure=0)
     with pytest.raises(HM3Error, match="at least one text"):
         agreement(merged, [], {"a": tiny["a"]})
     moved = tmp_path / "moved"

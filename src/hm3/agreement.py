@@ -53,6 +53,8 @@ class GroupAgreement:
     labels: list[str]
     confusion: np.ndarray  # (k, k): rows the guard's label, columns the merged model's
     disagreements: list[Disagreement] = field(default_factory=list)  # surest guard first
+    sure: int = 0  # texts where the guard's top probability is at least the report's threshold
+    sure_agree: int = 0  # ... and the merged model gives the same label
 
     @property
     def n(self) -> int:
@@ -66,9 +68,14 @@ class GroupAgreement:
     def share(self) -> float:
         return self.agree / self.n if self.n else float("nan")
 
+    @property
+    def sure_share(self) -> float:
+        return self.sure_agree / self.sure if self.sure else float("nan")
+
     def to_json(self, show: int | None = None) -> dict:
         return {"group": self.group, "guard": self.guard, "labels": self.labels, "texts": self.n,
-                "agree": self.agree, "share": self.share, "confusion": self.confusion.tolist(),
+                "agree": self.agree, "share": self.share, "sure": self.sure, "sure_agree": self.sure_agree,
+                "sure_share": self.sure_share, "confusion": self.confusion.tolist(),
                 "disagreements": [d.to_json() for d in self.disagreements[:show]]}
 
     def confusion_text(self) -> str:
@@ -85,17 +92,22 @@ class Agreement:
     texts: list[str]
     groups: dict[str, GroupAgreement]
     seconds: float
+    sure: float = 0.9  # the guard counts as sure of a text when its top probability is at least this
 
     def to_json(self, show: int | None = None) -> dict:
-        return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2),
+        return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2), "sure": self.sure,
                 "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
 
     def markdown(self, show: int = 5, width: int = 100) -> str:
         lines = [f"Agreement of {self.model} with the original guards on {len(self.texts)} texts "
-                 f"({self.seconds:.1f} s): the share of texts where both give the same label.", "",
-                 "| group | guard | texts | same label | share |", "|---|---|---:|---:|---:|"]
+                 f"({self.seconds:.1f} s): the share of texts where both give the same label; *guard sure*: "
+                 f"the texts where the guard's top probability is at least {self.sure:g} (elsewhere the guard "
+                 "itself hesitates, e.g. on text outside its task).", "",
+                 "| group | guard | texts | same label | share | guard sure | same label | share |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
         for a in self.groups.values():
-            lines.append(f"| {a.group} | {a.guard} | {a.n} | {a.agree} | {a.share:.2%} |")
+            sure = f"{a.sure_share:.2%}" if a.sure else "–"
+            lines.append(f"| {a.group} | {a.guard} | {a.n} | {a.agree} | {a.share:.2%} | {a.sure} | {a.sure_agree} | {sure} |")
         for a in self.groups.values():
             lines += ["", f"### {a.group}", "", "```", a.confusion_text(), "```"]
             if a.disagreements and show:
@@ -140,14 +152,18 @@ def agreement(
     *,
     batch_size: int = 32,
     progress: bool = False,
+    sure: float = 0.9,
 ) -> Agreement:
     """Label agreement per group between ``model`` and each group's original guard on ``texts``.
 
     ``guards``: ``{group: guard}`` (directories or loaded classifiers); default the recipe's models
     recorded in ``model``'s config (``recorded_guards``). Groups without a guard are left out; none
-    at all is an error."""
+    at all is an error. ``sure``: also count agreement on the texts where the guard's top probability
+    is at least this."""
     from hm3.model import GroupwiseClassifier, load
 
+    if not 0 < sure <= 1:
+        raise HM3Error(f"sure must be in (0, 1], got {sure}")
     t0 = time.perf_counter()
     name = str(model) if not isinstance(model, GroupwiseClassifier) else (model.name or "model")
     if guards is None:
@@ -184,9 +200,10 @@ def agreement(
         idx = np.flatnonzero(ya != yb)
         idx = idx[np.argsort(-gp[idx, ya[idx]], kind="stable")]
         dis = [Disagreement(int(i), labels[ya[i]], labels[yb[i]], float(gp[i, ya[i]]), float(mp[i, yb[i]])) for i in idx]
-        out[g] = GroupAgreement(g, where, labels, conf, dis)
+        confident = gp.max(1) >= sure
+        out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & (ya == yb)).sum()))
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
-    return Agreement(name, texts, out, time.perf_counter() - t0)
+    return Agreement(name, texts, out, time.perf_counter() - t0, sure)
 
 
 def _parse_guards(items: Sequence[str]) -> dict[str, Path]:
@@ -216,6 +233,8 @@ def register(app, user_errors) -> None:
         text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text (repeat for more)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write agreement.json and agreement.md here."),
         show: int = typer.Option(5, "--show", min=0, help="Disagreements to list per group (the guard's surest first)."),
+        sure: float = typer.Option(0.9, "--sure", min=0.0, max=1.0,
+                                   help="Also report agreement where the guard's top probability is at least this."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
@@ -223,7 +242,7 @@ def register(app, user_errors) -> None:
 
         texts = texts_from(input, text)
         guards = _parse_guards(guard) if guard else None
-        report = agreement(model, texts, guards, batch_size=batch_size, progress=True)
+        report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure)
         md = report.markdown(show)
         typer.echo(md)
         if out is not None:
