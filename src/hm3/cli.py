@@ -104,9 +104,8 @@ def predict(
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
 ) -> None:
     """Classify texts: per text and group, the label and the group's softmax scores."""
-    from hm3.model import load
-
     from hm3.io import texts_from
+    from hm3.model import load
 
     texts = texts_from(input, text)
     clf = load(model, aggregate=aggregate)
