@@ -114,6 +114,20 @@ def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
         distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], layers=99)
 
 
+def test_frozen_word_embeddings_stay_byte_identical_while_the_rest_trains(tiny, tmp_path, recipe):
+    merged = _merged(tiny, recipe, tmp_path)
+    clf = hm3.load(merged)
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    report = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]},
+                          _texts(TASK_A, 40, 3), epochs=1, lr=1e-3, max_length=32, freeze_embeddings=True)
+    after = clf.model.state_dict()
+    assert torch.equal(before["bert.embeddings.word_embeddings.weight"], after["bert.embeddings.word_embeddings.weight"])
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "bert.embeddings.position_embeddings.weight" in moved and "bert.encoder.layer.0.attention.self.query.weight" in moved
+    assert report.trained == "all weights but the word embeddings"
+    assert all(p.requires_grad for p in clf.model.parameters())  # unfrozen again afterwards
+
+
 def test_every_group_needs_its_own_guard(tiny, tmp_path, recipe):
     clf = hm3.load(_merged(tiny, recipe, tmp_path))
     with pytest.raises(HM3Error, match=r"every group; missing \['b'\]"):

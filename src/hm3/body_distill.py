@@ -100,8 +100,17 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> lis
     return out
 
 
-def _trainable(model, layers: int | None) -> str:
-    """Freeze all but the top ``layers`` encoder layers, the pooler and the head; describe what trains."""
+def _trainable(model, layers: int | None, freeze_embeddings: bool = False) -> str:
+    """Freeze all but the top ``layers`` encoder layers, the pooler and the head (and, with
+    ``freeze_embeddings``, the word embeddings); describe what trains."""
+    what = _trainable_layers(model, layers)
+    if freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        what += " but the word embeddings"
+    return what
+
+
+def _trainable_layers(model, layers: int | None) -> str:
     if layers is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -136,6 +145,7 @@ def distill_body(
     batch_size: int = 16,
     max_length: int = 128,
     layers: int | None = None,
+    freeze_embeddings: bool = False,
     weight_decay: float = 0.01,
     seed: int = 0,
     cache: bool = True,
@@ -190,7 +200,7 @@ def distill_body(
     report.teacher_reused = teacher_memo.reused - reused
 
     model.float()
-    report.trained = _trainable(model, layers)
+    report.trained = _trainable(model, layers, freeze_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases and LayerNorm, as in BERT fine-tuning

@@ -104,6 +104,9 @@ class BodyConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=16)  # tokens per text (first window)
     layers: int | None = Field(None, ge=1)  # train only the top encoder layers (+ pooler, head); None: all
+    # keep the word embeddings (half of MiniLM's weights) as merged: session 11, CS3 on an AMX CPU, the
+    # training steps 20% faster with the same validation answers (paired 0.9997, 2 of 7,275 labels moved)
+    freeze_embeddings: bool = False
     weight_decay: float = Field(0.01, ge=0)
     heads_after: bool = False  # then re-fit the heads once more on the trained body (same refit settings)
 
