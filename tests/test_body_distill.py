@@ -126,6 +126,9 @@ def test_frozen_word_embeddings_stay_byte_identical_while_the_rest_trains(tiny, 
     assert "bert.embeddings.position_embeddings.weight" in moved and "bert.encoder.layer.0.attention.self.query.weight" in moved
     assert report.trained == "all weights but the word embeddings"
     assert all(p.requires_grad for p in clf.model.parameters())  # unfrozen again afterwards
+    top = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"],
+                       epochs=1, layers=1, max_length=32, freeze_embeddings=True)
+    assert top.trained == f"top 1 of {clf.model.config.num_hidden_layers} encoder layers, pooler and head"
 
 
 def test_every_group_needs_its_own_guard(tiny, tmp_path, recipe):

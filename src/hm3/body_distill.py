@@ -104,7 +104,7 @@ def _trainable(model, layers: int | None, freeze_embeddings: bool = False) -> st
     """Freeze all but the top ``layers`` encoder layers, the pooler and the head (and, with
     ``freeze_embeddings``, the word embeddings); describe what trains."""
     what = _trainable_layers(model, layers)
-    if freeze_embeddings:
+    if freeze_embeddings and layers is None:  # (with ``layers`` the embeddings are frozen already)
         model.get_input_embeddings().weight.requires_grad_(False)
         what += " but the word embeddings"
     return what
