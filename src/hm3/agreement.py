@@ -123,15 +123,12 @@ class Agreement:
 def recorded_guards(model_dir: str | os.PathLike) -> dict[str, Path]:
     """``{group: guard directory}`` from the recipe in a merged model's ``config.json`` (``hm3.recipe``);
     only guards whose directory still exists (a hub id or a moved folder is left out)."""
-    cfg_file = Path(model_dir) / "config.json"
-    try:
-        meta = json.loads(cfg_file.read_text()).get("hm3") or {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+    from hm3.io import recipe_models
+
     out = {}
-    for m in (meta.get("recipe") or {}).get("models") or []:
-        group, path = m.get("group"), m.get("model")
-        if group and path and Path(path).is_dir():
+    for m in recipe_models(model_dir) or []:
+        group, path = m.get("group"), m["model"]
+        if group and Path(path).is_dir():
             out[group] = Path(path)
     return out
 

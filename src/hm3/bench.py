@@ -602,11 +602,10 @@ def bench_inference(
 
 def _merged_from(merged: Path) -> list[str] | None:
     """The models a cached merged model was made from (its recipe in config.json), or None."""
-    try:
-        recipe = json.loads((merged / "config.json").read_text())["hm3"]["recipe"]
-        return [m["model"] for m in recipe["models"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    from hm3.io import recipe_models
+
+    models = recipe_models(merged)
+    return None if models is None else [m["model"] for m in models]
 
 
 def _base_of(models: list[Path]) -> Path:

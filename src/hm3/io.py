@@ -532,6 +532,18 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
     return rows
 
 
+def recipe_models(model_dir: str | os.PathLike) -> list[dict] | None:
+    """The recipe's model entries (``{"model", "group", ...}``) that a merged model's ``config.json``
+    records under ``hm3.recipe``; None when the file, the recipe or an entry's ``model`` is missing."""
+    try:
+        models = json.loads((Path(model_dir) / "config.json").read_text())["hm3"]["recipe"]["models"]
+        if all(isinstance(m["model"], str) for m in models):
+            return list(models)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = None) -> list[str]:
     """The texts a command was given: ``--text`` values, or ``--input`` — a .txt file (one text a line),
     a .jsonl file (field ``text``), or ``-`` for one text a line on stdin. Exactly one of the two."""
