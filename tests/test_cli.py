@@ -275,3 +275,78 @@ def test_help_imports_no_heavy_library():
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'optuna', 'fastapi', 'matplotlib'}))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+# -- the console script's quick exit ---------------------------------------------------------------
+
+
+def test_console_script_process_writes_everything_and_keeps_exit_codes(recipe, tmp_path):
+    """``hm3`` as a process (``main`` ends with ``os._exit``): a merge's files are complete and its
+    report reaches a pipe; a user error still exits 2 with its one line on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    from hm3.merging.engine import merge
+
+    cfg = write_recipe(tmp_path / "r.yaml", recipe("ties", density=0.5))
+    cmd = [sys.executable, "-m", "hm3.cli"]
+    r = subprocess.run([*cmd, "merge", cfg, "--out", str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "out") in r.stdout
+    merge(cfg, tmp_path / "ref", progress=False)  # the same merge in this process
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+    bad = subprocess.run([*cmd, "merge", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o2")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing.yaml" in bad.stderr
+    assert not (tmp_path / "o2").exists()
+
+    # a command's plain print() to a pipe is block-buffered: main flushes it before os._exit
+    script = "from hm3 import cli; cli.app = lambda: print('answer ' * 100); cli.main()"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout == "answer " * 100 + "\n", (r.stdout[-80:], r.stderr)
+
+
+@pytest.mark.parametrize("raised,code,stderr", [(SystemExit(0), 0, ""), (SystemExit(None), 0, ""),
+                                                (SystemExit(2), 2, ""), (SystemExit("gone"), 1, "gone\n")])
+def test_main_maps_exit_codes_to_os_exit(monkeypatch, capsys, raised, code, stderr):
+    import os
+
+    from hm3 import cli
+
+    def command():
+        print("answer")
+        raise raised
+
+    exits = []
+    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    cli.main()
+    assert exits == [code]
+    out = capsys.readouterr()
+    assert out.out == "answer\n" and out.err == stderr
+
+
+def test_main_exits_normally_while_a_thread_of_its_own_runs(monkeypatch):
+    """Python's own exit waits for non-daemon threads; os._exit would cut them off."""
+    import os
+    import threading
+
+    from hm3 import cli
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    monkeypatch.setattr(cli, "app", lambda: None)
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("os._exit with a thread still running"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 0
+    finally:
+        release.set()
+        worker.join()
