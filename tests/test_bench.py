@@ -241,3 +241,21 @@ def test_trial_texts_are_a_seeded_draw_from_the_validation_suite_or_say_they_rep
     assert _texts(2, tmp_path) == (drawn, source)
     more, source = _texts(5, tmp_path)
     assert more == ["one", "two", "three", "one", "two"] and "3 distinct texts, repeated to 5" in source
+
+
+def test_byte_compile_hm3_leaves_a_current_pyc_for_every_module(tmp_path):
+    """Whole-process timings read hm3's bytecode as mergekit's is read: compiled at install."""
+    import importlib.util
+    from pathlib import Path
+
+    import hm3.merging.engine as engine
+
+    pyc = Path(importlib.util.cache_from_source(engine.__file__))
+    pyc.unlink(missing_ok=True)
+    bench.byte_compile_hm3()
+    assert pyc.exists()
+    # current: the header records the source's mtime and size, so Python uses it instead of compiling
+    src = Path(engine.__file__).stat()
+    header = pyc.read_bytes()[:16]
+    assert int.from_bytes(header[8:12], "little") == int(src.st_mtime) & 0xFFFFFFFF
+    assert int.from_bytes(header[12:16], "little") == src.st_size & 0xFFFFFFFF
