@@ -325,6 +325,8 @@ def test_main_maps_exit_codes_to_os_exit(monkeypatch, capsys, raised, code, stde
     exits = []
     monkeypatch.setattr(cli, "app", command)
     monkeypatch.setattr(os, "_exit", exits.append)
+    # threads other tests leave running (a server's executor) would make main take the normal exit
+    monkeypatch.setattr(cli.threading, "enumerate", lambda: [cli.threading.main_thread()])
     cli.main()
     assert exits == [code]
     out = capsys.readouterr()
