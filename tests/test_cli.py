@@ -352,3 +352,19 @@ def test_main_exits_normally_while_a_thread_of_its_own_runs(monkeypatch):
     finally:
         release.set()
         worker.join()
+
+
+def test_group_pairs_reads_group_value_items_and_names_the_option_in_errors():
+    from hm3.errors import HM3Error
+    from hm3.io import group_pairs
+
+    assert group_pairs(["a=x.jsonl", " b = dir/y "], "--data") == {"a": "x.jsonl", "b": "dir/y"}
+    assert group_pairs(None, "--data") == {}
+    for bad, message in [("a", "--data 'a': expected GROUP=PATH"), ("=x", "expected GROUP=PATH"),
+                         ("a= ", "expected GROUP=PATH")]:
+        with pytest.raises(HM3Error, match=message):
+            group_pairs([bad], "--data")
+    with pytest.raises(HM3Error, match=r"--guard 'g': expected GROUP=DIR, e\.g\. --guard jailbreak=\./j"):
+        group_pairs(["g"], "--guard", "DIR", "jailbreak=./j")
+    with pytest.raises(HM3Error, match="--data: group 'a' given twice"):
+        group_pairs(["a=x", "a=y"], "--data")

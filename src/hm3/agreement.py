@@ -203,18 +203,6 @@ def agreement(
     return Agreement(name, texts, out, time.perf_counter() - t0, sure)
 
 
-def _parse_guards(items: Sequence[str]) -> dict[str, Path]:
-    out = {}
-    for item in items:
-        group, sep, path = item.partition("=")
-        if not sep or not group.strip() or not path.strip():
-            raise HM3Error(f"--guard {item!r}: expected GROUP=DIR, e.g. --guard jailbreak=./jailbreak-guard")
-        if group.strip() in out:
-            raise HM3Error(f"--guard: group {group.strip()!r} given twice")
-        out[group.strip()] = Path(path.strip())
-    return out
-
-
 def register(app, user_errors) -> None:
     import typer
 
@@ -235,10 +223,11 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
-        from hm3.io import texts_from, write_text_atomic
+        from hm3.io import group_pairs, texts_from, write_text_atomic
 
         texts = texts_from(input, text)
-        guards = _parse_guards(guard) if guard else None
+        guards = ({g: Path(p) for g, p in group_pairs(guard, "--guard", "DIR", "jailbreak=./jailbreak-guard").items()}
+                  if guard else None)
         report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure)
         md = report.markdown(show)
         typer.echo(md)

@@ -544,6 +544,22 @@ def recipe_models(model_dir: str | os.PathLike) -> list[dict] | None:
     return None
 
 
+def group_pairs(values: Sequence[str] | None, option: str, value: str = "PATH", example: str = "") -> dict[str, str]:
+    """Command-line ``GROUP=VALUE`` items (``--data``, ``--guard``, ...) as ``{group: value}``, whitespace
+    around either side dropped. A missing side, or a group given twice, is an error naming ``option``."""
+    out: dict[str, str] = {}
+    for item in values or []:
+        group, sep, rest = item.partition("=")
+        group, rest = group.strip(), rest.strip()
+        if not sep or not group or not rest:
+            hint = f", e.g. {option} {example}" if example else ""
+            raise HM3Error(f"{option} {item!r}: expected GROUP={value}{hint}")
+        if group in out:
+            raise HM3Error(f"{option}: group {group!r} given twice")
+        out[group] = rest
+    return out
+
+
 def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = None) -> list[str]:
     """The texts a command was given: ``--text`` values, or ``--input`` — a .txt file (one text a line),
     a .jsonl file (field ``text``), or ``-`` for one text a line on stdin. Exactly one of the two."""

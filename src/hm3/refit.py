@@ -755,18 +755,6 @@ def refit_dir(
     return report
 
 
-def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for v in values or []:
-        group, sep, path = v.partition("=")
-        if not sep or not group or not path:
-            raise HM3Error(f"{option} {v!r}: expected GROUP=PATH")
-        if group in out:
-            raise HM3Error(f"{option}: group {group!r} given twice")
-        out[group] = path
-    return out
-
-
 def register(app, user_errors) -> None:
     import typer
 
@@ -817,9 +805,11 @@ def register(app, user_errors) -> None:
     ) -> None:
         """Re-fit group heads on the model's own features: labelled, or distilled from the original guards;
         with --body-epochs, then distil the whole model from the guards."""
-        files = _pairs(data, "--data")
-        teachers = _pairs(distill_from, "--distill-from")
-        vals = _pairs(validation, "--validation")
+        from hm3.io import group_pairs
+
+        files = group_pairs(data, "--data")
+        teachers = group_pairs(distill_from, "--distill-from")
+        vals = group_pairs(validation, "--validation")
         for option, table in (("--distill-from", teachers), ("--validation", vals)):
             extra = sorted(set(table) - set(files))
             if extra:
