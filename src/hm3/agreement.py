@@ -79,11 +79,9 @@ class GroupAgreement:
                 "disagreements": [d.to_json() for d in self.disagreements[:show]]}
 
     def confusion_text(self) -> str:
-        width = max(10, *(len(x) + 1 for x in self.labels))
-        head = "guard \\ merged".ljust(width + 6) + "".join(x.rjust(width) for x in self.labels)
-        rows = [label.ljust(width + 6) + "".join(str(int(c)).rjust(width) for c in row)
-                for label, row in zip(self.labels, self.confusion)]
-        return "\n".join([head, *rows])
+        from hm3.evaluate import confusion_text
+
+        return confusion_text(self.labels, self.confusion, "guard \\ merged")
 
 
 @dataclass

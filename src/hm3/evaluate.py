@@ -120,6 +120,17 @@ class LabelStats:
     f1: float
 
 
+def confusion_text(labels: Sequence[str], confusion: "Sequence[Sequence[int]]", corner: str) -> str:
+    """A square confusion matrix as aligned text, ``corner`` naming its rows and columns (``"rows \\ columns"``)."""
+    cells = [[str(int(v)) for v in row] for row in confusion]
+    width = max([len(x) for x in labels] + [len(v) for row in cells for v in row] + [8])
+    first = max(width, len(corner)) + 2  # the corner title never runs into the columns
+    lines = [corner.ljust(first) + " ".join(x.rjust(width) for x in labels)]
+    for label, row in zip(labels, cells):
+        lines.append(label.ljust(first) + " ".join(v.rjust(width) for v in row))
+    return "\n".join(lines)
+
+
 @dataclass
 class GroupScore:
     group: str
@@ -132,13 +143,7 @@ class GroupScore:
 
     def confusion_text(self) -> str:
         """The confusion matrix as aligned text: rows expected, columns predicted."""
-        width = max([len(x) for x in self.labels] + [len(str(v)) for row in self.confusion for v in row] + [8])
-        first = max(width, len("expected \\ predicted")) + 2  # the corner title never runs into the columns
-        head = "expected \\ predicted".ljust(first) + " ".join(x.rjust(width) for x in self.labels)
-        lines = [head]
-        for label, row in zip(self.labels, self.confusion):
-            lines.append(label.ljust(first) + " ".join(str(v).rjust(width) for v in row))
-        return "\n".join(lines)
+        return confusion_text(self.labels, self.confusion, "expected \\ predicted")
 
     def to_json(self) -> dict:
         return {
