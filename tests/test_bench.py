@@ -243,7 +243,7 @@ def test_trial_texts_are_a_seeded_draw_from_the_validation_suite_or_say_they_rep
     assert more == ["one", "two", "three", "one", "two"] and "3 distinct texts, repeated to 5" in source
 
 
-def test_byte_compile_hm3_leaves_a_current_pyc_for_every_module(tmp_path):
+def test_byte_compile_hm3_leaves_a_current_pyc_of_the_engine():
     """Whole-process timings read hm3's bytecode as mergekit's is read: compiled at install."""
     import importlib.util
     from pathlib import Path
