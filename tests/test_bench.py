@@ -259,3 +259,27 @@ def test_byte_compile_hm3_leaves_a_current_pyc_of_the_engine():
     header = pyc.read_bytes()[:16]
     assert int.from_bytes(header[8:12], "little") == int(src.st_mtime) & 0xFFFFFFFF
     assert int.from_bytes(header[12:16], "little") == src.st_size & 0xFFFFFFFF
+
+
+def test_inference_worker_times_the_steady_state_after_an_untimed_first_pass(tmp_path):
+    """With warmup, the worker's first pass is reported apart and kept out of load and inference;
+    the labels it writes are those of a cold run, and the report says how inference was timed."""
+    bm = bench.make_models(tmp_path / "models", "tiny", 2, expanded=False)
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps([f"text number {i} " * (1 + i % 5) for i in range(10)]))
+    got = {}
+    for warm in (True, False):
+        spec = {"models": [str(m) for m in bm.models], "texts": str(texts), "batch_size": 4, "warmup": warm,
+                "labels": str(tmp_path / f"labels-{warm}.json")}
+        got[warm] = bench._infer(spec)
+    assert got[True]["first_pass_s"] > 0 and got[False]["first_pass_s"] is None
+    for r in got.values():
+        assert r["seconds"] == pytest.approx(r["load_s"] + (r["first_pass_s"] or 0) + r["infer_s"], abs=0.05)
+    assert json.loads((tmp_path / "labels-True.json").read_text()) == json.loads((tmp_path / "labels-False.json").read_text())
+    row = {"n": 2, "setup": "merged", "load_s": 0.1, "infer_s": 1.0, "total_s": 1.1, "texts_per_s": 10.0,
+           "peak_rss_mb": 1.0, "forward_passes": 10}
+    res = {"guards": "g", "texts": "t", "n_texts": 10, "batch_size": 4, "repeats": 1, "summary": [], "fast": []}
+    warm = bench.render_markdown(None, {**res, "warmup": True, "rows": [{**row, "first_pass_s": 1.5}]}, command="x", images={})
+    cold = bench.render_markdown(None, {**res, "warmup": False, "rows": [{**row, "first_pass_s": None}]}, command="x", images={})
+    assert "untimed first pass s |" in warm and "| 10 | 1.50 |" in warm and "steady state" in warm
+    assert "first pass" not in cold
