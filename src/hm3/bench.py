@@ -386,14 +386,15 @@ def bench_merge(
                 runs: dict[tuple[str, str], list[Run]] = {(t, m): [] for t, m, _ in jobs}
                 for r in range(repeats):
                     for tool, mode, cmd in jobs:
-                        if tool == "mergekit":
-                            shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
+                        # every tool starts without a previous output: removing one is not part of a merge
+                        shutil.rmtree(run_dir / ("out-mergekit" if tool == "mergekit" else "out"), ignore_errors=True)
                         run = run_child(cmd, env=env)
                         runs[(tool, mode)].append(run)
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
                                  run.wall_s, f"{run.inner_s:.2f}s" if run.inner_s is not None else "-", run.peak_rss_mb)
                 results["commands"].setdefault(f"{size}-{n}-{method}", {f"{t} {m}": " ".join(c) for t, m, c in jobs})
                 if phases and whole_process:
+                    shutil.rmtree(run_dir / "out", ignore_errors=True)
                     run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
                     results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
                                               "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
@@ -1078,6 +1079,7 @@ def _worker(kind: str, spec: dict) -> dict:
 
         from hm3.merging.engine import merge
 
+        shutil.rmtree(spec["out"], ignore_errors=True)  # as for mergekit: no old output to replace
         t0 = time.perf_counter()
         merge(spec["config"], spec["out"], force=True, progress=False)
         return {"seconds": time.perf_counter() - t0}
