@@ -777,9 +777,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         "(`hm3 merge`, `mergekit-yaml`); *in-process* = the library call alone inside a worker that "
         "imported everything first (`hm3.merge(...)`, `mergekit.merge.run_merge(...)`), both reading the "
         "inputs and writing the output. Repeats are interleaved (hm3, mergekit, hm3, ...) and medians "
-        "reported. The `hm3` command sets `THP_MEM_ALLOC_ENABLE=1` before importing torch (huge pages for "
-        "large tensors) and, once its files are written and its output flushed, ends with `os._exit` "
-        "(Python's shutdown after `import torch` costs ~0.25 s); mergekit runs with the environment as it is. "
+        "reported. Both tools run with the environment as it is; the `hm3` command, once its files are "
+        "written and its output flushed, ends with `os._exit` (Python's shutdown after `import torch` "
+        "costs ~0.25 s). "
         "hm3's modules are byte-compiled first, as `pip install` leaves mergekit's.",
         "",
     ]
@@ -1073,7 +1073,6 @@ def _echo_json(summary, json_out, full) -> None:
 def _worker(kind: str, spec: dict) -> dict:
     """The timed call of an in-process run; its caller (``run_child``) measures wall time and RSS."""
     if kind == "hm3-merge":
-        _hm3_process_settings()
         import torch  # noqa: F401  imports are not part of the timed call
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
 
@@ -1098,7 +1097,6 @@ def _worker(kind: str, spec: dict) -> dict:
         run_merge(cfg, spec["out"], MergeOptions(copy_tokenizer=False, quiet=True, random_seed=0))
         return {"seconds": time.perf_counter() - t0}
     if kind == "infer":
-        _hm3_process_settings()
         return _infer(spec)
     if kind == "bandwidth":
         return {"seconds": 0.0, "gbs": measure_bandwidth(spec.get("mbytes", 256))}
@@ -1111,7 +1109,6 @@ def hm3_phases(config: str, out: str) -> dict:
     tables, tokenizer check), reading + merging the tensors, and writing (safetensors bytes, config,
     tokenizer, card, the atomic rename). Same calls as ``hm3.merge``, with clocks between them."""
     t0 = time.perf_counter()
-    _hm3_process_settings()
     import torch  # noqa: F401
 
     t1 = time.perf_counter()
@@ -1143,11 +1140,6 @@ def hm3_phases(config: str, out: str) -> dict:
     t4 = time.perf_counter()
     return {"seconds": t4 - t0, "import_torch_s": t1 - t0, "import_rest_s": t2 - t1, "prepare_s": t3 - t2,
             "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0], "workers": engine.merge_workers()}
-
-
-def _hm3_process_settings() -> None:
-    """What the ``hm3`` command sets before importing torch (see ``hm3.cli``)."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _infer(spec: dict) -> dict:

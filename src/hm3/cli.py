@@ -19,10 +19,10 @@ from typing import Callable, Optional
 
 import typer
 
-# Before torch is imported: its CPU allocator then backs large tensors with transparent huge pages,
-# so the first touch of the hundreds of MB a merge allocates costs a third as much (docs/BENCHMARKS.md).
-# A user's own setting wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# torch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1) is left to the user: on one VM it
+# made the first touch of a large tensor 3x cheaper (session 1); on another (session 13) it made it up
+# to 7x dearer, whole `hm3 merge` runs 1.1-1.7x as long and the first inference pass 1.25x. Set it in
+# the environment where it pays.
 
 from hm3.errors import HM3Error
 
