@@ -88,8 +88,8 @@ def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
         probes.read_external(tmp_path / "zoo" / probes.PROBE_FILE)
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"text": "a", "source": "s"}\n{"text": 3}\n')
-    with pytest.raises(HM3Error, match=r"p.jsonl:2: expected"):
+    with pytest.raises(HM3Error, match=r"p.jsonl: row 2: expected"):
         probes.read_external(bad)
     bad.write_text("{oops\n")
-    with pytest.raises(HM3Error, match=r"p.jsonl:1: not JSON"):
+    with pytest.raises(HM3Error, match=r"p.jsonl:1: not valid JSON"):
         probes.read_external(bad)

