@@ -641,6 +641,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
         f"hm3 zoo build --out {zoo_arg}   # the zoo (make results builds it if it is missing)",
         f"hm3 merge {zoo_arg}/merge-all.yaml -o merged-all          # the recommended 5-guard merge",
         f"hm3 eval merged-all --suite {zoo_arg}/suites/test.jsonl   # its test scores",
+        f"hm3 agree merged-all -i {zoo_arg}/probes/external.jsonl   # does it answer like the guards on other text?",
         "```",
         "",
         "Settings: TIES densities " + ", ".join(f"{d:g}" for d in s.ties_densities)
