@@ -259,6 +259,11 @@ def test_agreement_on_other_sources(results):
             col = table[0].index(g)
             assert table[-2][col] == f"**{got['share']:.3f}**"  # the "all" row
             assert table[1][col] == f"{got['sources']['past_tense']:.3f}" and table[1][1] == "10"
+        # and as a heat map under the table
+        png = results["docs"] / "img" / f"results-external-{key}.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        section = results["md"].split("## Text from other sources", 1)[1].split(f"### {case.title}", 1)[1]
+        assert f"(img/results-external-{key}.png)" in section.split("###", 1)[0]
 
 
 def test_second_run_reuses_the_cache(results, fake_zoo):

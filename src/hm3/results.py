@@ -509,6 +509,39 @@ def plot_self_merge(data: Mapping[str, Mapping], path: Path) -> None:
     ax.set_title("Self-merge: each guard merged with itself (test split sample)")
     ax.set_xlim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_external(ext: Mapping, title: str, path: Path) -> None:
+    """Agreement with each guard on the probe of other sources: a heat map, sources × groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups, sources = list(ext["groups"]), list(ext["sources"])
+    rows = sources + ["all", "guard sure"]
+    values = np.array([[ext["groups"][g]["sources"][s] for g in groups] for s in sources]
+                      + [[ext["groups"][g]["share"] for g in groups]]
+                      + [[ext["groups"][g]["sure_share"] for g in groups]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 3.2, 0.38 * len(rows) + 1.4))
+    im = ax.imshow(values, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+    for i, j in np.ndindex(values.shape):
+        if not np.isnan(values[i, j]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_yticks(range(len(rows)), [f"{s} ({ext['sources'][s]})" for s in sources] + [f"all ({ext['texts']})", "guard sure"])
+    ax.axhline(len(sources) - 0.5, color="black", lw=1)
+    ax.set_title(f"{title}: agreement with the guards on text of other sources", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Save a figure atomically (a temporary sibling, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -715,7 +748,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
     external = {key: cs["recommended"]["external"] for key, cs in results.items()
                 if "external" in cs.get("recommended", {})}
     if external:
-        L += external_section(external)
+        L += external_section(external, img)
     # ablation (issue 9)
     if any("ablation" in cs for cs in results.values()):
         L += ["## Ablation: training-free merges, head re-fit and data-aware methods", "",
@@ -776,7 +809,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
     return "\n".join(L)
 
 
-def external_section(external: Mapping[str, Mapping]) -> list[str]:
+def external_section(external: Mapping[str, Mapping], img: str) -> list[str]:
     """The section on the probe of other sources: per case study, agreement per source and group."""
     from hm3.zoo.probes import PROBE_FILE, SOURCES
 
@@ -800,7 +833,7 @@ def external_section(external: Mapping[str, Mapping]) -> list[str]:
         L.append(f"| **all** | {ext['texts']} | " + " | ".join(f"**{ext['groups'][g]['share']:.3f}**" for g in groups) + " |")
         L.append("| guard sure (texts) | | " + " | ".join(
             f"{_f(ext['groups'][g]['sure_share'])} ({ext['groups'][g]['sure']})" for g in groups) + " |")
-        L.append("")
+        L += ["", f"![agreement on other sources, {case.title}]({img}/results-external-{key}.png)", ""]
     return L
 
 
@@ -899,6 +932,9 @@ def run_results(zoo: str | os.PathLike, out: str | os.PathLike = "docs/RESULTS.m
     self_merge = {g: lab.self_merge(g) for g in ZOO_GROUPS} if s.self_densities else {}
     if self_merge:
         plot_self_merge(self_merge, img / "results-selfmerge.png")
+    for key, cs in results.items():
+        if "external" in cs["recommended"]:
+            plot_external(cs["recommended"]["external"], CASE_STUDIES[key].title, img / f"results-external-{key}.png")
     info["wall"] = time.perf_counter() - t0
     zoo_arg = os.path.relpath(zoo, Path.cwd()) if not zoo.is_absolute() or zoo.is_relative_to(Path.cwd()) else str(zoo)
     text = render(lab, results, self_merge, info, out, zoo_arg)
