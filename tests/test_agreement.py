@@ -94,3 +94,42 @@ def test_cli_reads_stdin_and_writes_reports(tiny, merged, tmp_path):
     assert "| a |" in (tmp_path / "rep" / "agreement.md").read_text() and "| a |" in r.output
     bad = runner.invoke(app, ["agree", str(merged), "-t", "w0", "--guard", "a"])
     assert bad.exit_code == 2 and "expected GROUP=DIR" in bad.stderr
+
+
+def test_agreement_per_key(tiny, merged):
+    """``by=``: per key (e.g. the text's source), the same counts as the agreement on that key's texts alone."""
+    keys = ["x", "y", "x", "z", "y", "x", "z", "z"]
+    rep = agreement(merged, TEXTS, by=keys, by_field="source")
+    for g, a in rep.groups.items():
+        assert list(a.by) == ["x", "y", "z"]  # order of first appearance
+        for k in ("x", "y", "z"):
+            alone = agreement(merged, [t for t, kk in zip(TEXTS, keys) if kk == k]).groups[g]
+            assert a.by[k] == (alone.agree, alone.n)
+        assert sum(n for _, n in a.by.values()) == a.n and sum(s for s, _ in a.by.values()) == a.agree
+    md = rep.markdown()
+    assert "| source | texts | a | b |" in md and "| z | 3 |" in md
+    assert rep.to_json()["groups"]["a"]["by"]["x"]["texts"] == 3 and rep.to_json()["by_field"] == "source"
+    assert "by" not in agreement(merged, TEXTS).to_json()["groups"]["a"]  # none asked: none reported
+    with pytest.raises(HM3Error, match="3 keys .* for 8 texts"):
+        agreement(merged, TEXTS, by=["x", "y", "z"])
+
+
+def test_cli_by_a_field_of_jsonl_rows(tiny, merged, tmp_path):
+    runner = CliRunner()
+    rows = tmp_path / "traffic.jsonl"
+    rows.write_text("".join(json.dumps({"text": t, "source": "chat" if i % 2 else "mail"}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    r = runner.invoke(app, ["agree", str(merged), "-i", str(rows), "--by", "source", "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.stderr
+    assert "| source | texts | a | b |" in r.output and "| mail | 4 |" in r.output
+    data = json.loads((tmp_path / "rep" / "agreement.json").read_text())
+    want = agreement(merged, TEXTS, by=["chat" if i % 2 else "mail" for i in range(len(TEXTS))]).groups["b"].by
+    assert {k: (v["agree"], v["texts"]) for k, v in data["groups"]["b"]["by"].items()} == want
+    # the field must be there, and only .jsonl rows have fields
+    rows.write_text(json.dumps({"text": "w0", "source": "a"}) + "\n" + json.dumps({"text": "w1"}) + "\n")
+    bad = runner.invoke(app, ["agree", str(merged), "-i", str(rows), "--by", "source"])
+    assert bad.exit_code == 2 and 'traffic.jsonl:2: no field "source"' in bad.stderr
+    txt = tmp_path / "t.txt"
+    txt.write_text("w0\nw1\n")
+    bad = runner.invoke(app, ["agree", str(merged), "-i", str(txt), "--by", "source"])
+    assert bad.exit_code == 2 and "--by source reads a field of .jsonl rows" in bad.stderr

@@ -55,6 +55,7 @@ class GroupAgreement:
     disagreements: list[Disagreement] = field(default_factory=list)  # surest guard first
     sure: int = 0  # texts where the guard's top probability is at least the report's threshold
     sure_agree: int = 0  # ... and the merged model gives the same label
+    by: dict[str, tuple[int, int]] = field(default_factory=dict)  # per key of ``agreement(by=)``: (same label, texts)
 
     @property
     def n(self) -> int:
@@ -76,7 +77,9 @@ class GroupAgreement:
         return {"group": self.group, "guard": self.guard, "labels": self.labels, "texts": self.n,
                 "agree": self.agree, "share": self.share, "sure": self.sure, "sure_agree": self.sure_agree,
                 "sure_share": self.sure_share, "confusion": self.confusion.tolist(),
-                "disagreements": [d.to_json() for d in self.disagreements[:show]]}
+                "disagreements": [d.to_json() for d in self.disagreements[:show]],
+                **({"by": {k: {"agree": a, "texts": n, "share": a / n} for k, (a, n) in self.by.items()}}
+                   if self.by else {})}
 
     def confusion_text(self) -> str:
         from hm3.evaluate import confusion_text
@@ -91,9 +94,11 @@ class Agreement:
     groups: dict[str, GroupAgreement]
     seconds: float
     sure: float = 0.9  # the guard counts as sure of a text when its top probability is at least this
+    by_field: str | None = None  # what ``agreement(by=)``'s keys are, for the report (e.g. "source")
 
     def to_json(self, show: int | None = None) -> dict:
         return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2), "sure": self.sure,
+                **({"by_field": self.by_field} if self.by_field else {}),
                 "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
 
     def markdown(self, show: int = 5, width: int = 100) -> str:
@@ -106,6 +111,14 @@ class Agreement:
         for a in self.groups.values():
             sure = f"{a.sure_share:.2%}" if a.sure else "–"
             lines.append(f"| {a.group} | {a.guard} | {a.n} | {a.agree} | {a.share:.2%} | {a.sure} | {a.sure_agree} | {sure} |")
+        first = next(iter(self.groups.values()), None)
+        if first is not None and first.by:
+            names = list(self.groups)
+            lines += ["", f"By {self.by_field or 'key'}: the share of each one's texts where both give the same label.", "",
+                      f"| {self.by_field or 'key'} | texts | " + " | ".join(names) + " |",
+                      "|---|---:|" + "---:|" * len(names)]
+            for k, (_, n) in first.by.items():
+                lines.append(f"| {k} | {n} | " + " | ".join(f"{a.by[k][0] / n:.2%}" for a in self.groups.values()) + " |")
         for a in self.groups.values():
             lines += ["", f"### {a.group}", "", "```", a.confusion_text(), "```"]
             if a.disagreements and show:
@@ -148,13 +161,16 @@ def agreement(
     batch_size: int = 32,
     progress: bool = False,
     sure: float = 0.9,
+    by: Sequence[str] | None = None,
+    by_field: str | None = None,
 ) -> Agreement:
     """Label agreement per group between ``model`` and each group's original guard on ``texts``.
 
     ``guards``: ``{group: guard}`` (directories or loaded classifiers); default the recipe's models
     recorded in ``model``'s config (``recorded_guards``). Groups without a guard are left out; none
     at all is an error. ``sure``: also count agreement on the texts where the guard's top probability
-    is at least this."""
+    is at least this. ``by``: a key per text (e.g. its source); agreement is also counted per key, in
+    order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report."""
     from hm3.model import GroupwiseClassifier, load
 
     if not 0 < sure <= 1:
@@ -175,6 +191,9 @@ def agreement(
     texts = list(texts)
     if not texts:
         raise HM3Error("agreement needs at least one text")
+    keys = None if by is None else [str(k) for k in by]
+    if keys is not None and len(keys) != len(texts):
+        raise HM3Error(f"agreement: {len(keys)} keys (by=) for {len(texts)} texts; give one key per text")
     groups = [g for g in clf.groups if g in guards]
     merged = clf.predict_proba(texts, groups, batch_size=batch_size, progress=progress)
     out: dict[str, GroupAgreement] = {}
@@ -196,9 +215,14 @@ def agreement(
         idx = idx[np.argsort(-gp[idx, ya[idx]], kind="stable")]
         dis = [Disagreement(int(i), labels[ya[i]], labels[yb[i]], float(gp[i, ya[i]]), float(mp[i, yb[i]])) for i in idx]
         confident = gp.max(1) >= sure
-        out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & (ya == yb)).sum()))
+        per_key: dict[str, tuple[int, int]] = {}
+        for k, same in zip(keys or (), (ya == yb).tolist()):
+            a, n = per_key.get(k, (0, 0))
+            per_key[k] = (a + int(same), n + 1)
+        out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & (ya == yb)).sum()),
+                                per_key)
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
-    return Agreement(name, texts, out, time.perf_counter() - t0, sure)
+    return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None)
 
 
 def register(app, user_errors) -> None:
@@ -219,14 +243,17 @@ def register(app, user_errors) -> None:
         sure: float = typer.Option(0.9, "--sure", min=0.0, max=1.0,
                                    help="Also report agreement where the guard's top probability is at least this."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
+        by: Optional[str] = typer.Option(None, "--by", help="A field of the --input .jsonl rows (e.g. source): "
+                                         "also report agreement per value of it."),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
-        from hm3.io import group_pairs, texts_from, write_text_atomic
+        from hm3.io import group_pairs, jsonl_field, texts_from, write_text_atomic
 
         texts = texts_from(input, text)
+        keys = jsonl_field(input, by, "--by") if by else None
         guards = ({g: Path(p) for g, p in group_pairs(guard, "--guard", "DIR", "jailbreak=./jailbreak-guard").items()}
                   if guard else None)
-        report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure)
+        report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure, by=keys, by_field=by)
         md = report.markdown(show)
         typer.echo(md)
         if out is not None:

@@ -576,6 +576,25 @@ def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = Non
     return [t for t, _ in read_text_rows(input)]
 
 
+def jsonl_field(path: str | os.PathLike | None, name: str, option: str) -> list[str]:
+    """The value of field ``name`` in each row of a .jsonl file, in the order ``read_text_rows`` gives
+    its texts (``option``: the command's flag, for the error messages)."""
+    if path is None or str(path) == "-" or Path(path).suffix != ".jsonl":
+        raise HM3Error(f"{option} {name} reads a field of .jsonl rows; give the texts with --input FILE.jsonl")
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)  # read_text_rows has read the file already: valid JSON objects
+        value = row.get(name)
+        if value is None or isinstance(value, (dict, list)):
+            raise HM3Error(f'{path}:{i}: no field "{name}" (a string or number) for {option}; add it to every row '
+                           f"or leave out {option}")
+        out.append(str(value))
+    return out
+
+
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

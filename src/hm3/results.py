@@ -294,8 +294,6 @@ class Lab:
     def external(self, case: CaseStudy, model_dir: Path) -> dict | None:
         """Agreement with the original guards on the zoo's probe of other sources (``hm3.zoo.probes``),
         per source and group, and where the guard is sure; None for a zoo built before the probe (cached)."""
-        from collections import Counter
-
         from hm3.zoo.probes import PROBE_FILE, read_external
 
         path = self.zoo / PROBE_FILE
@@ -307,15 +305,12 @@ class Lab:
         def compute():
             from hm3.agreement import agreement
 
-            texts = [r["text"] for r in rows]
-            a = agreement(model_dir, texts, {g: self.zoo / g for g in case.groups}, batch_size=self.s.batch_size)
-            size = Counter(r["source"] for r in rows)
-            groups = {}
-            for g, ga in a.groups.items():
-                differ = Counter(rows[d.index]["source"] for d in ga.disagreements)
-                groups[g] = {"share": ga.share, "sure": ga.sure, "sure_share": ga.sure_share,
-                             "sources": {src: 1 - differ[src] / n for src, n in size.items()}}
-            return {"texts": len(texts), "sources": dict(size), "groups": groups}
+            a = agreement(model_dir, [r["text"] for r in rows], {g: self.zoo / g for g in case.groups},
+                          batch_size=self.s.batch_size, by=[r["source"] for r in rows])
+            groups = {g: {"share": ga.share, "sure": ga.sure, "sure_share": ga.sure_share,
+                          "sources": {src: same / n for src, (same, n) in ga.by.items()}} for g, ga in a.groups.items()}
+            sizes = {src: n for src, (_, n) in next(iter(a.groups.values())).by.items()}
+            return {"texts": len(rows), "sources": sizes, "groups": groups}
 
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return self.cache.get({"what": "external", "case": case.key, "model": model_dir.name, "probe": digest,
