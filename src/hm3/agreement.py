@@ -114,7 +114,7 @@ class Agreement:
         first = next(iter(self.groups.values()), None)
         if first is not None and first.by:
             names = list(self.groups)
-            lines += ["", f"By {self.by_field or 'key'}: the share of each one's texts where both give the same label.", "",
+            lines += ["", f"By {self.by_field or 'key'}: for each value, the share of its texts where both give the same label.", "",
                       f"| {self.by_field or 'key'} | texts | " + " | ".join(names) + " |",
                       "|---|---:|" + "---:|" * len(names)]
             for k, (_, n) in first.by.items():
@@ -217,8 +217,8 @@ def agreement(
         confident = gp.max(1) >= sure
         per_key: dict[str, tuple[int, int]] = {}
         for k, same in zip(keys or (), (ya == yb).tolist()):
-            a, n = per_key.get(k, (0, 0))
-            per_key[k] = (a + int(same), n + 1)
+            agree_k, n_k = per_key.get(k, (0, 0))
+            per_key[k] = (agree_k + int(same), n_k + 1)
         out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & (ya == yb)).sum()),
                                 per_key)
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
