@@ -141,7 +141,7 @@ def test_ablation_tables(results):
         header, body = rows[0], rows[1:]
         n = len(case.groups)
         assert header[2 + n:] == ["/ originals", "worst group ratio", "MMLU benign", "validation / originals",
-                                  "merge wall s (CPU s)"]
+                                  "other sources", "merge wall s (CPU s)"]
         assert [r[0].replace("**", "").replace(" (best on validation)", "") for r in body] == ["originals"] + names
         bold = [r for r in body if r[0].endswith("(best on validation)**") or "(best on validation)" in r[0]]
         assert len(bold) == 1
@@ -153,7 +153,10 @@ def test_ablation_tables(results):
             f1 = [float(x) for x in r[2:2 + n]]
             if sum(orig) > 0:  # the ratio column is the average over the originals' average
                 assert float(r[2 + n].strip("*")) == pytest.approx(sum(f1) / sum(orig), abs=3e-3)
-            wall, cpu = re.fullmatch(r"(\d+) \((\d+)\)", r[6 + n]).groups()
+            name = r[0].replace("**", "").replace(" (best on validation)", "")
+            shares = [g["share"] for g in ab[name]["external"]["groups"].values()]  # the probe, averaged over groups
+            assert r[6 + n] == f"{sum(shares) / len(shares):.3f}"
+            wall, cpu = re.fullmatch(r"(\d+) \((\d+)\)", r[7 + n]).groups()
             assert int(wall) >= 0 and int(cpu) >= 0
         # re-fitted rows really carry a re-fit; data-aware rows really read their statistics
         assert ab["TIES + re-fit (labelled)"]["refit_seconds"] is not None

@@ -401,6 +401,9 @@ class Lab:
         for name, rec in self.ablation_configs(cs):
             out[name] = self.disk_merge(case, rec)
             out[name]["how"] = describe(rec)
+            external = self.external(case, Path(out[name]["dir"]))
+            if external is not None:
+                out[name]["external"] = external
         return out
 
     def disk_merge(self, case: CaseStudy, rec: Recommendation | None) -> dict:
@@ -594,15 +597,24 @@ def best_by_validation(cs: Mapping) -> str:
     return max(cs["ablation"], key=lambda n: ratios(cs["ablation"][n]["validation"], ref))
 
 
+def mean_agreement(external: Mapping | None) -> float | None:
+    """A merge's agreement with its guards on the probe of other sources, averaged over its groups."""
+    if not external:
+        return None
+    shares = [g["share"] for g in external["groups"].values()]
+    return sum(shares) / len(shares)
+
+
 def ablation_table(case: CaseStudy, cs: Mapping) -> str:
     ref, ref_val = cs["originals"]["test"], cs["originals"]["validation"]
     best = best_by_validation(cs)
     head = (["configuration", "recipe"] + list(case.groups)
-            + ["/ originals", "worst group ratio", "MMLU benign", "validation / originals", "merge wall s (CPU s)"])
+            + ["/ originals", "worst group ratio", "MMLU benign", "validation / originals", "other sources",
+               "merge wall s (CPU s)"])
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     benign_ref = (ref.get("benign") or {}).get("rate")
     lines.append("| originals | each guard on its own group | " + " | ".join(_f(ref["f1"].get(g)) for g in case.groups)
-                 + f" | 1.000 | 1.000 | {_f(benign_ref)} | 1.000 | – |")
+                 + f" | 1.000 | 1.000 | {_f(benign_ref)} | 1.000 | 1.000 | – |")
     for name, r in cs["ablation"].items():
         avg_ratio, worst = ratios(r["test"], ref)
         val_ratio, _ = ratios(r["validation"], ref_val)
@@ -611,7 +623,7 @@ def ablation_table(case: CaseStudy, cs: Mapping) -> str:
         lines.append("| " + " | ".join(
             [label, r["how"]] + [_f(r["test"]["f1"].get(g)) for g in case.groups]
             + [f"**{_f(avg_ratio)}**" if name == best else _f(avg_ratio), _f(worst), _f(benign), _f(val_ratio),
-               f"{r['merge_seconds']:.0f} ({r['merge_cpu_seconds']:.0f})"]) + " |")
+               _f(mean_agreement(r.get("external"))), f"{r['merge_seconds']:.0f} ({r['merge_cpu_seconds']:.0f})"]) + " |")
     return "\n".join(lines)
 
 
@@ -759,6 +771,8 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               "whole model trained for 2 epochs (AdamW, lr 2e-5, first 128 tokens) so that every group's softmax "
               "follows its guard on the same texts (`refit.body`, src/hm3/body_distill.py). RegMean (off-diagonal shrink "
               f"{s.regmean_alpha:g}), Fisher and AdaMerging read up to 256 unlabelled training texts per guard. "
+              "*Other sources*: agreement with the guards on the probe of text from other sources (below the "
+              "case studies), averaged over the groups; it steered nothing either. "
               "The row in bold has the best validation ratio; the test columns steered nothing. A recommended "
               "recipe (below) takes a costlier row only when the gain clears the validation noise (see "
               "\"How the recipes were chosen\").", ""]
