@@ -128,8 +128,10 @@ def test_cli_by_a_field_of_jsonl_rows(tiny, merged, tmp_path):
     # the field must be there, and only .jsonl rows have fields
     rows.write_text(json.dumps({"text": "w0", "source": "a"}) + "\n" + json.dumps({"text": "w1"}) + "\n")
     bad = runner.invoke(app, ["agree", str(merged), "-i", str(rows), "--by", "source"])
-    assert bad.exit_code == 2 and 'traffic.jsonl:2: no field "source"' in bad.stderr
+    assert bad.exit_code == 2 and 'traffic.jsonl:2: --by source needs a field "source"' in bad.stderr
     txt = tmp_path / "t.txt"
     txt.write_text("w0\nw1\n")
     bad = runner.invoke(app, ["agree", str(merged), "-i", str(txt), "--by", "source"])
+    assert bad.exit_code == 2 and 't.txt: --by source needs .jsonl rows {"text", "source"}' in bad.stderr
+    bad = runner.invoke(app, ["agree", str(merged), "-t", "w0", "--by", "source"])
     assert bad.exit_code == 2 and "--by source reads a field of .jsonl rows" in bad.stderr

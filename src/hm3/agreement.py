@@ -247,10 +247,16 @@ def register(app, user_errors) -> None:
                                          "also report agreement per value of it."),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
-        from hm3.io import group_pairs, jsonl_field, texts_from, write_text_atomic
+        from hm3.io import group_pairs, read_text_rows, texts_from, write_text_atomic
 
-        texts = texts_from(input, text)
-        keys = jsonl_field(input, by, "--by") if by else None
+        keys = None
+        if by:  # one read of the rows: each text with its field
+            if input is None or str(input) == "-" or text:
+                raise HM3Error(f"--by {by} reads a field of .jsonl rows; give the texts with --input FILE.jsonl")
+            rows = read_text_rows(input, labelled=True, field=by, why=f"--by {by}")
+            texts, keys = [t for t, _ in rows], [str(k) for _, k in rows]
+        else:
+            texts = texts_from(input, text)
         guards = ({g: Path(p) for g, p in group_pairs(guard, "--guard", "DIR", "jailbreak=./jailbreak-guard").items()}
                   if guard else None)
         report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure, by=keys, by_field=by)

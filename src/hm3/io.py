@@ -496,9 +496,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
-                   why: str = "a labelled re-fit") -> list[tuple[str, Any]]:
+                   why: str = "a labelled re-fit", field: str = "label") -> list[tuple[str, Any]]:
     """``(text, label)`` rows from ``.jsonl`` (fields ``text`` and, when ``labelled``, ``label``)
-    or ``.txt`` (one text a line, no labels). ``why``: what needs the labels, for the error message."""
+    or ``.txt`` (one text a line, no labels). ``why``: what needs the labels, for the error message.
+    ``field``: the row's field read as its label (e.g. ``source`` for ``hm3 agree --by source``)."""
     path = Path(path)
     if not path.is_file():
         raise HM3Error(f"{path}: no such text file")
@@ -518,12 +519,12 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
                 raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
-            if labelled and not isinstance(row.get("label"), (str, int)):
-                raise HM3Error(f'{path}:{i}: {why} needs a field "label" (string or label index)')
-            rows.append((row["text"], row.get("label")))
+            if labelled and not isinstance(row.get(field), (str, int)):
+                raise HM3Error(f'{path}:{i}: {why} needs a field "{field}" (a string or an integer)')
+            rows.append((row["text"], row.get(field)))
     elif path.suffix in (".txt", ""):
         if labelled:
-            raise HM3Error(f"{path}: {why} needs .jsonl rows {{\"text\", \"label\"}}; .txt has no labels")
+            raise HM3Error(f"{path}: {why} needs .jsonl rows {{\"text\", \"{field}\"}}; .txt holds only texts")
         rows = [(line.rstrip("\r"), None) for line in raw.split("\n") if line.strip()]
     else:
         raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text) or .txt")
@@ -574,25 +575,6 @@ def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = Non
             raise HM3Error("stdin (--input -): no texts; pipe one text a line")
         return texts
     return [t for t, _ in read_text_rows(input)]
-
-
-def jsonl_field(path: str | os.PathLike | None, name: str, option: str) -> list[str]:
-    """The value of field ``name`` in each row of a .jsonl file, in the order ``read_text_rows`` gives
-    its texts (``option``: the command's flag, for the error messages)."""
-    if path is None or str(path) == "-" or Path(path).suffix != ".jsonl":
-        raise HM3Error(f"{option} {name} reads a field of .jsonl rows; give the texts with --input FILE.jsonl")
-    path = Path(path)
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)  # read_text_rows has read the file already: valid JSON objects
-        value = row.get(name)
-        if value is None or isinstance(value, (dict, list)):
-            raise HM3Error(f'{path}:{i}: no field "{name}" (a string or number) for {option}; add it to every row '
-                           f"or leave out {option}")
-        out.append(str(value))
-    return out
 
 
 _ST_DTYPES = {
