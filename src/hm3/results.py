@@ -35,6 +35,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -291,16 +292,24 @@ class Lab:
             out["external"] = external
         return out
 
-    def external(self, case: CaseStudy, model_dir: Path) -> dict | None:
-        """Agreement with the original guards on the zoo's probe of other sources (``hm3.zoo.probes``),
-        per source and group, and where the guard is sure; None for a zoo built before the probe (cached)."""
+    @cached_property
+    def probe(self) -> tuple[list[dict[str, str]], str] | None:
+        """The zoo's probe of other sources (``hm3.zoo.probes``) and its digest, read once; None for a zoo
+        built before the probe."""
         from hm3.zoo.probes import PROBE_FILE, read_external
 
         path = self.zoo / PROBE_FILE
         if not path.is_file():
             log.warning("%s is missing: no agreement on other sources (run `hm3 zoo build` again to add it)", path)
             return None
-        rows = read_external(path)
+        return read_external(path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    def external(self, case: CaseStudy, model_dir: Path) -> dict | None:
+        """Agreement with the original guards on the probe of other sources, per source and group, and
+        where the guard is sure; None without a probe (cached)."""
+        if self.probe is None:
+            return None
+        rows, digest = self.probe
 
         def compute():
             from hm3.agreement import agreement
@@ -312,7 +321,6 @@ class Lab:
             sizes = {src: n for src, (_, n) in next(iter(a.groups.values())).by.items()}
             return {"texts": len(rows), "sources": sizes, "groups": groups}
 
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return self.cache.get({"what": "external", "case": case.key, "model": model_dir.name, "probe": digest,
                                "batch": self.s.batch_size}, compute)
 
