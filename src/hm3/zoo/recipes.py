@@ -16,7 +16,7 @@ chosen (validation suite only) and how it scores on the test suite: ``docs/RESUL
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,44 +78,45 @@ class Recommendation:
 
 
 # Chosen on the zoo's validation suite (see docs/RESULTS.md, "How the recipes were chosen").
+_CS1 = Recommendation(
+    "ties", density=0.2, refit="distill", cross_texts=250, extra_texts=("spam", "sentiment", "question"),
+    max_texts=1500, label_weight=0.3, precision="auto", body={"epochs": 3, "heads_after": True},
+    why="the heads' recipe below, then body distillation (3 epochs) and the heads re-fitted once more on the "
+        "trained body, because it answers like the two guards significantly more often. Session 8 (AMD EPYC "
+        "with AVX512-BF16, 1 thread, cold cache), agreement with each original guard on all 1,455 validation "
+        "texts (every text, whichever group it checks: what a user sees is the guard's answer): harm 0.981 "
+        "vs 0.972 without the body step (of the rows where the two differ, 18 follow the guard only with the "
+        "body step, 4 only without: exact sign test p = 0.004), jailbreak 0.9966 for both; 2 epochs: harm "
+        "0.979 (19 vs 8), jailbreak 0.9952 (1 vs 3). The validation ratio cannot tell them apart (1.0055 vs "
+        "1.004, paired 1.0015, 95% 0.995-1.009), so the fidelity the issue asks for decides; the cost is "
+        "750 s instead of 228 s at one thread. The heads' recipe: "
+        "best validation ratio found (1.003 of the originals; session-5 sweep, all TIES + distilled re-fit "
+        "with 250 texts of the other guard: 0.988 as in the ablation of docs/RESULTS.md; + 250 texts each "
+        "of the spam, sentiment and question guards' training data, which stand for traffic neither guard "
+        "was trained on, 0.991; + all of each guard's own training texts instead of 500, 1.000; + label "
+        "weight 0.3, 1.003 (0.5: the same). Density 0.1 / 0.3 / 0.5 instead of 0.2: 0.986 / 0.989 / 0.978 "
+        "without the extra texts; 0.3 with them 0.993, with all own texts and label weight 0.3 too 0.997). Each head is fitted to its original "
+        "guard's probabilities mixed with the training label (30%) on its own texts, and to the guard's "
+        "probabilities alone on the other texts. TIES density 0.2: best of the 0.2/0.4/0.7 sweep. "
+        "Caveat, seen after the choice: on the test suite these 14 distilled CS1 variants range 0.965-0.999 "
+        "and rank only loosely like on validation (Spearman 0.46); this one scores 0.984 there, the previous "
+        "recommendation (validation 0.988) 0.991. CS1's harm rows (18-37 per label) cannot separate them. "
+        "Session 6, body distillation (refit.body, 2 epochs) on top: 0.990; without the label weight 0.995; "
+        "with the heads re-fitted after the body 1.0065 — but against this recipe on the same validation "
+        "draws that is 1.004 (95% interval 0.990-1.020, behind in 30%) and its agreement with the guards is "
+        "no better (jailbreak 0.995 vs 0.997, harm 0.984 vs 0.980), so the simpler recipe stays. "
+        "Session 7, precision auto (bf16 forward passes on a CPU with AMX / AVX512-BF16, fp32 elsewhere): on "
+        "the AMX machine validation 1.004 vs 1.0026 in fp32 (paired 1.0014, 95% 1.000-1.005; 1 of 1,455 harm "
+        "labels differs) in 61 s instead of 133 s (2 threads, cold cache), so the cheaper one is taken.",
+)
+
 RECOMMENDED: dict[str, Recommendation] = {
-    "cs1": Recommendation(
-        "ties", density=0.2, refit="distill", cross_texts=250, extra_texts=("spam", "sentiment", "question"),
-        max_texts=1500, label_weight=0.3, precision="auto", body={"epochs": 3, "heads_after": True},
-        why="the heads' recipe below, then body distillation (3 epochs) and the heads re-fitted once more on the "
-            "trained body, because it answers like the two guards significantly more often. Session 8 (AMD EPYC "
-            "with AVX512-BF16, 1 thread, cold cache), agreement with each original guard on all 1,455 validation "
-            "texts (every text, whichever group it checks: what a user sees is the guard's answer): harm 0.981 "
-            "vs 0.972 without the body step (of the rows where the two differ, 18 follow the guard only with the "
-            "body step, 4 only without: exact sign test p = 0.004), jailbreak 0.9966 for both; 2 epochs: harm "
-            "0.979 (19 vs 8), jailbreak 0.9952 (1 vs 3). The validation ratio cannot tell them apart (1.0055 vs "
-            "1.004, paired 1.0015, 95% 0.995-1.009), so the fidelity the issue asks for decides; the cost is "
-            "750 s instead of 228 s at one thread. The heads' recipe: "
-            "best validation ratio found (1.003 of the originals; session-5 sweep, all TIES + distilled re-fit "
-            "with 250 texts of the other guard: 0.988 as in the ablation of docs/RESULTS.md; + 250 texts each "
-            "of the spam, sentiment and question guards' training data, which stand for traffic neither guard "
-            "was trained on, 0.991; + all of each guard's own training texts instead of 500, 1.000; + label "
-            "weight 0.3, 1.003 (0.5: the same). Density 0.1 / 0.3 / 0.5 instead of 0.2: 0.986 / 0.989 / 0.978 "
-            "without the extra texts; 0.3 with them 0.993, with all own texts and label weight 0.3 too 0.997). Each head is fitted to its original "
-            "guard's probabilities mixed with the training label (30%) on its own texts, and to the guard's "
-            "probabilities alone on the other texts. TIES density 0.2: best of the 0.2/0.4/0.7 sweep. "
-            "Caveat, seen after the choice: on the test suite these 14 distilled CS1 variants range 0.965-0.999 "
-            "and rank only loosely like on validation (Spearman 0.46); this one scores 0.984 there, the previous "
-            "recommendation (validation 0.988) 0.991. CS1's harm rows (18-37 per label) cannot separate them. "
-            "Session 6, body distillation (refit.body, 2 epochs) on top: 0.990; without the label weight 0.995; "
-            "with the heads re-fitted after the body 1.0065 — but against this recipe on the same validation "
-            "draws that is 1.004 (95% interval 0.990-1.020, behind in 30%) and its agreement with the guards is "
-            "no better (jailbreak 0.995 vs 0.997, harm 0.984 vs 0.980), so the simpler recipe stays. "
-            "Session 7, precision auto (bf16 forward passes on a CPU with AMX / AVX512-BF16, fp32 elsewhere): on "
-            "the AMX machine validation 1.004 vs 1.0026 in fp32 (paired 1.0014, 95% 1.000-1.005; 1 of 1,455 harm "
-            "labels differs) in 61 s instead of 133 s (2 threads, cold cache), so the cheaper one is taken.",
-    ),
-    "cs2": Recommendation(
-        "ties", density=0.7, refit="distill", cross_texts=250, extra_texts=("jailbreak", "harm", "question"),
-        max_texts=1500, label_weight=0.3, precision="auto", body={"epochs": 3, "heads_after": True},
+    "cs1": _CS1,
+    "cs2": replace(  # CS1's recipe, on CS2's density and with the texts of the guards CS2 does not merge
+        _CS1, density=0.7, extra_texts=("jailbreak", "harm", "question"),
         why="CS1's recipe on CS2's TIES density 0.7 (best of the 0.2/0.4/0.7 sweep), because it answers like the "
-            "two guards on far more text, at no cost on the validation suite. Session 15 (Intel Xeon with AMX, two merges at "
-            "once), validation suite: ratio 1.010 of the originals (95% interval 1.002-1.020) vs 1.006 for the "
+            "two guards on far more text, at no cost on the validation suite. Session 15 (Intel Xeon with AMX, two "
+            "merges at once), validation suite: ratio 1.010 of the originals (95% interval 1.002-1.020) vs 1.006 for the "
             "previous recommendation, a distilled re-fit on each guard's own texts only (paired 1.004, "
             "0.992-1.016); agreement with each original guard on all 1,455 validation texts (every text, whichever "
             "group it checks, the rule CS1's choice used): sentiment 0.960 vs 0.831 (210 texts follow the guard "
@@ -132,7 +133,9 @@ RECOMMENDED: dict[str, Recommendation] = {
             "ablation (0.868, session 14). Seen after the choice, on the test suite: 0.9955 of the originals against "
             "the previous recipe's 1.002 (spam 0.959 vs 0.971, a few of 322 texts; both 95% intervals straddle 1.00), "
             "while agreement with the guards on the test texts rose from 0.891 to 0.972 (sentiment) and 0.983 to "
-            "0.988 (spam). Kept: going back on the test suite's word would be choosing on it.",
+            "0.988 (spam). Kept: going back on the test suite's word would be choosing on it. Checked afterwards on "
+            "the 495 texts of the eight probe sources added after this choice (film dialogue, everyday phrases, ...): "
+            "agreement sentiment 0.972 vs 0.887 for the previous recipe, spam 0.992 vs 0.986.",
     ),
     "all": Recommendation(
         "ties", density=0.2, refit="distill", cross_texts=150, max_texts=300, precision="auto",
