@@ -114,6 +114,27 @@ def test_agreement_per_key(tiny, merged):
         agreement(merged, TEXTS, by=["x", "y", "z"])
 
 
+def test_guard_probabilities_given_once_for_many_models(tiny, merged, monkeypatch):
+    """``guard_probs=``: a guard's probabilities computed once (e.g. for many merged models) give the same
+    report as running the guard, and that guard is not loaded again; a wrong shape is an error."""
+    import hm3.model
+    from hm3.model import load
+
+    rep = agreement(merged, TEXTS, sure=0.6)
+    probs = {g: load(tiny[g]).predict_proba(TEXTS)[load(tiny[g]).groups[0]] for g in ("a", "b")}
+    loaded = []
+    real_load = hm3.model.load
+    monkeypatch.setattr(hm3.model, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a, **k))
+    again = agreement(merged, TEXTS, sure=0.6, guard_probs={"a": probs["a"]})
+    assert str(tiny["a"]) not in loaded and str(tiny["b"]) in loaded  # only the guard without probabilities ran
+    for g in ("a", "b"):
+        x, y = rep.groups[g], again.groups[g]
+        assert (x.confusion.tolist(), x.sure, x.sure_agree) == (y.confusion.tolist(), y.sure, y.sure_agree)
+        assert [d.to_json() for d in x.disagreements] == [d.to_json() for d in y.disagreements]
+    with pytest.raises(HM3Error, match=r"guard_probs\['a'\] has shape \(7, 2\), expected 8 texts"):
+        agreement(merged, TEXTS, guard_probs={"a": probs["a"][:7]})
+
+
 def test_cli_by_a_field_of_jsonl_rows(tiny, merged, tmp_path):
     runner = CliRunner()
     rows = tmp_path / "traffic.jsonl"

@@ -163,6 +163,7 @@ def agreement(
     sure: float = 0.9,
     by: Sequence[str] | None = None,
     by_field: str | None = None,
+    guard_probs: "Mapping[str, np.ndarray] | None" = None,
 ) -> Agreement:
     """Label agreement per group between ``model`` and each group's original guard on ``texts``.
 
@@ -170,7 +171,9 @@ def agreement(
     recorded in ``model``'s config (``recorded_guards``). Groups without a guard are left out; none
     at all is an error. ``sure``: also count agreement on the texts where the guard's top probability
     is at least this. ``by``: a key per text (e.g. its source); agreement is also counted per key, in
-    order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report."""
+    order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report.
+    ``guard_probs``: ``{group: (texts, labels) array}``, a guard's probabilities on ``texts`` already
+    computed (e.g. once for many merged models); that guard is not run again."""
     from hm3.model import GroupwiseClassifier, load
 
     if not 0 < sure <= 1:
@@ -200,13 +203,19 @@ def agreement(
     for g in groups:
         src = guards[g]
         where = str(src) if not isinstance(src, GroupwiseClassifier) else (src.name or f"guard of {g}")
-        guard = src if isinstance(src, GroupwiseClassifier) else load(src)
-        gg = _guard_group(guard, g, where)
         labels = list(clf.space[g].labels)
-        if guard.space[gg].size != len(labels):
-            raise HM3Error(f"{where}: has {guard.space[gg].size} labels but group {g!r} of {name} has "
-                           f"{len(labels)}; give the guard that group was merged from")
-        gp = guard.predict_proba(texts, [gg], batch_size=batch_size, progress=progress)[gg]
+        if guard_probs is not None and g in guard_probs:
+            gp = np.asarray(guard_probs[g])
+            if gp.shape != (len(texts), len(labels)):
+                raise HM3Error(f"agreement: guard_probs[{g!r}] has shape {gp.shape}, expected {len(texts)} texts × "
+                               f"{len(labels)} labels of group {g!r} of {name}")
+        else:
+            guard = src if isinstance(src, GroupwiseClassifier) else load(src)
+            gg = _guard_group(guard, g, where)
+            if guard.space[gg].size != len(labels):
+                raise HM3Error(f"{where}: has {guard.space[gg].size} labels but group {g!r} of {name} has "
+                               f"{len(labels)}; give the guard that group was merged from")
+            gp = guard.predict_proba(texts, [gg], batch_size=batch_size, progress=progress)[gg]
         mp = merged[g]
         ya, yb = gp.argmax(1), mp.argmax(1)
         conf = np.zeros((len(labels), len(labels)), dtype=np.int64)

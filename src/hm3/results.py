@@ -162,6 +162,7 @@ class Lab:
         self.labels = {g: list(self.markers[g]["labels"]) for g in ZOO_GROUPS}
         self._original_preds: dict[str, dict] = {}
         self._merged_labels: dict[tuple[str, str, str], dict[str, dict[str, int]]] = {}
+        self._probe_guard_probs: dict[str, Any] = {}  # group -> its guard's probabilities on the probe
 
     # -- originals ----------------------------------------------------------------------------------
     def original_predictions(self, split: str) -> dict[str, dict[str, int]]:
@@ -182,11 +183,14 @@ class Lab:
 
     def _guard_labels(self, group: str, texts: Sequence[str]) -> dict[str, int]:
         """The original guard of ``group``: its label index for each of ``texts``."""
+        return dict(zip(texts, self._guard_probs(group, texts).argmax(axis=1).tolist()))
+
+    def _guard_probs(self, group: str, texts: Sequence[str]):
+        """The original guard of ``group``: its probabilities on ``texts`` (texts × labels)."""
         from hm3.model import load
 
         clf = load(self.zoo / group)
-        probs = next(iter(clf.predict_proba(texts, batch_size=self.s.batch_size, progress=self.s.progress).values()))
-        return dict(zip(texts, probs.argmax(axis=1).tolist()))
+        return next(iter(clf.predict_proba(texts, batch_size=self.s.batch_size, progress=self.s.progress).values()))
 
     def originals(self, case: CaseStudy, split: str):
         """The originals' report on the case study's rows of ``split`` (each guard on its own group)."""
@@ -314,8 +318,12 @@ class Lab:
         def compute():
             from hm3.agreement import agreement
 
-            a = agreement(model_dir, [r["text"] for r in rows], {g: self.zoo / g for g in case.groups},
-                          batch_size=self.s.batch_size, by=[r["source"] for r in rows])
+            texts = [r["text"] for r in rows]
+            for g in case.groups:  # each guard runs over the probe once per Lab, not once per merged model
+                if g not in self._probe_guard_probs:
+                    self._probe_guard_probs[g] = self._guard_probs(g, texts)
+            a = agreement(model_dir, texts, {g: self.zoo / g for g in case.groups}, batch_size=self.s.batch_size,
+                          by=[r["source"] for r in rows], guard_probs=self._probe_guard_probs)
             groups = {g: {"share": ga.share, "sure": ga.sure, "sure_share": ga.sure_share,
                           "sources": {src: same / n for src, (same, n) in ga.by.items()}} for g, ga in a.groups.items()}
             sizes = {src: n for src, (_, n) in next(iter(a.groups.values())).by.items()}
