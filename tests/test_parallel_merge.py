@@ -5,6 +5,7 @@ worker's error raised in the caller."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -163,9 +164,10 @@ def test_larger_tensors_same_bytes_with_any_threads_and_workers(tmp_path):
 
 def test_head_hidden_base_is_the_base_tensor_not_a_reused_buffer(tmp_path):
     """``head.hidden: base`` returns the base's tensor itself: the merged state holds exactly it,
-    with 1 and 2 workers (a merged tensor must never be a buffer the next tensor is read into)."""
+    with 1 and 2 workers (a merged tensor must never be a buffer the next tensor is read into, nor
+    the map of the base's file the streaming merge reads it from)."""
     from hm3.io import load_checkpoint
-    from hm3.testing import TASK_A, TASK_C, tiny_base, tiny_finetune
+    from hm3.testing import TASK_A, TASK_C, mapped_file, tiny_base, tiny_finetune
 
     base = tiny_base(tmp_path / "base", family="distilbert", headless=False)  # with a pre_classifier
     a = tiny_finetune(base, tmp_path / "a", TASK_A, steps=10)
@@ -178,5 +180,8 @@ def test_head_hidden_base_is_the_base_tensor_not_a_reused_buffer(tmp_path):
     assert hidden
     for name in hidden:
         assert torch.equal(states[0][name], ref.tensor(name)) and torch.equal(states[1][name], ref.tensor(name))
+        if os.path.exists("/proc/self/maps"):
+            assert mapped_file(ref.tensor(name, mapped=True)) == str(base / "model.safetensors")  # the check can see maps
+            assert mapped_file(states[0][name]) is None and mapped_file(states[1][name]) is None
     assert list(states[0]) == list(states[1])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,10 +1,11 @@
-"""Streaming merge I/O: tensors read with pread (no memory map) and the merged model written tensor
-by tensor (``hm3.io.SafetensorsWriter``). The streamed file must be the very bytes the whole-state
+"""Streaming merge I/O: tensors read with pread or as copy-on-write maps of their own bytes, and the
+merged model written tensor by tensor (``hm3.io.SafetensorsWriter``). The streamed file must be the very bytes the whole-state
 writer makes, and load like safetensors' own writer's file."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from hm3.errors import HM3Error
 from hm3.io import SafetensorsWriter, load_checkpoint, save_safetensors
 from hm3.merging.engine import merge, merge_state, output_specs, prepare
+from hm3.testing import mapped_file
 
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.5}),
@@ -82,10 +84,33 @@ def test_checkpoint_reads_every_dtype_exactly(tmp_path):
         got = ck.tensor(k)
         want = v.float() if v.is_floating_point() else v
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
+        mapped = ck.tensor(k, mapped=True)  # a map of the bytes for float32, else read as above
+        assert mapped.dtype == want.dtype and mapped.shape == want.shape and torch.equal(mapped, want), k
         if v.is_floating_point():  # read_into: straight into a float32 buffer, or converted (bf16, f16)
             out = torch.full(v.shape, 7.0)
             assert ck.read_into(k, out) is out and torch.equal(out, want), k
     ck.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_mapped_tensor_is_copy_on_write_and_outlives_close(tmp_path):
+    """A mapped tensor is the file's bytes without a copy; writing to it changes only this
+    process's copy of the page, never the file, and it stays valid after the checkpoint closes."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    w = torch.randn(300, 70)  # spans pages, at an offset that is not page aligned
+    save_file({"bert.a": torch.randn(5), "bert.w": w}, str(d / "model.safetensors"))
+    raw = (d / "model.safetensors").read_bytes()
+    ck = load_checkpoint(d)
+    t = ck.tensor("bert.w", mapped=True)
+    assert mapped_file(t) == str(d / "model.safetensors") and mapped_file(ck.tensor("bert.w")) is None
+    ck.close()
+    assert torch.equal(t, w)
+    t.mul_(2)  # a write: copy on write
+    assert torch.equal(t, 2 * w)
+    assert (d / "model.safetensors").read_bytes() == raw
+    assert torch.equal(load_checkpoint(d).tensor("bert.w", mapped=True), w)
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -95,8 +120,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     save_file({"bert.w": torch.randn(64, 64)}, str(d / "model.safetensors"))
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[:-100])
-    with pytest.raises(HM3Error, match="model.safetensors"):
-        load_checkpoint(d).tensor("bert.w")
+    for mapped in (False, True):
+        with pytest.raises(HM3Error, match="model.safetensors"):
+            load_checkpoint(d).tensor("bert.w", mapped=mapped)
 
 
 def test_failed_streamed_merge_leaves_nothing(recipe, tmp_path):
@@ -117,3 +143,5 @@ def test_read_into_refuses_nan(tmp_path):
     save_file({"bert.w": torch.tensor([1.0, float("nan")])}, str(d / "model.safetensors"))
     with pytest.raises(HM3Error, match="NaN or inf"):
         load_checkpoint(d).read_into("bert.w", torch.empty(2))
+    with pytest.raises(HM3Error, match="NaN or inf"):
+        load_checkpoint(d).tensor("bert.w", mapped=True)

@@ -811,9 +811,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
                 f"{_f(r['mergekit_rss_x_model'], '{:.1f}')} | {_f(r['max_abs_diff_vs_mergekit'], '{:.1e}')} |"
             )
         lines += ["", "Peak RSS includes the Python interpreter, torch and transformers (about 0.3–0.5 GB), which "
-                  "weighs most on the small models. hm3 streams: each input tensor is read with `pread` into its "
-                  "own buffer (no memory map, whose touched pages would stay in the process until the end) and "
-                  "each merged tensor is appended to the output file as soon as it is made, so its peak is the "
+                  "weighs most on the small models. hm3 streams: each input tensor is read as a copy-on-write map "
+                  "of its own bytes, unmapped once the tensor is merged (never a map of the whole file, whose "
+                  "touched pages would stay in the process until the end), and each merged tensor is appended to the output file as soon as it is made, so its peak is the "
                   "interpreter plus the working set of the largest tensor (the word embeddings). Max abs diff (read from the whole-process outputs): linear "
                   "differs by rounding only (hm3 averages task vectors, mergekit weights); TIES differs only at "
                   "elements tied at the trim threshold, where the two keep different members of the tie "

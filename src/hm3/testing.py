@@ -263,3 +263,16 @@ def accuracy(clf, group: str, task: Task, n: int = 200, seed: int = 123) -> floa
     data = task.sample(n, seed=seed)
     probs = clf.predict_proba([t for t, _ in data], groups=[group])[group]
     return float((probs.argmax(1) == torch.tensor([y for _, y in data]).numpy()).mean())
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``t``'s memory, None for anonymous memory (reads
+    ``/proc/self/maps``: Linux only). Tests use it to check what is and is not a map of a checkpoint."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5].strip() if len(parts) == 6 and parts[5].startswith("/") else None
+    return None

@@ -105,8 +105,11 @@ class Prepared:
     def inputs(self, names: list[str] | None = None, *, reuse: bool = False) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
         """Yield ``(name, kind, base, deltas)`` per tensor; deltas are ``(N, *shape)`` float32.
 
-        ``reuse``: inside ``steps.workspace()``, read every tensor's deltas into one kept buffer
-        (no page faults on a fresh one), for a caller done with each before it asks for the next."""
+        ``reuse``: for a caller done with each tensor before it asks for the next (the streaming
+        merge): inside ``steps.workspace()`` every tensor's deltas go into one kept buffer (no page
+        faults on a fresh one), and the base and the models' tensors are read as maps of their files
+        (``Checkpoint.tensor(mapped=True)``: no copy, no fresh pages; ``_finished`` copies a base
+        tensor the merge returns as it is)."""
         for name in names or list(self.kinds):
             kind = self.kinds[name]
             if kind == "copy":
@@ -116,7 +119,7 @@ class Prepared:
             if kind == "out":
                 base = zero_out(self.models[0].tensor(name), self.space)
             elif self.base is not None and name in self.base:
-                base = self.base.tensor(name)
+                base = self.base.tensor(name, mapped=reuse)
             elif kind == "hidden" or self.base is None:
                 # No base tensor: a headless base under a task-specific head layer, or linear
                 # without a base. Zero base → the method sees whole weights (linear: their mean).
@@ -131,6 +134,8 @@ class Prepared:
             for i, (m, g) in enumerate(zip(self.models, self.groups)):
                 if kind == "out":
                     torch.sub(expand_out(m.tensor(name), self.space, g), base, out=deltas[i])
+                elif reuse:  # the mapped weights minus the base, in one pass
+                    torch.sub(m.tensor(name, mapped=True), base, out=deltas[i])
                 else:  # read the weights straight into the buffer, then subtract in place
                     m.read_into(name, deltas[i]).sub_(base)
             yield name, kind, base, deltas
@@ -374,10 +379,11 @@ def merge_workers(workers: int | None = None) -> int:
 def _finished(prep: Prepared, name: str, kind: str, base: torch.Tensor, deltas: torch.Tensor,
               dtype: torch.dtype) -> torch.Tensor:
     """One merged tensor as it is written: checked finite, in the output dtype, contiguous, and
-    never a view of ``deltas`` (the reused buffer the next tensor is read into)."""
+    never a view of ``deltas`` (the reused buffer the next tensor is read into) or of ``base`` (a
+    map of the base model's file, not to outlive this tensor's merge)."""
     merged = merge_tensor(prep, name, kind, base, deltas)
-    if merged.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
-        merged = merged.clone()  # a view of the reused deltas buffer: the next read overwrites it
+    if merged.untyped_storage().data_ptr() in (deltas.untyped_storage().data_ptr(), base.untyped_storage().data_ptr()):
+        merged = merged.clone()  # a view of an input
     del base, deltas  # (N, *shape): the caller frees its references before the next tensor is read
     if merged.is_floating_point():
         if not all_finite(merged):
