@@ -76,7 +76,9 @@ def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
     """The whole-process breakdown makes the same model as hm3.merge and accounts for its time."""
     import yaml
 
+    from hm3.merging import engine
     from hm3.merging.engine import merge
+    from hm3.merging.methods import get
 
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(tiny["base"]), "seed": 0,
@@ -92,6 +94,10 @@ def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
            "phases": [{"size": "tiny", "n": 2, "method": "ties", **ph, "process_s": 1.0, "peak_rss_mb": 1.0}]}
     text = bench.render_markdown(res, None, command="x", images={})
     assert "Where a whole-process `hm3 merge` spends its time" in text and "| tiny | 2 | ties |" in text
+    # the workers each method ran with, as hm3 merge chose them (TIES: 2 on a machine with 2 threads)
+    assert ph["workers"] == engine.merge_workers(method=get("ties"))
+    text = bench.render_markdown({**res, "hm3_workers": {"ties": 2, "dare_ties": 1}}, None, command="x", images={})
+    assert "| hm3 merge workers | ties 2, dare_ties 1 (" in text
 
 
 def test_cached_merged_model_is_reused_only_for_the_same_guards(inference_results, workdir, tmp_path):

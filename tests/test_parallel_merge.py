@@ -125,11 +125,20 @@ def test_torch_threads_are_restored(tiny):
 
 
 def test_worker_count_from_argument_environment_and_default(monkeypatch):
+    from hm3.merging.methods import get
+
     monkeypatch.delenv(WORKERS_ENV, raising=False)
-    assert merge_workers() == min(2, torch.get_num_threads())
-    assert merge_workers(3) == 3
-    monkeypatch.setenv(WORKERS_ENV, "1")
+    # by method: two tensors at once where the sparsifier orders by magnitude on one thread
+    for name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert merge_workers(method=get(name)) == min(2, torch.get_num_threads()), name
+    for name in ("linear", "task_arithmetic", "dare_ties", "dare_linear", "della", "model_stock"):
+        assert merge_workers(method=get(name)) == 1, name
     assert merge_workers() == 1
+    assert merge_workers(3) == 3
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    assert merge_workers(method=get("linear")) == 2  # the environment wins over the method's default
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert merge_workers(method=get("ties")) == 1
     assert merge_workers(2) == 2  # an explicit argument wins
     monkeypatch.setenv(WORKERS_ENV, "two")
     with pytest.raises(HM3Error, match=f"{WORKERS_ENV}='two' is not a whole number"):

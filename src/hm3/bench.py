@@ -398,7 +398,7 @@ def bench_merge(
                     run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
                     results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
                                               "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
-                    results["hm3_workers"] = run.extra.get("workers")  # the same environment for every run
+                    results.setdefault("hm3_workers", {})[method] = run.extra.get("workers")  # same for each size
                 diff = None
                 if check and mergekit and method in ("linear", "ties") and whole_process:
                     diff = _max_abs_diff(run_dir / "out", run_dir / "out-mergekit")
@@ -677,6 +677,11 @@ def inference_summary(results: dict) -> list[dict]:
 
 
 # -- report -------------------------------------------------------------------------------------------
+def _workers(w: "dict | int") -> str:
+    """The merge workers each method ran with (older results: one number for all)."""
+    return ", ".join(f"{m} {k}" for m, k in w.items()) if isinstance(w, dict) else str(w)
+
+
 def _f(x, fmt="{:.2f}", none="–") -> str:
     return none if x is None else fmt.format(x)
 
@@ -766,8 +771,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         f"| software | Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"mergekit {m.get('mergekit')} |",
         f"| threads per timed process | {res.get('threads') or 'torch default'} (OMP_NUM_THREADS, same for hm3 and mergekit) |",
-        *([f"| hm3 merge workers | {res['hm3_workers']} (tensors merged at once, each on torch threads ÷ workers; "
-           "`HM3_MERGE_WORKERS`, default min(2, torch threads)) |"] if (merge_res or {}).get("hm3_workers") else []),
+        *([f"| hm3 merge workers | {_workers(res['hm3_workers'])} (tensors merged at once, each on torch threads ÷ "
+           "workers; `HM3_MERGE_WORKERS`, default min(2, torch threads) for TIES-like methods, else 1) |"]
+          if (merge_res or {}).get("hm3_workers") else []),
         f"| load average at start | {_f(m.get('load_average'))} (the machine is shared: compare the ratios, "
         "measured side by side, more than the absolute times) |",
         f"| date | {m.get('date', '?')} |",
@@ -1140,7 +1146,8 @@ def hm3_phases(config: str, out: str) -> dict:
                            engine.tokenizer_source(prep), engine.model_card(prep), specs=engine.output_specs(prep))
     t4 = time.perf_counter()
     return {"seconds": t4 - t0, "import_torch_s": t1 - t0, "import_rest_s": t2 - t1, "prepare_s": t3 - t2,
-            "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0], "workers": engine.merge_workers()}
+            "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0],
+            "workers": engine.merge_workers(None, prep.method)}
 
 
 def _infer(spec: dict) -> dict:

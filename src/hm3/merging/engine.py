@@ -358,14 +358,18 @@ def merge_tensor(
     return method.fn(base, deltas, p, tensor_generator(seed, name))
 
 
-def merge_workers(workers: int | None = None) -> int:
-    """How many tensors a merge works on at once: ``workers``, else ``$HM3_MERGE_WORKERS``, else
-    ``min(2, torch.get_num_threads())`` (2 on a machine with 2 or more intra-op threads)."""
+def merge_workers(workers: int | None = None, method: Method | None = None) -> int:
+    """How many tensors a merge works on at once: ``workers``, else ``$HM3_MERGE_WORKERS``, else by
+    ``method``: ``min(2, torch.get_num_threads())`` for a method that orders by magnitude (TIES's
+    selection, breadcrumbs' sort: one thread per tensor, so two tensors at once use two cores), else 1
+    (elementwise steps already split each block across torch's threads; a second worker only
+    competes for the cache — measured in issue 6: bert-base DARE-TIES N=5 2.06 s with 1 worker,
+    2.41 s with 2; TIES N=5 3.17 s with 1, 2.87 s with 2)."""
     where = f"workers={workers}"
     if workers is None:
         env = os.environ.get(WORKERS_ENV, "").strip()
         if not env:
-            return min(2, torch.get_num_threads())
+            return min(2, torch.get_num_threads()) if method is not None and method.selects else 1
         where = f"{WORKERS_ENV}={env!r}"
         try:
             workers = int(env)
@@ -396,11 +400,11 @@ def merged_tensors(prep: Prepared, progress: bool = True, *, workers: int | None
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk.
 
-    ``workers`` (default ``merge_workers()``): with 2 or more, that many threads merge tensors at
-    once (``_merged_in_threads``); the tensors, their bytes and their order are the same."""
+    ``workers`` (default ``merge_workers(method=...)``): with 2 or more, that many threads merge
+    tensors at once (``_merged_in_threads``); the tensors, their bytes and their order are the same."""
     dtype = DTYPES[prep.config.dtype]
     prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
-    workers = merge_workers(workers)
+    workers = merge_workers(workers, prep.method)
     if workers > 1 and not prep.method.needs_stats and len(prep.kinds) > 1:
         yield from _merged_in_threads(prep, workers, dtype, progress)
         return
@@ -665,7 +669,8 @@ def merge(
     """Merge the recipe's models. With ``out``, write an ordinary HF classifier directory
     atomically (an existing ``out`` is refused unless ``force``); without, return the state dict.
     ``workers``: tensors merged at once (``merge_workers``: default ``$HM3_MERGE_WORKERS``, else
-    2 when torch has 2 or more threads); the result is the same bytes with any number."""
+    2 for TIES-like methods when torch has 2 or more threads, else 1); the result is the same bytes
+    with any number."""
     t0 = time.perf_counter()
     if out is not None:
         from hm3.io import prepare_output

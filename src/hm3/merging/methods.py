@@ -55,6 +55,7 @@ class Method:
     min_models: int = 1
     doc: str = ""
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
+    selects: bool = False  # sparsifies by magnitude order: a selection or sort, one thread per tensor
 
 
 def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g):
@@ -203,6 +204,7 @@ def _gta(name: str, sparsify: Sparsify | None, consensus: bool, normalize: bool,
         reference=ref,
         uses_density=sparsify is not None,
         random=sparsify in (Sparsify.random, Sparsify.della_magprune),
+        selects=sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers),
         defaults={"normalize": normalize, "rescale": rescale},
         doc=doc,
     )
