@@ -4,8 +4,10 @@ Tensors are read lazily from safetensors files, one at a time, so a merge never 
 the tensors it is working on: with ``pread`` into a fresh tensor, or (``tensor(name, mapped=True)``,
 the streaming merge's inputs) as a copy-on-write memory map of the tensor's own bytes, which costs no
 copy and no fresh pages and is unmapped when the tensor is freed (never a map of the whole file,
-whose touched pages would count towards the process's memory until the end). Merged models are written tensor by tensor as they are produced (``SafetensorsWriter``). Pickle checkpoints (``pytorch_model.bin``) are refused unless
-the caller passes ``allow_pickle=True`` — and even then they go through ``torch.load(weights_only=True)``.
+whose touched pages would count towards the process's memory until the end). Merged models are
+written tensor by tensor as they are produced (``SafetensorsWriter``). Pickle checkpoints
+(``pytorch_model.bin``) are refused unless the caller passes ``allow_pickle=True`` — and even then
+they go through ``torch.load(weights_only=True)``.
 
 A plain merge never imports transformers (about 1-2 s of a merge process's start-up): config.json is
 read as JSON (``ModelConfig``), a tokenizer's vocabulary from ``tokenizer.json`` / ``vocab.txt``
@@ -129,9 +131,9 @@ class Checkpoint:
 
         ``mapped``: a float32 tensor comes as a private (copy-on-write) memory map of its bytes in
         the file instead of a copy — writable, the file never changes, and the map goes when the
-        tensor is freed. For short-lived inputs (a streaming merge reads the 94 MB word embeddings
-        of a bert-base model about 2× faster): while the map lives, the file must not be truncated
-        in place (replacing it by a rename, as hm3 and ``save_pretrained`` do, is fine)."""
+        tensor is freed. For short-lived inputs (the streaming merge's): while the map lives, the
+        file must not be truncated in place (replacing it by a rename, as hm3 writes its models,
+        is fine)."""
         file, key = self._where[name]
         if self._pickled is not None:
             t = self._pickled[key]
