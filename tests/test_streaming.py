@@ -113,6 +113,26 @@ def test_mapped_tensor_is_copy_on_write_and_outlives_close(tmp_path):
     assert torch.equal(load_checkpoint(d).tensor("bert.w", mapped=True), w)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_mapped_read_falls_back_to_pread_where_files_cannot_be_mapped(tmp_path, monkeypatch):
+    """Some file systems (FUSE mounts, some network shares) refuse mmap: the tensor is read instead."""
+    import errno
+    import mmap
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    w = torch.randn(40, 30)
+    save_file({"bert.w": w}, str(d / "model.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    t = load_checkpoint(d).tensor("bert.w", mapped=True)
+    assert torch.equal(t, w) and mapped_file(t) is None
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     d = tmp_path / "m"
     d.mkdir()

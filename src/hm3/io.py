@@ -188,18 +188,24 @@ class Checkpoint:
         """One tensor as a copy-on-write map of its bytes (``mmap.ACCESS_COPY``: pages are read from
         the page cache on first touch, a write copies the page into this process only). The tensor
         holds the map, which is closed when the tensor is freed; the map keeps its own descriptor,
-        so ``close()`` does not end it."""
+        so ``close()`` does not end it. A file system that cannot map files gets ``_pread``."""
         dtype, shape, start, stop = self._span(name, file, key)
         if stop == start:
             return torch.empty(shape, dtype=dtype)
         lo = start - start % mmap.ALLOCATIONGRANULARITY  # maps start on a granularity boundary
         try:
             fh = self._file(file)
-            if os.fstat(fh.fileno()).st_size < stop:
-                raise OSError(f"file ends before byte {stop}")
+            size = os.fstat(fh.fileno()).st_size
+        except OSError as e:
+            raise HM3Error(f"{file}: cannot read tensor {key!r} ({e})") from None
+        if size < stop:
+            raise HM3Error(f"{file}: cannot read tensor {key!r} (file ends at byte {size}, before {stop}); "
+                           "the file is corrupt or truncated")
+        try:
             m = mmap.mmap(fh.fileno(), stop - lo, access=mmap.ACCESS_COPY, offset=lo)
-        except (OSError, ValueError) as e:
-            raise HM3Error(f"{file}: cannot read tensor {key!r} ({e}); the file is corrupt or truncated") from None
+        except (OSError, ValueError) as e:  # e.g. ENODEV: a file system without mmap
+            log.debug("%s: cannot map tensor %r (%s); reading it instead", file, key, e)
+            return self._pread(name, file, key)
         return torch.frombuffer(m, dtype=torch.uint8, count=stop - start, offset=start - lo).view(dtype).reshape(shape)
 
     def _pread(self, name: str, file: Path, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
