@@ -150,6 +150,21 @@ def broken(tiny, tmp_path_factory):
     (p / "tokenizer.json").write_text(json.dumps(tok))
     out["vocab"] = p
 
+    p = copy("multilabel")  # the same weights, read as independent sigmoids
+    cfg = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**cfg, "problem_type": "multi_label_classification"}))
+    out["multilabel"] = p
+
+    p = copy("one_output")  # one logit: a regression or single-sigmoid head
+    state = load_file(str(p / "model.safetensors"))
+    state["classifier.weight"], state["classifier.bias"] = state["classifier.weight"][:1], state["classifier.bias"][:1]
+    save_file(state, str(p / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((p / "config.json").read_text())
+    cfg.update(id2label={"0": "score"}, label2id={"score": 0})
+    cfg.pop("problem_type", None)  # as such heads are saved (transformers refuses single-label with 1 output)
+    (p / "config.json").write_text(json.dumps(cfg))
+    out["one_output"] = p
+
     cfg = BertConfig(vocab_size=len(tiny_tokenizer()), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=64, num_labels=2)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d / "narrow")
@@ -173,6 +188,8 @@ def two_model_recipe(tiny, second, **extra):
 CASES = {
     "missing model path": (lambda t, b: two_model_recipe(t, t["root"] / "nope"), "no such model directory"),
     "not a classifier": (lambda t, b: two_model_recipe(t, t["base"]), "not a sequence classifier"),
+    "multi-label classifier": (lambda t, b: two_model_recipe(t, b["multilabel"]), "multi-label classifier"),
+    "one-output head": (lambda t, b: two_model_recipe(t, b["one_output"]), "a head with 1 output;"),
     "architecture mismatch": (lambda t, b: two_model_recipe(t, b["distil"]), "architecture 'distilbert' differs"),
     "shape mismatch": (lambda t, b: two_model_recipe(t, b["narrow"]), "has shape"),
     "vocabulary mismatch": (lambda t, b: two_model_recipe(t, b["vocab"]), "tokenizer vocabulary differs"),
@@ -255,6 +272,17 @@ def test_bad_predict_input(tiny, tmp_path, content, suffix, pattern):
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert_user_error(run("predict", tiny["a"], "--input", f, "--output", tmp_path / "p.jsonl"), pattern)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,pattern", [("multilabel", "multi-label classifier"), ("one_output", "a head with 1 output;")])
+def test_heads_a_softmax_cannot_read_are_refused_at_load(broken, tmp_path, name, pattern):
+    """A guard loaded on its own (predict, eval --against, agree --guard) is read through a softmax too:
+    a multi-label or one-output head is an error naming its config.json, not silently wrong scores."""
+    out = tmp_path / "p.jsonl"
+    r = run("predict", broken[name], "-t", "w0 w1", "--output", out)
+    assert_user_error(r, pattern)
+    assert str(broken[name] / "config.json") in r.stderr
+    assert not out.exists()
 
 
 def test_predict_missing_model_and_unknown_group(tiny, tmp_path):

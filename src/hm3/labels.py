@@ -127,6 +127,27 @@ class LabelSpace:
             raise HM3Error(f"malformed hm3 group metadata in config.json: {e}") from None
 
 
+def check_softmax_head(problem_type: str | None, outputs: int, where: str) -> None:
+    """Refuse a classifier whose outputs one softmax cannot read: hm3 answers each group with a softmax
+    over the group's labels (one label per text), so a multi-label head (an independent sigmoid per
+    label) or a one-output head (regression, or a binary classifier with one sigmoid logit) would be
+    reported wrongly without any error. ``where``: the config.json, for the message."""
+    if problem_type == "multi_label_classification":
+        raise HM3Error(
+            f"{where}: a multi-label classifier (problem_type multi_label_classification: an independent sigmoid "
+            "per label); hm3 merges and serves single-label classifiers, whose labels share one softmax per group, "
+            "and would misreport this one's scores. Multi-label groups are not supported"
+        )
+    if problem_type == "regression" or outputs < 2:
+        raise HM3Error(
+            f"{where}: a head with {outputs} output{'s' if outputs != 1 else ''}"
+            + (" (problem_type regression)" if problem_type == "regression" else "")
+            + "; hm3 reads each group through a softmax over at least two labels, which would answer a one-output "
+            "head with its only label at 1.0. A binary classifier with one sigmoid logit z is the two-label head "
+            "[0, z]: save it with two output rows (zeros, then its own) and num_labels 2"
+        )
+
+
 def validate_group_name(name: str) -> None:
     if not isinstance(name, str) or not GROUP_NAME.match(name):
         raise HM3Error(

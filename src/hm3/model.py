@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hm3.errors import HM3Error
-from hm3.labels import LabelSpace, clean_labels, group_name_from, labels_from_config
+from hm3.labels import LabelSpace, check_softmax_head, clean_labels, group_name_from, labels_from_config
 from hm3.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,13 @@ class GroupwiseClassifier:
     def from_pretrained(cls, path: str | os.PathLike, **kw) -> "GroupwiseClassifier":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from hm3.io import resolve
+        from hm3.io import read_config, resolve
 
         path = resolve(path)
-        if not (path / "config.json").is_file():
-            raise HM3Error(f"{path}: no config.json; expected a model directory")
+        config = read_config(path)  # JSON: checked before transformers reads it (and fails less clearly)
+        if "groups" not in (getattr(config, "hm3", None) or {}):  # a single classifier: one group
+            outputs = len(getattr(config, "id2label", None) or {}) or int(getattr(config, "num_labels", 2))
+            check_softmax_head(getattr(config, "problem_type", None), outputs, str(config.file))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:

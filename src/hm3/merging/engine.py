@@ -48,7 +48,7 @@ from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
 from hm3.io import (TOKENIZER_FILES, AtomicDir, Checkpoint, SafetensorsWriter, all_finite, copy_tokenizer,
                     has_tokenizer, load_checkpoint, save_safetensors, tokenizer_vocab)
-from hm3.labels import LabelSpace, clean_labels, group_name_from
+from hm3.labels import LabelSpace, check_softmax_head, clean_labels, group_name_from
 from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -163,6 +163,7 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
                 f"{m.path}: not a sequence classifier (no {family.out[0]!r} tensor); "
                 "hm3 merges *ForSequenceClassification checkpoints"
             )
+        check_softmax_head(getattr(m.config, "problem_type", None), m.num_outputs, str(m.config.file))
 
     # Groups and labels.
     groups: list[tuple[str, list[str]]] = []
