@@ -250,16 +250,24 @@ def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * keep.view_as(x)
 
 
+def _ref_draws(g: torch.Generator, n: int) -> torch.Tensor:
+    """DARE's 16 random bits for ``n`` elements (int16): the numpy SFC64 stream a torch.Generator
+    seeds (``steps.numpy_rng``), one 64-bit draw per 4 elements, little-endian."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.SFC64(int(torch.randint(0, 2**62, (), generator=g))))
+    return torch.from_numpy(rng.bit_generator.random_raw((n + 3) // 4).view(np.int16)[:n].copy())
+
+
 def _ref_dare(x: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
     """Keep where 16 random bits (unsigned) are below round(density·2^16), then mergekit's l1 rescale."""
     if density >= 1:
         return x.clone()
     n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=g)
-    bits = draws.view(torch.int16)[:n].to(torch.int32) + 2**15  # unsigned 16-bit values
+    bits = _ref_draws(g, n).to(torch.int32) + 2**15  # unsigned 16-bit values
     keep = (bits < round(density * 2**16)).view(x.shape)
     masked = x * keep
-    before, after = x.abs().sum(), masked.abs().sum()
+    before, after = _ref_fixed_sum(x.abs()), _ref_fixed_sum(masked.abs())
     return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
 
 
@@ -342,9 +350,14 @@ def _ref_fixed_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1)
     while x.numel() > 4096:
         full = x.numel() // 4096 * 4096
-        sums = [x[i:i + 4096].sum() for i in range(0, full, 4096)] + ([x[full:].sum()] if full < x.numel() else [])
+        sums = [_np_sum(x[i:i + 4096]) for i in range(0, full, 4096)] + ([_np_sum(x[full:])] if full < x.numel() else [])
         x = torch.stack(sums)
-    return x.sum()
+    return _np_sum(x)
+
+
+def _np_sum(x: torch.Tensor) -> torch.Tensor:
+    """numpy's sum of a flat tensor (its pairwise order), as a 0-d tensor of the same dtype."""
+    return torch.tensor(x.numpy().sum(), dtype=x.dtype)
 
 
 def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, rescale: Rescale | None) -> torch.Tensor:
@@ -356,8 +369,7 @@ def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, resc
     if q >= 2**16:
         keep = torch.ones(x.shape, dtype=torch.bool)
     else:
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=g)
-        keep = ((draws.view(torch.int16)[:n].to(torch.int32) + 2**15) < q).view(x.shape)
+        keep = ((_ref_draws(g, n).to(torch.int32) + 2**15) < q).view(x.shape)
     masked = x * keep
     if rescale is None:
         return masked

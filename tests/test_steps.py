@@ -170,12 +170,30 @@ def test_bernoulli_keep_probability_at_the_edges(density):
 
 
 def test_tensor_generator_depends_on_seed_and_name_only():
-    draw = lambda s, n: torch.rand(8, generator=tensor_generator(s, n))  # noqa: E731
+    import numpy as np
+
+    draw = lambda s, n: tensor_generator(s, n).bit_generator.random_raw(8)  # noqa: E731
     a = draw(0, "bert.encoder.layer.0.attention.self.query.weight")
     torch.manual_seed(99)
-    assert torch.equal(a, draw(0, "bert.encoder.layer.0.attention.self.query.weight"))
-    assert not torch.equal(a, draw(1, "bert.encoder.layer.0.attention.self.query.weight"))
-    assert not torch.equal(a, draw(0, "bert.encoder.layer.0.attention.self.key.weight"))
+    np.random.seed(99)
+    assert np.array_equal(a, draw(0, "bert.encoder.layer.0.attention.self.query.weight"))
+    assert not np.array_equal(a, draw(1, "bert.encoder.layer.0.attention.self.query.weight"))
+    assert not np.array_equal(a, draw(0, "bert.encoder.layer.0.attention.self.key.weight"))
+
+
+def test_dare_draws_from_a_numpy_stream_and_a_torch_generator_seeds_one():
+    """The bits are the numpy SFC64 stream's (what a torch-free implementation draws too); a
+    torch.Generator passed instead gives a reproducible stream seeded by it."""
+    import numpy as np
+
+    x = distinct((37, 11), 4)  # 407 elements: not a multiple of 4
+    rng = lambda: np.random.Generator(np.random.SFC64(7))  # noqa: E731
+    raw = rng().bit_generator.random_raw((x.numel() + 3) // 4).view(np.int16)[: x.numel()]
+    keep = torch.from_numpy((raw.astype(np.int32) + 2**15 < round(0.4 * 2**16)).reshape(x.shape))
+    assert torch.equal(steps.bernoulli(x, 0.4, rng()), x * keep)
+    a = steps.bernoulli(x, 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, steps.bernoulli(x, 0.4, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, steps.bernoulli(x, 0.4, torch.Generator().manual_seed(4)))
 
 
 # -- sign consensus (TIES elect) -------------------------------------------------------------------

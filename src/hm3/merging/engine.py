@@ -62,8 +62,18 @@ WORKERS_ENV = "HM3_MERGE_WORKERS"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A generator seeded from ``(seed, tensor name)``: independent of the global RNG and of order."""
+def tensor_generator(seed: int, name: str) -> "np.random.Generator":
+    """The merge's generator for one tensor: a numpy ``SFC64`` stream seeded from ``(seed, tensor
+    name)`` (128 bits of their SHA-256), independent of the global RNG and of the order tensors are
+    merged in (``steps.numpy_rng``)."""
+    import numpy as np
+
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return np.random.Generator(np.random.SFC64(int.from_bytes(digest[:16], "little")))
+
+
+def torch_generator(seed: int, name: str) -> torch.Generator:
+    """A ``torch.Generator`` seeded from ``(seed, name)`` (the Fisher statistics' label sampling)."""
     digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
     g = torch.Generator()
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -5,7 +5,8 @@ Every method has the signature ``fn(base, deltas, p, generator) -> merged`` wher
 * ``base``: the base model's tensor, ``(*shape)``;
 * ``deltas``: task vectors ``model_i - base`` stacked as ``(N, *shape)`` (float32);
 * ``p``: ``TensorParams`` resolved for this tensor (per-model weight and density, shared flags);
-* ``generator``: the only source of randomness, seeded from ``(seed, tensor name)``.
+* ``generator``: the only source of randomness, seeded from ``(seed, tensor name)``: a numpy
+  ``Generator`` (``engine.tensor_generator``; a ``torch.Generator`` also works, ``steps.numpy_rng``).
 
 The task-arithmetic family (task arithmetic, TIES, DARE, DARE-TIES, Breadcrumbs, DELLA) is one
 pipeline — sparsify → weight → sign consensus → (normalise) → λ — exactly as mergekit 0.1.5's
@@ -15,9 +16,12 @@ pipeline — sparsify → weight → sign consensus → (normalise) → λ — e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 from hm3.merging import steps
 from hm3.merging.steps import Rescale, Sparsify
@@ -40,7 +44,8 @@ class TensorParams:
     stats: dict = field(default_factory=dict)
 
 
-MethodFn = Callable[[torch.Tensor, torch.Tensor, TensorParams, "torch.Generator | None"], torch.Tensor]
+MethodFn = Callable[[torch.Tensor, torch.Tensor, TensorParams, "np.random.Generator | torch.Generator | None"],
+                    torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def generalized_task_arithmetic(
     base: torch.Tensor,
     deltas: torch.Tensor,
     p: TensorParams,
-    generator: torch.Generator | None,
+    generator: "np.random.Generator | torch.Generator | None",
     *,
     sparsify: Sparsify | None,
     consensus: bool,

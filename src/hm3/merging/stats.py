@@ -362,7 +362,7 @@ def ensure_stats(prep: "Prepared", progress: bool = False) -> MergeStats:
     """Compute (or read from the cache) what ``prep.method`` needs; record it in ``prep.metadata``."""
     if prep.stats is not None:
         return prep.stats
-    from hm3.merging.engine import tensor_generator
+    from hm3.merging.engine import torch_generator
     from hm3.progress import progress_bar
 
     t0 = time.perf_counter()
@@ -392,7 +392,7 @@ def ensure_stats(prep: "Prepared", progress: bool = False) -> MergeStats:
                     if kind == "gram":
                         grams, tokens = gram_matrices(model, tok, tx, data.max_length, data.batch_size)
                         return grams, {"texts": len(tx), "tokens": tokens}
-                    fisher = fisher_diagonal(model, tok, tx, tensor_generator(prep.config.seed, f"fisher/{g}"),
+                    fisher = fisher_diagonal(model, tok, tx, torch_generator(prep.config.seed, f"fisher/{g}"),
                                              data.max_length)
                     return fisher, {"texts": len(tx)}
 

@@ -3,8 +3,11 @@
 Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/sparsify.py`` and
 ``generalized_task_arithmetic.py``), which the parity tests check; where hm3 differs it says so:
 
-* Randomness comes only from the ``torch.Generator`` passed in (mergekit uses the global RNG), so a
-  seeded merge is byte-identical whatever else ran before it.
+* Randomness comes only from the generator passed in (mergekit uses the global RNG), so a seeded
+  merge is byte-identical whatever else ran before it. DARE's bits come from a numpy ``SFC64``
+  stream (``numpy_rng``): the merge's own generators (``engine.tensor_generator``) are numpy
+  ``Generator``s, and a ``torch.Generator`` passed instead seeds one. numpy, not torch's mt19937,
+  so that an implementation without torch draws the same bits (and SFC64 draws them ~2x faster).
 * Magnitude pruning finds the k-th largest magnitude by selection, not by sorting (mergekit sorts
   the whole tensor): a random sample brackets the threshold, one pass gathers the few elements inside
   the bracket, and numpy's introselect partitions only those (``kth_largest``). The kept set is the
@@ -13,6 +16,8 @@ Each is a pure function of tensors. Semantics follow mergekit 0.1.5 (``mergekit/
 * DARE's keep mask compares 16 random bits per element with the density (mergekit:
   ``torch.bernoulli`` of a tensor filled with it): the same distribution up to the density's rounding
   to 2^-16, another random stream.
+* Norms (the rescale) are sums in a fixed order computed by numpy (``fixed_sum``): the same bits
+  with any thread count, and from a numpy-only implementation.
 
 Speed (issue 6): the large tensors are word embeddings of tens of millions of elements, where every
 fresh tensor costs page faults and every bool→float promotion a slow unvectorised loop. So the hot
@@ -60,17 +65,36 @@ SUM_CHUNK = 4096
 
 
 def fixed_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of all of ``x``'s elements (a 0-d tensor), rounded the same with any thread count.
+    """The sum of all of ``x``'s elements (a 0-d tensor of ``x``'s dtype), rounded the same with any
+    thread count and by any implementation that follows this order.
 
     ``torch.sum`` of a whole tensor splits the range across threads, each thread adding its part in
     its own order, so the result's last bit depends on ``torch.get_num_threads()``. Here the
-    elements are summed in rows of ``SUM_CHUNK`` (a row-wise sum runs each row on one thread, in one
-    order), then the row sums the same way, until one short row is left. As fast as ``torch.sum``.
+    elements are summed in rows of ``SUM_CHUNK`` by numpy (one thread, numpy's pairwise order within
+    a row), then the row sums the same way, until one short row is left, which numpy sums too.
     """
-    x = x.reshape(-1)
-    while x.numel() > SUM_CHUNK:
-        x = _row_sums(x, torch.empty(_rows(x.numel()), dtype=x.dtype))
-    return x.sum()
+    a = _numpy(x.reshape(-1))
+    while a.size > SUM_CHUNK:
+        a = _np_row_sums(a, np.empty(_rows(a.size), dtype=a.dtype))
+    return torch.from_numpy(np.asarray(a.sum(), dtype=a.dtype).reshape(())).to(x.dtype)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """``x`` as a numpy array sharing its memory (bfloat16, which numpy lacks: a float32 copy)."""
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return x.detach().numpy()
+
+
+def _np_row_sums(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``fixed_sum``'s first level of flat ``a`` into ``out``: each row of ``SUM_CHUNK`` elements
+    summed by numpy, then the short rest."""
+    n = a.size
+    r = n % SUM_CHUNK
+    np.sum(a[: n - r].reshape(-1, SUM_CHUNK), axis=1, out=out[: n // SUM_CHUNK])
+    if r:
+        out[n // SUM_CHUNK] = a[n - r:].sum()
+    return out
 
 
 def _rows(n: int) -> int:
@@ -82,11 +106,9 @@ def _row_sums(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``fixed_sum``'s first level of flat ``x`` into ``out`` (``_rows(n)``,): the sum of each row of
     ``SUM_CHUNK`` elements, then of the short rest. Rows start at multiples of ``SUM_CHUNK``, so the
     sums of a flat tensor cut in such pieces, piece by piece, are its sums."""
-    n = x.numel()
-    r = n % SUM_CHUNK
-    torch.sum(x[: n - r].view(-1, SUM_CHUNK), dim=1, out=out[: n // SUM_CHUNK])
-    if r:
-        out[n // SUM_CHUNK] = x[n - r:].sum()
+    if out.dtype == torch.bfloat16:  # numpy has no bfloat16: sum into a float32 array, then round
+        return out.copy_(torch.from_numpy(_np_row_sums(_numpy(x), np.empty(out.numel(), np.float32))))
+    _np_row_sums(_numpy(x), _numpy(out))
     return out
 
 
@@ -282,12 +304,38 @@ def magnitude_outliers(
     return rescale_masked(x, mask.view_as(x), rescale, density)
 
 
+def numpy_rng(generator: "np.random.Generator | torch.Generator | None") -> np.random.Generator:
+    """The numpy generator DARE draws from: ``generator`` itself, or, for a ``torch.Generator``, an
+    ``SFC64`` stream seeded by one draw from it (None: a fresh, unseeded stream)."""
+    if isinstance(generator, np.random.Generator):
+        return generator
+    if generator is None:
+        return np.random.Generator(np.random.SFC64())
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return np.random.Generator(np.random.SFC64(seed))
+
+
+def torch_rng(generator: "np.random.Generator | torch.Generator | None") -> torch.Generator | None:
+    """The torch generator a torch sampler (DELLA's ``torch.bernoulli``) draws from: ``generator``
+    itself, or, for a numpy generator, one seeded by one draw from it."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(int(generator.integers(0, 2**62)))
+
+
+def _draws(rng: np.random.Generator, count: int) -> torch.Tensor:
+    """``count`` 64-bit draws of ``rng``'s bit generator as an int64 tensor (each gives 4 elements'
+    16 bits: little-endian, element ``4j + i`` takes bits ``16i..16i+15`` of draw ``j``)."""
+    return torch.from_numpy(rng.bit_generator.random_raw(count).view(np.int64))
+
+
 def bernoulli(
-    x: torch.Tensor, density: float, generator: torch.Generator | None, rescale: Rescale | None = None
+    x: torch.Tensor, density: float, generator: "np.random.Generator | torch.Generator | None",
+    rescale: Rescale | None = None
 ) -> torch.Tensor:
     """DARE drop: keep each element independently with probability ``density``.
 
-    Each element gets 16 random bits (a quarter of one 64-bit draw from ``generator``) and is kept
+    Each element gets 16 random bits (a quarter of one 64-bit draw from ``numpy_rng(generator)``) and is kept
     where they, as an unsigned number, are below ``round(density·2^16)``: the keep probability is
     the density rounded to a multiple of 2^-16 (off by at most 7.6e-6, far below the sampling noise
     of any tensor). Several times faster than ``torch.bernoulli(torch.full_like(x, density))``
@@ -300,7 +348,7 @@ def bernoulli(
 def bernoulli_parts(
     x: torch.Tensor,
     density: float,
-    generator: torch.Generator | None,
+    generator: "np.random.Generator | torch.Generator | None",
     rescale: Rescale | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -313,8 +361,8 @@ def bernoulli_parts(
     Block by block (``blocks``): draw the block's bits, compare them into a float keep mask and
     multiply; the l1 rescale takes ``|x|`` and ``|x * keep|`` of the block while it is in cache
     and keeps only their ``fixed_sum`` row sums (a block is a whole number of rows), so the norms
-    are exactly ``_norm``'s. Blocks of the one ``generator`` stream, in order, give the same bits
-    as one draw of ``(n + 3) // 4``.
+    are exactly ``_norm``'s. Blocks of the one stream, in order, give the same bits as one draw of
+    ``(n + 3) // 4``.
     """
     if density >= 1:
         return x, None
@@ -327,21 +375,20 @@ def bernoulli_parts(
             out.fill_(1)
         else:
             n = x.numel()
-            bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
-            torch.lt(bits.view(torch.int16)[:n].view(x.shape), q - (1 << 15), out=out)
+            bits = _draws(numpy_rng(generator), (n + 3) // 4).view(torch.int16)[:n]
+            torch.lt(bits.view(x.shape), q - (1 << 15), out=out)
         return _owed_rescale(out.mul_(x), x, rescale, density)
     n, flat, dst = x.numel(), x.view(-1), out.view(-1)
     l1 = rescale is Rescale.l1 and n > SUM_CHUNK  # (one row: the whole-tensor norms cost nothing)
     if l1:
         sums = scratch("dare l1 rows", 2 * _rows(n), x.dtype).view(2, -1)  # rows of |x|, of |x * keep|
         absb = scratch("dare abs", min(n, BLOCK), x.dtype)
-    bits = scratch("dare bits", min(n, BLOCK) // 4 + 1, torch.int64)
     keep = scratch("dare keep", min(n, BLOCK), x.dtype)
+    rng = numpy_rng(generator)  # (not before: a density that keeps everything draws nothing)
     below = q - (1 << 15)  # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`
     for b in blocks(n):
         m = b.stop - b.start
-        draws = bits[: (m + 3) // 4].random_(-(1 << 63), None, generator=generator)
-        k = torch.lt(draws.view(torch.int16)[:m], below, out=keep[:m])  # 1.0 where kept
+        k = torch.lt(_draws(rng, (m + 3) // 4).view(torch.int16)[:m], below, out=keep[:m])  # 1.0 where kept
         torch.mul(k, flat[b], out=dst[b])
         if l1:
             rows = slice(b.start // SUM_CHUNK, b.start // SUM_CHUNK + _rows(m))
@@ -364,7 +411,7 @@ def della_magprune(
     x: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator | None,
+    generator: "np.random.Generator | torch.Generator | None",
     rescale: Rescale | None = None,
 ) -> torch.Tensor:
     """DELLA MagPrune: per row, keep probability rises linearly with magnitude rank,
@@ -382,7 +429,7 @@ def della_magprune(
     # A one-element row has no rank spread (0/0): give it the middle probability, `density`.
     rank_norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.5).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = torch.bernoulli(probs, generator=torch_rng(generator))
     return rescale_masked(rows, mask, rescale, density).reshape(shape)
 
 
