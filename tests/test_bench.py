@@ -76,16 +76,16 @@ def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
     """The whole-process breakdown makes the same model as hm3.merge and accounts for its time."""
     import yaml
 
-    from hm3.merging import engine
+    from hm3.merging import numpy_engine
     from hm3.merging.engine import merge
-    from hm3.merging.methods import get
 
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(tiny["base"]), "seed": 0,
                                    "models": [{"model": str(tiny[g]), "group": g, "parameters": {"density": 0.5}}
                                               for g in ("a", "b")]}))
     ph = bench.hm3_phases(str(cfg), str(tmp_path / "out"))
-    parts = ("import_torch_s", "import_rest_s", "prepare_s", "read_merge_s", "write_s")
+    assert ph["engine"] == "numpy"  # a plain TIES merge: no torch needed
+    parts = ("import_s", "prepare_s", "read_merge_s", "write_s")
     assert all(ph[k] >= 0 for k in parts)
     assert sum(ph[k] for k in parts) == pytest.approx(ph["seconds"], rel=1e-6, abs=1e-6)
     merge(str(cfg), tmp_path / "ref", progress=False)
@@ -93,9 +93,9 @@ def test_hm3_phases_profile_a_real_merge(tiny, tmp_path):
     res = {"machine": {}, "bandwidth_gbs": 1.0, "summary": [], "rows": [], "commands": {},
            "phases": [{"size": "tiny", "n": 2, "method": "ties", **ph, "process_s": 1.0, "peak_rss_mb": 1.0}]}
     text = bench.render_markdown(res, None, command="x", images={})
-    assert "Where a whole-process `hm3 merge` spends its time" in text and "| tiny | 2 | ties |" in text
-    # the workers each method ran with, as hm3 merge chose them (TIES: 2 on a machine with 2 threads)
-    assert ph["workers"] == engine.merge_workers(method=get("ties"))
+    assert "Where a whole-process `hm3 merge` spends its time" in text and "| tiny | 2 | ties | numpy (" in text
+    # the workers each method ran with, as hm3 merge chose them (numpy engine: 2 on a machine with 2 cores)
+    assert ph["workers"] == numpy_engine.merge_workers()
     text = bench.render_markdown({**res, "hm3_workers": {"ties": 2, "dare_ties": 1}}, None, command="x", images={})
     assert "| hm3 merge workers | ties 2, dare_ties 1 (" in text
 

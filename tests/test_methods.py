@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -250,16 +251,20 @@ def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * keep.view_as(x)
 
 
-def _ref_draws(g: torch.Generator, n: int) -> torch.Tensor:
-    """DARE's 16 random bits for ``n`` elements (int16): the numpy SFC64 stream a torch.Generator
-    seeds (``steps.numpy_rng``), one 64-bit draw per 4 elements, little-endian."""
-    import numpy as np
+def _ref_rng(seed: int) -> np.random.Generator:
+    """The numpy stream a merge method draws DARE's bits from when given ``torch.Generator(seed)``:
+    one SFC64 stream per tensor, seeded by one draw of it (``steps.numpy_rng``), shared by the models
+    in order."""
+    g = torch.Generator().manual_seed(seed)
+    return np.random.Generator(np.random.SFC64(int(torch.randint(0, 2**62, (), generator=g))))
 
-    rng = np.random.Generator(np.random.SFC64(int(torch.randint(0, 2**62, (), generator=g))))
+
+def _ref_draws(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """DARE's 16 random bits for ``n`` elements (int16): one 64-bit draw per 4 elements, little-endian."""
     return torch.from_numpy(rng.bit_generator.random_raw((n + 3) // 4).view(np.int16)[:n].copy())
 
 
-def _ref_dare(x: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
+def _ref_dare(x: torch.Tensor, density: float, g: np.random.Generator) -> torch.Tensor:
     """Keep where 16 random bits (unsigned) are below round(density·2^16), then mergekit's l1 rescale."""
     if density >= 1:
         return x.clone()
@@ -327,7 +332,7 @@ def test_dare_ties_equals_reference_bit_for_bit(shape, seed):
     n = 2 + seed % 2
     base, deltas = rand(*shape, seed=seed), torch.stack([_tied(shape, seed + i) for i in range(n)])
     p = params(n, weight=(1.0, 0.5, 1.5)[:n], density=(0.3, 0.6, 0.9)[:n], rescale=Rescale.l1)
-    gen = torch.Generator().manual_seed(7)
+    gen = _ref_rng(7)
     want = _ref_gta(base, deltas, p, lambda x, d: _ref_dare(x, d, gen))
     got = run("dare_ties", base, deltas, p, seed=7)
     assert torch.equal(_bits(got), _bits(want)), int((got != want).sum())
@@ -360,7 +365,7 @@ def _np_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(x.numpy().sum(), dtype=x.dtype)
 
 
-def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, rescale: Rescale | None) -> torch.Tensor:
+def _ref_dare_rescaled(x: torch.Tensor, density: float, g: np.random.Generator, rescale: Rescale | None) -> torch.Tensor:
     """``_ref_dare`` with any rescale, written out whole-tensor: mask, then mergekit's norm ratio
     (or divide by the density, ``inverse``)."""
     if density >= 1:
@@ -375,7 +380,8 @@ def _ref_dare_rescaled(x: torch.Tensor, density: float, g: torch.Generator, resc
         return masked
     if rescale is Rescale.inverse:
         return masked / density if density > 0 else masked
-    norm = {Rescale.l1: lambda t: _ref_fixed_sum(t.abs()), Rescale.l2: lambda t: _ref_fixed_sum(t * t).sqrt(),
+    sqrt = lambda t: torch.from_numpy(np.asarray(np.sqrt(t.numpy())))  # noqa: E731  (numpy's: correctly rounded)
+    norm = {Rescale.l1: lambda t: _ref_fixed_sum(t.abs()), Rescale.l2: lambda t: sqrt(_ref_fixed_sum(t * t)),
             Rescale.linf: lambda t: t.abs().max()}
     before, after = norm[rescale](x), norm[rescale](masked)
     return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
@@ -398,7 +404,7 @@ def test_dare_blockwise_equals_reference_bit_for_bit(dtype, rescale):
         before = deltas.clone()
         for name, normalize, lam in [("dare_ties", False, 1.0), ("dare_ties", True, 0.75), ("dare_linear", False, -1.25)]:
             p = params(3, weight=weights, density=densities, rescale=rescale, normalize=normalize, lambda_=lam)
-            gen = torch.Generator().manual_seed(5)
+            gen = _ref_rng(5)
             trim = lambda x, d: _ref_dare_rescaled(x, d, gen, rescale)  # noqa: E731
             if name == "dare_ties":
                 want = _ref_gta(base, deltas, p, trim)

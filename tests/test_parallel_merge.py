@@ -128,15 +128,16 @@ def test_worker_count_from_argument_environment_and_default(monkeypatch):
     from hm3.merging.methods import get
 
     monkeypatch.delenv(WORKERS_ENV, raising=False)
-    # by method: two tensors at once where the sparsifier orders by magnitude on one thread
-    for name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+    # by method: two tensors at once where a tensor's work runs on one thread (numpy's kernels)
+    for name in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                 "della"):
         assert merge_workers(method=get(name)) == min(2, torch.get_num_threads()), name
-    for name in ("linear", "task_arithmetic", "dare_ties", "dare_linear", "della", "model_stock"):
+    for name in ("model_stock", "regmean", "fisher", "adamerging"):  # torch's ops use every thread
         assert merge_workers(method=get(name)) == 1, name
     assert merge_workers() == 1
     assert merge_workers(3) == 3
     monkeypatch.setenv(WORKERS_ENV, "2")
-    assert merge_workers(method=get("linear")) == 2  # the environment wins over the method's default
+    assert merge_workers(method=get("model_stock")) == 2  # the environment wins over the method's default
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert merge_workers(method=get("ties")) == 1
     assert merge_workers(2) == 2  # an explicit argument wins

@@ -317,7 +317,10 @@ def test_magnitude_matches_mergekit(n, density, seed, rescale):
     x = _distinct(n, seed)
     ours = steps.magnitude(x, density, Rescale.l1 if rescale else None)
     theirs = mk_sparsify.magnitude(x, density, mk_sparsify.RescaleNorm.l1 if rescale else None)
-    assert torch.allclose(ours, theirs, atol=ATOL, rtol=0)
+    # The same kept set; the l1 rescale divides two sums, which hm3 adds in numpy's fixed order
+    # (docs/METHODS.md, deviation 1) and mergekit with torch.sum, so a rescaled value (up to ~200 here)
+    # may differ in its last bit: equal to float32 rounding, exactly equal without the rescale.
+    assert torch.allclose(ours, theirs, atol=ATOL, rtol=1e-6 if rescale else 0)
 
 
 @STEPS

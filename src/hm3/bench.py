@@ -771,8 +771,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         f"| software | Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"mergekit {m.get('mergekit')} |",
         f"| threads per timed process | {res.get('threads') or 'torch default'} (OMP_NUM_THREADS, same for hm3 and mergekit) |",
-        *([f"| hm3 merge workers | {_workers(res['hm3_workers'])} (tensors merged at once, each on torch threads ÷ "
-           "workers; `HM3_MERGE_WORKERS`, default min(2, torch threads) for TIES-like methods, else 1) |"]
+        *([f"| hm3 merge workers | {_workers(res['hm3_workers'])} (tensors merged at once; `HM3_MERGE_WORKERS`; "
+           "numpy engine: default min(2, cores), each worker one thread; torch engine: default min(2, torch threads) "
+           "for TIES-like methods, else 1, each on torch threads ÷ workers) |"]
           if (merge_res or {}).get("hm3_workers") else []),
         f"| load average at start | {_f(m.get('load_average'))} (the machine is shared: compare the ratios, "
         "measured side by side, more than the absolute times) |",
@@ -829,15 +830,16 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         if merge_res.get("phases"):
             lines += ["### Where a whole-process `hm3 merge` spends its time", "",
                       "One more fresh process per merge (`python -m hm3.bench hm3-phases`, the same calls as "
-                      "`hm3 merge` with clocks between them): imports (torch; then the CLI and the engine — a "
-                      "plain merge imports no transformers), `prepare` (configs, tensor tables, tokenizer check), reading + merging "
-                      "the tensors, writing (safetensors bytes as they are merged, config, tokenizer, card, "
-                      "rename).", "",
-                      "| size | N | method | import torch s | other imports s | prepare s | read + merge s | write s | "
+                      "`hm3 merge` with clocks between them): imports (the CLI and the engine — a plain merge "
+                      "imports neither transformers nor, on the numpy engine, torch), `prepare` (configs, tensor "
+                      "tables, tokenizer check), reading + merging the tensors, writing (safetensors bytes as they "
+                      "are merged, config, tokenizer, card, rename). *Engine*: `numpy` (`hm3.merging.numpy_engine`) "
+                      "or `torch` (then its import counts with the imports).", "",
+                      "| size | N | method | engine (workers) | imports s | prepare s | read + merge s | write s | "
                       "process s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in merge_res["phases"]:
-                lines.append(f"| {r['size']} | {r['n']} | {r['method']} | {r['import_torch_s']:.2f} | "
-                             f"{r['import_rest_s']:.2f} | {r['prepare_s']:.2f} | {r['read_merge_s']:.2f} | "
+                lines.append(f"| {r['size']} | {r['n']} | {r['method']} | {r['engine']} ({r['workers']}) | "
+                             f"{r['import_s']:.2f} | {r['prepare_s']:.2f} | {r['read_merge_s']:.2f} | "
                              f"{r['write_s']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} |")
             lines.append("")
         if images.get("merge"):
@@ -1112,21 +1114,23 @@ def _worker(kind: str, spec: dict) -> dict:
 
 def hm3_phases(config: str, out: str) -> dict:
     """Where a fresh ``hm3 merge`` process spends its time, in the order it spends it: the imports
-    the command makes (torch; the CLI and the engine — not transformers), ``prepare`` (configs, tensor
-    tables, tokenizer check), reading + merging the tensors, and writing (safetensors bytes, config,
-    tokenizer, card, the atomic rename). Same calls as ``hm3.merge``, with clocks between them."""
+    the command makes (the CLI and the engine — not transformers; torch only when the merge needs it,
+    ``engine.merge_stream``), ``prepare`` (configs, tensor tables, tokenizer check), reading + merging
+    the tensors, and writing (safetensors bytes, config, tokenizer, card, the atomic rename). Same
+    calls as ``hm3.merge``, with clocks between them."""
     t0 = time.perf_counter()
-    import torch  # noqa: F401
-
-    t1 = time.perf_counter()
     import hm3.cli  # noqa: F401  (registers every command, as the console script does)
 
     from hm3.io import AtomicDir
-    from hm3.merging import engine
+    from hm3.merging import engine, numpy_engine
 
-    t2 = time.perf_counter()
+    t1 = time.perf_counter()
     prep = engine.prepare(config)
     prep.ensure_stats()  # as hm3.merge: statistics before config.json and the card are built
+    stream, specs, which = engine.merge_stream(prep, progress=False)
+    t2 = time.perf_counter()
+    if which == "torch":  # imported on first use, inside the merge: counted with the imports here
+        import torch  # noqa: F401
     t3 = time.perf_counter()
     merging = [0.0]
 
@@ -1142,12 +1146,12 @@ def hm3_phases(config: str, out: str) -> dict:
             yield item
 
     with AtomicDir(Path(out), force=True) as tmp:
-        engine.write_model(tmp, timed(engine.merged_tensors(prep, progress=False)), engine.merged_config_dict(prep),
-                           engine.tokenizer_source(prep), engine.model_card(prep), specs=engine.output_specs(prep))
+        engine.write_model(tmp, timed(stream), engine.merged_config_dict(prep), engine.tokenizer_source(prep),
+                           engine.model_card(prep), specs=specs)
     t4 = time.perf_counter()
-    return {"seconds": t4 - t0, "import_torch_s": t1 - t0, "import_rest_s": t2 - t1, "prepare_s": t3 - t2,
-            "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0],
-            "workers": engine.merge_workers(None, prep.method)}
+    workers = engine.merge_workers(None, prep.method) if which == "torch" else numpy_engine.merge_workers(None)
+    return {"seconds": t4 - t0, "engine": which, "import_s": (t1 - t0) + (t3 - t2), "prepare_s": t2 - t1,
+            "read_merge_s": merging[0], "write_s": t4 - t3 - merging[0], "workers": workers}
 
 
 def _infer(spec: dict) -> dict:

@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import torch
+import numpy as np
 
+from hm3._lazy import torch
 from hm3.errors import HM3Error
 from hm3.labels import LabelSpace
 
@@ -110,8 +111,8 @@ class HeadHiddenPolicy(str, Enum):
     base = "base"
 
 
-def expand_out(tensor: torch.Tensor, space: LabelSpace, group: str) -> torch.Tensor:
-    """Place one group's output rows into a zero tensor with a row per label of the space.
+def expand_out(tensor: "torch.Tensor | np.ndarray", space: LabelSpace, group: str) -> "torch.Tensor | np.ndarray":
+    """Place one group's output rows into a zero tensor (or numpy array) with a row per label of the space.
 
     ``tensor``: ``(n_g, H)`` weight or ``(n_g,)`` bias → ``(T, H)`` or ``(T,)``.
     """
@@ -120,11 +121,15 @@ def expand_out(tensor: torch.Tensor, space: LabelSpace, group: str) -> torch.Ten
         raise HM3Error(
             f"group {group!r}: head has {tensor.shape[0]} outputs but the group has {g.size} labels"
         )
-    out = tensor.new_zeros((space.total, *tensor.shape[1:]))
+    out = zero_out(tensor, space)
     out[g.rows] = tensor
     return out
 
 
-def zero_out(like: torch.Tensor, space: LabelSpace) -> torch.Tensor:
-    """The base model's expanded head: zeros with one row per label of the space."""
-    return like.new_zeros((space.total, *like.shape[1:]))
+def zero_out(like: "torch.Tensor | np.ndarray", space: LabelSpace) -> "torch.Tensor | np.ndarray":
+    """The base model's expanded head: zeros with one row per label of the space (a tensor, or a
+    numpy array for a numpy ``like``)."""
+    shape = (space.total, *like.shape[1:])
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype=like.dtype)
+    return like.new_zeros(shape)

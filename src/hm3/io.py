@@ -17,6 +17,7 @@ files (``copy_tokenizer``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,8 +29,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-import torch
 
+import numpy as np
+
+from hm3._lazy import torch
 from hm3.errors import HM3Error
 from hm3.heads import Family, family_of
 from hm3.labels import labels_from_config
@@ -105,10 +108,15 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         """The stored torch dtype of ``name`` (``tensor()`` returns floats as float32)."""
         code = self._dtypes[name]
-        dt = _TORCH_DTYPES.get(code) or getattr(torch, code, None)
+        dt = _torch_dtypes().get(code) or getattr(torch, code, None)
         if not isinstance(dt, torch.dtype):
             raise HM3Error(f"{self._where[name][0]}: tensor {name!r} has dtype {code} that hm3 cannot read")
         return dt
+
+    def code(self, name: str) -> str:
+        """The safetensors dtype code of ``name`` as stored (``F32``, ``BF16``, ``I64``, ...; a pickled
+        checkpoint's tensors give torch's names, e.g. ``float32``)."""
+        return self._dtypes[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -137,8 +145,10 @@ class Checkpoint:
         file, key = self._where[name]
         if self._pickled is not None:
             t = self._pickled[key]
-        elif name in self._spans and sys.byteorder == "little":
-            t = self._map(name, file, key) if mapped and self._dtypes[name] == "F32" else self._pread(name, file, key)
+        elif self.readable(name):
+            raw, dtype = self._bytes(name, mapped=mapped and self._dtypes[name] == "F32"), self.dtype(name)
+            shape = self._shapes[name]
+            t = torch.from_numpy(raw).view(dtype).reshape(shape) if raw.size else torch.empty(shape, dtype=dtype)
         else:
             try:
                 handle = self._handles.get(file)
@@ -155,28 +165,60 @@ class Checkpoint:
             t = t.float()
         return t
 
+    def readable(self, name: str) -> bool:
+        """Whether ``name``'s bytes can be read straight from its safetensors file (``array``)."""
+        return self._pickled is None and name in self._spans and sys.byteorder == "little"
+
+    def array(self, name: str, *, mapped: bool = False, check: bool = True) -> np.ndarray:
+        """``tensor()`` as a numpy array, without torch: floats as float32 (bfloat16 widened exactly),
+        checked for NaN/inf (unless ``check`` is False: the caller checks what it computes from them,
+        and calls ``check_finite`` to name the file); ``mapped`` as there. Only for ``readable``
+        tensors."""
+        if not self.readable(name):
+            raise HM3Error(f"{self._where[name][0]}: tensor {name!r} cannot be read without torch")
+        code, shape = self._dtypes[name], self._shapes[name]
+        raw = self._bytes(name, mapped=mapped and code == "F32")
+        if code == "BF16":  # the upper half of a float32
+            a = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = raw.view(_NUMPY_DTYPES[code])
+        a = a.reshape(shape)
+        if a.dtype.kind == "f":
+            if check:
+                self.check_finite(name, a)
+            a = a.astype(np.float32, copy=False)
+        return a
+
+    def check_finite(self, name: str, a: np.ndarray) -> None:
+        """An error naming the file and the tensor if ``a`` (``name``'s values) holds NaN or inf."""
+        if not array_finite(a):
+            file, key = self._where[name]
+            raise HM3Error(f"{file}: tensor {key!r} contains NaN or inf values; this checkpoint is broken")
+
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """``out.copy_(self.tensor(name))``, but a float32 tensor is read straight into ``out``'s
         memory (contiguous, same shape): no intermediate tensor, one pass less over the bytes."""
         file, key = self._where[name]
-        if (self._pickled is None and name in self._spans and sys.byteorder == "little"
-                and self._dtypes[name] == "F32" and out.dtype == torch.float32 and out.is_contiguous()
-                and tuple(out.shape) == tuple(self._shapes[name])):
-            self._pread(name, file, key, out.view(-1).view(torch.uint8))
+        if (self.readable(name) and self._dtypes[name] == "F32" and out.dtype == torch.float32
+                and out.is_contiguous() and tuple(out.shape) == tuple(self._shapes[name])):
+            self._bytes(name, into=out.view(-1).view(torch.uint8).numpy())
             if not all_finite(out):
                 raise HM3Error(f"{file}: tensor {key!r} contains NaN or inf values; this checkpoint is broken")
             return out
         return out.copy_(self.tensor(name))
 
-    def _span(self, name: str, file: Path, key: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-        """``(dtype, shape, start, stop)`` of a tensor's bytes in its file, checked against its shape."""
-        dtype, shape = self.dtype(name), self._shapes[name]
+    def _span(self, name: str) -> tuple[int, int]:
+        """``(start, stop)`` of a tensor's bytes in its file, checked against its shape and dtype."""
+        file, key = self._where[name]
+        code, shape = self._dtypes[name], self._shapes[name]
+        if code not in _ITEMSIZE:
+            raise HM3Error(f"{file}: tensor {name!r} has dtype {code} that hm3 cannot read")
         start, stop = self._spans[name]
         numel = math.prod(shape)
-        if stop - start != numel * dtype.itemsize:
+        if stop - start != numel * _ITEMSIZE[code]:
             raise HM3Error(f"{file}: tensor {key!r} spans {stop - start} bytes but its shape {list(shape)} "
-                           f"needs {numel * dtype.itemsize}; the file is corrupt")
-        return dtype, shape, start, stop
+                           f"needs {numel * _ITEMSIZE[code]}; the file is corrupt")
+        return start, stop
 
     def _file(self, file: Path):
         fh = self._handles.get(file)
@@ -184,14 +226,25 @@ class Checkpoint:
             fh = self._handles[file] = open(file, "rb", buffering=0)
         return fh
 
-    def _map(self, name: str, file: Path, key: str) -> torch.Tensor:
-        """One tensor as a copy-on-write map of its bytes (``mmap.ACCESS_COPY``: pages are read from
-        the page cache on first touch, a write copies the page into this process only). The tensor
-        holds the map, which is closed when the tensor is freed; the map keeps its own descriptor,
-        so ``close()`` does not end it. A file system that cannot map files gets ``_pread``."""
-        dtype, shape, start, stop = self._span(name, file, key)
+    def _bytes(self, name: str, *, mapped: bool = False, into: np.ndarray | None = None) -> np.ndarray:
+        """A tensor's bytes (uint8; safetensors data is little-endian, as this machine): read into
+        ``into`` or a fresh array, or (``mapped``) a copy-on-write map of them (``_map``)."""
+        if mapped and into is None:
+            m = self._map(name)
+            if m is not None:
+                return m
+        return self._pread(name, into)
+
+    def _map(self, name: str) -> np.ndarray | None:
+        """One tensor's bytes as a copy-on-write map (``mmap.ACCESS_COPY``: pages are read from the
+        page cache on first touch, a write copies the page into this process only). The array holds
+        the map, which is closed when the array (and any tensor made from it) is freed; the map keeps
+        its own descriptor, so ``close()`` does not end it. None where the file system cannot map
+        files (the caller reads them instead)."""
+        file, key = self._where[name]
+        start, stop = self._span(name)
         if stop == start:
-            return torch.empty(shape, dtype=dtype)
+            return np.empty(0, np.uint8)
         lo = start - start % mmap.ALLOCATIONGRANULARITY  # maps start on a granularity boundary
         try:
             fh = self._file(file)
@@ -205,18 +258,18 @@ class Checkpoint:
             m = mmap.mmap(fh.fileno(), stop - lo, access=mmap.ACCESS_COPY, offset=lo)
         except (OSError, ValueError) as e:  # e.g. ENODEV: a file system without mmap
             log.debug("%s: cannot map tensor %r (%s); reading it instead", file, key, e)
-            return self._pread(name, file, key)
-        return torch.frombuffer(m, dtype=torch.uint8, count=stop - start, offset=start - lo).view(dtype).reshape(shape)
+            return None
+        return np.frombuffer(m, dtype=np.uint8, count=stop - start, offset=start - lo)
 
-    def _pread(self, name: str, file: Path, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor's bytes from the file into a fresh tensor (safetensors data is
-        little-endian, as this machine). The page cache keeps the file; this process keeps only
-        the tensor, freed when the caller drops it."""
-        dtype, shape, start, stop = self._span(name, file, key)
-        buf = torch.empty(stop - start, dtype=torch.uint8) if into is None else into  # (bytes,) uint8
-        if buf.numel() != stop - start:
-            raise ValueError(f"read_into: {name!r} needs {stop - start} bytes, the buffer has {buf.numel()}")
-        view = memoryview(buf.numpy())
+    def _pread(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """Read one tensor's bytes from the file into ``into`` or a fresh array. The page cache
+        keeps the file; this process keeps only the array, freed when the caller drops it."""
+        file, key = self._where[name]
+        start, stop = self._span(name)
+        buf = np.empty(stop - start, dtype=np.uint8) if into is None else into
+        if buf.size != stop - start:
+            raise ValueError(f"read_into: {name!r} needs {stop - start} bytes, the buffer has {buf.size}")
+        view = memoryview(buf)
         try:
             fh = self._file(file)
             got = 0
@@ -227,7 +280,7 @@ class Checkpoint:
                 got += n
         except OSError as e:
             raise HM3Error(f"{file}: cannot read tensor {key!r} ({e}); the file is corrupt or truncated") from None
-        return buf.view(dtype).reshape(shape)
+        return buf
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -241,6 +294,19 @@ def all_finite(t: torch.Tensor) -> bool:
     non-finite), without the full boolean copy ``isfinite`` makes; only a non-finite sum (which
     finite values can also overflow to) needs the exact elementwise check."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def array_finite(a: np.ndarray) -> bool:
+    """``all_finite`` for a numpy array (the same two steps)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+
+
+#: bytes per element of each safetensors dtype code hm3 reads
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: numpy's dtype for each code (bfloat16, which numpy lacks, is widened by ``Checkpoint.array``)
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def _read_safetensors_table(file: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
@@ -620,12 +686,22 @@ def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = Non
     return [t for t, _ in read_text_rows(input)]
 
 
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_TORCH_DTYPES = {code: dt for dt, code in _ST_DTYPES.items()}
+@functools.cache
+def _torch_dtypes() -> dict:
+    """safetensors dtype code -> torch dtype (imports torch)."""
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
+
+
+def dtype_code(dtype) -> str | None:
+    """The safetensors code of a torch or numpy dtype, or of a code itself; None if it has none."""
+    if isinstance(dtype, str):
+        return dtype if dtype in _ITEMSIZE else None
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        dt = np.dtype(dtype)
+        return next((c for c, d in _NUMPY_DTYPES.items() if np.dtype(d) == dt), None)
+    return next((c for c, d in _torch_dtypes().items() if d == dtype), None)
 
 
 class SafetensorsWriter:
@@ -639,20 +715,20 @@ class SafetensorsWriter:
     ``specs`` order with the announced dtype and shape; ``close`` checks that all came.
     """
 
-    def __init__(self, file: str | os.PathLike, specs: "list[tuple[str, torch.dtype, tuple[int, ...]]]",
+    def __init__(self, file: str | os.PathLike, specs: "list[tuple[str, Any, tuple[int, ...]]]",
                  metadata: dict[str, str] | None = None):
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         self._specs = []
-        for name, dtype, shape in specs:
-            if dtype not in _ST_DTYPES:
+        for name, dtype, shape in specs:  # dtype: a torch dtype, or a safetensors code ("F32")
+            code = dtype_code(dtype)
+            if code is None:
                 raise HM3Error(f"cannot save tensor {name!r}: dtype {dtype} has no safetensors code")
-            size = math.prod(int(d) for d in shape) * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(d) for d in shape],
-                            "data_offsets": [offset, offset + size]}
-            self._specs.append((name, dtype, tuple(int(d) for d in shape)))
+            size = math.prod(int(d) for d in shape) * _ITEMSIZE[code]
+            header[name] = {"dtype": code, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+            self._specs.append((name, dtype, code, tuple(int(d) for d in shape)))
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -662,16 +738,23 @@ class SafetensorsWriter:
         self._fh.write(raw)
         self._next = 0
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: "torch.Tensor | np.ndarray") -> None:
+        """Append the next tensor's bytes: a torch tensor, or a numpy array (for a bfloat16 entry, its
+        raw 16 bits as uint16)."""
         if self._next >= len(self._specs):
             raise HM3Error(f"{self.file}: tensor {name!r} was not announced in the header")
-        want, dtype, shape = self._specs[self._next]
-        if name != want or t.dtype != dtype or tuple(t.shape) != shape:
+        want, dtype, code, shape = self._specs[self._next]
+        if isinstance(t, np.ndarray):
+            got = "BF16" if code == "BF16" and t.dtype == np.uint16 else dtype_code(t.dtype)
+            data = np.ascontiguousarray(t)
+        else:
+            got = dtype_code(t.dtype)
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if name != want or got != code or tuple(t.shape) != shape:
             raise HM3Error(f"{self.file}: got tensor {name!r} {t.dtype} {tuple(t.shape)} where the header "
                            f"announced {want!r} {dtype} {shape}")
-        t = t.detach().contiguous()
-        if t.numel():
-            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if data.size:
+            self._fh.write(memoryview(data.reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:

@@ -40,8 +40,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from hm3._lazy import torch
 from hm3.errors import HM3Error
 from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams

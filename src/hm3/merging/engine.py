@@ -7,11 +7,15 @@ safetensors file as soon as it is made (``merged_tensors`` + ``output_specs``), 
 tensors of one name at a time, never the merged model. ``TaskVectors`` keeps every
 task vector in memory for search, where hundreds of merges reuse them.
 
-Two tensors at once: with torch on 2 or more threads, ``merged_tensors`` merges two tensors in two
-threads, each with single-threaded torch ops, and hands them out in order (``_merged_in_threads``):
-the same bytes as one at a time, and faster than one tensor on 2 intra-op threads, which split
-small tensors badly (docs/BENCHMARKS.md, issue 6). ``HM3_MERGE_WORKERS`` (or ``workers=``) sets
-the count; 1 is the one-tensor-at-a-time loop.
+Two engines, the same bytes: ``merge_stream`` hands a plain merge (linear, task arithmetic, TIES, DARE,
+DARE-TIES of safetensors checkpoints, float32/float16 output, no hidden head layer, no ``refit:``) to
+``hm3.merging.numpy_engine``, which never imports torch (~0.8 s of a 2.4 s bert-base merge, issue 6),
+and everything else to ``merged_tensors`` here. The task-arithmetic family's arithmetic is numpy's in
+both (``hm3.merging.kernels``).
+
+Two tensors at once: ``in_order`` merges tensors in two threads on a machine with two cores and hands
+them out in order: the same bytes as one at a time. ``HM3_MERGE_WORKERS`` (or ``workers=``) sets the
+count; 1 is the one-tensor-at-a-time loop.
 
 A plain merge (no ``refit:``, no data-aware method) never imports transformers: configs are read
 and written as JSON (``merged_config_dict``) and the tokenizer files are copied
@@ -41,8 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
+from hm3._lazy import torch
 from hm3.config import MergeConfig, load_config, resolve_param
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
@@ -59,7 +62,11 @@ log = logging.getLogger(__name__)
 #: environment variable: how many tensors ``merged_tensors`` merges at once (``merge_workers``)
 WORKERS_ENV = "HM3_MERGE_WORKERS"
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a recipe's ``dtype`` (float32, float16 or bfloat16: ``hm3.config`` checks)."""
+    return getattr(torch, name)
 
 
 def tensor_generator(seed: int, name: str) -> "np.random.Generator":
@@ -371,16 +378,24 @@ def merge_tensor(
 
 def merge_workers(workers: int | None = None, method: Method | None = None) -> int:
     """How many tensors a merge works on at once: ``workers``, else ``$HM3_MERGE_WORKERS``, else by
-    ``method``: ``min(2, torch.get_num_threads())`` for a method that orders by magnitude (TIES's
-    selection, breadcrumbs' sort: one thread per tensor, so two tensors at once use two cores), else 1
-    (elementwise steps already split each block across torch's threads; a second worker only
-    competes for the cache — measured in issue 6: bert-base DARE-TIES N=5 2.06 s with 1 worker,
-    2.41 s with 2; TIES N=5 3.17 s with 1, 2.87 s with 2)."""
+    ``method``: ``min(2, torch.get_num_threads())`` for a method whose per-tensor work runs on one
+    thread (``Method.one_thread``: the task-arithmetic family and linear, whose arithmetic is numpy's,
+    ``hm3.merging.kernels``), so that two tensors at once use two cores; else 1 (torch's ops split each
+    tensor across its threads)."""
+    given = workers_setting(workers)
+    if given is not None:
+        return given
+    return min(2, torch.get_num_threads()) if method is not None and method.one_thread else 1
+
+
+def workers_setting(workers: int | None = None) -> int | None:
+    """The worker count asked for: ``workers``, else ``$HM3_MERGE_WORKERS``, else None (the engine's
+    default); checked to be a whole number of at least 1."""
     where = f"workers={workers}"
     if workers is None:
         env = os.environ.get(WORKERS_ENV, "").strip()
         if not env:
-            return min(2, torch.get_num_threads()) if method is not None and method.selects else 1
+            return None
         where = f"{WORKERS_ENV}={env!r}"
         try:
             workers = int(env)
@@ -412,50 +427,57 @@ def merged_tensors(prep: Prepared, progress: bool = True, *, workers: int | None
     """``(name, merged tensor)`` in output order and dtype, one tensor at a time, streaming from disk.
 
     ``workers`` (default ``merge_workers(method=...)``): with 2 or more, that many threads merge
-    tensors at once (``_merged_in_threads``); the tensors, their bytes and their order are the same."""
-    dtype = DTYPES[prep.config.dtype]
+    tensors at once (``in_order``), each running torch on ``max(1, torch threads // workers)``
+    threads (torch's setting is per thread: two workers on 2 cores with 2 intra-op threads each would
+    oversubscribe; the process's setting is restored at the end). The tensors, their bytes and their
+    order are the same with any count."""
+    dtype = torch_dtype(prep.config.dtype)
     prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
     workers = merge_workers(workers, prep.method)
-    if workers > 1 and not prep.method.needs_stats and len(prep.kinds) > 1:
-        yield from _merged_in_threads(prep, workers, dtype, progress)
-        return
-    # One workspace for the whole loop: the deltas and the steps' scratch buffers are reused from
-    # tensor to tensor (steps.workspace), so a merge touches fresh memory only for its results.
-    with progress_bar(progress, "merging", len(prep.kinds)) as advance, steps.workspace():
-        for name, kind, base, deltas in prep.inputs(reuse=True):
-            merged = _finished(prep, name, kind, base, deltas, dtype)
-            del base, deltas
-            yield name, merged
-            advance()
-
-
-def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progress: bool
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``merged_tensors`` with ``workers`` threads, each merging whole tensors (torch and numpy's
-    selection release the GIL), results handed out in output order by the calling thread.
-
-    Why it gives the same bytes: each tensor's merge is the same calls on the same inputs, its
-    randomness from ``tensor_generator(seed, name)`` and its norms from ``steps.fixed_sum``,
-    whichever thread runs it and in whatever order. Threads take tensors in output order.
-
-    Memory: each thread has its own ``steps.workspace()`` (thread-local: the reused deltas and
-    scratch buffers, grown to the largest tensor *that thread* merged, freed when it ends), so a
-    second worker adds buffers for its own tensors only. Results wait for the writer in order; a
-    thread starts tensor ``i`` only if it is the one the caller waits for, or if the elements of
-    every tensor started and not yet taken back from the caller (being written included) stay within
-    twice the largest tensor's. So while one thread merges the word embeddings, the other runs
-    ahead by at most that much, and never holds the merged model.
-
-    Intra-op threads: each worker runs torch on ``max(1, torch threads // workers)`` threads (torch's
-    setting is per thread; two workers on 2 cores with 2 intra-op threads each would oversubscribe).
-    The process's setting is restored at the end."""
+    if prep.method.needs_stats:
+        workers = 1
     names = list(prep.kinds)
-    sizes = [math.prod(shape) for _, _, shape in output_specs(prep)]  # elements of each merged tensor
-    budget = 2 * max(sizes)
+
+    def one(i: int) -> torch.Tensor:
+        # One workspace per thread for the whole loop: the deltas and the steps' scratch buffers are
+        # reused from tensor to tensor (steps.workspace), so a merge touches fresh memory only for its results.
+        for name, kind, base, deltas in prep.inputs([names[i]], reuse=True):
+            return _finished(prep, name, kind, base, deltas, dtype)
+
     total_threads = torch.get_num_threads()
     per_worker = max(1, total_threads // workers)
+    try:
+        yield from in_order(names, one, workers, steps.workspace, output_sizes(prep), progress,
+                            setup=(lambda: torch.set_num_threads(per_worker)) if workers > 1 else None)
+    finally:
+        torch.set_num_threads(total_threads)  # what threads started later inherit
+
+
+def in_order(names: list[str], one, workers: int, workspace, sizes: list[int], progress: bool, *,
+             setup=None) -> Iterator[tuple[str, Any]]:
+    """``(names[i], one(i))`` for every ``i`` in order, computed by ``workers`` threads (1: in the
+    caller's), each inside its own ``workspace()`` (thread-local reused buffers), after ``setup()``.
+
+    Why it gives the same results with any count: each tensor's merge is the same calls on the same
+    inputs, its randomness from ``tensor_generator(seed, name)`` and its norms summed in a fixed order
+    (``kernels.fixed_sum``), whichever thread runs it and in whatever order.
+
+    Memory: with 2 or more workers, a second worker adds buffers for its own tensors only. Results wait
+    for the caller in order; a thread starts tensor ``i`` only if it is the one the caller waits for, or
+    if the elements (``sizes``) of every tensor started and not yet taken back from the caller (being
+    written included) stay within twice the largest tensor's. So while one thread merges the word
+    embeddings, the other runs ahead by at most that much, and never holds the merged model."""
+    if workers <= 1 or len(names) <= 1:
+        with progress_bar(progress, "merging", len(names)) as advance, workspace():
+            for i, name in enumerate(names):
+                result = one(i)
+                yield name, result
+                del result
+                advance()
+        return
+    budget = 2 * max(sizes)
     cond = threading.Condition()
-    done: dict[int, torch.Tensor] = {}
+    done: dict[int, Any] = {}
     state = {"next": 0, "taken": 0, "in_flight": 0, "stop": False, "error": None}
 
     def may_start() -> bool:
@@ -463,8 +485,9 @@ def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progres
         return i == state["taken"] or state["in_flight"] + sizes[i] <= budget
 
     def work() -> None:
-        torch.set_num_threads(per_worker)
-        with steps.workspace():
+        if setup is not None:
+            setup()
+        with workspace():
             while True:
                 with cond:
                     while not state["stop"] and state["next"] < len(names) and not may_start():
@@ -475,18 +498,16 @@ def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progres
                     state["next"] += 1
                     state["in_flight"] += sizes[i]
                 try:
-                    for name, kind, base, deltas in prep.inputs([names[i]], reuse=True):
-                        merged = _finished(prep, name, kind, base, deltas, dtype)
-                        del base, deltas
+                    result = one(i)
                 except BaseException as e:  # handed to the caller's thread, which raises it
                     with cond:
                         state["error"], state["stop"] = e, True
                         cond.notify_all()
                     return
                 with cond:
-                    done[i] = merged
+                    done[i] = result
                     cond.notify_all()
-                del merged
+                del result
 
     threads = [threading.Thread(target=work, name=f"hm3-merge-{k}", daemon=True) for k in range(workers)]
     try:
@@ -499,9 +520,9 @@ def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progres
                         cond.wait()
                     if state["error"] is not None:
                         raise state["error"]
-                    merged = done.pop(i)
-                yield name, merged
-                del merged
+                    result = done.pop(i)
+                yield name, result
+                del result
                 with cond:  # the caller is done with tensor i (written): room for the next
                     state["in_flight"] -= sizes[i]
                     state["taken"] = i + 1
@@ -514,7 +535,6 @@ def _merged_in_threads(prep: Prepared, workers: int, dtype: torch.dtype, progres
         for t in threads:
             if t.ident is not None:
                 t.join()
-        torch.set_num_threads(total_threads)  # what threads started later inherit
 
 
 def merge_state(prep: Prepared, progress: bool = True, *, workers: int | None = None
@@ -523,16 +543,26 @@ def merge_state(prep: Prepared, progress: bool = True, *, workers: int | None = 
     return dict(merged_tensors(prep, progress, workers=workers))
 
 
-def output_specs(prep: Prepared) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def output_specs(prep: Prepared, *, codes: bool = False) -> list[tuple[str, Any, tuple[int, ...]]]:
     """``(name, dtype, shape)`` of every merged tensor, in ``merged_tensors`` order, known before
-    merging: what the safetensors header of the merged model says."""
-    dtype, ref, specs = DTYPES[prep.config.dtype], prep.models[0], []
+    merging: what the safetensors header of the merged model says. ``codes``: dtypes as safetensors
+    codes ("F32", "I64", ...: no torch), else torch dtypes."""
+    ref, specs = prep.models[0], []
+    out_code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[prep.config.dtype]
     for name, kind in prep.kinds.items():
         shape = tuple(ref.shape(name))
         if kind == "out":
             shape = (prep.space.total, *shape[1:])
-        specs.append((name, dtype if ref.is_float(name) else ref.dtype(name), shape))
+        if codes:
+            specs.append((name, out_code if ref.is_float(name) else ref.code(name), shape))
+        else:
+            specs.append((name, torch_dtype(prep.config.dtype) if ref.is_float(name) else ref.dtype(name), shape))
     return specs
+
+
+def output_sizes(prep: Prepared) -> list[int]:
+    """Elements of each merged tensor, in output order."""
+    return [math.prod(shape) for _, _, shape in output_specs(prep, codes=True)]
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -668,6 +698,22 @@ class MergeResult:
     state: dict[str, torch.Tensor] | None = None
 
 
+def merge_stream(prep: Prepared, progress: bool = True, workers: int | None = None) -> tuple[Iterator, list, str]:
+    """``(merged tensors, their specs, engine)`` for ``write_model``: the numpy engine's arrays where
+    it takes the merge (no torch in the process: ``hm3.merging.numpy_engine``), else
+    ``merged_tensors``; ``engine`` is ``"numpy"`` or ``"torch"``. The same bytes either way."""
+    from hm3.merging import numpy_engine
+
+    choice = numpy_engine.engine_choice()
+    why = numpy_engine.unsupported(prep) if choice != "torch" else f"{numpy_engine.ENGINE_ENV}=torch"
+    if why is None:
+        return numpy_engine.merged_arrays(prep, progress, workers=workers), output_specs(prep, codes=True), "numpy"
+    if choice == "numpy":
+        raise HM3Error(f"{numpy_engine.ENGINE_ENV}=numpy: this merge needs torch ({why}); unset it")
+    log.debug("merging with torch: %s", why)
+    return merged_tensors(prep, progress, workers=workers), output_specs(prep), "torch"
+
+
 def merge(
     config: "MergeConfig | str | Path | dict",
     out: "str | Path | None" = None,
@@ -694,9 +740,10 @@ def merge(
             # config.json and the model card are built before the tensors and must record them.
             prep.ensure_stats(progress)
             out = Path(out)
+            stream, specs, _ = merge_stream(prep, progress, workers)
             with AtomicDir(out, force) as tmp:
-                write_model(tmp, merged_tensors(prep, progress, workers=workers), merged_config_dict(prep),
-                            tokenizer_source(prep), model_card(prep), specs=output_specs(prep))
+                write_model(tmp, stream, merged_config_dict(prep), tokenizer_source(prep), model_card(prep),
+                            specs=specs)
         else:
             state = merge_state(prep, progress=progress, workers=workers)
             extra = ""

@@ -24,7 +24,7 @@ import torch
 
 from hm3.config import MergeConfig
 from hm3.errors import HM3Error
-from hm3.merging.engine import DTYPES, Prepared, merge_tensor, merged_config, tokenizer_source
+from hm3.merging.engine import Prepared, merge_tensor, merged_config, tokenizer_source, torch_dtype
 from hm3.merging.methods import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,7 +82,7 @@ class TaskVectors:
     # -- merging -----------------------------------------------------------------------------------
     def tensors(self, overrides: Mapping | None = None, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, merged tensor)`` in the recipe's output dtype, as ``merge_state`` makes them."""
-        dtype = DTYPES[self.prep.config.dtype]
+        dtype = torch_dtype(self.prep.config.dtype)
         overrides = dict(overrides or {})
         for e in self.entries:
             merged = merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed)
@@ -101,7 +101,7 @@ class TaskVectors:
 
         cfg = merged_config(self.prep)
         # the recipe dtype, as `hm3.load` of the merged checkpoint would give
-        model = AutoModelForSequenceClassification.from_config(cfg, dtype=DTYPES[self.prep.config.dtype])
+        model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch_dtype(self.prep.config.dtype))
         return model.eval()
 
     @torch.no_grad()

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import torch
+from hm3._lazy import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-from hm3.merging import steps
+from hm3.merging import kernels, steps
 from hm3.merging.steps import Rescale, Sparsify
 
 
@@ -44,8 +44,8 @@ class TensorParams:
     stats: dict = field(default_factory=dict)
 
 
-MethodFn = Callable[[torch.Tensor, torch.Tensor, TensorParams, "np.random.Generator | torch.Generator | None"],
-                    torch.Tensor]
+MethodFn = Callable[["torch.Tensor", "torch.Tensor", TensorParams, "np.random.Generator | torch.Generator | None"],
+                    "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,22 @@ class Method:
     min_models: int = 1
     doc: str = ""
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
-    selects: bool = False  # sparsifies by magnitude order: a selection or sort, one thread per tensor
+    one_thread: bool = False  # its per-tensor work runs on one thread (``kernels``): merge tensors in parallel
 
 
-def _sparsify_one(kind: Sparsify | None, x: torch.Tensor, i: int, p: TensorParams, g):
-    """``(S(x), factor)``: the sparsified tensor and a multiplier still to apply to it (None: 1).
-    ``S(x)`` is new, or ``x`` itself where nothing is dropped."""
-    if kind is None:
-        return x, None
-    d = p.density[i]
-    if kind is Sparsify.magnitude:
-        return steps.magnitude(x, d, p.rescale), None
-    if kind is Sparsify.random:  # into a scratch buffer: the merge consumes it
-        return steps.bernoulli_parts(x, d, g, p.rescale, out=steps.scratch(("sparsified", i), x.numel(), x.dtype))
-    if kind is Sparsify.magnitude_outliers:
-        return steps.magnitude_outliers(x, d, p.gamma[i] if p.gamma else 0.01, p.rescale), None
-    return steps.della_magprune(x, d, p.epsilon[i] if p.epsilon else 0.15, g, p.rescale), None
+def _torch_sparsifier(kind: Sparsify, p: TensorParams, generator):
+    """The sparsifiers only torch implements (they sort), as ``kernels``' hook: numpy in, numpy out."""
+
+    def sparsify(x, i: int):
+        d = p.density[i]
+        t = torch.from_numpy(x)
+        if kind is Sparsify.magnitude_outliers:
+            out = steps.magnitude_outliers(t, d, p.gamma[i] if p.gamma else 0.01, p.rescale)
+        else:
+            out = steps.della_magprune(t, d, p.epsilon[i] if p.epsilon else 0.15, generator, p.rescale)
+        return out.numpy(), None
+
+    return sparsify
 
 
 def generalized_task_arithmetic(
@@ -89,91 +89,35 @@ def generalized_task_arithmetic(
 ) -> torch.Tensor:
     """base + λ · Σ_i m_i ⊙ w_i · S(δ_i) / (normalize ? Σ_i w_i m_i : 1)
 
-    S is the sparsify step, m_i the sign-consensus mask (all ones without consensus).
+    S is the sparsify step, m_i the sign-consensus mask (all ones without consensus). Sparsify per
+    model, without stacking (the caller's deltas stay intact: search reuses them); what is left is
+    elementwise (scale, weight, elect, mask, sum, normalise, λ, add the base), so it runs block by
+    block, each block through every step while it is in cache. The arithmetic is
+    ``kernels.generalized_task_arithmetic``'s, on views of the tensors' memory (one implementation
+    for this engine and the torch-free one).
     """
-    n = deltas.shape[0]
-    if n == 0:
+    if deltas.shape[0] == 0:
         return base
-    # Sparsify per model, without stacking (the caller's deltas stay intact: search reuses them).
-    # What is left is elementwise (scale, weight, elect, mask, sum, normalise, λ, add the base), so it
-    # runs block by block, each block through every step while it is in cache (steps.blocks).
-    trimmed: list[torch.Tensor] = []  # (n_el,) each, flat
-    owned: list[bool] = []  # a new tensor of ours, to work in (else the caller's delta: copied per block)
-    scales: list[tuple] = []  # multipliers still to apply, in order: the sparsifier's factor, then w_i
-    dtype = deltas.dtype
-    out = torch.empty(base.shape, dtype=dtype)  # the result
-    for i in range(n):
-        d = deltas[i]
-        t, factor = _sparsify_one(sparsify, d, i, p, generator)
-        mine = t.data_ptr() != d.data_ptr()
-        if not t.is_contiguous():
-            t, mine = t.contiguous(), True
-        w = p.weight[i]  # weights are applied before the sign election (mergekit)
-        trimmed.append(t.view(-1))
-        owned.append(mine)
-        scales.append(tuple(f for f in (factor, w if w != 1 else None) if f is not None))
-    flat_base = base.reshape(-1)
-    dst = out.view(-1)
-    total = None
-    if not consensus:
-        total = torch.tensor(p.weight, dtype=deltas.dtype).sum()
-        if total.abs() < 1e-8:
-            total = torch.ones_like(total)
-    copies: list[torch.Tensor | None] = [None] * n  # block buffers for the caller's deltas
-    for b in steps.blocks(flat_base.numel()):
-        ts = []
-        for i in range(n):
-            if owned[i]:
-                t = trimmed[i][b]
-            else:
-                if copies[i] is None:
-                    copies[i] = steps.scratch(("block copy", i), min(steps.BLOCK, flat_base.numel()), dtype)
-                t = copies[i][: b.stop - b.start].copy_(trimmed[i][b])
-            for f in scales[i]:
-                t.mul_(f)
-            ts.append(t)
-        if consensus:
-            mixed, divisor = steps.disjoint_merge(ts, p.consensus, p.weight if p.normalize else None)
-        else:
-            mixed, divisor = ts[0], total  # summed in model order, as torch.sum(dim=0)
-            for t in ts[1:]:
-                mixed.add_(t)
-        if p.normalize:
-            mixed.div_(divisor)
-        if p.lambda_ != 1:
-            mixed.mul_(p.lambda_)
-        torch.add(mixed, flat_base[b], out=dst[b])
-    return out.to(base.dtype)
+    rng = hook = None
+    if sparsify is Sparsify.random:
+        rng = steps.numpy_rng(generator)
+    elif sparsify in (Sparsify.magnitude_outliers, Sparsify.della_magprune):
+        hook = _torch_sparsifier(sparsify, p, generator)
+    out = kernels.generalized_task_arithmetic(steps._numpy(base), steps._numpy(deltas), p, rng, sparsify=sparsify,
+                                              consensus=consensus, sparsify_fn=hook)
+    return torch.from_numpy(out).to(base.dtype)
 
 
 def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
     """Model soup (Wortsman et al. 2022): Σ w_i θ_i / Σ w_i (with ``normalize``, the default).
 
     Written over task vectors θ_i = base + δ_i, so it needs no base checkpoint: with hm3's zero
-    base head the head rows of group i become w_i/Σw · W_i (the paper's soup).
+    base head the head rows of group i become w_i/Σw · W_i (the paper's soup). ``kernels.linear``:
+    block by block, the products summed in model order, then the base.
     """
     if deltas.shape[0] == 0:
         return base
-    w = torch.tensor(p.weight, dtype=deltas.dtype)
-    total = w.sum()
-    # Block by block (steps.blocks), each block through every step while it is in cache: the numbers
-    # of (deltas * w).sum(dim=0) on BERT's tensors (products summed in model order), then the base,
-    # without the (N, *shape) temporaries of that whole-tensor expression.
-    out = torch.empty(base.shape, dtype=deltas.dtype)
-    flat_base, dst = base.reshape(-1), out.view(-1)
-    flat = deltas.reshape(deltas.shape[0], -1)
-    term = steps.scratch("linear term", min(steps.BLOCK, dst.numel()), deltas.dtype)
-    for b in steps.blocks(dst.numel()):
-        acc, t = dst[b], term[: b.stop - b.start]
-        torch.mul(flat[0, b], w[0], out=acc)
-        for i in range(1, flat.shape[0]):
-            acc.add_(torch.mul(flat[i, b], w[i], out=t))
-        if p.normalize:
-            acc.div_(total).add_(flat_base[b])
-        else:
-            acc.add_(total * flat_base[b])  # in the base's dtype, as before (total first: bf16 rounds
-            # the product differently the other way round)
-    return out.to(base.dtype)
+    return torch.from_numpy(kernels.linear(steps._numpy(base), steps._numpy(deltas), p)).to(base.dtype)
 
 
 def model_stock(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
@@ -209,7 +153,7 @@ def _gta(name: str, sparsify: Sparsify | None, consensus: bool, normalize: bool,
         reference=ref,
         uses_density=sparsify is not None,
         random=sparsify in (Sparsify.random, Sparsify.della_magprune),
-        selects=sparsify in (Sparsify.magnitude, Sparsify.magnitude_outliers),
+        one_thread=True,
         defaults={"normalize": normalize, "rescale": rescale},
         doc=doc,
     )
@@ -225,6 +169,7 @@ REGISTRY: dict[str, Method] = {
             needs_base=False,
             defaults={"normalize": True, "rescale": False},
             doc="Model soup: weighted average of the models.",
+            one_thread=True,
         ),
         _gta("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089",
              "Task arithmetic: base + λ Σ w_i δ_i."),
