@@ -172,3 +172,28 @@ def test_ties_on_a_tie_keeps_the_first_in_memory_order():
     out = kernels.magnitude(x, 0.5)  # k = 3 of six; four tied at |2|: the first three kept
     assert out.tolist() == [[0.0, -2.0, 2.0], [2.0, 0.0, -0.0]]
     assert np.signbit(out[1, 2])  # -2 * 0: the sign of zero as torch's x * mask
+
+
+@pytest.mark.parametrize("rescale", [None, kernels.Rescale.l1, kernels.Rescale.l2, kernels.Rescale.linf,
+                                     kernels.Rescale.inverse])
+def test_merges_that_work_in_their_task_vectors_give_the_same_numbers(rescale):
+    """``consume=True`` (the numpy engine's own scratch buffer: DARE drops in place) gives the bits
+    of the merge that leaves the task vectors alone: small tensors (one fixed_sum row, whose norms
+    are taken whole), several blocks, densities 0, within 2^-17 of 1, and in between."""
+    from hm3.merging.methods import TensorParams
+
+    rng = np.random.default_rng(1)
+    for n in (7, 4096, 2 * kernels.BLOCK + 4101):
+        base = rng.standard_normal(n).astype(np.float32)
+        deltas = (rng.standard_normal((3, n)) * 0.01).astype(np.float32)
+        for densities in ((0.3, 0.0, 0.999995), (0.5, 0.05, 0.7)):
+            p = TensorParams(weight=(1.0, 0.5, 1.5), density=densities, rescale=rescale)
+            for method in ("dare_ties", "dare_linear", "ties"):
+                def run(consume):
+                    d = deltas.copy()
+                    out = kernels.merge(method, base, d, p, np.random.Generator(np.random.SFC64(3)), consume=consume)
+                    return out, d
+                kept, untouched = run(False)
+                worked, _ = run(True)
+                assert np.array_equal(untouched, deltas)
+                assert np.array_equal(kept.view(np.uint32), worked.view(np.uint32)), (n, densities, method)

@@ -231,15 +231,18 @@ def rescale_(masked: np.ndarray, x: np.ndarray, rescale: Rescale | None, density
 
 
 # -- sparsify -----------------------------------------------------------------------------------------
-def magnitude(x: np.ndarray, density: float, rescale: Rescale | None = None) -> np.ndarray:
+def magnitude(x: np.ndarray, density: float, rescale: Rescale | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """TIES trim: keep the ``k = max(1, int(density·n))`` largest-magnitude elements (ties at the
-    threshold: the first ones in memory order). A new array (``x`` itself at density 1)."""
+    threshold: the first ones in memory order). Into ``out`` (``x``'s size, not ``x``; default a new
+    array), or ``x`` itself at density 1."""
     if density >= 1:
         return x
     if density <= 0 or x.size == 0:
         return np.zeros_like(x)
     k = keep_count(density, x.size)
-    out = np.empty(x.shape, dtype=x.dtype)  # |x| for the selection, then the mask, then the result
+    # |x| for the selection, then the mask, then the result
+    out = np.empty(x.shape, dtype=x.dtype) if out is None else out.reshape(x.shape)
     flat = out.reshape(-1)
     t, n_ge = kth_largest(np.abs(x, out=out).reshape(-1), k)
     drop = None
@@ -262,12 +265,18 @@ def bernoulli_parts(x: np.ndarray, density: float, rng: np.random.Generator, res
                     out: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
     """DARE's drop without its last pass: ``(x * keep, factor)`` (factor None: 1). Each element is
     kept where its 16 random bits, unsigned, are below ``round(density·2^16)`` (``steps.bernoulli``);
-    ``out`` takes ``x * keep`` (default a new array), or it is ``x`` itself at density 1. Block by
-    block, the l1 rescale's sums taken as ``fixed_sum`` rows while a block is in cache."""
+    ``out`` takes ``x * keep`` (default a new array; ``x`` itself to drop in place), or it is ``x``
+    itself at density 1. Block by block, the l1 rescale's sums taken as ``fixed_sum`` rows while a
+    block is in cache."""
     if density >= 1:
         return x, None
     q = round(density * (1 << 16))
+    in_place = out is x
+    if in_place and not x.flags.c_contiguous:
+        raise ValueError("bernoulli_parts drops in place only in a contiguous array")
     out = np.empty(x.shape, dtype=x.dtype) if out is None else out.reshape(x.shape)
+    if q >= 1 << 16 and in_place:  # within 2^-17 of 1: keep all (x * 1 is x)
+        return _owed_rescale(x, x, rescale, density)
     if q >= 1 << 16 or not x.flags.c_contiguous:
         if q >= 1 << 16:  # within 2^-17 of 1: keep all, no draw
             out.fill(1)
@@ -281,17 +290,22 @@ def bernoulli_parts(x: np.ndarray, density: float, rng: np.random.Generator, res
         sums = scratch("dare l1 rows", 2 * _rows(n), x.dtype).reshape(2, -1)  # rows of |x|, of |x * keep|
         absb = scratch("dare abs", min(n, BLOCK), x.dtype)
     keep = scratch("dare keep", min(n, BLOCK), x.dtype)
+    # dropping in place: a norm the blocks do not sum is taken of x before it is gone
+    before = norm(x, rescale) if in_place and not l1 and rescale not in (None, Rescale.inverse) else None
     below = q - (1 << 15)  # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`
     for b in blocks(n):
         m = b.stop - b.start
+        if l1:  # |x| first: dst may be x itself
+            rows = slice(b.start // SUM_CHUNK, b.start // SUM_CHUNK + _rows(m))
+            row_sums(np.abs(flat[b], out=absb[:m]), sums[0, rows])
         k = np.less(draws(rng, (m + 3) // 4).view(np.int16)[:m], below, out=keep[:m])  # 1.0 where kept
         np.multiply(k, flat[b], out=dst[b])
         if l1:
-            rows = slice(b.start // SUM_CHUNK, b.start // SUM_CHUNK + _rows(m))
-            row_sums(np.abs(flat[b], out=absb[:m]), sums[0, rows])
             row_sums(np.abs(dst[b], out=absb[:m]), sums[1, rows])
     if l1:
         return out, norm_ratio(fixed_sum(sums[0]), fixed_sum(sums[1]))
+    if before is not None:
+        return out, norm_ratio(before, norm(out, rescale))
     return _owed_rescale(out, x, rescale, density)
 
 
@@ -342,30 +356,34 @@ def disjoint_merge(trimmed: "Sequence[np.ndarray]", method: str = "sum",
 
 
 # -- the methods --------------------------------------------------------------------------------------
-def _sparsify_one(kind: Sparsify | None, x: np.ndarray, i: int, p, rng, hook=None):
-    """``(S(x), factor)``: the sparsified array (new, or ``x`` where nothing is dropped) and a
-    multiplier still to apply to it (None: 1). ``hook(x, i)``: a sparsifier given by the caller (the
-    torch methods' Breadcrumbs and DELLA)."""
+def _sparsify_one(kind: Sparsify | None, x: np.ndarray, i: int, p, rng, hook=None, consume: bool = False):
+    """``(S(x), factor)``: the sparsified array (a scratch buffer the merge consumes, ``x`` itself
+    where nothing is dropped, or with ``consume`` DARE's drop done in ``x``) and a multiplier still
+    to apply to it (None: 1). ``hook(x, i)``: a sparsifier given by the caller (the torch methods'
+    Breadcrumbs and DELLA)."""
     if kind is None:
         return x, None
     if hook is not None:
         return hook(x, i)
     d = p.density[i]
     if kind is Sparsify.magnitude:
-        return magnitude(x, d, p.rescale), None
-    if kind is Sparsify.random:  # into a scratch buffer: the merge consumes it
-        return bernoulli_parts(x, d, rng, p.rescale, out=scratch(("sparsified", i), x.size, x.dtype))
+        return magnitude(x, d, p.rescale, out=scratch(("sparsified", i), x.size, x.dtype)), None
+    if kind is Sparsify.random:
+        out = x if consume and x.flags.c_contiguous else scratch(("sparsified", i), x.size, x.dtype)
+        return bernoulli_parts(x, d, rng, p.rescale, out=out)
     raise NotImplementedError(f"sparsify {kind.value!r} has no numpy implementation; use the torch methods")
 
 
 # Overflow (a huge lambda) is not warned about here: callers check results for NaN/inf and say which tensor.
 @np.errstate(over="ignore", invalid="ignore")
 def generalized_task_arithmetic(base: np.ndarray, deltas: np.ndarray, p, rng: np.random.Generator | None, *,
-                                sparsify: Sparsify | None, consensus: bool, sparsify_fn=None) -> np.ndarray:
+                                sparsify: Sparsify | None, consensus: bool, sparsify_fn=None,
+                                consume: bool = False) -> np.ndarray:
     """``base + λ · Σ_i m_i ⊙ w_i · S(δ_i) / (normalize ? Σ_i w_i m_i : 1)`` (``methods``'
-    function of the same name, whose docstring explains it); ``deltas`` is ``(N, *shape)`` and is
-    not changed; ``p`` a ``methods.TensorParams``; ``sparsify_fn(x, i)`` a sparsifier this module
-    does not have."""
+    function of the same name, whose docstring explains it); ``deltas`` is ``(N, *shape)``; ``p`` a
+    ``methods.TensorParams``; ``sparsify_fn(x, i)`` a sparsifier this module does not have.
+    ``deltas`` is not changed unless ``consume`` (a buffer of the caller's that the merge may work
+    in: one pass and one buffer less per model)."""
     n = deltas.shape[0]
     if n == 0:
         return base
@@ -374,8 +392,8 @@ def generalized_task_arithmetic(base: np.ndarray, deltas: np.ndarray, p, rng: np
     out = np.empty(base.shape, dtype=dtype)
     for i in range(n):
         d = deltas[i]
-        t, factor = _sparsify_one(sparsify, d, i, p, rng, sparsify_fn)
-        mine = t is not d
+        t, factor = _sparsify_one(sparsify, d, i, p, rng, sparsify_fn, consume)
+        mine = consume or t is not d
         if not t.flags.c_contiguous:
             t, mine = np.ascontiguousarray(t), True
         w = p.weight[i]  # weights are applied before the sign election (mergekit)
@@ -450,9 +468,11 @@ GTA_METHODS: dict[str, tuple[Sparsify | None, bool]] = {
 METHODS = ("linear", *GTA_METHODS)
 
 
-def merge(method: str, base: np.ndarray, deltas: np.ndarray, p, rng: np.random.Generator | None) -> np.ndarray:
-    """One tensor merged by ``method`` (one of ``METHODS``)."""
+def merge(method: str, base: np.ndarray, deltas: np.ndarray, p, rng: np.random.Generator | None, *,
+          consume: bool = False) -> np.ndarray:
+    """One tensor merged by ``method`` (one of ``METHODS``); ``consume``: the merge may work in
+    ``deltas`` (``generalized_task_arithmetic``)."""
     if method == "linear":
         return linear(base, deltas, p)
     sparsify, consensus = GTA_METHODS[method]
-    return generalized_task_arithmetic(base, deltas, p, rng, sparsify=sparsify, consensus=consensus)
+    return generalized_task_arithmetic(base, deltas, p, rng, sparsify=sparsify, consensus=consensus, consume=consume)

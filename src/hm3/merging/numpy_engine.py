@@ -96,8 +96,8 @@ def _merged(prep, name: str, kind: str, out_dtype) -> np.ndarray:
             rows = g.rows
             merged[rows] = kernels.merge(method, base[rows], deltas[:, rows], p,
                                          tensor_generator(cfg.seed, f"{name}/{g.name}"))
-    else:
-        merged = kernels.merge(method, base, deltas, p, tensor_generator(cfg.seed, name))
+    else:  # the task vectors are this tensor's scratch buffer: the merge may work in it
+        merged = kernels.merge(method, base, deltas, p, tensor_generator(cfg.seed, name), consume=True)
     if np.shares_memory(merged, deltas) or np.shares_memory(merged, base):
         merged = merged.copy()
     del base, deltas
