@@ -24,7 +24,9 @@ import torch
 
 from hm3.config import MergeConfig
 from hm3.errors import HM3Error
-from hm3.merging.engine import Prepared, merge_tensor, merged_config, tokenizer_source, torch_dtype
+from hm3.merging import steps
+from hm3.merging.engine import (Prepared, in_order, merge_tensor, merge_workers, merged_config, tokenizer_source,
+                                torch_dtype)
 from hm3.merging.methods import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,13 +86,20 @@ class TaskVectors:
         """``(name, merged tensor)`` in the recipe's output dtype, as ``merge_state`` makes them."""
         dtype = torch_dtype(self.prep.config.dtype)
         overrides = dict(overrides or {})
-        for e in self.entries:
+
+        def one(i: int) -> torch.Tensor:
+            e = self.entries[i]
             merged = merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed)
             if merged.is_floating_point():
                 if not bool(torch.isfinite(merged).all()):
                     raise HM3Error(f"merging {e.name!r} produced NaN/inf values; check weights and lambda")
                 merged = merged.to(dtype)
-            yield e.name, merged
+            return merged
+
+        # Two tensors at once where a tensor's merge runs on one thread (numpy's kernels), as hm3.merge does.
+        workers = 1 if self.prep.method.needs_stats else merge_workers(None, self.prep.method)
+        yield from in_order([e.name for e in self.entries], one, workers, steps.workspace,
+                            [e.base.numel() for e in self.entries], progress=False)
 
     def state(self, overrides: Mapping | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.tensors(overrides, seed)}
