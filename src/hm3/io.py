@@ -146,9 +146,7 @@ class Checkpoint:
         if self._pickled is not None:
             t = self._pickled[key]
         elif self.readable(name):
-            raw, dtype = self._bytes(name, mapped=mapped and self._dtypes[name] == "F32"), self.dtype(name)
-            shape = self._shapes[name]
-            t = torch.from_numpy(raw).view(dtype).reshape(shape) if raw.size else torch.empty(shape, dtype=dtype)
+            return torch.from_numpy(self.array(name, mapped=mapped))  # checked, floats as float32
         else:
             try:
                 handle = self._handles.get(file)
