@@ -725,9 +725,8 @@ def merge(
 ) -> MergeResult:
     """Merge the recipe's models. With ``out``, write an ordinary HF classifier directory
     atomically (an existing ``out`` is refused unless ``force``); without, return the state dict.
-    ``workers``: tensors merged at once (``merge_workers``: default ``$HM3_MERGE_WORKERS``, else
-    2 for TIES-like methods when torch has 2 or more threads, else 1); the result is the same bytes
-    with any number."""
+    ``workers``: tensors merged at once (default ``$HM3_MERGE_WORKERS``, else the engine's:
+    ``numpy_engine.merge_workers`` or ``merge_workers``); the result is the same bytes with any number."""
     t0 = time.perf_counter()
     if out is not None:
         from hm3.io import prepare_output

@@ -26,7 +26,7 @@ Speed (issue 6): the large tensors are word embeddings of tens of millions of el
 fresh tensor costs page faults and every bool→float promotion a slow unvectorised loop. So the hot
 steps write into buffers they own (``|x|`` becomes the trimmed tensor; the random bits' comparison
 becomes the mask), and masks are float 1.0/0.0 multiplied in, which gives exactly the numbers of
-``x * bool_mask`` (including the sign of zero). Elementwise steps run block by block (``blocks``),
+``x * bool_mask`` (including the sign of zero). Elementwise steps run block by block (``kernels.blocks``),
 and inside ``workspace()`` (the merge loop) scratch buffers are reused from tensor to tensor.
 Only reductions (norms) see whole tensors, by ``fixed_sum``: a sum in a fixed order, so a rescaled
 DARE merge gives the same bytes with any number of threads (``torch.sum`` of a whole tensor splits
@@ -41,8 +41,8 @@ import numpy as np
 
 from hm3._lazy import torch
 from hm3.merging import kernels
-from hm3.merging.kernels import (BLOCK, SAMPLE, SUM_CHUNK, Rescale, Sparsify, _bracket, _rows,  # noqa: F401
-                                 _sample_positions, blocks, keep_count, workspace)
+from hm3.merging.kernels import (BLOCK, SAMPLE, Rescale, Sparsify, _bracket, _sample_positions,  # noqa: F401
+                                 keep_count, workspace)
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -59,7 +59,7 @@ def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
 
 def fixed_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of all of ``x``'s elements (a 0-d tensor of ``x``'s dtype), rounded the same with any
-    thread count: ``kernels.fixed_sum``'s order (rows of ``SUM_CHUNK`` summed by numpy, then the row
+    thread count: ``kernels.fixed_sum``'s order (rows of ``kernels.SUM_CHUNK`` summed by numpy, then the row
     sums the same way), on ``x``'s memory. ``torch.sum`` of a whole tensor splits the range across
     threads, each adding its part in its own order, so its last bit depends on the thread count."""
     return _tensor(kernels.fixed_sum(_numpy(x)), x.dtype)
