@@ -141,6 +141,7 @@ def test_worker_count_from_argument_environment_and_default(monkeypatch):
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert merge_workers(method=get("ties")) == 1
     assert merge_workers(2) == 2  # an explicit argument wins
+    assert merge_workers(2, get("regmean")) == 1  # ... except for a data-aware method: always one tensor at a time
     monkeypatch.setenv(WORKERS_ENV, "two")
     with pytest.raises(HM3Error, match=f"{WORKERS_ENV}='two' is not a whole number"):
         merge_workers()

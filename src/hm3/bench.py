@@ -773,7 +773,8 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         f"| threads per timed process | {res.get('threads') or 'torch default'} (OMP_NUM_THREADS, same for hm3 and mergekit) |",
         *([f"| hm3 merge workers | {_workers(res['hm3_workers'])} (tensors merged at once; `HM3_MERGE_WORKERS`; "
            "numpy engine: default min(2, cores), each worker one thread; torch engine: default min(2, torch threads) "
-           "for TIES-like methods, else 1, each on torch threads ÷ workers) |"]
+           "for the task-arithmetic family and linear, 1 for model_stock and data-aware methods, each on torch "
+           "threads ÷ workers) |"]
           if (merge_res or {}).get("hm3_workers") else []),
         f"| load average at start | {_f(m.get('load_average'))} (the machine is shared: compare the ratios, "
         "measured side by side, more than the absolute times) |",

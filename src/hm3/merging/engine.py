@@ -381,8 +381,11 @@ def merge_workers(workers: int | None = None, method: Method | None = None) -> i
     ``method``: ``min(2, torch.get_num_threads())`` for a method whose per-tensor work runs on one
     thread (``Method.one_thread``: the task-arithmetic family and linear, whose arithmetic is numpy's,
     ``hm3.merging.kernels``), so that two tensors at once use two cores; else 1 (torch's ops split each
-    tensor across its threads)."""
+    tensor across its threads). A data-aware method always gets 1, whatever was asked (its statistics
+    are read tensor by tensor from one cache)."""
     given = workers_setting(workers)
+    if method is not None and method.needs_stats:
+        return 1
     if given is not None:
         return given
     return min(2, torch.get_num_threads()) if method is not None and method.one_thread else 1
@@ -434,8 +437,6 @@ def merged_tensors(prep: Prepared, progress: bool = True, *, workers: int | None
     dtype = torch_dtype(prep.config.dtype)
     prep.ensure_stats(progress)  # forward passes (or the disk cache) before merging
     workers = merge_workers(workers, prep.method)
-    if prep.method.needs_stats:
-        workers = 1
     names = list(prep.kinds)
 
     def one(i: int) -> torch.Tensor:

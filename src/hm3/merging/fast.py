@@ -97,9 +97,9 @@ class TaskVectors:
             return merged
 
         # Two tensors at once where a tensor's merge runs on one thread (numpy's kernels), as hm3.merge does.
-        workers = 1 if self.prep.method.needs_stats else merge_workers(None, self.prep.method)
-        yield from in_order([e.name for e in self.entries], one, workers, steps.workspace,
-                            [e.base.numel() for e in self.entries], progress=False)
+        names, sizes = [e.name for e in self.entries], [e.base.numel() for e in self.entries]
+        workers = merge_workers(None, self.prep.method)
+        yield from in_order(names, one, workers, steps.workspace, sizes, progress=False)
 
     def state(self, overrides: Mapping | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.tensors(overrides, seed)}
