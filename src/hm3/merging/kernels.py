@@ -1,19 +1,18 @@
-"""The task-arithmetic family's arithmetic in numpy: what a merge computes without torch.
+"""The task-arithmetic family's arithmetic in numpy: the one implementation both engines run.
 
 A plain ``hm3 merge`` (linear, task arithmetic, TIES, DARE, DARE-TIES on safetensors checkpoints)
-runs here (``hm3.merging.numpy_engine``), so the process never imports torch (~0.8 s of a 2.4 s
-merge of two bert-base models, issue 6). The torch methods (``hm3.merging.methods``, ``steps``) do
-the same arithmetic step for step and op for op; ``tests/test_numpy_engine.py`` checks that both
-give the same bytes on every method, dtype and option this module supports.
+runs it without torch (``hm3.merging.numpy_engine``: the process never imports torch, ~0.8 s of a
+2.4 s merge of two bert-base models, issue 6); the torch methods (``hm3.merging.methods``,
+``steps``) run it on views of their tensors' memory. ``tests/test_numpy_engine.py`` checks that the
+two engines give the same bytes on every method, dtype and option this module supports;
+``tests/test_methods.py`` checks the arithmetic against plain whole-tensor references.
 
-Also here, because both implementations share them: the blocking (``blocks``), the reused scratch
-buffers (``workspace``), the order of sums (``fixed_sum``), DARE's random bits (``draws``) and the
-exact k-th largest magnitude by selection (``kth_largest``).
-
-Why each step is written the way it is (in-place ops into owned buffers, block-wise elementwise
-work, float masks multiplied in) is explained in ``hm3.merging.steps``; this module mirrors it.
+Here too: the blocking (``blocks``), the reused scratch buffers (``workspace``), the order of sums
+(``fixed_sum``), DARE's random bits (``draws``) and the exact k-th largest magnitude by selection
+(``kth_largest``). Why each step is written the way it is (in-place ops into owned buffers,
+block-wise elementwise work, float masks multiplied in) and where hm3 differs from mergekit:
+``hm3.merging.steps``.
 """
-
 from __future__ import annotations
 
 import math
