@@ -94,6 +94,35 @@ def test_bf16_body_distillation_trains_in_mixed_precision_and_still_gets_closer(
         distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, precision="fp16")
 
 
+def test_label_weight_trains_towards_each_texts_own_label_in_its_group_only(tiny, tmp_path, recipe):
+    clf, teachers, train, held, _ = _setup(tiny, recipe, tmp_path)
+    rows = TASK_A.sample(120, seed=1)  # = train's first 120 texts, with their labels
+    flipped = {t: 1 - y for t, y in rows}  # labels that contradict group a's guard
+    guard_a = hm3.load(tiny["a"])
+    report = distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, epochs=15, lr=1e-3, batch_size=16,
+                          max_length=32, labels={"a": flipped}, label_weight=1.0)
+    assert report.labelled == {"a": 120} and report.to_json()["labelled"] == {"a": 120}
+    assert "label with weight 1" in report.markdown()
+    # group a has moved from its guard's answers to the (flipped) labels; group b still follows its guard
+    probs = clf.predict_proba([t for t, _ in rows], groups=["a"])["a"]
+    assert (probs.argmax(1) == [flipped[t] for t, _ in rows]).mean() > 0.7
+    assert _agreement(clf, guard_a, "a", [t for t, _ in rows]) < 0.3  # without the labels it would follow the guard
+    b_texts = _texts(TASK_B, 100, 51)
+    assert _agreement(clf, hm3.load(tiny["b"]), "b", b_texts) > 0.9
+    with pytest.raises(HM3Error, match="label_weight must be in"):
+        distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, labels={"a": flipped}, label_weight=1.5)
+    with pytest.raises(HM3Error, match="no group's data has labels"):
+        distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, label_weight=0.3)
+
+
+def _agreement(clf, guard, group, texts) -> float:
+    import numpy as np
+
+    mine = np.asarray(clf.predict_proba(texts, groups=[group])[group]).argmax(1)
+    theirs = np.asarray(next(iter(guard.predict_proba(texts).values()))).argmax(1)
+    return float((mine == theirs).mean())
+
+
 def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
     merged = _merged(tiny, recipe, tmp_path)
     clf = hm3.load(merged)
@@ -220,3 +249,33 @@ def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["refit"]
     assert meta["body"]["texts"] == 80 and meta["body"]["epochs"] == 1
+    assert "labelled" not in meta["body"]
+
+
+def test_body_label_weight_from_a_recipe_and_the_command_uses_the_groups_labelled_data(tiny, tmp_path, recipe):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    def labelled(path, task, n, seed):
+        path.write_text("".join(json.dumps({"text": t, "label": task.labels[y]}) + "\n" for t, y in task.sample(n, seed=seed)))
+        return str(path)
+
+    a = labelled(tmp_path / "a.jsonl", TASK_A, 40, 6)  # a has labels, b only texts
+    b = _jsonl(tmp_path / "b.jsonl", _texts(TASK_B, 40, 7))
+    r = recipe("ties", density=0.3)
+    r["refit"] = {"mode": "distill", "data": {"a": a, "b": b},
+                  "body": {"epochs": 1, "lr": 1e-3, "max_length": 32, "label_weight": 0.5}}
+    res = hm3.merge(r, tmp_path / "m", progress=False).path
+    body = json.loads((res / "config.json").read_text())["hm3"]["refit"]["body"]
+    assert body["label_weight"] == 0.5 and body["labelled"] == {"a": 40}
+    assert "label with weight 0.5 on 40 a texts" in (res / "README.md").read_text()
+
+    merged = _merged(tiny, recipe, tmp_path)
+    out = CliRunner().invoke(app, ["refit", str(merged), "--data", f"a={a}", "--data", f"b={b}",
+                                   "--distill-from", f"a={tiny['a']}", "--distill-from", f"b={tiny['b']}",
+                                   "--body-epochs", "1", "--body-lr", "1e-3", "--body-max-length", "32",
+                                   "--body-label-weight", "0.5", "--no-progress", "-o", str(tmp_path / "out")])
+    assert out.exit_code == 0, out.output
+    body = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["refit"]["body"]
+    assert body["labelled"] == {"a": 40}

@@ -57,6 +57,8 @@ class BodyReport:
     teacher_reused: int = 0  # (guard, window) pairs whose logits the head re-fit had computed
     seconds: float = 0.0
     precision: str = "float32"
+    label_weight: float = 0.0
+    labelled: dict[str, int] = field(default_factory=dict)  # group -> texts whose targets mix in their label
 
     def to_json(self) -> dict[str, Any]:
         return {"texts": self.texts, "steps": self.steps, "epochs": self.epochs, "lr": self.lr,
@@ -64,6 +66,7 @@ class BodyReport:
                 "max_length": self.max_length, "trained": self.trained, "teachers": self.teachers,
                 "loss": [round(x, 5) for x in self.loss], "teacher_seconds": round(self.teacher_seconds, 1),
                 "teacher_reused": self.teacher_reused,
+                **({"label_weight": self.label_weight, "labelled": self.labelled} if self.label_weight else {}),
                 "seconds": round(self.seconds, 1)}
 
     def markdown(self) -> str:
@@ -78,6 +81,8 @@ class BodyReport:
             + (f"; the head re-fit's logits reused for {self.teacher_reused} of the "
                f"{len(self.teachers) * self.texts} (guard, text) windows" if self.teacher_reused else "") + ")"
             + (f", forward and backward passes in {self.precision} (autocast)" if self.precision != "float32" else "")
+            + (f"; targets mix in the training label with weight {self.label_weight:g} on "
+               + ", ".join(f"{n} {g}" for g, n in self.labelled.items()) + " texts" if self.label_weight else "")
             + f". Mean KL loss per epoch: {loss}.",
             "",
             "| group | teacher |",
@@ -152,6 +157,8 @@ def distill_body(
     progress: bool = False,
     precision: str = "float32",
     teacher_memo: "TeacherLogits | None" = None,
+    labels: "Mapping[str, Mapping[str, int]] | None" = None,
+    label_weight: float = 0.0,
 ) -> BodyReport:
     """Train ``model`` (in place) so that every group's softmax follows ``teachers[group]`` on ``texts``.
 
@@ -159,7 +166,11 @@ def distill_body(
     body moves under its head. ``precision`` ``bfloat16``: teachers' and student's forward (and the
     student's backward) passes under ``torch.autocast`` — mixed precision: the weights, the optimiser
     and the loss stay fp32. ``teacher_memo``: an ``hm3.refit.TeacherLogits`` holding the guards' logits
-    the head re-fit computed (texts no longer than ``max_length`` are the same windows: not run again)."""
+    the head re-fit computed (texts no longer than ``max_length`` are the same windows: not run again).
+    ``label_weight`` ``a`` > 0: a text with a label in ``labels[group]`` (``{text: label index}``, the
+    group's own training data) has targets ``(1 − a)·teacher + a·one-hot(label)`` in that group, so
+    the merged model learns from the labels as well as from its guards (which it can then surpass);
+    other texts and groups keep the teacher's probabilities."""
     import torch
 
     from hm3.fastpaths import forward_context, resolve_precision
@@ -178,13 +189,19 @@ def distill_body(
         raise HM3Error(f"body distillation: unknown groups {unknown}; the model's groups are {', '.join(space.names)}")
     if not epochs > 0 or not lr > 0:
         raise HM3Error(f"body distillation needs epochs > 0 and lr > 0, got {epochs} and {lr}")
+    if not 0 <= label_weight <= 1:
+        raise HM3Error(f"body distillation: label_weight must be in [0, 1], got {label_weight}")
+    if label_weight and not any((labels or {}).values()):
+        raise HM3Error("body distillation: label_weight > 0 but no group's data has labels "
+                       "(refit data rows need a \"label\"); or set body.label_weight to 0")
     precision = resolve_precision(precision)
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise HM3Error("body distillation: no texts to train on")
     ids = encode(tokenizer, texts, max_length)
     report = BodyReport(texts=len(texts), epochs=epochs, lr=lr, max_length=max_length,
-                        teachers={g: str(t) for g, t in teachers.items()}, precision=precision)
+                        teachers={g: str(t) for g, t in teachers.items()}, precision=precision,
+                        label_weight=label_weight)
 
     tt = time.perf_counter()
     targets = {}
@@ -196,6 +213,12 @@ def distill_body(
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")
         targets[g] = torch.softmax(logits.float(), -1)
+        if label_weight and (labels or {}).get(g):
+            y = torch.tensor([labels[g].get(t, -1) for t in texts])
+            at = y >= 0
+            onehot = torch.nn.functional.one_hot(y[at], space[g].size).float()
+            targets[g][at] = (1 - label_weight) * targets[g][at] + label_weight * onehot
+            report.labelled[g] = int(at.sum())
     report.teacher_seconds = time.perf_counter() - tt
     report.teacher_reused = teacher_memo.reused - reused
 

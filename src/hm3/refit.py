@@ -80,6 +80,7 @@ class RefitReport:
     features: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     texts: list[str] = field(default_factory=list, repr=False)  # distinct training texts of every group (not saved)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # group -> {training text: label} (not saved)
     precision: str = "float32"  # of the forward passes (features, teachers)
 
     def to_json(self) -> dict[str, Any]:
@@ -283,6 +284,7 @@ def refit_heads(
     precision: str = "float32",
     teacher_memo: "TeacherLogits | None" = None,
     truncate: bool = False,
+    body_labels: bool = False,
 ) -> RefitReport:
     """Re-fit the output rows of each spec's group in ``model`` (in place) and report what was done.
 
@@ -293,6 +295,8 @@ def refit_heads(
     of which every distilled group fits its teacher on ``cross_texts`` texts each, too.
     ``label_weight``: a distilled group whose data has labels fits ``(1 − a)·teacher + a·one-hot(label)``
     on its own texts (Hinton et al.'s soft + hard targets); texts without labels keep the teacher's.
+    ``body_labels``: also record, per group, the labels its data file gives its training texts
+    (``report.labels``, for body distillation's ``label_weight``); the fits do not use them.
     ``precision`` ``bfloat16``: the merged body's features and the teachers' logits come from forward
     passes under ``torch.autocast`` (several times faster on CPUs with AMX / AVX512-BF16); the fits
     are fp64 as always and the saved weights fp32. ``auto``: bfloat16 where the CPU has bf16 matrix
@@ -369,6 +373,12 @@ def refit_heads(
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
         plan.append((s, g, train, val, held, extra))
     report.texts = list(dict.fromkeys(t for _, _, train, *_ in plan for t in train.texts))
+    if body_labels:  # each group's own training texts that its data file labels (for the body step)
+        from hm3.io import read_text_rows
+
+        for s, g, train, *_ in plan:
+            given = {t: lab for t, lab in read_text_rows(s.data) if lab is not None}
+            report.labels[g.name] = {t: _label_index(g, given[t], str(s.data)) for t in train.texts if t in given}
 
     # Features of every distinct text, in one pass over the merged body (cached per body and window set).
     index: dict[str, int] = {}
@@ -671,7 +681,8 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
                            extra_texts=[Path(f) for f in rc.extra_texts], label_weight=rc.label_weight,
-                           precision=rc.precision, teacher_memo=memo, truncate=rc.truncate)
+                           precision=rc.precision, teacher_memo=memo, truncate=rc.truncate,
+                           body_labels=rc.body is not None and rc.body.label_weight > 0)
 
     report = heads()
     card = report.markdown()
@@ -682,7 +693,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
 
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
         options = rc.body.model_dump(exclude={"heads_after"})
-        body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options,
+        body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options, labels=report.labels,
                             seed=prep.config.seed, cache=cache, progress=progress, precision=report.precision,
                             teacher_memo=memo)
         meta["body"] = body.to_json()
@@ -728,14 +739,15 @@ def refit_dir(
             raise HM3Error(f"body distillation needs an original guard for every group; missing {missing}: "
                            "add --distill-from GROUP=GUARD_DIR (and its --data) for each")
     memo = TeacherLogits()
-    report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, teacher_memo=memo, **kw)
+    report = refit_heads(clf.model, clf.tokenizer, clf.space, specs, max_length=clf.max_length, teacher_memo=memo,
+                         body_labels=bool(body and body.get("label_weight")), **kw)
     done = report.to_json()
     text = report.markdown()
     if body is not None:
         from hm3.body_distill import distill_body
 
         teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
-        b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body,
+        b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body, labels=report.labels,
                          seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False),
                          precision=report.precision, teacher_memo=memo)
         done["body"] = b.to_json()
@@ -796,6 +808,9 @@ def register(app, user_errors) -> None:
         body_layers: Optional[int] = typer.Option(None, "--body-layers", min=1,
                                                   help="Train only the top N encoder layers (+ pooler, head)."),
         body_max_length: int = typer.Option(128, "--body-max-length", min=16, help="Tokens per text for the body."),
+        body_label_weight: float = typer.Option(0.0, "--body-label-weight", min=0.0, max=1.0,
+                                                help="The body also learns each text's label in its group: targets "
+                                                     "(1 - a) x guard + a x label where --data has labels."),
         precision: str = typer.Option("float32", "--precision", help="Forward passes for features and teachers: "
                                       "float32 | bfloat16 (autocast: several times faster on CPUs with AMX or "
                                       "AVX512-BF16; the fits and saved weights stay fp32) | auto (bfloat16 where "
@@ -823,7 +838,8 @@ def register(app, user_errors) -> None:
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
                            extra_texts=extra_texts or [], label_weight=label_weight, precision=precision,
-                           truncate=truncate, body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers, max_length=body_max_length)
+                           truncate=truncate, body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers,
+                                                        max_length=body_max_length, label_weight=body_label_weight)
                            if body_epochs > 0 else None)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
