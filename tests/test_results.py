@@ -328,3 +328,14 @@ def test_portable_base_keyword(tmp_path):
     assert yaml.safe_load(written["cs1"].read_text())["base_model"] == "hm3:minilm"
     assert load_config(written["cs1"]).base_model == str(expected)
     assert load_config(recipe("all", root=tmp_path)).base_model == str(expected)
+
+
+def test_describe_names_every_body_option_a_recipe_sets():
+    from dataclasses import replace
+
+    from hm3.results import describe
+
+    rec = replace(RECOMMENDED["cs1"], body={"epochs": 3, "layers": 2, "label_weight": 0.6, "heads_after": True})
+    text = describe(rec)
+    assert "body distillation (3 epochs, lr 2e-05, top 2 layers, label weight 0.6; heads re-fitted after)" in text
+    assert "label weight 0.6" not in describe(replace(rec, body={"epochs": 3}))
