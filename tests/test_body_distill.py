@@ -279,3 +279,6 @@ def test_body_label_weight_from_a_recipe_and_the_command_uses_the_groups_labelle
     assert out.exit_code == 0, out.output
     body = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["refit"]["body"]
     assert body["labelled"] == {"a": 40}
+    alone = CliRunner().invoke(app, ["refit", str(merged), "--data", f"a={a}", "--distill-from", f"a={tiny['a']}",
+                                     "--body-label-weight", "0.5", "-o", str(tmp_path / "none")])
+    assert alone.exit_code == 2 and "needs --body-epochs" in alone.output and not (tmp_path / "none").exists()

@@ -822,6 +822,8 @@ def register(app, user_errors) -> None:
         with --body-epochs, then distil the whole model from the guards."""
         from hm3.io import group_pairs
 
+        if body_label_weight and not body_epochs:
+            raise HM3Error("--body-label-weight weighs labels in the body distillation: it needs --body-epochs")
         files = group_pairs(data, "--data")
         teachers = group_pairs(distill_from, "--distill-from")
         vals = group_pairs(validation, "--validation")
