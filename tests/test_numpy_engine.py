@@ -197,3 +197,14 @@ def test_merges_that_work_in_their_task_vectors_give_the_same_numbers(rescale):
                 worked, _ = run(True)
                 assert np.array_equal(untouched, deltas)
                 assert np.array_equal(kept.view(np.uint32), worked.view(np.uint32)), (n, densities, method)
+
+
+def test_dare_keeps_where_the_documented_bits_fall_below_the_density():
+    """The rule the docstrings and METHODS.md state, from the raw stream: element 4j+i takes bits
+    16i..16i+15 of draw j, read as int16 + 2^15 (top bit flipped), and is kept below round(d·2^16)."""
+    n, density = 1003, 0.3
+    kept, factor = kernels.bernoulli_parts(np.ones(n, np.float32), density, np.random.Generator(np.random.SFC64(5)))
+    raw = np.random.Generator(np.random.SFC64(5)).bit_generator.random_raw((n + 3) // 4)
+    bits = np.array([(int(raw[e // 4]) >> (16 * (e % 4))) & 0xFFFF for e in range(n)])
+    assert factor is None
+    assert np.array_equal(kept, ((bits ^ 0x8000) < round(density * (1 << 16))).astype(np.float32))

@@ -263,7 +263,8 @@ def draws(rng: np.random.Generator, count: int) -> np.ndarray:
 def bernoulli_parts(x: np.ndarray, density: float, rng: np.random.Generator, rescale: Rescale | None = None,
                     out: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
     """DARE's drop without its last pass: ``(x * keep, factor)`` (factor None: 1). Each element is
-    kept where its 16 random bits, unsigned, are below ``round(density·2^16)`` (``steps.bernoulli``);
+    kept where its 16 random bits, read as a signed int16 plus 2^15 (the unsigned value with its top
+    bit flipped), are below ``round(density·2^16)`` (``steps.bernoulli``);
     ``out`` takes ``x * keep`` (default a new array; ``x`` itself to drop in place), or it is ``x``
     itself at density 1. Block by block, the l1 rescale's sums taken as ``fixed_sum`` rows while a
     block is in cache."""
@@ -291,7 +292,7 @@ def bernoulli_parts(x: np.ndarray, density: float, rng: np.random.Generator, res
     keep = scratch("dare keep", min(n, BLOCK), x.dtype)
     # dropping in place: a norm the blocks do not sum is taken of x before it is gone
     before = norm(x, rescale) if in_place and not l1 and rescale not in (None, Rescale.inverse) else None
-    below = q - (1 << 15)  # int16 = unsigned 16 bits - 2^15, so `u < q` is `int16 < q - 2^15`
+    below = q - (1 << 15)  # keep where int16 + 2^15 < q, i.e. int16 < q - 2^15 (int16 + 2^15 = u ^ 0x8000)
     for b in blocks(n):
         m = b.stop - b.start
         if l1:  # |x| first: dst may be x itself

@@ -170,7 +170,8 @@ def bernoulli(
     """DARE drop: keep each element independently with probability ``density``.
 
     Each element gets 16 random bits (a quarter of one 64-bit draw from ``numpy_rng(generator)``) and
-    is kept where they, as an unsigned number, are below ``round(density·2^16)``: the keep probability
+    is kept where they, as a signed int16 plus 2^15 (the unsigned value with its top bit flipped), are
+    below ``round(density·2^16)``: the keep probability
     is the density rounded to a multiple of 2^-16 (off by at most 7.6e-6, far below the sampling noise
     of any tensor). Several times faster than ``torch.bernoulli(torch.full_like(x, density))``
     (earlier hm3, and mergekit), whose random stream differs. See ``bernoulli_parts``.
