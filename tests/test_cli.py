@@ -188,7 +188,6 @@ def two_model_recipe(tiny, second, **extra):
 CASES = {
     "missing model path": (lambda t, b: two_model_recipe(t, t["root"] / "nope"), "no such model directory"),
     "not a classifier": (lambda t, b: two_model_recipe(t, t["base"]), "not a sequence classifier"),
-    "multi-label classifier": (lambda t, b: two_model_recipe(t, b["multilabel"]), "multi-label classifier"),
     "one-output head": (lambda t, b: two_model_recipe(t, b["one_output"]), "a head with 1 output;"),
     "architecture mismatch": (lambda t, b: two_model_recipe(t, b["distil"]), "architecture 'distilbert' differs"),
     "shape mismatch": (lambda t, b: two_model_recipe(t, b["narrow"]), "has shape"),
@@ -274,15 +273,33 @@ def test_bad_predict_input(tiny, tmp_path, content, suffix, pattern):
     assert not (tmp_path / "p.jsonl").exists()
 
 
-@pytest.mark.parametrize("name,pattern", [("multilabel", "multi-label classifier"), ("one_output", "a head with 1 output;")])
-def test_heads_a_softmax_cannot_read_are_refused_at_load(broken, tmp_path, name, pattern):
-    """A guard loaded on its own (predict, eval --against, agree --guard) is read through a softmax too:
-    a multi-label or one-output head is an error naming its config.json, not silently wrong scores."""
+def test_a_one_output_head_is_refused_at_load(broken, tmp_path):
+    """A guard loaded on its own (predict, eval --against, agree --guard): a one-output head that does
+    not say it is a sigmoid is an error naming its config.json and the fix, not a softmax's 1.0."""
     out = tmp_path / "p.jsonl"
-    r = run("predict", broken[name], "-t", "w0 w1", "--output", out)
-    assert_user_error(r, pattern)
-    assert str(broken[name] / "config.json") in r.stderr
+    r = run("predict", broken["one_output"], "-t", "w0 w1", "--output", out)
+    assert_user_error(r, "a head with 1 output;")
+    assert "multi_label_classification" in r.stderr
+    assert str(broken["one_output"] / "config.json") in r.stderr
     assert not out.exists()
+
+
+def test_multi_label_guard_merges_predicts_and_inspects(tiny, broken, tmp_path):
+    """A multi-label guard (a sigmoid per label) merged with a single-label one: `hm3 merge` says so,
+    `hm3 predict` lists its labels at --threshold, `hm3 inspect` shows each group's kind."""
+    r = run("merge", write_recipe(tmp_path / "r.yaml", two_model_recipe(tiny, broken["multilabel"])), "-o", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert "a(2), x(2, multi-label)" in r.output
+    for threshold in ("0.5", "0.99"):
+        r = run("predict", tmp_path / "m", "-t", "w0 w1 w2", "--threshold", threshold)
+        assert r.exit_code == 0, r.output
+        groups = json.loads(r.stdout.strip())["groups"]
+        x = groups["x"]
+        assert x["labels"] == [lab for lab, p in x["scores"].items() if p >= float(threshold)]
+        assert "labels" not in groups["a"] and sum(groups["a"]["scores"].values()) == pytest.approx(1)
+    r = run("inspect", tmp_path / "m")
+    assert r.exit_code == 0 and "multi-label (a sigmoid per label)" in r.stdout and "single-label (softmax)" in r.stdout
+    assert_user_error(run("predict", tmp_path / "m", "-t", "w0", "--threshold", "1.5"), "threshold")
 
 
 def test_predict_missing_model_and_unknown_group(tiny, tmp_path):

@@ -198,6 +198,7 @@ def agreement(
     if keys is not None and len(keys) != len(texts):
         raise HM3Error(f"agreement: {len(keys)} keys (by=) for {len(texts)} texts; give one key per text")
     groups = [g for g in clf.groups if g in guards]
+    clf.space.require_single_label(f"hm3 agree ({name})", groups)
     merged = clf.predict_proba(texts, groups, batch_size=batch_size, progress=progress)
     out: dict[str, GroupAgreement] = {}
     for g in groups:

@@ -180,6 +180,7 @@ def distill_body(
     from hm3.refit import TeacherLogits
 
     t0 = time.perf_counter()
+    space.require_single_label("body distillation")
     missing = [g for g in space.names if g not in teachers]
     if missing:
         raise HM3Error(f"body distillation needs an original guard for every group; missing {missing} "

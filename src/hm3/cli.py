@@ -85,7 +85,7 @@ def merge(
     from hm3.merging.engine import merge as run
 
     result = run(config, out, force=force, allow_pickle=allow_pickle, progress=progress)
-    groups = ", ".join(f"{g.name}({g.size})" for g in result.space)
+    groups = ", ".join(f"{g.name}({g.size}{', multi-label' if g.multi_label else ''})" for g in result.space)
     typer.echo(f"wrote {result.path}: {result.space.total} labels in groups {groups} ({result.seconds:.1f}s)")
 
 
@@ -100,16 +100,18 @@ def predict(
     groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated groups (default: all)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: list the labels scoring at least this."),
     fast: Optional[str] = typer.Option(
         None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, bf16 (answers can differ from "
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
 ) -> None:
-    """Classify texts: per text and group, the label and the group's softmax scores."""
+    """Classify texts: per text and group, the label and the group's softmax scores (a multi-label
+    group: a sigmoid score per label, and the labels at or above --threshold)."""
     from hm3.io import texts_from
     from hm3.model import load
 
     texts = texts_from(input, text)
-    clf = load(model, aggregate=aggregate)
+    clf = load(model, aggregate=aggregate, threshold=threshold)
     if fast:
         from hm3.fastpaths import accelerate
 
@@ -150,12 +152,16 @@ def inspect(model: Path = typer.Argument(..., help="Model directory.")) -> None:
     table = Table(title=f"{path}  ({cfg.get('model_type')}, {cfg.get('num_hidden_layers', cfg.get('n_layers', '?'))} layers)")
     table.add_column("group")
     table.add_column("labels")
+    table.add_column("kind")
     if meta:
         for g in meta["groups"]:
-            table.add_row(g["name"], ", ".join(g["labels"]))
+            table.add_row(g["name"], ", ".join(g["labels"]), "multi-label (a sigmoid per label)"
+                          if g.get("multi_label") else "single-label (softmax)")
     else:
         labels = [v for _, v in sorted(((int(k), v) for k, v in (cfg.get("id2label") or {}).items()))]
-        table.add_row(path.name + " (single classifier)", ", ".join(labels))
+        multi = cfg.get("problem_type") == "multi_label_classification"
+        table.add_row(path.name + " (single classifier)", ", ".join(labels),
+                      "multi-label (a sigmoid per label)" if multi else "single-label (softmax)")
     console.print(table)
     if meta:
         import yaml

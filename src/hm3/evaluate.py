@@ -477,6 +477,7 @@ def predict_suite(
         if not mine:
             log.warning("%s: answers none of the suite's groups (%s); not run", name, ", ".join(wanted))
             continue
+        clf.space.require_single_label(f"hm3 eval ({name})", mine)
         tids = index.texts_of(mine)
         probs = clf.predict_proba([index.texts[t] for t in tids], mine, batch_size=batch_size, progress=progress)
         for g in mine:

@@ -6,7 +6,9 @@ The merged head has one block of rows per group, in config order::
     rows [offset_1, offset_1 + n_1)  -> group 1's labels  ...
 
 Labels are addressed by qualified names ``group/label`` so that two groups may both own a
-``benign`` label. Uninformative names (``LABEL_0``, ``label1``, ``LABEL-2``) are replaced, either by
+``benign`` label. A group is single-label (its rows are read through one softmax: one label per text)
+or, when its classifier was a multi-label one (``problem_type: multi_label_classification``),
+multi-label (an independent sigmoid per row: any number of labels per text). Uninformative names (``LABEL_0``, ``label1``, ``LABEL-2``) are replaced, either by
 names the user gives or by ``<group>_<i>``.
 """
 
@@ -35,6 +37,11 @@ class Group:
     name: str
     labels: tuple[str, ...]
     offset: int
+    multi_label: bool = False  # an independent sigmoid per label instead of one softmax over them
+
+    @property
+    def activation(self) -> str:
+        return "sigmoid" if self.multi_label else "softmax"
 
     @property
     def size(self) -> int:
@@ -51,13 +58,15 @@ class Group:
 class LabelSpace:
     """The union of all groups' labels, in a fixed order."""
 
-    def __init__(self, groups: Sequence[tuple[str, Sequence[str]]]):
+    def __init__(self, groups: "Sequence[tuple[str, Sequence[str]] | tuple[str, Sequence[str], bool]]"):
+        """``groups``: ``(name, labels)`` or ``(name, labels, multi_label)`` in row order."""
         if not groups:
             raise HM3Error("a label space needs at least one group")
         seen: set[str] = set()
         built: list[Group] = []
         offset = 0
-        for name, labels in groups:
+        for name, labels, *kind in groups:
+            multi_label = bool(kind[0]) if kind else False
             validate_group_name(name)
             if name in seen:
                 raise HM3Error(
@@ -74,7 +83,7 @@ class LabelSpace:
             for label in labels:
                 if not label or SEP in label:
                     raise HM3Error(f"group {name!r}: label {label!r} must be non-empty and contain no {SEP!r}")
-            built.append(Group(name, labels, offset))
+            built.append(Group(name, labels, offset, multi_label))
             offset += len(labels)
         self.groups: tuple[Group, ...] = tuple(built)
         self._by_name = {g.name: g for g in self.groups}
@@ -109,6 +118,22 @@ class LabelSpace:
             return list(self.groups)
         return [self[n] for n in names]
 
+    def multi_label(self, names: Iterable[str] | None = None) -> list[str]:
+        """The multi-label groups among ``names`` (default: all groups)."""
+        return [g.name for g in self.select(names) if g.multi_label]
+
+    def require_single_label(self, what: str, names: Iterable[str] | None = None) -> None:
+        """An error if a group among ``names`` is multi-label: ``what`` (e.g. "hm3 eval") reads every
+        group through a softmax (one label per text) and would score a sigmoid group wrongly."""
+        multi = self.multi_label(names)
+        if multi:
+            raise HM3Error(
+                f"{what} supports single-label groups only (one softmax, one label per text); "
+                f"{', '.join(repr(g) for g in multi)} {'is' if len(multi) == 1 else 'are'} multi-label "
+                "(a sigmoid per label). Merging, predict and serve support multi-label groups; leave "
+                f"{'it' if len(multi) == 1 else 'them'} out here"
+            )
+
     def id2label(self) -> dict[int, str]:
         return {i: q for i, q in enumerate(q for g in self.groups for q in g.qualified())}
 
@@ -117,35 +142,42 @@ class LabelSpace:
 
     # -- (de)serialisation: the `hm3` key of config.json -------------------------------------------
     def to_json(self) -> list[dict]:
-        return [{"name": g.name, "labels": list(g.labels)} for g in self.groups]
+        """``[{"name", "labels"}, ...]``, plus ``"multi_label": true`` for a multi-label group (absent
+        otherwise: the metadata of single-label merges is as it always was)."""
+        return [{"name": g.name, "labels": list(g.labels), **({"multi_label": True} if g.multi_label else {})}
+                for g in self.groups]
 
     @classmethod
     def from_json(cls, data: Sequence[Mapping]) -> "LabelSpace":
         try:
-            return cls([(d["name"], d["labels"]) for d in data])
+            return cls([(d["name"], d["labels"], bool(d.get("multi_label", False))) for d in data])
         except (KeyError, TypeError) as e:
             raise HM3Error(f"malformed hm3 group metadata in config.json: {e}") from None
 
 
-def check_softmax_head(problem_type: str | None, outputs: int, where: str) -> None:
-    """Refuse a classifier whose outputs one softmax cannot read: hm3 answers each group with a softmax
-    over the group's labels (one label per text), so a multi-label head (an independent sigmoid per
-    label) or a one-output head (regression, or a binary classifier with one sigmoid logit) would be
-    reported wrongly without any error. ``where``: the config.json, for the message."""
-    if problem_type == "multi_label_classification":
-        raise HM3Error(
-            f"{where}: a multi-label classifier (problem_type multi_label_classification: an independent sigmoid "
-            "per label); hm3 merges and serves single-label classifiers, whose labels share one softmax per group, "
-            "and would misreport this one's scores. Multi-label groups are not supported"
-        )
+MULTI_LABEL = "multi_label_classification"
+
+
+def head_kind(problem_type: str | None, outputs: int, where: str) -> bool:
+    """Whether a classifier head is multi-label (True: an independent sigmoid per output, transformers'
+    ``problem_type: multi_label_classification``) or single-label (False: one softmax over its
+    outputs); an error for a head neither reads correctly: regression, or a single-label head with one
+    output (a softmax over one label answers it at 1.0 whatever the text). ``where``: the config.json,
+    for the message."""
+    if problem_type == MULTI_LABEL:
+        if outputs < 1:
+            raise HM3Error(f"{where}: a multi-label classifier without outputs")
+        return True
     if problem_type == "regression" or outputs < 2:
         raise HM3Error(
             f"{where}: a head with {outputs} output{'s' if outputs != 1 else ''}"
             + (" (problem_type regression)" if problem_type == "regression" else "")
-            + "; hm3 reads each group through a softmax over at least two labels, which would answer a one-output "
-            "head with its only label at 1.0. A binary classifier with one sigmoid logit z is the two-label head "
-            "[0, z]: save it with two output rows (zeros, then its own) and num_labels 2"
+            + "; hm3 reads a single-label group through a softmax over at least two labels, which would answer a "
+            "one-output head with its only label at 1.0. A binary classifier with one sigmoid logit: set "
+            f'"problem_type": "{MULTI_LABEL}" in its config.json (hm3 then reads the logit through a sigmoid), '
+            "or save it as the two-label head [0, z] with num_labels 2"
         )
+    return False
 
 
 def validate_group_name(name: str) -> None:

@@ -1,4 +1,5 @@
-"""The group-wise classifier: one forward pass, one softmax per group.
+"""The group-wise classifier: one forward pass, one softmax per group (a sigmoid per label for a
+multi-label group).
 
 ``hm3.load(path)`` opens a merged model (groups from config.json ``hm3``) or an ordinary
 single classifier (one group, named after its directory).
@@ -10,6 +11,11 @@ window is classified and, per group, the window probabilities are aggregated:
 * ``mean`` (default): the average of the windows' softmax distributions;
 * ``max``: for guards — each label's largest probability over the windows, renormalised, so one
   window that is clearly a jailbreak flags the whole text.
+
+A multi-label group (``Group.multi_label``: its classifier had ``problem_type:
+multi_label_classification``) reads each of its rows through its own sigmoid: its scores do not sum
+to 1, windows aggregate per label (mean or max, nothing renormalised), and a prediction lists every
+label whose score reaches ``threshold`` (0.5) besides the top one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 
 from hm3.errors import HM3Error
-from hm3.labels import LabelSpace, check_softmax_head, clean_labels, group_name_from, labels_from_config
+from hm3.labels import Group, LabelSpace, clean_labels, group_name_from, head_kind, labels_from_config
 from hm3.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -32,11 +38,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GroupPrediction:
+    """One group's answer for one text: the top-scoring ``label`` and every label's score; for a
+    multi-label group also ``labels``, all labels whose score reaches the threshold (may be empty)."""
+
     label: str
     scores: dict[str, float]
+    labels: tuple[str, ...] | None = None  # multi-label groups only
 
     def to_json(self) -> dict:
-        return {"label": self.label, "scores": self.scores}
+        out: dict = {"label": self.label, "scores": self.scores}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return out
+
+
+def group_prediction(group: Group, row: np.ndarray, threshold: float = 0.5) -> GroupPrediction:
+    """``group``'s prediction from its scores ``row`` (its probabilities, in label order)."""
+    labels = group.labels
+    top = labels[int(np.argmax(row))]
+    scores = {lab: float(v) for lab, v in zip(labels, row)}
+    if not group.multi_label:
+        return GroupPrediction(top, scores)
+    return GroupPrediction(top, scores, tuple(lab for lab, v in zip(labels, row) if v >= threshold))
 
 
 class GroupwiseClassifier:
@@ -49,10 +72,14 @@ class GroupwiseClassifier:
         max_length: int | None = None,
         stride: int = 64,
         aggregate: str = "mean",
+        threshold: float = 0.5,
         name: str = "",
     ):
         if aggregate not in ("mean", "max"):
             raise HM3Error(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        if not 0 < threshold < 1:
+            raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {threshold}")
+        self.threshold = float(threshold)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.space = space
@@ -76,9 +103,10 @@ class GroupwiseClassifier:
 
         path = resolve(path)
         config = read_config(path)  # JSON: checked before transformers reads it (and fails less clearly)
+        multi_label = False
         if "groups" not in (getattr(config, "hm3", None) or {}):  # a single classifier: one group
             outputs = len(getattr(config, "id2label", None) or {}) or int(getattr(config, "num_labels", 2))
-            check_softmax_head(getattr(config, "problem_type", None), outputs, str(config.file))
+            multi_label = head_kind(getattr(config, "problem_type", None), outputs, str(config.file))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:
@@ -93,7 +121,7 @@ class GroupwiseClassifier:
         else:
             group = group_name_from(path.name)
             n = model.config.num_labels
-            space = LabelSpace([(group, clean_labels(group, labels_from_config(model.config.id2label, n)))])
+            space = LabelSpace([(group, clean_labels(group, labels_from_config(model.config.id2label, n)), multi_label)])
         if space.total != model.config.num_labels:
             raise HM3Error(f"{path}: hm3 metadata lists {space.total} labels but the head has {model.config.num_labels}")
         return cls(model, tokenizer, space, name=str(path), **kw)
@@ -147,7 +175,8 @@ class GroupwiseClassifier:
         batch_size: int = 32,
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Per group, an ``(n_texts, n_labels)`` array of softmax probabilities (rows sum to 1)."""
+        """Per group, an ``(n_texts, n_labels)`` array of probabilities: softmax (rows sum to 1), or for
+        a multi-label group a sigmoid per label."""
         selected = self.space.select(groups)
         texts = _check_texts(texts)
         if not texts:
@@ -157,7 +186,8 @@ class GroupwiseClassifier:
         owner_t = torch.tensor(owner)
         result = {}
         for g in selected:
-            probs = torch.softmax(logits[:, g.rows], dim=-1)  # (W, n_g)
+            z = logits[:, g.rows]
+            probs = torch.sigmoid(z) if g.multi_label else torch.softmax(z, dim=-1)  # (W, n_g)
             if len(wins) == len(texts):
                 agg = torch.empty_like(probs)
                 agg[owner_t] = probs
@@ -168,7 +198,8 @@ class GroupwiseClassifier:
                 agg = torch.zeros(len(texts), g.size).scatter_reduce_(
                     0, owner_t.unsqueeze(1).expand_as(probs), probs, "amax", include_self=False
                 )
-                agg /= agg.sum(dim=1, keepdim=True)
+                if not g.multi_label:  # sigmoids are each their own distribution
+                    agg /= agg.sum(dim=1, keepdim=True)
             result[g.name] = agg.numpy()
         return result
 
@@ -179,15 +210,15 @@ class GroupwiseClassifier:
         batch_size: int = 32,
         progress: bool = False,
     ) -> list[dict[str, GroupPrediction]]:
-        """Per text, per group: the label with the highest probability and all the group's scores."""
+        """Per text, per group: the label with the highest probability and all the group's scores (and
+        for a multi-label group every label scoring at least ``threshold``: ``group_prediction``)."""
         probs = self.predict_proba(texts, groups, batch_size, progress)
         n = len(next(iter(probs.values()))) if probs else 0
         out: list[dict[str, GroupPrediction]] = [{} for _ in range(n)]
         for name, p in probs.items():
-            labels = self.space[name].labels
+            group = self.space[name]
             for i in range(n):
-                row = p[i]
-                out[i][name] = GroupPrediction(labels[int(row.argmax())], {l: float(v) for l, v in zip(labels, row)})
+                out[i][name] = group_prediction(group, p[i], self.threshold)
         return out
 
 

@@ -324,6 +324,7 @@ def refit_heads(
         if s.group in seen:
             raise HM3Error(f"group {s.group!r} is listed twice for the re-fit")
         seen.add(s.group)
+    space.require_single_label("the head re-fit", [s.group for s in specs])
     model = model.float().eval()
     clf = GroupwiseClassifier(model, tokenizer, space, max_length=max_length)
     report = RefitReport(max_length=clf.max_length, precision=precision, truncate=truncate)

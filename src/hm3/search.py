@@ -309,6 +309,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     kw = {"max_length": settings.max_length} if settings.max_length else {}
     clf = tv.classifier(**kw)
     space = tv.prep.space
+    space.require_single_label("hm3 search (it scores trials like hm3 eval)")
     val_rows = _restrict(load_suite(validation) if not isinstance(validation, list) else validation, space.names,
                          str(validation) if not isinstance(validation, list) else "validation")
     labels = {g.name: list(g.labels) for g in space}

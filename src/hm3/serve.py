@@ -68,6 +68,7 @@ class Settings:
     threads: Optional[int] = None  # torch threads of the inference thread (None: default_threads())
     api_key: Optional[str] = field(default=None, repr=False)
     aggregate: str = "mean"  # long texts: mean or max over windows (as in `hm3 predict`)
+    threshold: float = 0.5  # a multi-label group's labels: those scoring at least this (as in `hm3 predict`)
     max_length: Optional[int] = None  # tokens per window (None: the model's own limit)
     fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8, bf16)
 
@@ -83,6 +84,8 @@ class Settings:
             raise HM3Error(f"serve setting threads must be at least 1, got {self.threads!r}")
         if self.aggregate not in ("mean", "max"):
             raise HM3Error(f"serve setting aggregate must be 'mean' or 'max', got {self.aggregate!r}")
+        if not 0 < self.threshold < 1:
+            raise HM3Error(f"serve setting threshold must be between 0 and 1, got {self.threshold!r}")
         if self.fast is not None:
             from hm3.fastpaths import PATHS
 
@@ -366,8 +369,10 @@ class MicroBatcher:
         ``hm3 predict`` rows for its own groups."""
         flat = [t for texts in texts_per_job for t in texts]
         wanted = sorted({g for gs in groups_per_job for g in gs}, key=self._space_order.__getitem__)
+        from hm3.model import group_prediction
+
         probs = self.clf.predict_proba(flat, wanted, batch_size=self.settings.batch_size)  # group -> (n, n_g)
-        labels = {g: self.clf.space[g].labels for g in wanted}
+        space, threshold = self.clf.space, self.clf.threshold
         out: list[list[dict]] = []
         start = 0
         for texts, groups in zip(texts_per_job, groups_per_job):
@@ -375,9 +380,7 @@ class MicroBatcher:
             for i in range(len(texts)):
                 per_group = {}
                 for g in groups:
-                    p = probs[g][start + i]
-                    per_group[g] = {"label": labels[g][int(p.argmax())],
-                                    "scores": {lab: float(v) for lab, v in zip(labels[g], p)}}
+                    per_group[g] = group_prediction(space[g], probs[g][start + i], threshold).to_json()
                 rows.append({"text_index": i, "groups": per_group})
             out.append(rows)
             start += len(texts)
@@ -458,8 +461,10 @@ def _request_models():
         )
 
     class GroupResult(BaseModel):
-        label: str
-        scores: dict[str, float]
+        label: str = Field(description="The top-scoring label.")
+        scores: dict[str, float] = Field(description="Every label's probability (a multi-label group: a sigmoid each).")
+        labels: Optional[list[str]] = Field(
+            default=None, description="Multi-label groups only: every label scoring at least the server's threshold.")
 
     class TextResult(BaseModel):
         text_index: int
@@ -475,6 +480,7 @@ def _request_models():
     class LabelGroup(BaseModel):
         name: str
         labels: list[str]
+        multi_label: bool = Field(default=False, description="A sigmoid per label (present only when true).")
 
     class LabelsResponse(BaseModel):
         model: str
@@ -566,7 +572,7 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
 
     s = settings or Settings()
     if isinstance(classifier_or_path, (str, os.PathLike)):
-        clf = hm3.load(classifier_or_path, max_length=s.max_length, aggregate=s.aggregate)
+        clf = hm3.load(classifier_or_path, max_length=s.max_length, aggregate=s.aggregate, threshold=s.threshold)
     else:
         clf = classifier_or_path
     if s.fast:
@@ -782,6 +788,8 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(Settings.batch_size, help="Windows per padded forward pass."),
         threads: Optional[int] = typer.Option(None, help="Torch threads (default: the CPUs this process may use)."),
         aggregate: str = typer.Option("mean", help="Long texts: 'mean' or 'max' over windows."),
+        threshold: float = typer.Option(Settings.threshold, help="Multi-label groups: report the labels scoring "
+                                        "at least this."),
         keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
                                          "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
@@ -792,6 +800,7 @@ def register(app, user_errors) -> None:
         settings = Settings(
             max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes,
             max_batch_texts=max_batch_texts, max_wait_ms=max_wait_ms, max_queue_texts=max_queue_texts,
-            batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate, fast=fast,
+            batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate, threshold=threshold,
+            fast=fast,
         )
         run(model, host, port, settings, log_level=log_level, keep_alive=keep_alive)

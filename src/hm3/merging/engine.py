@@ -51,7 +51,7 @@ from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
 from hm3.io import (TOKENIZER_FILES, AtomicDir, Checkpoint, SafetensorsWriter, all_finite, copy_tokenizer,
                     has_tokenizer, load_checkpoint, save_safetensors, tokenizer_vocab)
-from hm3.labels import LabelSpace, check_softmax_head, clean_labels, group_name_from
+from hm3.labels import MULTI_LABEL, LabelSpace, clean_labels, group_name_from, head_kind
 from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
@@ -174,24 +174,31 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
                 "all models must be fine-tuned from the same base"
             )
     family = ref.family
+    multi: list[bool] = []  # per model: a multi-label head (a sigmoid per label)?
     for m in models:
         if not m.has_head:
             raise HM3Error(
                 f"{m.path}: not a sequence classifier (no {family.out[0]!r} tensor); "
                 "hm3 merges *ForSequenceClassification checkpoints"
             )
-        check_softmax_head(getattr(m.config, "problem_type", None), m.num_outputs, str(m.config.file))
+        multi.append(head_kind(getattr(m.config, "problem_type", None), m.num_outputs, str(m.config.file)))
 
     # Groups and labels.
-    groups: list[tuple[str, list[str]]] = []
-    for entry, m in zip(cfg.models, models):
+    groups: list[tuple[str, list[str], bool]] = []
+    for entry, m, ml in zip(cfg.models, models, multi):
         group = entry.group or group_name_from(Path(str(m.ref).rstrip("/")).name)
-        groups.append((group, clean_labels(group, m.labels(), entry.labels)))
-    names = [g for g, _ in groups]
+        groups.append((group, clean_labels(group, m.labels(), entry.labels), ml))
+    names = [g for g, *_ in groups]
     dup = sorted({g for g in names if names.count(g) > 1})
     if dup:
         raise HM3Error(f"duplicate group names {dup} (from directory names); set a distinct `group:` for each model")
     space = LabelSpace(groups)
+    # What reads the guards' outputs through a softmax: Fisher's and AdaMerging's statistics, the re-fit
+    softmax_stats = sorted(set(method.needs_stats) & {"fisher", "coef"})
+    if softmax_stats:
+        space.require_single_label(f"merge_method {cfg.merge_method} (its statistics read each guard's softmax)")
+    if cfg.refit is not None:
+        space.require_single_label("the head re-fit (`refit:`)")
 
     # Tensor table: names and shapes must agree everywhere but in the output rows.
     kinds: dict[str, str] = {}
@@ -582,7 +589,14 @@ def merged_config_dict(prep: Prepared) -> dict:
     space = prep.space
     cfg["id2label"] = {str(i): label for i, label in space.id2label().items()}
     cfg["label2id"] = space.label2id()
-    cfg["problem_type"] = "single_label_classification"
+    # transformers' problem_type (its training loss): one kind for the whole head, none when mixed
+    multi = space.multi_label()
+    if not multi:
+        cfg["problem_type"] = "single_label_classification"
+    elif len(multi) == len(space):
+        cfg["problem_type"] = MULTI_LABEL
+    else:
+        cfg.pop("problem_type", None)
     cfg["architectures"] = [prep.models[0].family.cls]
     cfg["dtype"] = prep.config.dtype
     recipe = json.loads(prep.config.model_dump_json(exclude_none=True))

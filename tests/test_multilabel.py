@@ -1,0 +1,222 @@
+"""Multi-label groups: a guard with an independent sigmoid per label (``problem_type:
+multi_label_classification``, e.g. a toxicity model) is merged, predicted and served with sigmoid
+scores; the features that read every group through a softmax refuse it by name."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hm3
+from hm3.errors import HM3Error
+from hm3.labels import LabelSpace, head_kind
+from hm3.testing import TASK_A, WORDS, synthetic_classifier
+
+TOX = ["hate", "threat", "insult"]
+
+
+def _multi_label(path, labels=None, seed: int = 0, scale: float = 1.0):
+    """Mark a classifier multi-label (``labels``: with a new random head of that many rows, ``scale``
+    times the usual size)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["problem_type"] = "multi_label_classification"
+    if labels is not None:
+        state = load_file(str(path / "model.safetensors"))
+        g = torch.Generator().manual_seed(seed)
+        state["classifier.weight"] = torch.randn(len(labels), state["classifier.weight"].shape[1], generator=g) * scale
+        state["classifier.bias"] = torch.randn(len(labels), generator=g)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        cfg.update(id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
+        cfg.pop("num_labels", None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("multilabel")
+    base = tiny["base"]
+    # tiny["a"]'s fine-tuned body (its features depend on the text) under a random 3-label sigmoid head
+    tox = _multi_label(Path(shutil.copytree(tiny["a"], d / "tox")), TOX, seed=1, scale=0.3)
+    # A single-label guard whose body is the base's: a task-arithmetic merge's body is then tox's own,
+    # so the merge's tox group must answer exactly as tox does, and its spam group as spam's head on that body.
+    spam = synthetic_classifier(base, d / "spam", ["ham", "spam"], seed=2, delta=lambda t, g: t)
+    one = _multi_label(synthetic_classifier(base, d / "one", ["toxic"], seed=3))  # a single sigmoid logit
+    return {"base": base, "tox": tox, "spam": spam, "one": one, "root": d}
+
+
+def _recipe(m, *entries, method="task_arithmetic", **extra):
+    return {"merge_method": method, "base_model": str(m["base"]),
+            "models": [{"model": str(m[k]), "group": k} for k in entries], "seed": 0, **extra}
+
+
+@pytest.fixture(scope="module")
+def merged(models):
+    out = models["root"] / "merged"
+    hm3.merge(_recipe(models, "tox", "spam"), out, progress=False)
+    return out
+
+
+def texts(n: int = 12, seed: int = 0) -> list[str]:
+    """Texts of tiny["a"]'s task (half of them) and random words."""
+    rng = random.Random(seed)
+    task = [t for t, _ in TASK_A.sample(n - n // 2, seed=seed)]
+    return task + [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n // 2)]
+
+
+def guard_logits(path, batch: list[str], head_from=None) -> torch.Tensor:
+    """``path``'s logits on ``batch``, one text at a time; ``head_from``: with that classifier's head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    if head_from is not None:
+        head = load_file(str(head_from / "model.safetensors"))
+        model.classifier = torch.nn.Linear(head["classifier.weight"].shape[1], head["classifier.weight"].shape[0])
+        model.classifier.load_state_dict({"weight": head["classifier.weight"], "bias": head["classifier.bias"]})
+    tok = AutoTokenizer.from_pretrained(str(path))
+    with torch.inference_mode():
+        return torch.cat([model(**tok([t], return_tensors="pt")).logits for t in batch])
+
+
+def test_head_kind_reads_problem_type_and_refuses_what_neither_reads():
+    assert head_kind("multi_label_classification", 3, "c.json") is True
+    assert head_kind("multi_label_classification", 1, "c.json") is True  # one sigmoid: a binary guard
+    assert head_kind("single_label_classification", 2, "c.json") is False
+    assert head_kind(None, 4, "c.json") is False
+    with pytest.raises(HM3Error, match=r"c.json: a head with 1 output;.*\"problem_type\": \"multi_label_classification\""):
+        head_kind(None, 1, "c.json")
+    with pytest.raises(HM3Error, match="problem_type regression"):
+        head_kind("regression", 1, "c.json")
+
+
+def test_label_space_records_multi_label_groups_and_reads_old_metadata():
+    space = LabelSpace([("tox", TOX, True), ("spam", ["ham", "spam"])])
+    assert space["tox"].multi_label and space["tox"].activation == "sigmoid"
+    assert not space["spam"].multi_label and space["spam"].activation == "softmax"
+    assert space.to_json() == [{"name": "tox", "labels": TOX, "multi_label": True},
+                               {"name": "spam", "labels": ["ham", "spam"]}]  # single-label: as before
+    assert LabelSpace.from_json(space.to_json()) == space
+    assert space.multi_label() == ["tox"] and space.multi_label(["spam"]) == []
+    space.require_single_label("x", ["spam"])
+    with pytest.raises(HM3Error, match="hm3 eval supports single-label groups only.*'tox' is multi-label"):
+        space.require_single_label("hm3 eval")
+
+
+def test_merged_groups_answer_like_their_guards_sigmoid_and_softmax(models, merged):
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["hm3"]["groups"] == [{"name": "tox", "labels": TOX, "multi_label": True},
+                                    {"name": "spam", "labels": ["ham", "spam"]}]
+    assert "problem_type" not in cfg  # mixed groups: no one transformers loss fits the head
+    batch = texts()
+    clf = hm3.load(merged)
+    probs = clf.predict_proba(batch)
+    want_tox = torch.sigmoid(guard_logits(models["tox"], batch)).numpy()
+    want_spam = torch.softmax(guard_logits(models["tox"], batch, head_from=models["spam"]), -1).numpy()
+    np.testing.assert_allclose(probs["tox"], want_tox, atol=1e-5)
+    np.testing.assert_allclose(probs["spam"], want_spam, atol=1e-5)
+    np.testing.assert_allclose(probs["spam"].sum(1), 1, atol=1e-6)
+    # the label sets differ between texts and thresholds (else the checks below could not fail)
+    sets = {tuple(r) for r in (want_tox >= 0.5)} | {tuple(r) for r in (want_tox >= 0.9)}
+    assert len(sets) >= 3, sets
+
+    for threshold in (0.5, 0.9):
+        preds = hm3.load(merged, threshold=threshold).predict(batch)
+        for i, row in enumerate(preds):
+            tox, spam = row["tox"], row["spam"]
+            assert tox.labels == tuple(lab for lab, p in zip(TOX, probs["tox"][i]) if p >= threshold)
+            assert tox.label == TOX[int(probs["tox"][i].argmax())]
+            assert spam.labels is None and "labels" not in spam.to_json()
+            assert tox.to_json()["labels"] == list(tox.labels)
+    with pytest.raises(HM3Error, match="threshold"):
+        hm3.load(merged, threshold=1.0)
+
+
+def test_long_texts_aggregate_each_sigmoid_on_its_own(models, merged):
+    rng = random.Random(4)
+    long = " ".join(rng.choice(WORDS) for _ in range(200))  # several 64-token windows
+    for aggregate in ("mean", "max"):
+        clf = hm3.load(merged, aggregate=aggregate)
+        wins, owner = clf.windows([long])
+        assert len(wins) > 2
+        p = torch.sigmoid(clf.window_logits(wins)[:, clf.space["tox"].rows]).numpy()
+        want = p.mean(0) if aggregate == "mean" else p.max(0)  # no renormalisation of sigmoids
+        np.testing.assert_allclose(clf.predict_proba([long], ["tox"])["tox"][0], want, atol=1e-6)
+
+
+def test_multi_label_only_merges_and_single_classifiers(models, tmp_path):
+    out = tmp_path / "m"
+    hm3.merge(_recipe(models, "tox", "one", method="ties", parameters={"density": 0.5}), out, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["problem_type"] == "multi_label_classification"
+    clf = hm3.load(out)
+    assert clf.space.multi_label() == ["tox", "one"]
+    p = clf.predict_proba(texts(4))["one"]
+    assert p.shape == (4, 1) and ((p > 0) & (p < 1)).all()  # a sigmoid, not a softmax over one label (1.0)
+    alone = hm3.load(models["tox"])  # a multi-label guard on its own: one sigmoid group
+    assert alone.space.multi_label() == [alone.groups[0]]
+    np.testing.assert_allclose(alone.predict_proba(texts())[alone.groups[0]],
+                               torch.sigmoid(guard_logits(models["tox"], texts())).numpy(), atol=1e-5)
+
+
+def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_path):
+    from hm3.agreement import agreement
+    from hm3.evaluate import parse_rows, predict_suite
+
+    suite = parse_rows([{"text": "w1 w2", "expected": {"tox": "hate", "spam": "ham"}}])
+    with pytest.raises(HM3Error, match=r"hm3 eval \(.*merged\) supports single-label groups only.*'tox'"):
+        predict_suite([merged], suite)
+    only_spam = parse_rows([{"text": "w1 w2", "expected": {"spam": "ham"}}])
+    index, predicted, *_ = predict_suite([merged], only_spam)  # the single-label group is scored as before
+    assert predicted["spam"].shape == (1,)
+    with pytest.raises(HM3Error, match="hm3 agree .* supports single-label groups only"):
+        agreement(merged, ["w1 w2"], {"tox": models["tox"]})
+    (tmp_path / "t.txt").write_text("w1 w2\n")
+    data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
+    for method, extra, what in (
+        ("task_arithmetic", {"refit": {"mode": "distill", "data": data["texts"]}}, "head re-fit"),
+        ("fisher", {"data": data}, "merge_method fisher"),
+        ("adamerging", {"data": data}, "merge_method adamerging"),
+    ):
+        with pytest.raises(HM3Error, match=f"{what}.*supports single-label groups only"):
+            hm3.merge(_recipe(models, "tox", "spam", method=method, **extra), tmp_path / "no", progress=False)
+        assert not (tmp_path / "no").exists()
+    # RegMean reads only the layers' inputs, never an output: multi-label groups merge as any other
+    hm3.merge(_recipe(models, "tox", "spam", method="regmean", data=data), tmp_path / "regmean", progress=False)
+    assert hm3.load(tmp_path / "regmean").space.multi_label() == ["tox"]
+
+
+def test_checked_int8_reruns_close_sigmoids(merged):
+    from hm3.fastpaths import accelerate, agreement
+
+    clf = hm3.load(merged)
+    fast = accelerate(clf, "int8-checked")
+    batch = texts(40, seed=1)
+    got = agreement(clf, fast, batch)
+    assert got["tox"] == 1.0 and got["spam"] == 1.0, got
+    assert fast.model.sigmoid_rows == [clf.space["tox"].rows] and fast.model.rerun > 0
+
+
+def test_served_multi_label_groups_list_their_labels(merged):
+    from hm3.serve import Settings, background_server, create_app
+
+    batch = texts(5, seed=2)
+    want = hm3.load(merged, threshold=0.7).predict(batch)
+    settings = Settings(threshold=0.7, threads=1, max_wait_ms=1)
+    with background_server(create_app(merged, settings)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        rows = c.post("/v1/classify", json={"texts": batch}).json()
+        labels = c.get("/v1/labels").json()["groups"]
+    for row, w in zip(rows, want):
+        assert row["groups"]["tox"]["labels"] == list(w["tox"].labels)
+        assert "labels" not in row["groups"]["spam"]
+        assert row["groups"]["tox"]["scores"] == pytest.approx(w["tox"].scores, abs=1e-5)
+    assert labels[0]["multi_label"] is True and "multi_label" not in labels[1]
+    with pytest.raises(HM3Error, match="threshold"):
+        Settings(threshold=0)
