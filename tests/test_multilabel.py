@@ -176,8 +176,6 @@ def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_pat
     only_spam = parse_rows([{"text": "w1 w2", "expected": {"spam": "ham"}}])
     index, predicted, *_ = predict_suite([merged], only_spam)  # the single-label group is scored as before
     assert predicted["spam"].shape == (1,)
-    with pytest.raises(HM3Error, match="hm3 agree .* supports single-label groups only"):
-        agreement(merged, ["w1 w2"], {"tox": models["tox"]})
     (tmp_path / "t.txt").write_text("w1 w2\n")
     data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
     for method, extra, what in (
@@ -191,6 +189,34 @@ def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_pat
     # RegMean reads only the layers' inputs, never an output: multi-label groups merge as any other
     hm3.merge(_recipe(models, "tox", "spam", method="regmean", data=data), tmp_path / "regmean", progress=False)
     assert hm3.load(tmp_path / "regmean").space.multi_label() == ["tox"]
+
+
+def test_agreement_compares_label_sets(models, merged, tmp_path):
+    from hm3.agreement import agreement
+
+    batch = texts(12, seed=3)
+    clf = hm3.load(merged, threshold=0.6)
+    # the merge's tox group is tox itself: it agrees on every text; against another sigmoid head it does not
+    other = _multi_label(Path(shutil.copytree(models["tox"], tmp_path / "other")), TOX, seed=9, scale=0.3)
+    for guard, want_same in ((models["tox"], True), (other, False)):
+        rep = agreement(clf, batch, {"tox": guard}, sure=0.8)
+        a = rep.groups["tox"]
+        g = hm3.load(guard).predict_proba(batch)[hm3.load(guard).groups[0]] >= 0.6
+        m = clf.predict_proba(batch, ["tox"])["tox"] >= 0.6
+        assert a.multi_label and a.n == len(batch) and a.agree == int((g == m).all(1).sum())
+        assert (a.agree == len(batch)) is want_same
+        for j in range(len(TOX)):  # per label: [guard no/yes][merged no/yes]
+            assert a.confusion[j, 1, 1] == int((g[:, j] & m[:, j]).sum())
+            assert a.confusion[j, 1, 0] == int((g[:, j] & ~m[:, j]).sum())
+        assert len(a.disagreements) == len(batch) - a.agree
+        for d in a.disagreements:
+            assert d.guard == (", ".join(lab for lab, on in zip(TOX, g[d.index]) if on) or "(none)")
+        assert rep.to_json()["groups"]["tox"]["multi_label"] is True
+        text = a.confusion_text()
+        assert text.splitlines()[0].split()[:2] == ["label", "both"] and len(text.splitlines()) == 1 + len(TOX)
+    assert "same set of labels" in rep.markdown()
+    with pytest.raises(HM3Error, match="is single-label .* but group 'tox' .* is multi-label"):
+        agreement(clf, batch, {"tox": models["spam"]})
 
 
 def test_checked_int8_reruns_close_sigmoids(merged):

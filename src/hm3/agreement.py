@@ -10,7 +10,8 @@ Guards are matched to groups by name: ``{group: guard directory}``; by default t
 merged model's ``config.json`` (``hm3.recipe.models``), so a model merged on this machine needs none.
 A guard is a single classifier (its one group answers ``group``) or a model that has ``group`` itself.
 Labels are compared by position within the group (the merge keeps each guard's label order); the
-counts of labels must match.
+counts of labels must match. A multi-label group (a sigmoid per label) agrees on a text when both give
+the same *set* of labels at the merged model's threshold; its confusion is one 2×2 table per label.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Disagreement:
     index: int  # the text's position in the input
-    guard: str  # the guard's label
+    guard: str  # the guard's label (a multi-label group: its labels, comma-separated, or "(none)")
     merged: str  # the merged model's label
-    guard_p: float  # the guard's probability of its label
+    guard_p: float  # the guard's probability of its label (multi-label: of its least sure yes/no)
     merged_p: float  # the merged model's probability of its label
 
     def to_json(self) -> dict:
@@ -51,19 +52,25 @@ class GroupAgreement:
     group: str
     guard: str  # where the guard came from
     labels: list[str]
-    confusion: np.ndarray  # (k, k): rows the guard's label, columns the merged model's
+    confusion: np.ndarray  # (k, k): rows the guard's label, columns the merged model's (multi-label: below)
     disagreements: list[Disagreement] = field(default_factory=list)  # surest guard first
     sure: int = 0  # texts where the guard's top probability is at least the report's threshold
     sure_agree: int = 0  # ... and the merged model gives the same label
     by: dict[str, tuple[int, int]] = field(default_factory=dict)  # per key of ``agreement(by=)``: (same label, texts)
+    # A multi-label group: ``confusion`` is (k, 2, 2), per label [guard no/yes][merged no/yes], and
+    # ``same`` the texts given the same set of labels (which the per-label tables cannot tell).
+    multi_label: bool = False
+    same: int = 0
 
     @property
     def n(self) -> int:
+        if self.multi_label:
+            return int(self.confusion[0].sum()) if len(self.confusion) else 0
         return int(self.confusion.sum())
 
     @property
     def agree(self) -> int:
-        return int(np.trace(self.confusion))
+        return self.same if self.multi_label else int(np.trace(self.confusion))
 
     @property
     def share(self) -> float:
@@ -77,6 +84,7 @@ class GroupAgreement:
         return {"group": self.group, "guard": self.guard, "labels": self.labels, "texts": self.n,
                 "agree": self.agree, "share": self.share, "sure": self.sure, "sure_agree": self.sure_agree,
                 "sure_share": self.sure_share, "confusion": self.confusion.tolist(),
+                **({"multi_label": True} if self.multi_label else {}),
                 "disagreements": [d.to_json() for d in self.disagreements[:show]],
                 **({"by": {k: {"agree": a, "texts": n, "share": a / n} for k, (a, n) in self.by.items()}}
                    if self.by else {})}
@@ -84,7 +92,15 @@ class GroupAgreement:
     def confusion_text(self) -> str:
         from hm3.evaluate import confusion_text
 
-        return confusion_text(self.labels, self.confusion, "guard \\ merged")
+        if not self.multi_label:
+            return confusion_text(self.labels, self.confusion, "guard \\ merged")
+        cols = ["both", "guard only", "merged only", "neither"]  # per label: texts given it by ...
+        rows = [[int(c[1, 1]), int(c[1, 0]), int(c[0, 1]), int(c[0, 0])] for c in self.confusion]
+        first = max(len("label"), *(len(x) for x in self.labels))
+        width = max(len(x) for x in cols)
+        lines = ["label".ljust(first) + " " + " ".join(x.rjust(width) for x in cols)]
+        lines += [lab.ljust(first) + " " + " ".join(str(v).rjust(width) for v in r) for lab, r in zip(self.labels, rows)]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -105,7 +121,12 @@ class Agreement:
         lines = [f"Agreement of {self.model} with the original guards on {len(self.texts)} texts "
                  f"({self.seconds:.1f} s): the share of texts where both give the same label; *guard sure*: "
                  f"the texts where the guard's top probability is at least {self.sure:g} (elsewhere the guard "
-                 "itself hesitates, e.g. on text outside its task).", "",
+                 "itself hesitates, e.g. on text outside its task)."
+                 + (" A multi-label group agrees on a text when both give the same set of labels (at "
+                    "the threshold of the merged model); its guard is sure when every label's probability is "
+                    f"at least {self.sure:g} or at most {1 - self.sure:g}, and its tables count per label the "
+                    "texts given that label by both, by one of them, or by neither."
+                    if any(a.multi_label for a in self.groups.values()) else ""), "",
                  "| group | guard | texts | same label | share | guard sure | same label | share |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for a in self.groups.values():
@@ -198,7 +219,6 @@ def agreement(
     if keys is not None and len(keys) != len(texts):
         raise HM3Error(f"agreement: {len(keys)} keys (by=) for {len(texts)} texts; give one key per text")
     groups = [g for g in clf.groups if g in guards]
-    clf.space.require_single_label(f"hm3 agree ({name})", groups)
     merged = clf.predict_proba(texts, groups, batch_size=batch_size, progress=progress)
     out: dict[str, GroupAgreement] = {}
     for g in groups:
@@ -213,24 +233,47 @@ def agreement(
         else:
             guard = src if isinstance(src, GroupwiseClassifier) else load(src)
             gg = _guard_group(guard, g, where)
+            if guard.space[gg].multi_label != clf.space[g].multi_label:
+                kinds = {True: "multi-label (a sigmoid per label)", False: "single-label (one softmax)"}
+                raise HM3Error(f"{where}: is {kinds[guard.space[gg].multi_label]} but group {g!r} of {name} is "
+                               f"{kinds[clf.space[g].multi_label]}; give the guard that group was merged from")
             if guard.space[gg].size != len(labels):
                 raise HM3Error(f"{where}: has {guard.space[gg].size} labels but group {g!r} of {name} has "
                                f"{len(labels)}; give the guard that group was merged from")
             gp = guard.predict_proba(texts, [gg], batch_size=batch_size, progress=progress)[gg]
         mp = merged[g]
-        ya, yb = gp.argmax(1), mp.argmax(1)
-        conf = np.zeros((len(labels), len(labels)), dtype=np.int64)
-        np.add.at(conf, (ya, yb), 1)
-        idx = np.flatnonzero(ya != yb)
-        idx = idx[np.argsort(-gp[idx, ya[idx]], kind="stable")]
-        dis = [Disagreement(int(i), labels[ya[i]], labels[yb[i]], float(gp[i, ya[i]]), float(mp[i, yb[i]])) for i in idx]
-        confident = gp.max(1) >= sure
+        multi = clf.space[g].multi_label
+        if multi:  # label sets at the merged model's threshold; sureness of a set: its least sure yes/no
+            ya, yb = gp >= clf.threshold, mp >= clf.threshold
+            same = (ya == yb).all(1)
+            conf = np.zeros((len(labels), 2, 2), dtype=np.int64)
+            for j in range(len(labels)):
+                np.add.at(conf[j], (ya[:, j].astype(int), yb[:, j].astype(int)), 1)
+            pa, pb = np.where(ya, gp, 1 - gp).min(1), np.where(yb, mp, 1 - mp).min(1)
+
+            def name(row):
+                return ", ".join(lab for lab, on in zip(labels, row) if on) or "(none)"
+
+            idx = np.flatnonzero(~same)
+            idx = idx[np.argsort(-pa[idx], kind="stable")]
+            dis = [Disagreement(int(i), name(ya[i]), name(yb[i]), float(pa[i]), float(pb[i])) for i in idx]
+            confident = pa >= sure
+        else:
+            ya, yb = gp.argmax(1), mp.argmax(1)
+            same = ya == yb
+            conf = np.zeros((len(labels), len(labels)), dtype=np.int64)
+            np.add.at(conf, (ya, yb), 1)
+            idx = np.flatnonzero(~same)
+            idx = idx[np.argsort(-gp[idx, ya[idx]], kind="stable")]
+            dis = [Disagreement(int(i), labels[ya[i]], labels[yb[i]], float(gp[i, ya[i]]), float(mp[i, yb[i]]))
+                   for i in idx]
+            confident = gp.max(1) >= sure
         per_key: dict[str, tuple[int, int]] = {}
-        for k, same in zip(keys or (), (ya == yb).tolist()):
+        for k, s in zip(keys or (), same.tolist()):
             agree_k, n_k = per_key.get(k, (0, 0))
-            per_key[k] = (agree_k + int(same), n_k + 1)
-        out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & (ya == yb)).sum()),
-                                per_key)
+            per_key[k] = (agree_k + int(s), n_k + 1)
+        out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & same).sum()),
+                                per_key, multi_label=multi, same=int(same.sum()))
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
     return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None)
 
