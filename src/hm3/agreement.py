@@ -90,17 +90,12 @@ class GroupAgreement:
                    if self.by else {})}
 
     def confusion_text(self) -> str:
-        from hm3.evaluate import confusion_text
+        from hm3.evaluate import confusion_text, label_tables_text
 
         if not self.multi_label:
             return confusion_text(self.labels, self.confusion, "guard \\ merged")
-        cols = ["both", "guard only", "merged only", "neither"]  # per label: texts given it by ...
-        rows = [[int(c[1, 1]), int(c[1, 0]), int(c[0, 1]), int(c[0, 0])] for c in self.confusion]
-        first = max(len("label"), *(len(x) for x in self.labels))
-        width = max(len(x) for x in cols)
-        lines = ["label".ljust(first) + " " + " ".join(x.rjust(width) for x in cols)]
-        lines += [lab.ljust(first) + " " + " ".join(str(v).rjust(width) for v in r) for lab, r in zip(self.labels, rows)]
-        return "\n".join(lines)
+        # per label: the texts given it by both, by the guard only, by the merged model only, by neither
+        return label_tables_text(self.labels, self.confusion, ("both", "guard only", "merged only", "neither"))
 
 
 @dataclass

@@ -16,6 +16,13 @@ Macro F1 is scikit-learn's ``f1_score(average="macro")``: the mean over the labe
 expected or predicted in the group's rows (a label neither expected nor predicted has no defined
 F1 and is left out of the mean, as scikit-learn does by default). Every label of the group is still
 listed in the per-label table and the confusion matrix.
+
+A multi-label group (a sigmoid per label, ``hm3.labels``) expects a *list* of labels, possibly empty
+(``{"toxicity": ["insult", "threat"]}``, ``{"toxicity": []}`` for a harmless text); the model predicts
+every label scoring at least its threshold. Each label is then a yes/no question: its F1 counts the
+rows where it is expected and predicted, predicted only, expected only; macro F1 is the mean over the
+labels expected or predicted in some row (as above), and the confusion is one 2×2 table per label.
+An MMLU row is right for such a group when the predicted set is exactly the expected one.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ BENIGN_SOURCE = "mmlu"
 @dataclass(frozen=True)
 class SuiteRow:
     text: str
-    expected: dict[str, str]
+    expected: dict[str, "str | tuple[str, ...]"]  # a label, or a multi-label group's labels
     sources: tuple[str, ...] = ()
     where: str = ""  # "file:line", for error messages
 
@@ -88,15 +95,22 @@ def parse_rows(rows: Iterable[tuple[str, object] | Mapping]) -> list[SuiteRow]:
             raise HM3Error(f'{where}: "text" must be a non-empty string')
         if not isinstance(expected, Mapping) or not expected:
             raise HM3Error(f'{where}: "expected" must be a non-empty object mapping group names to labels')
+        expected = dict(expected)
         for g, label in expected.items():
-            if not isinstance(label, str) or not label:
-                raise HM3Error(f'{where}: expected label of group {g!r} must be a non-empty string, got {label!r}')
+            if isinstance(label, list):  # a multi-label group's labels (none: a harmless text)
+                if not all(isinstance(x, str) and x for x in label) or len(set(label)) != len(label):
+                    raise HM3Error(f"{where}: expected labels of group {g!r} must be distinct non-empty strings, "
+                                   f"got {label!r}")
+                expected[g] = tuple(label)
+            elif not isinstance(label, str) or not label:
+                raise HM3Error(f'{where}: expected label of group {g!r} must be a non-empty string (or, for a '
+                               f'multi-label group, a list of them), got {label!r}')
         sources = row.get("sources", [])
         if isinstance(sources, str):
             sources = [sources]
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
             raise HM3Error(f'{where}: "sources" must be a list of strings')
-        out.append(SuiteRow(text, dict(expected), tuple(sources), where))
+        out.append(SuiteRow(text, expected, tuple(sources), where))
     return out
 
 
@@ -131,6 +145,22 @@ def confusion_text(labels: Sequence[str], confusion: "Sequence[Sequence[int]]", 
     return "\n".join(lines)
 
 
+def label_tables_text(labels: Sequence[str], tables, columns: Sequence[str]) -> str:
+    """Per-label 2×2 tables ``[[no/no, no/yes], [yes/no, yes/yes]]`` (rows: the reference says
+    no/yes, columns: the other) as aligned text, one line per label: counts for both yes, reference
+    only, other only, neither (``columns`` names them in that order)."""
+    rows = [[int(c[1][1]), int(c[1][0]), int(c[0][1]), int(c[0][0])] for c in tables]
+    first = max([len("label")] + [len(x) for x in labels])
+    width = max(len(x) for x in columns)
+    lines = ["label".ljust(first) + " " + " ".join(x.rjust(width) for x in columns)]
+    lines += [lab.ljust(first) + " " + " ".join(str(v).rjust(width) for v in r) for lab, r in zip(labels, rows)]
+    return "\n".join(lines)
+
+
+#: what a multi-label group's per-label tables count, in ``label_tables_text`` order
+MULTI_COLUMNS = ("expected+predicted", "expected only", "predicted only", "neither")
+
+
 @dataclass
 class GroupScore:
     group: str
@@ -139,10 +169,14 @@ class GroupScore:
     n: int
     macro_f1: float
     per_label: list[LabelStats]
-    confusion: list[list[int]]  # [expected][predicted], in ``labels`` order
+    confusion: list  # [expected][predicted] in ``labels`` order; multi-label: per label [[TN, FP], [FN, TP]]
+    multi_label: bool = False
 
     def confusion_text(self) -> str:
-        """The confusion matrix as aligned text: rows expected, columns predicted."""
+        """The confusion matrix as aligned text: rows expected, columns predicted (multi-label: a
+        line per label, ``label_tables_text``)."""
+        if self.multi_label:
+            return label_tables_text(self.labels, self.confusion, MULTI_COLUMNS)
         return confusion_text(self.labels, self.confusion, "expected \\ predicted")
 
     def to_json(self) -> dict:
@@ -154,12 +188,14 @@ class GroupScore:
             "macro_f1": self.macro_f1,
             "per_label": [vars(s) for s in self.per_label],
             "confusion": self.confusion,
+            **({"multi_label": True} if self.multi_label else {}),
         }
 
     @classmethod
     def from_json(cls, d: Mapping) -> "GroupScore":
         return cls(d["group"], d["model"], list(d["labels"]), int(d["n"]), float(d["macro_f1"]),
-                   [LabelStats(**s) for s in d["per_label"]], [list(r) for r in d["confusion"]])
+                   [LabelStats(**s) for s in d["per_label"]], [list(r) for r in d["confusion"]],
+                   bool(d.get("multi_label", False)))
 
 
 def score_group(group: str, model: str, labels: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray) -> GroupScore:
@@ -178,6 +214,30 @@ def score_group(group: str, model: str, labels: Sequence[str], y_true: np.ndarra
     cm = confusion_matrix(y_true, y_pred, labels=idx)
     per = [LabelStats(labels[i], int(support[i]), int(predicted[i]), float(p[i]), float(r[i]), float(f[i])) for i in idx]
     return GroupScore(group, model, labels, int(len(y_true)), macro, per, cm.astype(int).tolist())
+
+
+def score_multi_label(group: str, model: str, labels: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray) -> GroupScore:
+    """Scores of one multi-label group from expected and predicted ``(rows, labels)`` 0/1 arrays:
+    each label's binary precision, recall and F1; macro F1 over the labels expected or predicted in
+    some row (``f1_score(average="macro")`` on those columns); a 2×2 table per label."""
+    from sklearn.metrics import f1_score, multilabel_confusion_matrix, precision_recall_fscore_support
+
+    labels = list(labels)
+    k = len(labels)
+    y_true = np.asarray(y_true, dtype=int).reshape(-1, k)
+    y_pred = np.asarray(y_pred, dtype=int).reshape(-1, k)
+    present = (y_true.sum(0) + y_pred.sum(0)) > 0
+    macro = (float(f1_score(y_true[:, present], y_pred[:, present], average="macro", zero_division=0))
+             if present.any() else float("nan"))
+    if len(y_true):
+        p, r, f, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+        tables = multilabel_confusion_matrix(y_true, y_pred).astype(int).tolist()
+    else:
+        p = r = f = support = np.zeros(k)
+        tables = [[[0, 0], [0, 0]] for _ in labels]
+    per = [LabelStats(labels[i], int(support[i]), int(y_pred[:, i].sum()), float(p[i]), float(r[i]), float(f[i]))
+           for i in range(k)]
+    return GroupScore(group, model, labels, int(len(y_true)), macro, per, tables, multi_label=True)
 
 
 @dataclass
@@ -282,24 +342,30 @@ def confusion_png_name(group: str) -> str:
 
 
 def plot_confusion(score: GroupScore, path: Path) -> None:
-    """A confusion-matrix heat map with counts (rows expected, columns predicted)."""
+    """A confusion-matrix heat map with counts (rows expected, columns predicted; a multi-label
+    group: a row per label, columns ``MULTI_COLUMNS``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = np.array(score.confusion)
     n = len(score.labels)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    if score.multi_label:
+        cm = np.array([[c[1][1], c[1][0], c[0][1], c[0][0]] for c in score.confusion]).reshape(n, 4)
+        columns, xlabel, ylabel = list(MULTI_COLUMNS), "rows", "label"
+    else:
+        cm = np.array(score.confusion)
+        columns, xlabel, ylabel = score.labels, "predicted", "expected"
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.8 * n))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), score.labels, rotation=45, ha="right")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(n), score.labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("expected")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{score.group}: macro F1 {score.macro_f1:.3f}")
     top = cm.max() if cm.size else 0
     for i in range(n):
-        for j in range(n):
+        for j in range(len(columns)):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
@@ -315,27 +381,25 @@ def plot_confusion(score: GroupScore, path: Path) -> None:
 # -- compiled suites: what search scores every trial with ----------------------------------------------
 class SuiteIndex:
     """A suite compiled against known label sets: distinct texts and, per group, which text each
-    checking row uses and the index of its expected label. Built once; ``score`` is then cheap."""
+    checking row uses and the index of its expected label (a ``multi_label`` group: a 0/1 row over its
+    labels). Built once; ``score`` is then cheap."""
 
-    def __init__(self, rows: Sequence[SuiteRow], labels: Mapping[str, Sequence[str]], name: str = "suite"):
+    def __init__(self, rows: Sequence[SuiteRow], labels: Mapping[str, Sequence[str]], name: str = "suite",
+                 multi_label: Iterable[str] = ()):
         self.rows = list(rows)
         self.name = name
         self.labels = {g: list(v) for g, v in labels.items()}
+        self.multi_label = set(multi_label)
         text_ids: dict[str, int] = {}
-        per_group: dict[str, tuple[list[int], list[int]]] = {}
-        benign: list[tuple[int, dict[str, int]]] = []
+        per_group: dict[str, tuple[list[int], list]] = {}
+        benign: list[tuple[int, dict]] = []
         for r in self.rows:
             t = text_ids.setdefault(r.text, len(text_ids))
             exp_idx = {}
             for g, label in r.expected.items():
                 if g not in self.labels:
                     continue  # checked by no model given: the caller decides if that is an error
-                try:
-                    k = self.labels[g].index(label)
-                except ValueError:
-                    raise HM3Error(
-                        f"{r.where}: group {g!r} has no label {label!r}; its labels are {', '.join(self.labels[g])}"
-                    ) from None
+                k = self._expected(r, g, label)
                 per_group.setdefault(g, ([], []))
                 per_group[g][0].append(t)
                 per_group[g][1].append(k)
@@ -346,8 +410,32 @@ class SuiteIndex:
         self.text_ids = text_ids
         self.groups = [g for g in self.labels if g in per_group]
         self.text_index = {g: np.array(per_group[g][0], dtype=int) for g in self.groups}
-        self.expected = {g: np.array(per_group[g][1], dtype=int) for g in self.groups}
+        self.expected = {g: np.array(per_group[g][1], dtype=int).reshape(len(per_group[g][1]), -1)
+                         if g in self.multi_label else np.array(per_group[g][1], dtype=int) for g in self.groups}
         self._benign = benign
+
+    def _expected(self, r: SuiteRow, g: str, label):
+        """Row ``r``'s expected answer for group ``g``: a label index, or a multi-label group's 0/1 row."""
+        names = self.labels[g]
+        multi = g in self.multi_label
+        if multi != isinstance(label, tuple):
+            raise HM3Error(
+                f"{r.where}: group {g!r} is {'multi-label: expected a list of labels' if multi else 'single-label: expected one label'}"
+                f" (e.g. {'[' + repr(names[0]) + ']' if multi else repr(names[0])}), got {list(label) if isinstance(label, tuple) else label!r}"
+            )
+        wanted = label if multi else (label,)
+        unknown = [x for x in wanted if x not in names]
+        if unknown:
+            raise HM3Error(f"{r.where}: group {g!r} has no label {unknown[0]!r}; its labels are {', '.join(names)}")
+        if multi:
+            return tuple(int(x in label) for x in names)
+        return names.index(label)
+
+    def _right(self, g: str, predicted, expected) -> bool:
+        """Whether a text's prediction for ``g`` is its expected answer (multi-label: the same set)."""
+        if g in self.multi_label:
+            return bool(np.array_equal(predicted, expected))
+        return int(predicted) == expected
 
     def texts_of(self, groups: Iterable[str]) -> np.ndarray:
         """Sorted indices of the distinct texts that rows checking any of ``groups`` use."""
@@ -363,7 +451,8 @@ class SuiteIndex:
         seconds: float = 0.0,
     ) -> Report:
         """A report from predicted label indices per group, ``(n_texts,)`` arrays indexed like
-        ``self.texts``. ``done`` (bool per text) restricts scoring to the rows of those texts."""
+        ``self.texts`` (a multi-label group: ``(n_texts, labels)`` 0/1 arrays). ``done`` (bool per
+        text) restricts scoring to the rows of those texts."""
         model_of = model_of or {}
         groups: dict[str, GroupScore] = {}
         for g in self.groups:
@@ -371,11 +460,12 @@ class SuiteIndex:
             if done is not None:
                 keep = done[ti]
                 ti, yt = ti[keep], yt[keep]
-            groups[g] = score_group(g, model_of.get(g, ""), self.labels[g], yt, predicted[g][ti])
+            score = score_multi_label if g in self.multi_label else score_group
+            groups[g] = score(g, model_of.get(g, ""), self.labels[g], yt, predicted[g][ti])
         benign = None
         rows = [(t, e) for t, e in self._benign if done is None or done[t]]
         if rows:
-            ok = sum(all(int(predicted[g][t]) == k for g, k in e.items()) for t, e in rows)
+            ok = sum(all(self._right(g, predicted[g][t], k) for g, k in e.items()) for t, e in rows)
             benign = {"rows": len(rows), "rate": ok / len(rows)}
         n_rows = len(self.rows) if done is None else sum(1 for r in self.rows if done[self.text_ids[r.text]])
         n_texts = len(self.texts) if done is None else int(done.sum())
@@ -447,7 +537,9 @@ def predict_suite(
     groups: Sequence[str] | None = None,
 ) -> tuple[SuiteIndex, dict[str, np.ndarray], dict[str, str], list[str], float]:
     """``evaluate``'s predictions before scoring: ``(index, predicted label index per group and text,
-    model name per group, model names, seconds)``, e.g. for ``paired_bootstrap``."""
+    model name per group, model names, seconds)``, e.g. for ``paired_bootstrap``. A multi-label
+    group's predictions are ``(texts, labels)`` 0/1 rows: the labels at or above the model's
+    threshold (-1 on texts no row of the group checks)."""
     t0 = time.perf_counter()
     if isinstance(rows, (str, os.PathLike)):
         suite_name = suite_name or str(rows)
@@ -469,7 +561,8 @@ def predict_suite(
     wanted = suite_groups(rows)
     owner = assign_groups(names, [clf.groups for _, clf in loaded], wanted)
     labels = {g: list(loaded[owner[g]][1].space[g].labels) for g in wanted}
-    index = SuiteIndex(rows, labels, suite_name or "suite")
+    multi = [g for g in wanted if loaded[owner[g]][1].space[g].multi_label]
+    index = SuiteIndex(rows, labels, suite_name or "suite", multi_label=multi)
 
     predicted: dict[str, np.ndarray] = {}
     for i, (name, clf) in enumerate(loaded):
@@ -477,12 +570,15 @@ def predict_suite(
         if not mine:
             log.warning("%s: answers none of the suite's groups (%s); not run", name, ", ".join(wanted))
             continue
-        clf.space.require_single_label(f"hm3 eval ({name})", mine)
         tids = index.texts_of(mine)
         probs = clf.predict_proba([index.texts[t] for t in tids], mine, batch_size=batch_size, progress=progress)
         for g in mine:
-            full = np.full(len(index.texts), -1, dtype=int)
-            full[tids] = probs[g].argmax(axis=1)
+            if g in index.multi_label:  # every label at or above the model's threshold
+                full = np.full((len(index.texts), len(labels[g])), -1, dtype=int)
+                full[tids] = probs[g] >= clf.threshold
+            else:
+                full = np.full(len(index.texts), -1, dtype=int)
+                full[tids] = probs[g].argmax(axis=1)
             predicted[g] = full
         log.info("%s: %d texts, groups %s", name, len(tids), ", ".join(mine))
     model_of = {g: names[owner[g]] for g in wanted}
@@ -595,13 +691,23 @@ def bootstrap_ratios(index: SuiteIndex, predicted: Mapping[str, np.ndarray], ref
     """Per row of ``counts`` (how often each distinct text is drawn, ``(R, n_texts)``), the ratio of
     ``predicted``'s average macro F1 over groups to ``reference``'s on that draw. Macro F1 as
     scikit-learn's on the drawn rows: the mean over labels expected or predicted there of
-    2·TP / (2·TP + FP + FN), from confusion matrices weighted by the counts."""
+    2·TP / (2·TP + FP + FN), from confusion matrices weighted by the counts (a multi-label group:
+    each label's own yes/no counts)."""
     averages = []
     for preds in (predicted, reference):
         f1s = []
         for g in index.groups:
             k = len(index.labels[g])
             ti, yt = index.text_index[g], index.expected[g]
+            if g in index.multi_label:
+                yp = np.asarray(preds[g])[ti]  # (rows, k) 0/1
+                w = counts[:, ti]  # (R, rows)
+                tp, fp, fn = w @ (yt & yp), w @ ((1 - yt) & yp), w @ (yt & (1 - yp))  # (R, k)
+                denom = 2 * tp + fp + fn
+                present = denom > 0
+                f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=float), where=present)
+                f1s.append(f1.sum(1) / np.maximum(present.sum(1), 1))
+                continue
             codes = yt * k + np.asarray(preds[g])[ti]  # (rows,) cell of the confusion matrix
             onehot = np.zeros((len(ti), k * k))
             onehot[np.arange(len(ti)), codes] = 1
@@ -671,9 +777,15 @@ def register(app, user_errors) -> None:
             pos = np.array([ref_index.text_ids[t] for t in index.texts])
             reference = {}
             for g in index.groups:  # label indices into the model's label order (matched by name)
+                if (g in index.multi_label) != (g in ref_index.multi_label):
+                    raise HM3Error(f"--against: group {g!r} is multi-label in one model and single-label in the other")
                 remap = np.array([index.labels[g].index(x) for x in ref_index.labels[g]])
                 ref = ref_pred[g][pos]
-                reference[g] = np.where(ref >= 0, remap[np.maximum(ref, 0)], -1)
+                if g in index.multi_label:  # columns in the model's label order
+                    reference[g] = np.empty_like(ref)
+                    reference[g][:, remap] = ref
+                else:
+                    reference[g] = np.where(ref >= 0, remap[np.maximum(ref, 0)], -1)
             table = compare({"model": report, "reference": index.score(reference, ref_of, models=ref_used)}, "reference")
             iv = paired_bootstrap(index, predicted, reference, n=bootstrap)
             typer.echo("\n" + table.to_markdown())

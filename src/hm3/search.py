@@ -301,7 +301,9 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
 
     t0 = time.perf_counter()
     cfg = self_merge_config(config) if settings.self_merge else load_config(config)
-    tv = TaskVectors.from_prepared(prepare(cfg), progress=progress)
+    prep = prepare(cfg)
+    prep.space.require_single_label("hm3 search (its fast trial scoring reads every group through a softmax)")
+    tv = TaskVectors.from_prepared(prep, progress=progress)
     if not settings.space.methods and not tv.prep.method.uses_density:
         raise HM3Error(f"merge_method {tv.prep.method.name!r} has no density to search; use e.g. dare_ties or ties "
                        "(or --methods)")
@@ -309,7 +311,6 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     kw = {"max_length": settings.max_length} if settings.max_length else {}
     clf = tv.classifier(**kw)
     space = tv.prep.space
-    space.require_single_label("hm3 search (it scores trials like hm3 eval)")
     val_rows = _restrict(load_suite(validation) if not isinstance(validation, list) else validation, space.names,
                          str(validation) if not isinstance(validation, list) else "validation")
     labels = {g.name: list(g.labels) for g in space}
