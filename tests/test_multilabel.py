@@ -263,8 +263,14 @@ def test_eval_cli_against_the_guards(models, merged, tmp_path):
     suite = tmp_path / "s.jsonl"
     suite.write_text("".join(json.dumps(r) + "\n" for r in _suite_rows()))
     r = CliRunner().invoke(app, ["eval", "--suite", str(suite), str(merged), "--against", str(models["tox"]),
-                                 "--against", str(models["spam"]), "--out", str(tmp_path / "o"), "--bootstrap", "100"])
+                                 "--against", str(models["spam"]), "--out", str(tmp_path / "o"), "--bootstrap", "100",
+                                 "--threshold", "0.1"])
     assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    want = hm3.evaluate.evaluate([hm3.load(merged, threshold=0.1)], str(suite)).groups["tox"]
+    assert rep["groups"]["tox"]["per_label"] == [vars(s) for s in want.per_label]
+    default = hm3.evaluate.evaluate([merged], str(suite)).groups["tox"]  # 0.5: other answers (else the check is void)
+    assert [s.predicted for s in default.per_label] != [s.predicted for s in want.per_label]
     assert "expected+predicted" in r.output and "95% interval" in r.output
     cmp = json.loads((tmp_path / "o" / "comparison.json").read_text())
     tox = next(row for row in cmp["groups"] if row["group"] == "tox")
@@ -294,7 +300,13 @@ def test_agreement_compares_label_sets(models, merged, tmp_path):
         assert rep.to_json()["groups"]["tox"]["multi_label"] is True
         text = a.confusion_text()
         assert text.splitlines()[0].split()[:2] == ["label", "both"] and len(text.splitlines()) == 1 + len(TOX)
-    assert "same set of labels" in rep.markdown()
+    assert "same set of labels (a label is given at a score of at least 0.6)" in rep.markdown()
+    assert rep.to_json()["threshold"] == 0.6
+    # another threshold: other sets; the guard's sets and the merged model's are cut at the same one
+    low = agreement(clf, batch, {"tox": other}, threshold=0.2).groups["tox"]
+    g = hm3.load(other).predict_proba(batch)[hm3.load(other).groups[0]] >= 0.2
+    m = clf.predict_proba(batch, ["tox"])["tox"] >= 0.2
+    assert low.agree == int((g == m).all(1).sum()) and low.confusion[0, 1, 1] == int((g[:, 0] & m[:, 0]).sum())
     with pytest.raises(HM3Error, match="is single-label .* but group 'tox' .* is multi-label"):
         agreement(clf, batch, {"tox": models["spam"]})
 

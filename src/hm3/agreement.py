@@ -11,7 +11,7 @@ merged model's ``config.json`` (``hm3.recipe.models``), so a model merged on thi
 A guard is a single classifier (its one group answers ``group``) or a model that has ``group`` itself.
 Labels are compared by position within the group (the merge keeps each guard's label order); the
 counts of labels must match. A multi-label group (a sigmoid per label) agrees on a text when both give
-the same *set* of labels at the merged model's threshold; its confusion is one 2×2 table per label.
+the same *set* of labels at the threshold; its confusion is one 2×2 table per label.
 """
 
 from __future__ import annotations
@@ -106,9 +106,12 @@ class Agreement:
     seconds: float
     sure: float = 0.9  # the guard counts as sure of a text when its top probability is at least this
     by_field: str | None = None  # what ``agreement(by=)``'s keys are, for the report (e.g. "source")
+    threshold: float = 0.5  # multi-label groups: a label counts as given at a score of at least this
 
     def to_json(self, show: int | None = None) -> dict:
+        multi = any(a.multi_label for a in self.groups.values())
         return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2), "sure": self.sure,
+                **({"threshold": self.threshold} if multi else {}),
                 **({"by_field": self.by_field} if self.by_field else {}),
                 "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
 
@@ -117,8 +120,8 @@ class Agreement:
                  f"({self.seconds:.1f} s): the share of texts where both give the same label; *guard sure*: "
                  f"the texts where the guard's top probability is at least {self.sure:g} (elsewhere the guard "
                  "itself hesitates, e.g. on text outside its task)."
-                 + (" A multi-label group agrees on a text when both give the same set of labels (at "
-                    "the threshold of the merged model); its guard is sure when every label's probability is "
+                 + (" A multi-label group agrees on a text when both give the same set of labels (a label "
+                    f"is given at a score of at least {self.threshold:g}); its guard is sure when every label's probability is "
                     f"at least {self.sure:g} or at most {1 - self.sure:g}, and its tables count per label the "
                     "texts given that label by both, by one of them, or by neither."
                     if any(a.multi_label for a in self.groups.values()) else ""), "",
@@ -180,6 +183,7 @@ def agreement(
     by: Sequence[str] | None = None,
     by_field: str | None = None,
     guard_probs: "Mapping[str, np.ndarray] | None" = None,
+    threshold: float | None = None,
 ) -> Agreement:
     """Label agreement per group between ``model`` and each group's original guard on ``texts``.
 
@@ -189,7 +193,9 @@ def agreement(
     is at least this. ``by``: a key per text (e.g. its source); agreement is also counted per key, in
     order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report.
     ``guard_probs``: ``{group: (texts, labels) array}``, a guard's probabilities on ``texts`` already
-    computed (e.g. once for many merged models); that guard is not run again."""
+    computed (e.g. once for many merged models); that guard is not run again. ``threshold``: of
+    multi-label groups, where a label counts as given (default: the merged model's own, 0.5 when
+    loaded here)."""
     from hm3.model import GroupwiseClassifier, load
 
     if not 0 < sure <= 1:
@@ -204,6 +210,9 @@ def agreement(
             raise HM3Error(f"{model}: its config.json records no guard directory that exists here; "
                            "name them with --guard GROUP=DIR")
     clf = model if isinstance(model, GroupwiseClassifier) else load(model)
+    threshold = clf.threshold if threshold is None else threshold
+    if not 0 < threshold < 1:
+        raise HM3Error(f"threshold must be between 0 and 1, got {threshold}")
     unknown = [g for g in guards if g not in clf.groups]
     if unknown:
         raise HM3Error(f"{name}: has no group {', '.join(map(repr, unknown))}; its groups are {', '.join(clf.groups)}")
@@ -239,7 +248,7 @@ def agreement(
         mp = merged[g]
         multi = clf.space[g].multi_label
         if multi:  # label sets at the merged model's threshold; sureness of a set: its least sure yes/no
-            ya, yb = gp >= clf.threshold, mp >= clf.threshold
+            ya, yb = gp >= threshold, mp >= threshold
             same = (ya == yb).all(1)
             conf = np.zeros((len(labels), 2, 2), dtype=np.int64)
             for j in range(len(labels)):
@@ -270,7 +279,8 @@ def agreement(
         out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & same).sum()),
                                 per_key, multi_label=multi, same=int(same.sum()))
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
-    return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None)
+    return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None,
+                     threshold)
 
 
 def register(app, user_errors) -> None:
@@ -293,6 +303,8 @@ def register(app, user_errors) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         by: Optional[str] = typer.Option(None, "--by", help="A field of the --input .jsonl rows (e.g. source): "
                                          "also report agreement per value of it."),
+        threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label counts as given at a "
+                                        "score of at least this (guard and merged model alike)."),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
         from hm3.io import group_pairs, read_text_rows, texts_from, write_text_atomic
@@ -307,7 +319,8 @@ def register(app, user_errors) -> None:
             texts = texts_from(input, text)
         guards = ({g: Path(p) for g, p in group_pairs(guard, "--guard", "DIR", "jailbreak=./jailbreak-guard").items()}
                   if guard else None)
-        report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure, by=keys, by_field=by)
+        report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure, by=keys, by_field=by,
+                           threshold=threshold)
         md = report.markdown(show)
         typer.echo(md)
         if out is not None:

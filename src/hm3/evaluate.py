@@ -473,7 +473,8 @@ class SuiteIndex:
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"]) -> list[tuple[str, "GroupwiseClassifier"]]:
+def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"],
+                 threshold: float = 0.5) -> list[tuple[str, "GroupwiseClassifier"]]:
     from hm3.model import GroupwiseClassifier, load
 
     out = []
@@ -481,7 +482,7 @@ def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"]) ->
         if isinstance(m, GroupwiseClassifier):
             out.append((m.name or f"model {len(out)}", m))
         else:
-            out.append((str(m), load(m)))
+            out.append((str(m), load(m, threshold=threshold)))
     return out
 
 
@@ -515,15 +516,19 @@ def evaluate(
     progress: bool = False,
     suite_name: str | None = None,
     groups: Sequence[str] | None = None,
+    threshold: float = 0.5,
 ) -> Report:
     """Score a merged model, or original guards (each on its own groups), on one suite.
 
     ``models``: model directories or loaded ``GroupwiseClassifier``s. ``rows``: a suite file or
     parsed rows. Each model predicts once, over the distinct texts its groups are checked on.
     ``groups`` restricts the suite to those groups (e.g. a five-group suite for a two-guard merge).
+    ``threshold``: of multi-label groups, for the models given as directories (a loaded classifier
+    keeps its own).
     """
     index, predicted, model_of, names, seconds = predict_suite(models, rows, batch_size, progress=progress,
-                                                               suite_name=suite_name, groups=groups)
+                                                               suite_name=suite_name, groups=groups,
+                                                               threshold=threshold)
     return index.score(predicted, model_of, models=names, seconds=seconds)
 
 
@@ -535,6 +540,7 @@ def predict_suite(
     progress: bool = False,
     suite_name: str | None = None,
     groups: Sequence[str] | None = None,
+    threshold: float = 0.5,
 ) -> tuple[SuiteIndex, dict[str, np.ndarray], dict[str, str], list[str], float]:
     """``evaluate``'s predictions before scoring: ``(index, predicted label index per group and text,
     model name per group, model names, seconds)``, e.g. for ``paired_bootstrap``. A multi-label
@@ -556,7 +562,7 @@ def predict_suite(
         raise HM3Error("the suite has no rows")
     if not models:
         raise HM3Error("evaluate needs at least one model")
-    loaded = _load_models(models)
+    loaded = _load_models(models, threshold)
     names = [n for n, _ in loaded]
     wanted = suite_groups(rows)
     owner = assign_groups(names, [clf.groups for _, clf in loaded], wanted)
@@ -754,12 +760,15 @@ def register(app, user_errors) -> None:
                                                          "compare on the same rows, with a paired-bootstrap 95% "
                                                          "interval of the average macro F1 ratio."),
         bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap replicates for --against."),
+        threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label is predicted at a "
+                                        "score of at least this (the model's and the references')."),
     ) -> None:
         """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
         import json
 
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
-        index, predicted, model_of, used, seconds = predict_suite(models, suite, batch_size, progress=True, groups=names)
+        index, predicted, model_of, used, seconds = predict_suite(models, suite, batch_size, progress=True, groups=names,
+                                                                  threshold=threshold)
         report = index.score(predicted, model_of, models=used, seconds=seconds)
         typer.echo(report.summary_markdown())
         for s in report.groups.values():
@@ -769,6 +778,7 @@ def register(app, user_errors) -> None:
             typer.echo(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {len(report.groups)} confusion PNGs", err=True)
         if against:
             ref_index, ref_pred, ref_of, ref_used, _ = predict_suite(against, index.rows, batch_size, progress=True,
+                                                                     threshold=threshold,
                                                                      suite_name=index.name)
             missing = [g for g in index.groups if g not in ref_index.groups]
             if missing:
