@@ -176,7 +176,6 @@ def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_pat
     (tmp_path / "t.txt").write_text("w1 w2\n")
     data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
     for method, extra, what in (
-        ("task_arithmetic", {"refit": {"mode": "distill", "data": data["texts"]}}, "head re-fit"),
         ("fisher", {"data": data}, "merge_method fisher"),
         ("adamerging", {"data": data}, "merge_method adamerging"),
     ):
@@ -338,3 +337,58 @@ def test_served_multi_label_groups_list_their_labels(merged):
     assert labels[0]["multi_label"] is True and "multi_label" not in labels[1]
     with pytest.raises(HM3Error, match="threshold"):
         Settings(threshold=0)
+
+
+# -- data-aware steps: the distilled re-fit and body distillation -------------------------------------
+def test_sigmoid_fit_of_a_head_from_itself_reproduces_it():
+    from hm3.refit import _fold, _lr_soft_sigmoid, _sigmoid, _standardise
+
+    rng = np.random.default_rng(3)
+    x = np.tanh(rng.normal(size=(400, 12)))
+    w0, b0 = rng.normal(size=(3, 12)), rng.normal(size=3)
+    teacher = _sigmoid(x @ w0.T + b0)
+    mu, sd = _standardise(x)
+    w, b = _fold(*_lr_soft_sigmoid((x - mu) / sd, teacher, 1e4, None), mu, sd)
+    np.testing.assert_allclose(_sigmoid(x @ w.T + b), teacher, atol=0.02)
+    assert ((x @ w.T + b >= 0) == (teacher >= 0.5)).mean() > 0.99
+
+
+def _texts_file(path, batch):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in batch))
+    return path
+
+
+def test_distilled_refit_and_body_step_follow_a_multi_label_guard(models, tmp_path):
+    """A TIES merge moves tox's body: the distilled re-fit (and then body distillation) bring its sigmoid
+    group back towards the tox guard; the spam group is re-fitted as before, in the same recipe."""
+    from hm3.agreement import agreement
+
+    data = {g: str(_texts_file(tmp_path / f"{g}.jsonl", texts(60, seed=i))) for i, g in enumerate(("tox", "spam"))}
+    plain = _recipe(models, "tox", "spam", method="ties", parameters={"density": 0.3})
+    hm3.merge(plain, tmp_path / "plain", progress=False)
+    refit = {**plain, "refit": {"mode": "distill", "data": data, "cross_texts": 20, "body": {"epochs": 1}}}
+    hm3.merge(refit, tmp_path / "refit", progress=False)
+    cfg = json.loads((tmp_path / "refit" / "config.json").read_text())
+    score = cfg["hm3"]["refit"]["groups"]["tox"]["validation_score"]
+    assert set(score) == {"macro_f1_vs_teacher", "agreement", "kl"} and score["kl"] >= 0
+    assert cfg["hm3"]["groups"][0]["multi_label"] is True
+    check = texts(40, seed=7)
+    before = agreement(tmp_path / "plain", check, {"tox": models["tox"]}).groups["tox"]
+    after = agreement(tmp_path / "refit", check, {"tox": models["tox"]}).groups["tox"]
+    assert after.agree >= before.agree and after.agree >= 0.9 * len(check), (before.agree, after.agree)
+
+
+def test_multi_label_refit_errors(models, tmp_path):
+    from hm3.refit import GroupRefit, refit_dir
+
+    data = str(_texts_file(tmp_path / "t.jsonl", texts(20)))
+    merged = tmp_path / "m"
+    hm3.merge(_recipe(models, "tox", "spam"), merged, progress=False)
+    with pytest.raises(HM3Error, match="'tox' can be re-fitted by distillation only"):
+        refit_dir(merged, [GroupRefit("tox", Path(data))], tmp_path / "o1")
+    with pytest.raises(HM3Error, match="label_weight .* multi-label group\\(s\\) 'tox'"):
+        refit_dir(merged, [GroupRefit("tox", Path(data), teacher=models["tox"])], tmp_path / "o2", label_weight=0.3)
+    with pytest.raises(HM3Error, match="spam: is single-label .* but group 'tox' is multi-label"):
+        refit_dir(merged, [GroupRefit("tox", Path(data), teacher=models["spam"])], tmp_path / "o3")
+    for o in ("o1", "o2", "o3"):
+        assert not (tmp_path / o).exists()

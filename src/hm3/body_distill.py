@@ -7,7 +7,8 @@ text (multi-task knowledge distillation, Hinton et al. 2015; the soft targets of
 lets the one body serve every group again. It is a fine-tune: minutes, not seconds, and it is opt-in
 (``refit.body`` in a recipe, ``hm3 refit --body-epochs``).
 
-Loss per batch: ``Σ_groups KL(teacher_g ‖ softmax(z[:, rows_g]))``, mean over texts; AdamW with linear
+Loss per batch: ``Σ_groups KL(teacher_g ‖ softmax(z[:, rows_g]))``, mean over texts (a multi-label
+group: the binary KL of each label's sigmoid, summed over its labels); AdamW with linear
 decay; dropout on as in fine-tuning; texts truncated to ``max_length`` tokens (the teachers see the
 same tokens). Batches are drawn from length buckets (texts of similar length together: less padding)
 in a seeded order. ``layers`` trains only the top encoder layers (and pooler and head), which skips
@@ -180,11 +181,18 @@ def distill_body(
     from hm3.refit import TeacherLogits
 
     t0 = time.perf_counter()
-    space.require_single_label("body distillation")
+    multi = space.multi_label()
+    if multi and label_weight:
+        raise HM3Error(f"body distillation: label_weight mixes one label per text into the targets, which multi-label "
+                       f"group(s) {', '.join(map(repr, multi))} do not have; set body.label_weight to 0")
     missing = [g for g in space.names if g not in teachers]
     if missing:
         raise HM3Error(f"body distillation needs an original guard for every group; missing {missing} "
                        "(a group without a teacher would drift as the body moves)")
+    from hm3.refit import check_teacher_kind
+
+    for g in space.names:
+        check_teacher_kind(Path(teachers[g]), space[g])
     unknown = sorted(set(teachers) - set(space.names))
     if unknown:
         raise HM3Error(f"body distillation: unknown groups {unknown}; the model's groups are {', '.join(space.names)}")
@@ -213,7 +221,8 @@ def distill_body(
         if logits.shape[1] != space[g].size:
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")
-        targets[g] = torch.softmax(logits.float(), -1)
+        # a multi-label group's targets: the guard's sigmoid per label
+        targets[g] = torch.sigmoid(logits.float()) if space[g].multi_label else torch.softmax(logits.float(), -1)
         if label_weight and (labels or {}).get(g):
             y = torch.tensor([labels[g].get(t, -1) for t in texts])
             at = y >= 0
@@ -237,6 +246,7 @@ def distill_body(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     rows = {g: space[g].rows for g in space.names}
     log_t = {g: targets[g].clamp_min(1e-12).log() for g in space.names}
+    log_not_t = {g: (1 - targets[g]).clamp_min(1e-12).log() for g in multi}  # log(1 − t) of sigmoid targets
     pad = tokenizer.pad_token_id or 0
     rng = random.Random(f"hm3:{seed}:body")
     torch.manual_seed(seed)  # dropout masks
@@ -256,8 +266,14 @@ def distill_body(
                         z = model(input_ids=x, attention_mask=mask).logits.float()
                     loss = z.new_zeros(())
                     for g, r in rows.items():
-                        logp = torch.log_softmax(z[:, r], -1)
                         t = targets[g][idx]
+                        if g in log_not_t:  # binary KL per label, summed: KL(Bernoulli(t) ‖ Bernoulli(σ(z)))
+                            zg = z[:, r]
+                            kl = (t * (log_t[g][idx] - torch.nn.functional.logsigmoid(zg))
+                                  + (1 - t) * (log_not_t[g][idx] - torch.nn.functional.logsigmoid(-zg)))
+                            loss = loss + kl.sum(-1).mean()
+                            continue
+                        logp = torch.log_softmax(z[:, r], -1)
                         loss = loss + (t * (log_t[g][idx] - logp)).sum(-1).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

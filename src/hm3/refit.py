@@ -20,6 +20,12 @@ teacher on other domains: ``cross_texts`` texts of each other re-fitted group's 
 each ``extra_texts`` file (unlabelled traffic no group of the merge owns — the texts where the heads
 would otherwise disagree with their guards unseen).
 
+``A multi-label group (a sigmoid per label, ``hm3.labels``) is re-fitted by distillation only: each of
+its rows is fitted to the guard's sigmoid for that label as a two-class problem (a softmax over
+``[0, z]`` is ``σ(z)``: the same objective and solver), all with the group's one ``C``; the scores
+compare decisions at 0.5 label by label (macro F1 over labels, and the share of texts given the
+guard's whole label set) and the binary KL divergence summed over labels.
+
 ``C`` is picked from a grid on validation data — the group's ``validation`` file, or a seeded
 (stratified) 20 % hold-out of its training texts — by macro F1 (labelled: against the labels;
 distill: against the teacher's decisions), ties broken by log loss / KL divergence from the teacher;
@@ -196,6 +202,34 @@ def fit_soft(x: "np.ndarray", p: "np.ndarray", c: float, weight: "np.ndarray | N
     return _fold(temperature * coef, temperature * intercept, mu, sd)
 
 
+def _sigmoid(z: "np.ndarray") -> "np.ndarray":
+    import numpy as np
+
+    return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
+
+
+def _pairs(p: "np.ndarray", j: int) -> "np.ndarray":
+    """Label ``j`` of sigmoid probabilities ``p (n, k)`` as a two-class distribution ``(n, 2)``."""
+    import numpy as np
+
+    return np.stack([1 - p[:, j], p[:, j]], axis=1)
+
+
+def _lr_soft_sigmoid(xs: "np.ndarray", p: "np.ndarray", c: float, weight, init=None):
+    """``_lr_soft`` for a multi-label group: each label's row fitted to its sigmoid targets ``p[:, j]``
+    as the two-class softmax over ``[0, z_j]`` (= ``σ(z_j)``) → ``(W (k, H), b (k,))``."""
+    import numpy as np
+
+    rows, biases = [], []
+    for j in range(p.shape[1]):
+        start = None if init is None else (np.stack([np.zeros_like(init[0][j]), init[0][j]]),
+                                           np.array([0.0, init[1][j]]))
+        w, b = _lr_soft(xs, _pairs(p, j), c, weight, start)
+        rows.append(w[1] - w[0])
+        biases.append(b[1] - b[0])
+    return np.stack(rows), np.array(biases)
+
+
 def _softmax(z: "np.ndarray") -> "np.ndarray":
     import numpy as np
 
@@ -324,7 +358,17 @@ def refit_heads(
         if s.group in seen:
             raise HM3Error(f"group {s.group!r} is listed twice for the re-fit")
         seen.add(s.group)
-    space.require_single_label("the head re-fit", [s.group for s in specs])
+    multi = [s.group for s in specs if space[s.group].multi_label]
+    labelled_multi = [s.group for s in specs if s.group in multi and s.teacher is None]
+    if labelled_multi:
+        raise HM3Error(f"multi-label group(s) {', '.join(map(repr, labelled_multi))} can be re-fitted by distillation "
+                       "only (mode distill, from the original guard): a labelled re-fit reads one label per text")
+    if multi and label_weight:
+        raise HM3Error(f"label_weight mixes one label per text into the targets, which multi-label group(s) "
+                       f"{', '.join(map(repr, multi))} do not have; set label_weight to 0")
+    for s in specs:
+        if s.teacher is not None:
+            check_teacher_kind(Path(s.teacher), space[s.group])
     model = model.float().eval()
     clf = GroupwiseClassifier(model, tokenizer, space, max_length=max_length)
     report = RefitReport(max_length=clf.max_length, precision=precision, truncate=truncate)
@@ -450,6 +494,8 @@ def refit_heads(
                 xs = (feats_all[sel] - mu) / sd
                 if teacher_probs is None:
                     return _lr_hard(xs, np.asarray(labels)[txt], g.size, cc, wts, init)
+                if g.multi_label:
+                    return _lr_soft_sigmoid(xs, targets[sel], cc, wts, init)
                 return _lr_soft(xs, targets[sel], cc, wts, init)
 
             def raw(rows):
@@ -460,6 +506,9 @@ def refit_heads(
             def score(wb, sel, txt, labels) -> dict[str, float]:
                 w, b = wb
                 n = int(txt.max()) + 1
+                if g.multi_label:
+                    return _score_sigmoid(_per_text(_sigmoid(feats_all[sel] @ w.T + b), txt, n),
+                                          _per_text(_teacher_at_1(teacher_probs[sel], temperature, True), txt, n))
                 probs = _per_text(_softmax(feats_all[sel] @ w.T + b), txt, n)
                 if teacher_probs is None:
                     from sklearn.metrics import f1_score, log_loss
@@ -526,6 +575,21 @@ def refit_heads(
     return report
 
 
+def _score_sigmoid(probs: "np.ndarray", t: "np.ndarray") -> dict[str, float]:
+    """A multi-label group's fit against its teacher, per text: macro F1 over labels of the decisions
+    at 0.5 (the labels either side decides), the share of texts given the teacher's whole label set,
+    and the binary KL divergence summed over labels."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    yt, yp = (t >= 0.5).astype(int), (probs >= 0.5).astype(int)
+    present = (yt.sum(0) + yp.sum(0)) > 0
+    f1 = float(f1_score(yt[:, present], yp[:, present], average="macro", zero_division=0)) if present.any() else 1.0
+    t, q = np.clip(t, 1e-12, 1 - 1e-12), np.clip(probs, 1e-12, 1 - 1e-12)
+    kl = (t * np.log(t / q) + (1 - t) * np.log((1 - t) / (1 - q))).sum(1).mean()
+    return {"macro_f1_vs_teacher": f1, "agreement": float((yt == yp).all(1).mean()), "kl": float(kl)}
+
+
 def _renumber(txt: "np.ndarray", labels: list[int] | None) -> tuple["np.ndarray", list[int] | None]:
     """Text indices of a subset made contiguous (0..k-1, sorted), and those texts' labels."""
     import numpy as np
@@ -540,12 +604,16 @@ def _out_name(model) -> str:
     return family_of(model.config.model_type, "model config").out[0].rsplit(".", 1)[0] + "."
 
 
-def _teacher_at_1(p_t: "np.ndarray", temperature: float) -> "np.ndarray":
-    """Teacher probabilities at temperature 1 from those at ``temperature``."""
+def _teacher_at_1(p_t: "np.ndarray", temperature: float, sigmoid: bool = False) -> "np.ndarray":
+    """Teacher probabilities at temperature 1 from those at ``temperature`` (``sigmoid``: a
+    multi-label group's, each label on its own)."""
     import numpy as np
 
     if temperature == 1:
         return p_t
+    if sigmoid:
+        p = np.clip(p_t, 1e-300, 1 - 1e-16)
+        return _sigmoid(np.log(p / (1 - p)) * temperature)
     return _softmax(np.log(np.clip(p_t, 1e-300, None)) * temperature)
 
 
@@ -608,14 +676,33 @@ def teacher_logits(teacher: Path, tokenizer, wins, batch_size: int, cache: bool,
     return S.cached("teacher", key, compute, cache)[0]["logits"]
 
 
+def check_teacher_kind(teacher: Path, group) -> None:
+    """An error if a single classifier ``teacher`` reads its outputs otherwise than ``group`` (one
+    softmax, or a sigmoid per label): distilling one into the other would teach wrong targets."""
+    import json
+
+    try:
+        cfg = json.loads((Path(teacher) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading the teacher reports what is wrong with it
+    if not isinstance(cfg, dict) or (cfg.get("hm3") or {}).get("groups"):
+        return  # a merged model as teacher: its group kinds are its own
+    multi = cfg.get("problem_type") == "multi_label_classification"
+    if multi != group.multi_label:
+        kinds = {True: "multi-label (a sigmoid per label)", False: "single-label (one softmax)"}
+        raise HM3Error(f"{teacher}: is {kinds[multi]} but group {group.name!r} is {kinds[group.multi_label]}; "
+                       "distill each group from the guard it was merged from")
+
+
 def _teacher_probs(teachers: TeacherLogits, teacher: Path, tokenizer, wins, group, temperature: float,
                    batch_size: int, cache: bool, precision: str = "float32") -> "np.ndarray":
-    """The original guard's softmax at ``temperature`` on the merged model's windows."""
+    """The original guard's softmax at ``temperature`` on the merged model's windows (a multi-label
+    group: a sigmoid per label)."""
     logits = teachers(teacher, tokenizer, wins, batch_size, cache, precision).double().numpy()
     if logits.shape[1] != group.size:
         raise HM3Error(f"{teacher}: has {logits.shape[1]} labels but group {group.name!r} has {group.size}; "
                        "distill each group from its own original guard")
-    return _softmax(logits / temperature)
+    return _sigmoid(logits / temperature) if group.multi_label else _softmax(logits / temperature)
 
 
 # -- entry points ----------------------------------------------------------------------------------

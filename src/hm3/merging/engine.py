@@ -197,8 +197,6 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
     softmax_stats = sorted(set(method.needs_stats) & {"fisher", "coef"})
     if softmax_stats:
         space.require_single_label(f"merge_method {cfg.merge_method} (its statistics read each guard's softmax)")
-    if cfg.refit is not None:
-        space.require_single_label("the head re-fit (`refit:`)")
 
     # Tensor table: names and shapes must agree everywhere but in the output rows.
     kinds: dict[str, str] = {}
