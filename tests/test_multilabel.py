@@ -166,13 +166,33 @@ def test_multi_label_only_merges_and_single_classifiers(models, tmp_path):
                                torch.sigmoid(guard_logits(models["tox"], texts())).numpy(), atol=1e-5)
 
 
-def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_path):
-    from hm3.search import SearchSettings, build_context
+def test_search_scores_trials_on_multi_label_groups(models, tmp_path):
+    """Each trial's validation score is what hm3 eval gives the trial's merge (per-label F1 for tox);
+    the worst-group objective divides by the guards' own scores, tox's per label too."""
+    import csv
 
-    suite = tmp_path / "s.jsonl"
-    suite.write_text(json.dumps({"text": "w1 w2", "expected": {"tox": ["hate"], "spam": "ham"}}) + "\n")
-    with pytest.raises(HM3Error, match=r"hm3 search .* supports single-label groups only.*'tox'"):
-        build_context(_recipe(models, "tox", "spam"), str(suite), None, SearchSettings())
+    from hm3.evaluate import evaluate
+    from hm3.search import SearchSettings, run_search
+
+    suite = tmp_path / "val.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in _suite_rows(24, seed=8)))
+    recipe = _recipe(models, "tox", "spam", method="ties", parameters={"density": 0.5})
+    run_search(recipe, str(suite), None, 3, tmp_path / "s", SearchSettings(objective="worst"), progress=False)
+    with (tmp_path / "s" / "trials.csv").open() as fh:
+        trials = list(csv.DictReader(fh))
+    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    guards = evaluate([hm3.load(models["tox"]), models["spam"]], str(suite)).groups
+    for t in trials[:2]:
+        merged = tmp_path / f"trial{t['number']}"
+        hm3.merge({**recipe, "parameters": {"density": float(t["density"])}}, merged, progress=False)
+        want = evaluate([merged], str(suite)).groups
+        assert float(t["val_tox"]) == pytest.approx(want["tox"].macro_f1)
+        assert float(t["val_spam"]) == pytest.approx(want["spam"].macro_f1)
+        worst = min(want[g].macro_f1 / guards[g].macro_f1 for g in ("tox", "spam"))
+        assert float(t["val_worst_ratio"]) == pytest.approx(worst)
+
+
+def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_path):
     (tmp_path / "t.txt").write_text("w1 w2\n")
     data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
     for method, extra, what in (

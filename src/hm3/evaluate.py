@@ -578,13 +578,10 @@ def predict_suite(
             continue
         tids = index.texts_of(mine)
         probs = clf.predict_proba([index.texts[t] for t in tids], mine, batch_size=batch_size, progress=progress)
-        for g in mine:
-            if g in index.multi_label:  # every label at or above the model's threshold
-                full = np.full((len(index.texts), len(labels[g])), -1, dtype=int)
-                full[tids] = probs[g] >= clf.threshold
-            else:
-                full = np.full(len(index.texts), -1, dtype=int)
-                full[tids] = probs[g].argmax(axis=1)
+        for g in mine:  # a multi-label group: every label at or above the model's threshold
+            shape = (len(index.texts), len(labels[g])) if g in index.multi_label else len(index.texts)
+            full = np.full(shape, -1, dtype=int)
+            full[tids] = clf.decisions(clf.space[g], probs[g])
             predicted[g] = full
         log.info("%s: %d texts, groups %s", name, len(tids), ", ".join(mine))
     model_of = {g: names[owner[g]] for g in wanted}

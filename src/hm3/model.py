@@ -52,6 +52,27 @@ class GroupPrediction:
         return out
 
 
+def group_probs(logits: torch.Tensor, owner: torch.Tensor, n_texts: int, group: Group, aggregate: str) -> torch.Tensor:
+    """``group``'s ``(n_texts, n_labels)`` probabilities from all windows' logits ``(W, T)`` (``owner``:
+    each window's text): its softmax (a multi-label group: a sigmoid per label), then per text the
+    mean, or (``max``) each label's largest value over the windows, renormalised for a softmax."""
+    z = logits[:, group.rows]
+    probs = torch.sigmoid(z) if group.multi_label else torch.softmax(z, dim=-1)  # (W, n_g)
+    if len(owner) == n_texts:
+        agg = torch.empty_like(probs)
+        agg[owner] = probs
+    elif aggregate == "mean":
+        agg = torch.zeros(n_texts, group.size).index_add_(0, owner, probs)
+        agg /= torch.bincount(owner, minlength=n_texts).unsqueeze(1)
+    else:
+        agg = torch.zeros(n_texts, group.size).scatter_reduce_(
+            0, owner.unsqueeze(1).expand_as(probs), probs, "amax", include_self=False
+        )
+        if not group.multi_label:  # sigmoids are each their own distribution
+            agg /= agg.sum(dim=1, keepdim=True)
+    return agg
+
+
 def group_prediction(group: Group, row: np.ndarray, threshold: float = 0.5) -> GroupPrediction:
     """``group``'s prediction from its scores ``row`` (its probabilities, in label order)."""
     labels = group.labels
@@ -184,24 +205,14 @@ class GroupwiseClassifier:
         wins, owner = self.windows(texts)
         logits = self.window_logits(wins, batch_size, progress)
         owner_t = torch.tensor(owner)
-        result = {}
-        for g in selected:
-            z = logits[:, g.rows]
-            probs = torch.sigmoid(z) if g.multi_label else torch.softmax(z, dim=-1)  # (W, n_g)
-            if len(wins) == len(texts):
-                agg = torch.empty_like(probs)
-                agg[owner_t] = probs
-            elif self.aggregate == "mean":
-                agg = torch.zeros(len(texts), g.size).index_add_(0, owner_t, probs)
-                agg /= torch.bincount(owner_t, minlength=len(texts)).unsqueeze(1)
-            else:
-                agg = torch.zeros(len(texts), g.size).scatter_reduce_(
-                    0, owner_t.unsqueeze(1).expand_as(probs), probs, "amax", include_self=False
-                )
-                if not g.multi_label:  # sigmoids are each their own distribution
-                    agg /= agg.sum(dim=1, keepdim=True)
-            result[g.name] = agg.numpy()
-        return result
+        return {g.name: group_probs(logits, owner_t, len(texts), g, self.aggregate).numpy() for g in selected}
+
+    def decisions(self, group: Group, probs: np.ndarray) -> np.ndarray:
+        """What the model answers from ``group``'s probabilities ``(n, n_labels)``: each text's label
+        index, or for a multi-label group its ``(n, n_labels)`` 0/1 row of labels at the threshold."""
+        if group.multi_label:
+            return (probs >= self.threshold).astype(int)
+        return probs.argmax(axis=1)
 
     def predict(
         self,

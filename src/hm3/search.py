@@ -301,9 +301,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
 
     t0 = time.perf_counter()
     cfg = self_merge_config(config) if settings.self_merge else load_config(config)
-    prep = prepare(cfg)
-    prep.space.require_single_label("hm3 search (its fast trial scoring reads every group through a softmax)")
-    tv = TaskVectors.from_prepared(prep, progress=progress)
+    tv = TaskVectors.from_prepared(prepare(cfg), progress=progress)
     if not settings.space.methods and not tv.prep.method.uses_density:
         raise HM3Error(f"merge_method {tv.prep.method.name!r} has no density to search; use e.g. dare_ties or ties "
                        "(or --methods)")
@@ -314,7 +312,9 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     val_rows = _restrict(load_suite(validation) if not isinstance(validation, list) else validation, space.names,
                          str(validation) if not isinstance(validation, list) else "validation")
     labels = {g.name: list(g.labels) for g in space}
-    val_index = SuiteIndex(val_rows, labels, str(validation) if not isinstance(validation, list) else "validation")
+    multi = space.multi_label()
+    val_index = SuiteIndex(val_rows, labels, str(validation) if not isinstance(validation, list) else "validation",
+                           multi_label=multi)
     groups = val_index.groups
     chunks = settings.chunks if settings.prune else 1
     val_cache = TokenCache(clf, val_index.texts, batch_size=settings.batch_size, chunks=chunks, seed=settings.seed,
@@ -323,7 +323,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     if test is not None:
         test_rows = _restrict(load_suite(test) if not isinstance(test, list) else test, space.names,
                               str(test) if not isinstance(test, list) else "test")
-        test_index = SuiteIndex(test_rows, labels, str(test) if not isinstance(test, list) else "test")
+        test_index = SuiteIndex(test_rows, labels, str(test) if not isinstance(test, list) else "test", multi_label=multi)
         test_cache = TokenCache(clf, test_index.texts, batch_size=settings.batch_size, truncate=settings.truncate,
                                 precision=settings.precision)
     ctx = Context(settings, tv, variants, clf, groups, val_index, val_cache, test_index, test_cache, None)
@@ -337,7 +337,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
 
 def originals_scores(tv: "TaskVectors", index: "SuiteIndex", settings: SearchSettings) -> dict[str, float]:
     """Each original guard's macro F1 on its own group of the suite (the ``worst`` denominators)."""
-    from hm3.evaluate import score_group
+    from hm3.evaluate import score_group, score_multi_label
     from hm3.model import load
 
     out = {}
@@ -349,10 +349,10 @@ def originals_scores(tv: "TaskVectors", index: "SuiteIndex", settings: SearchSet
         tids = index.texts_of([g.name])
         probs = clf.predict_proba([index.texts[t] for t in tids], batch_size=settings.batch_size)
         own = next(iter(probs.values()))  # a guard has one group; its labels are the merged group's
-        pred = np.full(len(index.texts), -1, dtype=int)
-        pred[tids] = own.argmax(axis=1)
-        out[g.name] = score_group(g.name, entry.model, g.labels, index.expected[g.name],
-                                  pred[index.text_index[g.name]]).macro_f1
+        pred = np.full((len(index.texts), g.size) if g.multi_label else len(index.texts), -1, dtype=int)
+        pred[tids] = clf.decisions(clf.space[clf.groups[0]], own)
+        score = score_multi_label if g.multi_label else score_group
+        out[g.name] = score(g.name, entry.model, g.labels, index.expected[g.name], pred[index.text_index[g.name]]).macro_f1
     log.info("original guards on validation: %s", ", ".join(f"{g} {v:.4f}" for g, v in out.items()))
     return out
 

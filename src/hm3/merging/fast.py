@@ -197,6 +197,7 @@ class TokenCache:
         self.precision = precision
         t0 = time.perf_counter()
         self.texts = list(texts)
+        self.clf = clf  # its groups, aggregation and decisions (threshold) are the cache's
         self.space = clf.space
         self.aggregate = clf.aggregate
         self.pad = clf.tokenizer.pad_token_id or 0
@@ -245,33 +246,23 @@ class TokenCache:
         return out
 
     def aggregate_probs(self, logits: torch.Tensor, owner: torch.Tensor, n_texts: int, groups: Sequence[str]) -> dict[str, np.ndarray]:
-        """Per group, ``(n_texts, n_labels)`` probabilities: softmax per group, then mean (or
-        max-renormalised) over each text's windows — as ``GroupwiseClassifier.predict_proba``."""
-        out = {}
-        for name in groups:
-            g = self.space[name]
-            probs = torch.softmax(logits[:, g.rows], dim=-1)  # (W, n_g)
-            if len(owner) == n_texts:
-                agg = torch.empty_like(probs)
-                agg[owner] = probs
-            elif self.aggregate == "mean":
-                agg = torch.zeros(n_texts, g.size).index_add_(0, owner, probs)
-                agg /= torch.bincount(owner, minlength=n_texts).unsqueeze(1)
-            else:
-                agg = torch.zeros(n_texts, g.size).index_reduce_(0, owner, probs, "amax", include_self=False)
-                agg /= agg.sum(dim=1, keepdim=True)
-            out[name] = agg.numpy()
-        return out
+        """Per group, ``(n_texts, n_labels)`` probabilities, as ``GroupwiseClassifier.predict_proba``
+        (``hm3.model.group_probs``)."""
+        from hm3.model import group_probs
+
+        return {name: group_probs(logits, owner, n_texts, self.space[name], self.aggregate).numpy() for name in groups}
 
     def predict(self, model: torch.nn.Module, groups: Sequence[str]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """After each chunk: ``(done, labels)`` — ``done`` a bool mask over texts, ``labels`` per
-        group the predicted label index of every text (``-1`` where not done yet)."""
+        group the predicted label index of every text (a multi-label group: its 0/1 row of labels at
+        the threshold; ``-1`` where not done yet)."""
         done = np.zeros(len(self.texts), dtype=bool)
-        labels = {g: np.full(len(self.texts), -1, dtype=int) for g in groups}
+        labels = {g: np.full((len(self.texts), self.space[g].size) if self.space[g].multi_label else len(self.texts),
+                             -1, dtype=int) for g in groups}
         for chunk in self.chunks:
             logits = self.chunk_logits(model, chunk)
             probs = self.aggregate_probs(logits, chunk.owner, len(chunk.texts), groups)
             for g in groups:
-                labels[g][chunk.texts] = probs[g].argmax(axis=1)
+                labels[g][chunk.texts] = self.clf.decisions(self.space[g], probs[g])
             done[chunk.texts] = True
             yield done.copy(), {g: v.copy() for g, v in labels.items()}
