@@ -105,9 +105,6 @@ def test_label_space_records_multi_label_groups_and_reads_old_metadata():
                                {"name": "spam", "labels": ["ham", "spam"]}]  # single-label: as before
     assert LabelSpace.from_json(space.to_json()) == space
     assert space.multi_label() == ["tox"] and space.multi_label(["spam"]) == []
-    space.require_single_label("x", ["spam"])
-    with pytest.raises(HM3Error, match="hm3 eval supports single-label groups only.*'tox' is multi-label"):
-        space.require_single_label("hm3 eval")
 
 
 def test_merged_groups_answer_like_their_guards_sigmoid_and_softmax(models, merged):
@@ -192,19 +189,39 @@ def test_search_scores_trials_on_multi_label_groups(models, tmp_path):
         assert float(t["val_worst_ratio"]) == pytest.approx(worst)
 
 
-def test_what_reads_a_softmax_refuses_multi_label_groups(models, merged, tmp_path):
-    (tmp_path / "t.txt").write_text("w1 w2\n")
+def test_data_aware_methods_merge_multi_label_groups(models, tmp_path):
+    """RegMean reads only the layers' inputs; Fisher samples each label's yes/no from its sigmoid;
+    AdaMerging's entropy and distillation objectives are per label for a sigmoid group."""
+    (tmp_path / "t.txt").write_text("".join(t + "\n" for t in texts(16)))
     data = {"texts": {"tox": str(tmp_path / "t.txt"), "spam": str(tmp_path / "t.txt")}}
-    for method, extra, what in (
-        ("fisher", {"data": data}, "merge_method fisher"),
-        ("adamerging", {"data": data}, "merge_method adamerging"),
-    ):
-        with pytest.raises(HM3Error, match=f"{what}.*supports single-label groups only"):
-            hm3.merge(_recipe(models, "tox", "spam", method=method, **extra), tmp_path / "no", progress=False)
-        assert not (tmp_path / "no").exists()
-    # RegMean reads only the layers' inputs, never an output: multi-label groups merge as any other
-    hm3.merge(_recipe(models, "tox", "spam", method="regmean", data=data), tmp_path / "regmean", progress=False)
-    assert hm3.load(tmp_path / "regmean").space.multi_label() == ["tox"]
+    for name, method, extra in (("regmean", "regmean", {}), ("fisher", "fisher", {}),
+                                ("ada-entropy", "adamerging", {"adamerging": {"steps": 3}}),
+                                ("ada-distill", "adamerging", {"adamerging": {"steps": 3, "objective": "distill"}})):
+        hm3.merge(_recipe(models, "tox", "spam", method=method, data={**data, **extra}), tmp_path / name, progress=False)
+        clf = hm3.load(tmp_path / name)
+        assert clf.space.multi_label() == ["tox"]
+        assert np.isfinite(clf.predict_proba(texts(4))["tox"]).all()
+
+
+def test_fisher_of_a_sigmoid_head_samples_each_label():
+    """The Fisher of a sigmoid output's bias is E[(y − σ(z))²] = σ(z)(1 − σ(z)) (a softmax's differs):
+    the sampled estimate over many texts is close to it, label by label."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hm3.merging.stats import fisher_diagonal
+    from hm3.testing import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)  # a head of zeros but its bias: three sigmoids at different levels on every text
+    model = AutoModelForSequenceClassification.from_config(
+        tiny_config("bert", num_labels=3, problem_type="multi_label_classification")).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([-2.0, 0.0, 1.5]))
+    tok = tiny_tokenizer()
+    batch = texts(400, seed=11)
+    fisher = fisher_diagonal(model, tok, batch, torch.Generator().manual_seed(0), max_length=32)
+    p = torch.sigmoid(model.classifier.bias.detach())
+    np.testing.assert_allclose(fisher["classifier.bias"].numpy(), (p * (1 - p)).numpy(), rtol=0.15)
 
 
 def _suite_rows(n: int = 16, seed: int = 5) -> list[dict]:

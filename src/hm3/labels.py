@@ -122,18 +122,6 @@ class LabelSpace:
         """The multi-label groups among ``names`` (default: all groups)."""
         return [g.name for g in self.select(names) if g.multi_label]
 
-    def require_single_label(self, what: str, names: Iterable[str] | None = None) -> None:
-        """An error if a group among ``names`` is multi-label: ``what`` (e.g. "hm3 eval") reads every
-        group through a softmax (one label per text) and would score a sigmoid group wrongly."""
-        multi = self.multi_label(names)
-        if multi:
-            raise HM3Error(
-                f"{what} supports single-label groups only (one softmax, one label per text); "
-                f"{', '.join(repr(g) for g in multi)} {'is' if len(multi) == 1 else 'are'} multi-label "
-                "(a sigmoid per label). Merging, predict and serve support multi-label groups; leave "
-                f"{'it' if len(multi) == 1 else 'them'} out here"
-            )
-
     def id2label(self) -> dict[int, str]:
         return {i: q for i, q in enumerate(q for g in self.groups for q in g.qualified())}
 

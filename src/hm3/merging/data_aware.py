@@ -206,13 +206,16 @@ def _learn(prep: "Prepared", picked: dict[str, list[str]], progress: bool) -> tu
             teacher = torch.empty(len(ids), prep.space[g].size)
             with torch.inference_mode():
                 for idx, x, mask in S.batches(ids, 32, pad):
-                    teacher[idx] = torch.softmax(guard(input_ids=x, attention_mask=mask).logits.float(), dim=-1)
+                    z = guard(input_ids=x, attention_mask=mask).logits.float()
+                    teacher[idx] = torch.sigmoid(z) if prep.space[g].multi_label else torch.softmax(z, dim=-1)
             del guard
         examples += [(gi, seq, None if teacher is None else teacher[j]) for j, seq in enumerate(ids)]
     rng = random.Random(f"hm3:{cfg.seed}:adamerging")
     order: list[int] = []
     opt = torch.optim.Adam([lam], lr=ada.lr)
     rows = [g.rows for g in prep.space]
+    multi = [g.multi_label for g in prep.space]
+    logsigmoid = torch.nn.functional.logsigmoid
     losses: list[float] = []
     with progress_bar(progress, "adamerging", ada.steps) as advance:
         for _ in range(ada.steps):
@@ -236,7 +239,17 @@ def _learn(prep: "Prepared", picked: dict[str, list[str]], progress: bool) -> tu
             loss = torch.zeros(())
             for r, i in enumerate(batch):
                 gi, _, teacher = examples[i]
-                logp = torch.log_softmax(logits[r, rows[gi]], dim=-1)
+                z = logits[r, rows[gi]]
+                if multi[gi]:  # a sigmoid per label: binary entropy / KL per label, summed
+                    lp, lq = logsigmoid(z), logsigmoid(-z)  # log p(yes), log p(no)
+                    if teacher is None:
+                        loss = loss - (lp.exp() * lp + lq.exp() * lq).sum()
+                    else:
+                        t = teacher
+                        loss = loss + (t * (t.clamp(min=1e-12).log() - lp)
+                                       + (1 - t) * ((1 - t).clamp(min=1e-12).log() - lq)).sum()
+                    continue
+                logp = torch.log_softmax(z, dim=-1)
                 if teacher is None:  # entropy of the group's own prediction
                     loss = loss - (logp.exp() * logp).sum()
                 else:  # KL(teacher ‖ merged)

@@ -193,10 +193,6 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
     if dup:
         raise HM3Error(f"duplicate group names {dup} (from directory names); set a distinct `group:` for each model")
     space = LabelSpace(groups)
-    # What reads the guards' outputs through a softmax: Fisher's and AdaMerging's statistics, the re-fit
-    softmax_stats = sorted(set(method.needs_stats) & {"fisher", "coef"})
-    if softmax_stats:
-        space.require_single_label(f"merge_method {cfg.merge_method} (its statistics read each guard's softmax)")
 
     # Tensor table: names and shapes must agree everywhere but in the output rows.
     kinds: dict[str, str] = {}

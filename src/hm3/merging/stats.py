@@ -254,7 +254,9 @@ def gram_matrices(model, tokenizer, texts: Sequence[str], max_length: int = 128,
 
 
 def fisher_diagonal(model, tokenizer, texts: Sequence[str], generator: torch.Generator, max_length: int = 128) -> dict[str, torch.Tensor]:
-    """``{parameter name: mean over texts of (∂ log p(y|x) / ∂θ)²}``, y sampled from p(·|x).
+    """``{parameter name: mean over texts of (∂ log p(y|x) / ∂θ)²}``, y sampled from p(·|x) (a
+    multi-label classifier, ``problem_type: multi_label_classification``: each label's yes/no drawn
+    from its own sigmoid, ``log p(y|x)`` the sum over labels).
 
     One text per backward pass: the Fisher needs per-example gradients (a batch gradient would
     square sums, not sum squares); one thread, as many small operations are faster so. Dropout is
@@ -272,12 +274,13 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], generator: torch.Gen
         return output
 
     ids = encode(tokenizer, texts, max_length)
+    multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
     emb.weight.requires_grad_(False)
     handle = emb.register_forward_hook(watch)
     try:
         with single_thread():
             for seq in ids:
-                _fisher_step(model, params, acc, seq, generator)
+                _fisher_step(model, params, acc, seq, generator, multi_label)
                 rows, inverse = torch.unique(torch.tensor(seq), return_inverse=True)
                 g = torch.zeros(len(rows), emb.weight.shape[1]).index_add_(0, inverse, captured.pop("grad")[0].float())
                 acc[emb_name].index_add_(0, rows, g * g)
@@ -288,13 +291,19 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], generator: torch.Gen
     return {n: a / max(len(ids), 1) for n, a in acc.items()}
 
 
-def _fisher_step(model, params, acc, seq, generator) -> None:
-    """Add one text's squared gradient of ``log p(y|x)``, ``y ~ p(·|x)``, to ``acc``."""
+def _fisher_step(model, params, acc, seq, generator, multi_label: bool = False) -> None:
+    """Add one text's squared gradient of ``log p(y|x)``, ``y ~ p(·|x)``, to ``acc`` (``multi_label``:
+    ``y`` a yes/no per label from its sigmoid)."""
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=torch.tensor([seq])).logits[0]  # (K,)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    y = torch.multinomial(logp.detach().exp(), 1, generator=generator)[0]
-    (-logp[y]).backward()
+    if multi_label:
+        z = logits.float()
+        y = torch.bernoulli(torch.sigmoid(z.detach()), generator=generator)
+        (-(y * torch.nn.functional.logsigmoid(z) + (1 - y) * torch.nn.functional.logsigmoid(-z)).sum()).backward()
+    else:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        y = torch.multinomial(logp.detach().exp(), 1, generator=generator)[0]
+        (-logp[y]).backward()
     for n, p in params.items():
         if p.grad is not None:
             acc[n].addcmul_(p.grad, p.grad)  # float32 sums of a few hundred squares: ample precision
