@@ -322,6 +322,7 @@ def test_agreement_compares_label_sets(models, merged, tmp_path):
     other = _multi_label(Path(shutil.copytree(models["tox"], tmp_path / "other")), TOX, seed=9, scale=0.3)
     for guard, want_same in ((models["tox"], True), (other, False)):
         rep = agreement(clf, batch, {"tox": guard}, sure=0.8)
+        assert rep.model == clf.name and rep.markdown().startswith(f"Agreement of {clf.name} ")
         a = rep.groups["tox"]
         g = hm3.load(guard).predict_proba(batch)[hm3.load(guard).groups[0]] >= 0.6
         m = clf.predict_proba(batch, ["tox"])["tox"] >= 0.6

@@ -255,12 +255,12 @@ def agreement(
                 np.add.at(conf[j], (ya[:, j].astype(int), yb[:, j].astype(int)), 1)
             pa, pb = np.where(ya, gp, 1 - gp).min(1), np.where(yb, mp, 1 - mp).min(1)
 
-            def name(row):
+            def label_set(row):  # (not `name`: that is the model's, for the report)
                 return ", ".join(lab for lab, on in zip(labels, row) if on) or "(none)"
 
             idx = np.flatnonzero(~same)
             idx = idx[np.argsort(-pa[idx], kind="stable")]
-            dis = [Disagreement(int(i), name(ya[i]), name(yb[i]), float(pa[i]), float(pb[i])) for i in idx]
+            dis = [Disagreement(int(i), label_set(ya[i]), label_set(yb[i]), float(pa[i]), float(pb[i])) for i in idx]
             confident = pa >= sure
         else:
             ya, yb = gp.argmax(1), mp.argmax(1)
