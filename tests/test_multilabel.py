@@ -416,17 +416,62 @@ def test_distilled_refit_and_body_step_follow_a_multi_label_guard(models, tmp_pa
     assert after.agree >= before.agree and after.agree >= 0.9 * len(check), (before.agree, after.agree)
 
 
+def _labelled_file(path, model_dir, batch, threshold=0.5):
+    """Rows labelled with ``model_dir``'s own label sets: labels its features can express exactly."""
+    clf = hm3.load(model_dir, threshold=threshold)
+    preds = clf.predict(batch)
+    path.write_text("".join(json.dumps({"text": t, "label": list(p[clf.groups[0]].labels)}) + "\n"
+                            for t, p in zip(batch, preds)))
+    return path
+
+
+def test_labelled_refit_of_a_multi_label_group(models, tmp_path):
+    """On the task-arithmetic merge (whose tox group is the tox guard, features included) a labelled re-fit
+    on the guard's own label sets finds them again; label_weight mixes the 0/1 rows into the teacher's
+    sigmoids, in the heads and in the body step."""
+    from hm3.refit import GroupRefit, refit_dir
+
+    merged = tmp_path / "m"
+    hm3.merge(_recipe(models, "tox", "spam"), merged, progress=False)
+    batch = texts(80, seed=12)
+    data = _labelled_file(tmp_path / "tox.jsonl", models["tox"], batch)
+    rows = [json.loads(x)["label"] for x in data.read_text().splitlines()]
+    assert len({tuple(r) for r in rows}) >= 2  # more than one label set: the fit has something to find
+    report = refit_dir(merged, [GroupRefit("tox", data)], tmp_path / "labelled", c=100.0)
+    assert report.groups["tox"]["mode"] == "labelled"
+    got = hm3.load(tmp_path / "labelled").predict(batch)
+    same = sum(list(p["tox"].labels) == r for p, r in zip(got, rows))
+    assert same >= 0.95 * len(batch), same
+    spam_rows = hm3.load(models["spam"]).predict(texts(30, seed=13))
+    (tmp_path / "spam.jsonl").write_text("".join(json.dumps({"text": t, "label": p["spam"].label}) + "\n"
+                                                 for t, p in zip(texts(30, seed=13), spam_rows)))
+    spam = GroupRefit("spam", tmp_path / "spam.jsonl", teacher=models["spam"])
+    report = refit_dir(merged, [GroupRefit("tox", data, teacher=models["tox"]), spam], tmp_path / "mixed",
+                       label_weight=0.5, body={"epochs": 1, "label_weight": 0.5})
+    meta = json.loads((tmp_path / "mixed" / "config.json").read_text())["hm3"]["refit"]
+    assert report.groups["tox"]["label_weight"] == 0.5 and meta["body"]["labelled"] == {"tox": len(batch), "spam": 30}
+
+
 def test_multi_label_refit_errors(models, tmp_path):
     from hm3.refit import GroupRefit, refit_dir
 
-    data = str(_texts_file(tmp_path / "t.jsonl", texts(20)))
     merged = tmp_path / "m"
     hm3.merge(_recipe(models, "tox", "spam"), merged, progress=False)
-    with pytest.raises(HM3Error, match="'tox' can be re-fitted by distillation only"):
-        refit_dir(merged, [GroupRefit("tox", Path(data))], tmp_path / "o1")
-    with pytest.raises(HM3Error, match="label_weight .* multi-label group\\(s\\) 'tox'"):
-        refit_dir(merged, [GroupRefit("tox", Path(data), teacher=models["tox"])], tmp_path / "o2", label_weight=0.3)
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": t, "label": "hate"}) + "\n" for t in texts(20)))
+    with pytest.raises(HM3Error, match=r"one.jsonl: group 'tox' is multi-label: a row's label is a list"):
+        refit_dir(merged, [GroupRefit("tox", one)], tmp_path / "o1")
+    every = tmp_path / "every.jsonl"
+    every.write_text("".join(json.dumps({"text": t, "label": ["hate"] if i % 2 else ["hate", "insult"]}) + "\n"
+                             for i, t in enumerate(texts(20))))
+    with pytest.raises(HM3Error, match=r"labels \['hate', 'threat'\] are on every training text or on none"):
+        refit_dir(merged, [GroupRefit("tox", every)], tmp_path / "o2")
+    data = str(_texts_file(tmp_path / "t.jsonl", texts(20)))
     with pytest.raises(HM3Error, match="spam: is single-label .* but group 'tox' is multi-label"):
         refit_dir(merged, [GroupRefit("tox", Path(data), teacher=models["spam"])], tmp_path / "o3")
-    for o in ("o1", "o2", "o3"):
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text("".join(json.dumps({"text": t, "label": ["ham"]}) + "\n" for t in texts(20)))
+    with pytest.raises(HM3Error, match="group 'spam' is single-label: a row's label is one label"):
+        refit_dir(merged, [GroupRefit("spam", lists)], tmp_path / "o4")
+    for o in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / o).exists()

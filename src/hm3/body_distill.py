@@ -182,9 +182,6 @@ def distill_body(
 
     t0 = time.perf_counter()
     multi = space.multi_label()
-    if multi and label_weight:
-        raise HM3Error(f"body distillation: label_weight mixes one label per text into the targets, which multi-label "
-                       f"group(s) {', '.join(map(repr, multi))} do not have; set body.label_weight to 0")
     missing = [g for g in space.names if g not in teachers]
     if missing:
         raise HM3Error(f"body distillation needs an original guard for every group; missing {missing} "
@@ -223,7 +220,13 @@ def distill_body(
                            "distill each group from its own original guard")
         # a multi-label group's targets: the guard's sigmoid per label
         targets[g] = torch.sigmoid(logits.float()) if space[g].multi_label else torch.softmax(logits.float(), -1)
-        if label_weight and (labels or {}).get(g):
+        if label_weight and (labels or {}).get(g) and space[g].multi_label:  # a 0/1 row of labels per text
+            rows = [labels[g].get(t) for t in texts]
+            at = torch.tensor([r is not None for r in rows])
+            onehot = torch.tensor([r for r in rows if r is not None], dtype=torch.float32).reshape(-1, space[g].size)
+            targets[g][at] = (1 - label_weight) * targets[g][at] + label_weight * onehot
+            report.labelled[g] = int(at.sum())
+        elif label_weight and (labels or {}).get(g):
             y = torch.tensor([labels[g].get(t, -1) for t in texts])
             at = y >= 0
             onehot = torch.nn.functional.one_hot(y[at], space[g].size).float()

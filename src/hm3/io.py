@@ -626,8 +626,9 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
                 raise HM3Error(f"{path}:{i}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise HM3Error(f'{path}:{i}: expected an object with a string field "text"')
-            if labelled and not isinstance(row.get(field), (str, int)):
-                raise HM3Error(f'{path}:{i}: {why} needs a field "{field}" (a string or an integer)')
+            if labelled and not isinstance(row.get(field), (str, int, list)):
+                raise HM3Error(f'{path}:{i}: {why} needs a field "{field}" (a string or an integer; for a '
+                               "multi-label group, a list of them)")
             rows.append((row["text"], row.get(field)))
     elif path.suffix in (".txt", ""):
         if labelled:

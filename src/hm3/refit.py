@@ -20,11 +20,12 @@ teacher on other domains: ``cross_texts`` texts of each other re-fitted group's 
 each ``extra_texts`` file (unlabelled traffic no group of the merge owns — the texts where the heads
 would otherwise disagree with their guards unseen).
 
-``A multi-label group (a sigmoid per label, ``hm3.labels``) is re-fitted by distillation only: each of
-its rows is fitted to the guard's sigmoid for that label as a two-class problem (a softmax over
-``[0, z]`` is ``σ(z)``: the same objective and solver), all with the group's one ``C``; the scores
-compare decisions at 0.5 label by label (macro F1 over labels, and the share of texts given the
-guard's whole label set) and the binary KL divergence summed over labels.
+A multi-label group (a sigmoid per label, ``hm3.labels``; its data rows' ``label`` is a list) has each
+row fitted as a two-class problem (a softmax over ``[0, z]`` is ``σ(z)``: the same objectives and
+solvers — scikit-learn's binary logistic regression on the label's yes/no, or the soft-target fit to
+the guard's sigmoid for it), all with the group's one ``C``; the scores compare decisions at 0.5
+label by label (macro F1 over labels; distilled: also the share of texts given the guard's whole
+label set and the binary KL summed over labels; labelled: the binary log loss).
 
 ``C`` is picked from a grid on validation data — the group's ``validation`` file, or a seeded
 (stratified) 20 % hold-out of its training texts — by macro F1 (labelled: against the labels;
@@ -215,6 +216,21 @@ def _pairs(p: "np.ndarray", j: int) -> "np.ndarray":
     return np.stack([1 - p[:, j], p[:, j]], axis=1)
 
 
+def _lr_hard_sigmoid(xs: "np.ndarray", y: "np.ndarray", c: float, weight, init=None):
+    """``_lr_hard`` for a multi-label group: each label's row a binary logistic regression on its 0/1
+    column of ``y (n, k)`` → ``(W (k, H), b (k,))`` (each the sigmoid's logit)."""
+    import numpy as np
+
+    rows, biases = [], []
+    for j in range(y.shape[1]):
+        start = None if init is None else (np.stack([np.zeros_like(init[0][j]), init[0][j]]),
+                                           np.array([0.0, init[1][j]]))
+        w, b = _lr_hard(xs, y[:, j], 2, c, weight, start)
+        rows.append(w[1] - w[0])
+        biases.append(b[1] - b[0])
+    return np.stack(rows), np.array(biases)
+
+
 def _lr_soft_sigmoid(xs: "np.ndarray", p: "np.ndarray", c: float, weight, init=None):
     """``_lr_soft`` for a multi-label group: each label's row fitted to its sigmoid targets ``p[:, j]``
     as the two-class softmax over ``[0, z_j]`` (= ``σ(z_j)``) → ``(W (k, H), b (k,))``."""
@@ -255,7 +271,21 @@ class _Split:
     source: str
 
 
-def _label_index(group, raw, where: str) -> int:
+def _label_index(group, raw, where: str):
+    """A data row's label as its index in ``group`` (a name, ``group/name`` or an index); for a
+    multi-label group, a list of them as a 0/1 tuple over the group's labels."""
+    if group is not None and group.multi_label:
+        if not isinstance(raw, list):
+            raise HM3Error(f"{where}: group {group.name!r} is multi-label: a row's label is a list of its labels "
+                           f"([] for none), got {raw!r}")
+        on = {_label_index_one(group, x, where) for x in raw}
+        return tuple(int(i in on) for i in range(group.size))
+    if isinstance(raw, list):
+        raise HM3Error(f"{where}: group {group.name!r} is single-label: a row's label is one label, got {raw!r}")
+    return _label_index_one(group, raw, where)
+
+
+def _label_index_one(group, raw, where: str) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):
         if 0 <= raw < group.size:
             return raw
@@ -358,14 +388,6 @@ def refit_heads(
         if s.group in seen:
             raise HM3Error(f"group {s.group!r} is listed twice for the re-fit")
         seen.add(s.group)
-    multi = [s.group for s in specs if space[s.group].multi_label]
-    labelled_multi = [s.group for s in specs if s.group in multi and s.teacher is None]
-    if labelled_multi:
-        raise HM3Error(f"multi-label group(s) {', '.join(map(repr, labelled_multi))} can be re-fitted by distillation "
-                       "only (mode distill, from the original guard): a labelled re-fit reads one label per text")
-    if multi and label_weight:
-        raise HM3Error(f"label_weight mixes one label per text into the targets, which multi-label group(s) "
-                       f"{', '.join(map(repr, multi))} do not have; set label_weight to 0")
     for s in specs:
         if s.teacher is not None:
             check_teacher_kind(Path(s.teacher), space[s.group])
@@ -386,10 +408,17 @@ def refit_heads(
         held = _holdout(train, seed, f"refit-holdout/{g.name}") if val is None and c == "auto" else None
         if labelled:
             fit_labels = [y for i, y in enumerate(train.labels) if held is None or not held[i]]
-            missing = sorted(set(range(g.size)) - set(fit_labels))
-            if missing:
-                raise HM3Error(f"{s.data}: group {g.name!r} has no training texts for labels "
-                               f"{[g.labels[i] for i in missing]}; every label needs some")
+            if g.multi_label:  # each label is a yes/no fit: it needs texts with it and without it
+                counts = np.array(fit_labels).reshape(len(fit_labels), g.size).sum(0)
+                one_sided = [g.labels[i] for i in range(g.size) if counts[i] in (0, len(fit_labels))]
+                if one_sided:
+                    raise HM3Error(f"{s.data}: multi-label group {g.name!r}: labels {one_sided} are on every training "
+                                   "text or on none; each label needs texts with it and texts without it")
+            else:
+                missing = sorted(set(range(g.size)) - set(fit_labels))
+                if missing:
+                    raise HM3Error(f"{s.data}: group {g.name!r} has no training texts for labels "
+                                   f"{[g.labels[i] for i in missing]}; every label needs some")
         reads.append((s, g, train, val, held))
     if cross_texts < 0:
         raise HM3Error(f"cross_texts must be >= 0, got {cross_texts}")
@@ -483,16 +512,24 @@ def refit_heads(
             mu, sd = _standardise(feats_all[tr_sel])  # one scaling for every fit of the group: warm starts apply
             targets = teacher_probs
             if teacher_probs is not None and label_weight and train.labels is not None:
-                y = np.array([-1 if y is None else y for y in train.labels])[tr_txt]  # per training window
-                at = tr_sel[y >= 0]
+                # each labelled text's one-hot (multi-label: its 0/1 row), per training window
+                onehot = np.full((len(train.labels), g.size), np.nan)
+                for i, y in enumerate(train.labels):
+                    if y is not None:
+                        onehot[i] = y if g.multi_label else np.eye(g.size)[y]
+                per_window = onehot[tr_txt]
+                known = ~np.isnan(per_window[:, 0])
+                at = tr_sel[known]
                 targets = teacher_probs.copy()
-                targets[at] = (1 - label_weight) * targets[at] + label_weight * np.eye(g.size)[y[y >= 0]]
+                targets[at] = (1 - label_weight) * targets[at] + label_weight * per_window[known]
 
             def fit(sel, txt, labels, cc, init=None):
                 """Standardised rows fitted on windows ``sel`` whose texts are ``txt`` (0..n-1, labels[txt])."""
                 wts = 1.0 / np.bincount(txt)[txt]  # each text weighs 1, however many windows it has
                 xs = (feats_all[sel] - mu) / sd
                 if teacher_probs is None:
+                    if g.multi_label:
+                        return _lr_hard_sigmoid(xs, np.asarray(labels).reshape(len(labels), g.size)[txt], cc, wts, init)
                     return _lr_hard(xs, np.asarray(labels)[txt], g.size, cc, wts, init)
                 if g.multi_label:
                     return _lr_soft_sigmoid(xs, targets[sel], cc, wts, init)
@@ -507,8 +544,10 @@ def refit_heads(
                 w, b = wb
                 n = int(txt.max()) + 1
                 if g.multi_label:
-                    return _score_sigmoid(_per_text(_sigmoid(feats_all[sel] @ w.T + b), txt, n),
-                                          _per_text(_teacher_at_1(teacher_probs[sel], temperature, True), txt, n))
+                    probs = _per_text(_sigmoid(feats_all[sel] @ w.T + b), txt, n)
+                    if teacher_probs is None:
+                        return _score_sigmoid_labels(probs, np.asarray(labels).reshape(n, g.size))
+                    return _score_sigmoid(probs, _per_text(_teacher_at_1(teacher_probs[sel], temperature, True), txt, n))
                 probs = _per_text(_softmax(feats_all[sel] @ w.T + b), txt, n)
                 if teacher_probs is None:
                     from sklearn.metrics import f1_score, log_loss
@@ -588,6 +627,19 @@ def _score_sigmoid(probs: "np.ndarray", t: "np.ndarray") -> dict[str, float]:
     t, q = np.clip(t, 1e-12, 1 - 1e-12), np.clip(probs, 1e-12, 1 - 1e-12)
     kl = (t * np.log(t / q) + (1 - t) * np.log((1 - t) / (1 - q))).sum(1).mean()
     return {"macro_f1_vs_teacher": f1, "agreement": float((yt == yp).all(1).mean()), "kl": float(kl)}
+
+
+def _score_sigmoid_labels(probs: "np.ndarray", y: "np.ndarray") -> dict[str, float]:
+    """A multi-label group's labelled fit, per text: macro F1 over labels of the decisions at 0.5 (the
+    labels expected or predicted), and the binary log loss averaged over labels."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    yp = (probs >= 0.5).astype(int)
+    present = (y.sum(0) + yp.sum(0)) > 0
+    f1 = float(f1_score(y[:, present], yp[:, present], average="macro", zero_division=0)) if present.any() else 1.0
+    q = np.clip(probs, 1e-12, 1 - 1e-12)
+    return {"macro_f1": f1, "log_loss": float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())}
 
 
 def _renumber(txt: "np.ndarray", labels: list[int] | None) -> tuple["np.ndarray", list[int] | None]:
