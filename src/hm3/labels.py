@@ -8,8 +8,9 @@ The merged head has one block of rows per group, in config order::
 Labels are addressed by qualified names ``group/label`` so that two groups may both own a
 ``benign`` label. A group is single-label (its rows are read through one softmax: one label per text)
 or, when its classifier was a multi-label one (``problem_type: multi_label_classification``),
-multi-label (an independent sigmoid per row: any number of labels per text). Uninformative names (``LABEL_0``, ``label1``, ``LABEL-2``) are replaced, either by
-names the user gives or by ``<group>_<i>``.
+multi-label (an independent sigmoid per row: any number of labels per text). Uninformative names
+(``LABEL_0``, ``label1``, ``LABEL-2``) are replaced, either by names the user gives or by
+``<group>_<i>``.
 """
 
 from __future__ import annotations
