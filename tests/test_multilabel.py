@@ -475,3 +475,16 @@ def test_multi_label_refit_errors(models, tmp_path):
         refit_dir(merged, [GroupRefit("spam", lists)], tmp_path / "o4")
     for o in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / o).exists()
+
+
+def test_refit_of_a_single_multi_label_classifier_keeps_its_kind(models, tmp_path):
+    """`hm3 refit` on a guard itself (not a merge): the output is still read through sigmoids."""
+    from hm3.refit import GroupRefit, refit_dir
+
+    data = _texts_file(tmp_path / "t.jsonl", texts(40, seed=14))
+    refit_dir(models["tox"], [GroupRefit("tox", data, teacher=models["tox"])], tmp_path / "out")
+    clf = hm3.load(tmp_path / "out")
+    assert clf.space.multi_label() == ["tox"]
+    batch = texts(20, seed=15)
+    same = (clf.predict_proba(batch)["tox"] >= 0.5) == (hm3.load(models["tox"]).predict_proba(batch)["tox"] >= 0.5)
+    assert same.all(1).mean() >= 0.9
