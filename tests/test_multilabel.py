@@ -337,8 +337,8 @@ def test_agreement_compares_label_sets(models, merged, tmp_path):
         assert rep.to_json()["groups"]["tox"]["multi_label"] is True
         text = a.confusion_text()
         assert text.splitlines()[0].split()[:2] == ["label", "both"] and len(text.splitlines()) == 1 + len(TOX)
-    assert "same set of labels (a label is given at a score of at least 0.6)" in rep.markdown()
-    assert rep.to_json()["threshold"] == 0.6
+    assert "same set of labels (a label is given at a score of at least its threshold: tox 0.6 / 0.6 / 0.6)" in rep.markdown()
+    assert rep.to_json()["thresholds"] == {"tox": [0.6, 0.6, 0.6]}
     # another threshold: other sets; the guard's sets and the merged model's are cut at the same one
     low = agreement(clf, batch, {"tox": other}, threshold=0.2).groups["tox"]
     g = hm3.load(other).predict_proba(batch)[hm3.load(other).groups[0]] >= 0.2
@@ -363,8 +363,8 @@ def test_served_multi_label_groups_list_their_labels(merged):
     from hm3.serve import Settings, background_server, create_app
 
     batch = texts(5, seed=2)
-    want = hm3.load(merged, threshold=0.7).predict(batch)
-    settings = Settings(threshold=0.7, threads=1, max_wait_ms=1)
+    want = hm3.load(merged, threshold=0.7, thresholds={"tox/threat": 0.15}).predict(batch)
+    settings = Settings(threshold=0.7, thresholds={"tox/threat": 0.15}, threads=1, max_wait_ms=1)
     with background_server(create_app(merged, settings)) as url, httpx.Client(base_url=url, timeout=30) as c:
         rows = c.post("/v1/classify", json={"texts": batch}).json()
         labels = c.get("/v1/labels").json()["groups"]
@@ -488,3 +488,48 @@ def test_refit_of_a_single_multi_label_classifier_keeps_its_kind(models, tmp_pat
     batch = texts(20, seed=15)
     same = (clf.predict_proba(batch)["tox"] >= 0.5) == (hm3.load(models["tox"]).predict_proba(batch)["tox"] >= 0.5)
     assert same.all(1).mean() >= 0.9
+
+
+def test_per_label_thresholds(models, merged, tmp_path):
+    """A label's own threshold, else its group's, else the default: in predict, eval, agree and serve."""
+    from hm3.agreement import agreement
+    from hm3.model import label_thresholds
+
+    batch = texts(12)
+    over = {"tox": 0.9, "tox/threat": 0.15}
+    clf = hm3.load(merged, threshold=0.5, thresholds=over)
+    assert clf.cuts("tox").tolist() == [0.9, 0.15, 0.9]  # hate, threat, insult
+    p = clf.predict_proba(batch, ["tox"])["tox"]
+    want = [tuple(lab for lab, v, t in zip(TOX, row, (0.9, 0.15, 0.9)) if v >= t) for row in p]
+    assert [r["tox"].labels for r in clf.predict(batch)] == want
+    assert want != [tuple(lab for lab, v in zip(TOX, row) if v >= 0.5) for row in p]  # the overrides matter here
+    rep = agreement(merged, batch, {"tox": models["tox"]}, thresholds=over)
+    assert rep.thresholds == {"tox": [0.9, 0.15, 0.9]}
+    g = hm3.load(models["tox"]).predict_proba(batch)[hm3.load(models["tox"]).groups[0]] >= np.array([0.9, 0.15, 0.9])
+    assert rep.groups["tox"].agree == int((g == (p >= np.array([0.9, 0.15, 0.9]))).all(1).sum())
+    for bad, pattern in (({"spam": 0.3}, "group 'spam' is single-label"), ({"tox/rude": 0.3}, "has no label 'rude'"),
+                         ({"tox": 1.5}, "between 0 and 1"), ({"nope": 0.3}, "unknown group 'nope'")):
+        with pytest.raises(HM3Error, match=pattern):
+            label_thresholds(clf.space, 0.5, bad)
+
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    r = CliRunner().invoke(app, ["predict", str(merged), "-t", batch[0], "--label-threshold", "tox=0.9",
+                                 "--label-threshold", "tox/threat=0.15"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip())["groups"]["tox"]["labels"] == list(want[0])
+    r = CliRunner().invoke(app, ["predict", str(merged), "-t", "w1", "--label-threshold", "tox/threat=high"])
+    assert r.exit_code == 2 and "must be a number" in r.output + str(r.stderr)
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("".join(json.dumps(x) + "\n" for x in _suite_rows()))
+    r = CliRunner().invoke(app, ["eval", "--suite", str(suite), str(merged), "--against", str(models["tox"]),
+                                 "--against", str(models["spam"]), "--label-threshold", "tox/threat=0.15",
+                                 "--out", str(tmp_path / "o"), "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "o" / "report.json").read_text())["groups"]["tox"]["per_label"]
+    want_eval = hm3.evaluate.evaluate([hm3.load(merged, thresholds={"tox/threat": 0.15})], str(suite)).groups["tox"]
+    assert got == [vars(s) for s in want_eval.per_label]
+    tox = next(row for row in json.loads((tmp_path / "o" / "comparison.json").read_text())["groups"] if row["group"] == "tox")
+    assert tox["model/reference"] == pytest.approx(1.0)  # the guard (--against) was cut at the same thresholds

@@ -11,7 +11,7 @@ merged model's ``config.json`` (``hm3.recipe.models``), so a model merged on thi
 A guard is a single classifier (its one group answers ``group``) or a model that has ``group`` itself.
 Labels are compared by position within the group (the merge keeps each guard's label order); the
 counts of labels must match. A multi-label group (a sigmoid per label) agrees on a text when both give
-the same *set* of labels at the threshold; its confusion is one 2×2 table per label.
+the same *set* of labels at the merged model's thresholds; its confusion is one 2×2 table per label.
 """
 
 from __future__ import annotations
@@ -106,12 +106,11 @@ class Agreement:
     seconds: float
     sure: float = 0.9  # the guard counts as sure of a text when its top probability is at least this
     by_field: str | None = None  # what ``agreement(by=)``'s keys are, for the report (e.g. "source")
-    threshold: float = 0.5  # multi-label groups: a label counts as given at a score of at least this
+    thresholds: dict[str, list[float]] = field(default_factory=dict)  # multi-label groups: each label's threshold
 
     def to_json(self, show: int | None = None) -> dict:
-        multi = any(a.multi_label for a in self.groups.values())
         return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2), "sure": self.sure,
-                **({"threshold": self.threshold} if multi else {}),
+                **({"thresholds": self.thresholds} if self.thresholds else {}),
                 **({"by_field": self.by_field} if self.by_field else {}),
                 "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
 
@@ -121,7 +120,9 @@ class Agreement:
                  f"the texts where the guard's top probability is at least {self.sure:g} (elsewhere the guard "
                  "itself hesitates, e.g. on text outside its task)."
                  + (" A multi-label group agrees on a text when both give the same set of labels (a label "
-                    f"is given at a score of at least {self.threshold:g}); its guard is sure when every label's probability is "
+                    "is given at a score of at least its threshold: "
+                    + "; ".join(f"{g} " + " / ".join(f"{t:g}" for t in ts) for g, ts in self.thresholds.items())
+                    + "); its guard is sure when every label's probability is "
                     f"at least {self.sure:g} or at most {1 - self.sure:g}, and its tables count per label the "
                     "texts given that label by both, by one of them, or by neither."
                     if any(a.multi_label for a in self.groups.values()) else ""), "",
@@ -184,6 +185,7 @@ def agreement(
     by_field: str | None = None,
     guard_probs: "Mapping[str, np.ndarray] | None" = None,
     threshold: float | None = None,
+    thresholds: "Mapping[str, float] | None" = None,
 ) -> Agreement:
     """Label agreement per group between ``model`` and each group's original guard on ``texts``.
 
@@ -193,9 +195,9 @@ def agreement(
     is at least this. ``by``: a key per text (e.g. its source); agreement is also counted per key, in
     order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report.
     ``guard_probs``: ``{group: (texts, labels) array}``, a guard's probabilities on ``texts`` already
-    computed (e.g. once for many merged models); that guard is not run again. ``threshold``: of
-    multi-label groups, where a label counts as given (default: the merged model's own, 0.5 when
-    loaded here)."""
+    computed (e.g. once for many merged models); that guard is not run again. ``threshold`` and
+    ``thresholds`` (per group or label): where a multi-label group's label counts as given, for the
+    guard and the merged model alike (default: the merged model's own; 0.5 when loaded here)."""
     from hm3.model import GroupwiseClassifier, load
 
     if not 0 < sure <= 1:
@@ -210,9 +212,14 @@ def agreement(
             raise HM3Error(f"{model}: its config.json records no guard directory that exists here; "
                            "name them with --guard GROUP=DIR")
     clf = model if isinstance(model, GroupwiseClassifier) else load(model)
-    threshold = clf.threshold if threshold is None else threshold
-    if not 0 < threshold < 1:
-        raise HM3Error(f"threshold must be between 0 and 1, got {threshold}")
+    if threshold is not None or thresholds is not None:
+        from hm3.model import label_thresholds
+
+        if threshold is not None and not 0 < threshold < 1:
+            raise HM3Error(f"threshold must be between 0 and 1, got {threshold}")
+        cuts = label_thresholds(clf.space, clf.threshold if threshold is None else threshold, thresholds)
+    else:
+        cuts = {g: clf.cuts(g) for g in clf.space.multi_label()}
     unknown = [g for g in guards if g not in clf.groups]
     if unknown:
         raise HM3Error(f"{name}: has no group {', '.join(map(repr, unknown))}; its groups are {', '.join(clf.groups)}")
@@ -248,7 +255,7 @@ def agreement(
         mp = merged[g]
         multi = clf.space[g].multi_label
         if multi:  # label sets at the merged model's threshold; sureness of a set: its least sure yes/no
-            ya, yb = gp >= threshold, mp >= threshold
+            ya, yb = gp >= cuts[g], mp >= cuts[g]
             same = (ya == yb).all(1)
             conf = np.zeros((len(labels), 2, 2), dtype=np.int64)
             for j in range(len(labels)):
@@ -280,7 +287,7 @@ def agreement(
                                 per_key, multi_label=multi, same=int(same.sum()))
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
     return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None,
-                     threshold)
+                     {g: cuts[g].tolist() for g in groups if g in cuts})
 
 
 def register(app, user_errors) -> None:
@@ -305,6 +312,9 @@ def register(app, user_errors) -> None:
                                          "also report agreement per value of it."),
         threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label counts as given at a "
                                         "score of at least this (guard and merged model alike)."),
+        label_threshold: Optional[List[str]] = typer.Option(
+            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
+                                            "threshold instead of --threshold (repeat)."),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
         from hm3.io import group_pairs, read_text_rows, texts_from, write_text_atomic
@@ -319,8 +329,10 @@ def register(app, user_errors) -> None:
             texts = texts_from(input, text)
         guards = ({g: Path(p) for g, p in group_pairs(guard, "--guard", "DIR", "jailbreak=./jailbreak-guard").items()}
                   if guard else None)
+        from hm3.model import thresholds_option
+
         report = agreement(model, texts, guards, batch_size=batch_size, progress=True, sure=sure, by=keys, by_field=by,
-                           threshold=threshold)
+                           threshold=threshold, thresholds=thresholds_option(label_threshold))
         md = report.markdown(show)
         typer.echo(md)
         if out is not None:

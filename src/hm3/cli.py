@@ -101,6 +101,9 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
     threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: list the labels scoring at least this."),
+    label_threshold: Optional[list[str]] = typer.Option(
+        None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own threshold "
+                                        "instead of --threshold (repeat)."),
     fast: Optional[str] = typer.Option(
         None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, bf16 (answers can differ from "
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
@@ -108,10 +111,10 @@ def predict(
     """Classify texts: per text and group, the label and the group's softmax scores (a multi-label
     group: a sigmoid score per label, and the labels at or above --threshold)."""
     from hm3.io import texts_from
-    from hm3.model import load
+    from hm3.model import load, thresholds_option
 
     texts = texts_from(input, text)
-    clf = load(model, aggregate=aggregate, threshold=threshold)
+    clf = load(model, aggregate=aggregate, threshold=threshold, thresholds=thresholds_option(label_threshold))
     if fast:
         from hm3.fastpaths import accelerate
 

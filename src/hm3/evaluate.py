@@ -473,8 +473,11 @@ class SuiteIndex:
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"],
-                 threshold: float = 0.5) -> list[tuple[str, "GroupwiseClassifier"]]:
+def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"], threshold: float = 0.5,
+                 thresholds: "Mapping[str, float] | None" = None) -> list[tuple[str, "GroupwiseClassifier"]]:
+    """Loaded models with their names; ``threshold`` and ``thresholds`` (``{"group[/label]": t}``, each
+    applied to the model that has that group) set on those given as directories."""
+    from hm3.labels import SEP
     from hm3.model import GroupwiseClassifier, load
 
     out = []
@@ -482,7 +485,15 @@ def _load_models(models: Sequence["str | os.PathLike | GroupwiseClassifier"],
         if isinstance(m, GroupwiseClassifier):
             out.append((m.name or f"model {len(out)}", m))
         else:
-            out.append((str(m), load(m, threshold=threshold)))
+            clf = load(m, threshold=threshold)
+            own = {k: v for k, v in (thresholds or {}).items() if str(k).partition(SEP)[0] in clf.groups}
+            clf.set_thresholds(threshold, own)
+            out.append((str(m), clf))
+    known = {g for _, clf in out for g in clf.groups}
+    unknown = [k for k in (thresholds or {}) if str(k).partition(SEP)[0] not in known]
+    if unknown:
+        raise HM3Error(f"thresholds {', '.join(map(repr, unknown))} name no group of the models "
+                       f"({', '.join(sorted(known))})")
     return out
 
 
@@ -517,18 +528,19 @@ def evaluate(
     suite_name: str | None = None,
     groups: Sequence[str] | None = None,
     threshold: float = 0.5,
+    thresholds: "Mapping[str, float] | None" = None,
 ) -> Report:
     """Score a merged model, or original guards (each on its own groups), on one suite.
 
     ``models``: model directories or loaded ``GroupwiseClassifier``s. ``rows``: a suite file or
     parsed rows. Each model predicts once, over the distinct texts its groups are checked on.
     ``groups`` restricts the suite to those groups (e.g. a five-group suite for a two-guard merge).
-    ``threshold``: of multi-label groups, for the models given as directories (a loaded classifier
-    keeps its own).
+    ``threshold`` (and per group or label ``thresholds``): of multi-label groups, for the models given
+    as directories (a loaded classifier keeps its own).
     """
     index, predicted, model_of, names, seconds = predict_suite(models, rows, batch_size, progress=progress,
                                                                suite_name=suite_name, groups=groups,
-                                                               threshold=threshold)
+                                                               threshold=threshold, thresholds=thresholds)
     return index.score(predicted, model_of, models=names, seconds=seconds)
 
 
@@ -541,6 +553,7 @@ def predict_suite(
     suite_name: str | None = None,
     groups: Sequence[str] | None = None,
     threshold: float = 0.5,
+    thresholds: "Mapping[str, float] | None" = None,
 ) -> tuple[SuiteIndex, dict[str, np.ndarray], dict[str, str], list[str], float]:
     """``evaluate``'s predictions before scoring: ``(index, predicted label index per group and text,
     model name per group, model names, seconds)``, e.g. for ``paired_bootstrap``. A multi-label
@@ -562,7 +575,7 @@ def predict_suite(
         raise HM3Error("the suite has no rows")
     if not models:
         raise HM3Error("evaluate needs at least one model")
-    loaded = _load_models(models, threshold)
+    loaded = _load_models(models, threshold, thresholds)
     names = [n for n, _ in loaded]
     wanted = suite_groups(rows)
     owner = assign_groups(names, [clf.groups for _, clf in loaded], wanted)
@@ -759,13 +772,19 @@ def register(app, user_errors) -> None:
         bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap replicates for --against."),
         threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label is predicted at a "
                                         "score of at least this (the model's and the references')."),
+        label_threshold: Optional[List[str]] = typer.Option(
+            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
+                                            "threshold instead of --threshold (repeat)."),
     ) -> None:
         """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
         import json
 
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
+        from hm3.model import thresholds_option
+
+        cuts = thresholds_option(label_threshold)
         index, predicted, model_of, used, seconds = predict_suite(models, suite, batch_size, progress=True, groups=names,
-                                                                  threshold=threshold)
+                                                                  threshold=threshold, thresholds=cuts)
         report = index.score(predicted, model_of, models=used, seconds=seconds)
         typer.echo(report.summary_markdown())
         for s in report.groups.values():
@@ -775,7 +794,7 @@ def register(app, user_errors) -> None:
             typer.echo(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {len(report.groups)} confusion PNGs", err=True)
         if against:
             ref_index, ref_pred, ref_of, ref_used, _ = predict_suite(against, index.rows, batch_size, progress=True,
-                                                                     threshold=threshold,
+                                                                     threshold=threshold, thresholds=cuts,
                                                                      suite_name=index.name)
             missing = [g for g in index.groups if g not in ref_index.groups]
             if missing:

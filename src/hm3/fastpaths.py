@@ -29,7 +29,6 @@ windowing; only the forward pass differs. Exports are cached next to the model (
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,7 +62,7 @@ def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, th
     if path == "int8":
         model = quantize_int8(clf.model)
     elif path == "int8-checked":
-        model = CheckedInt8(clf.model, clf.space, threshold=clf.threshold)
+        model = CheckedInt8(clf.model, clf.space, cuts={g: clf.cuts(g) for g in clf.space.multi_label()})
     elif path == "bf16":
         model = Autocast(clf.model, "bfloat16")
     else:
@@ -73,7 +72,8 @@ def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, th
             onnx_file = quantize_onnx(onnx_file, cache / "model.int8.onnx")
         model = OnnxClassifier(onnx_file, clf.model.config, threads=threads)
     return GroupwiseClassifier(model, clf.tokenizer, clf.space, max_length=clf.max_length, stride=clf.stride,
-                               aggregate=clf.aggregate, threshold=clf.threshold, name=f"{clf.name}[{path}]")
+                               aggregate=clf.aggregate, threshold=clf.threshold, thresholds=clf.thresholds,
+                               name=f"{clf.name}[{path}]")
 
 
 def quantize_int8(model):
@@ -94,14 +94,21 @@ def quantize_int8(model):
 class CheckedInt8:
     """Stands in for the classifier inside ``GroupwiseClassifier``: int8 logits, except for the rows
     where some group's top-two logits are closer than ``margin`` (a multi-label group: some logit is
-    within ``margin`` of the threshold's, ``log(t / (1 - t))``), which the fp32 model recomputes."""
+    within ``margin`` of its label's threshold's, ``log(t / (1 - t))``; ``cuts``: per multi-label
+    group, each label's threshold, default 0.5), which the fp32 model recomputes."""
 
-    def __init__(self, model, space, margin: float = CHECK_MARGIN, threshold: float = 0.5):
+    def __init__(self, model, space, margin: float = CHECK_MARGIN, cuts: "dict | None" = None):
+        import torch
+
         self.fp32, self.int8 = model, quantize_int8(model)
         # a one-label softmax group has no close call
         self.rows = [g.rows for g in space if len(g.labels) > 1 and not g.multi_label]
         self.sigmoid_rows = [g.rows for g in space if g.multi_label]
-        self.boundary = math.log(threshold / (1 - threshold))
+        self.boundaries = []  # per multi-label group: each label's threshold as a logit
+        for g in space:
+            if g.multi_label:
+                t = torch.as_tensor((cuts or {}).get(g.name, [0.5] * g.size), dtype=torch.float32)
+                self.boundaries.append(torch.log(t / (1 - t)))
         self.margin = margin
         self.config = model.config
         self.training = False
@@ -118,8 +125,8 @@ class CheckedInt8:
         for rows in self.rows:
             top2 = logits[:, rows].topk(2, dim=1).values
             close |= (top2[:, 0] - top2[:, 1]) < self.margin
-        for rows in self.sigmoid_rows:
-            close |= ((logits[:, rows] - self.boundary).abs() < self.margin).any(dim=1)
+        for rows, boundary in zip(self.sigmoid_rows, self.boundaries):
+            close |= ((logits[:, rows] - boundary).abs() < self.margin).any(dim=1)
         self.seen += logits.shape[0]
         if close.any():
             idx = close.nonzero().squeeze(1)
@@ -295,7 +302,7 @@ def agreement(reference, fast, texts: Sequence[str], batch_size: int = 32) -> di
     out, same, total = {}, 0, 0
     for g, p in ref.items():
         if reference.space[g].multi_label:
-            t = reference.threshold
+            t = reference.cuts(g)
             k = int(((p >= t) == (got[g] >= t)).all(axis=1).sum())
         else:
             k = int((p.argmax(axis=1) == got[g].argmax(axis=1)).sum())

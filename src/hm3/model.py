@@ -15,7 +15,9 @@ window is classified and, per group, the window probabilities are aggregated:
 A multi-label group (``Group.multi_label``: its classifier had ``problem_type:
 multi_label_classification``) reads each of its rows through its own sigmoid: its scores do not sum
 to 1, windows aggregate per label (mean or max, nothing renormalised), and a prediction lists every
-label whose score reaches ``threshold`` (0.5) besides the top one.
+label whose score reaches its threshold besides the top one: ``threshold`` (0.5), or per group or
+label ``thresholds`` (``{"toxicity": 0.6, "toxicity/threat": 0.3}``: a label's own entry, else its
+group's, else ``threshold``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,14 +75,54 @@ def group_probs(logits: torch.Tensor, owner: torch.Tensor, n_texts: int, group: 
     return agg
 
 
-def group_prediction(group: Group, row: np.ndarray, threshold: float = 0.5) -> GroupPrediction:
-    """``group``'s prediction from its scores ``row`` (its probabilities, in label order)."""
+def label_thresholds(space: LabelSpace, default: float = 0.5,
+                     overrides: "Mapping[str, float] | None" = None) -> dict[str, np.ndarray]:
+    """Per multi-label group, each label's threshold: ``overrides["group/label"]``, else
+    ``overrides["group"]``, else ``default``. An override naming no label or group, a single-label
+    group, or a value outside (0, 1) is an error."""
+    from hm3.labels import SEP
+
+    for key, value in (overrides or {}).items():
+        group, _, label = str(key).partition(SEP)
+        g = space[group]  # unknown group: an error naming the known ones
+        if not g.multi_label:
+            raise HM3Error(f"threshold {key!r}: group {group!r} is single-label (its label is the top one); "
+                           "thresholds apply to multi-label groups")
+        if label and label not in g.labels:
+            raise HM3Error(f"threshold {key!r}: group {group!r} has no label {label!r}; its labels are "
+                           f"{', '.join(g.labels)}")
+        if not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise HM3Error(f"threshold {key!r} must be between 0 and 1, got {value!r}")
+    over = dict(overrides or {})
+    return {g.name: np.array([over.get(f"{g.name}{SEP}{lab}", over.get(g.name, default)) for lab in g.labels],
+                             dtype=float)
+            for g in space if g.multi_label}
+
+
+def thresholds_option(values: "Sequence[str] | None", option: str = "--label-threshold") -> dict[str, float]:
+    """Command-line ``GROUP=T`` / ``GROUP/LABEL=T`` items as ``{key: T}`` (checked against a model by
+    ``label_thresholds``)."""
+    from hm3.io import group_pairs
+
+    out = {}
+    for key, raw in group_pairs(values, option, "T", "toxicity/threat=0.3").items():
+        try:
+            out[key] = float(raw)
+        except ValueError:
+            raise HM3Error(f"{option} {key}={raw}: the threshold must be a number between 0 and 1") from None
+    return out
+
+
+def group_prediction(group: Group, row: np.ndarray, threshold: "float | np.ndarray" = 0.5) -> GroupPrediction:
+    """``group``'s prediction from its scores ``row`` (its probabilities, in label order);
+    ``threshold``: one for all labels, or one per label."""
     labels = group.labels
     top = labels[int(np.argmax(row))]
     scores = {lab: float(v) for lab, v in zip(labels, row)}
     if not group.multi_label:
         return GroupPrediction(top, scores)
-    return GroupPrediction(top, scores, tuple(lab for lab, v in zip(labels, row) if v >= threshold))
+    cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
+    return GroupPrediction(top, scores, tuple(lab for lab, v, t in zip(labels, row, cut) if v >= t))
 
 
 class GroupwiseClassifier:
@@ -94,13 +136,13 @@ class GroupwiseClassifier:
         stride: int = 64,
         aggregate: str = "mean",
         threshold: float = 0.5,
+        thresholds: "Mapping[str, float] | None" = None,
         name: str = "",
     ):
         if aggregate not in ("mean", "max"):
             raise HM3Error(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
-        if not 0 < threshold < 1:
-            raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {threshold}")
-        self.threshold = float(threshold)
+        self.space = space
+        self.set_thresholds(threshold, thresholds)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.space = space
@@ -209,10 +251,27 @@ class GroupwiseClassifier:
 
     def decisions(self, group: Group, probs: np.ndarray) -> np.ndarray:
         """What the model answers from ``group``'s probabilities ``(n, n_labels)``: each text's label
-        index, or for a multi-label group its ``(n, n_labels)`` 0/1 row of labels at the threshold."""
+        index, or for a multi-label group its ``(n, n_labels)`` 0/1 row of labels at their thresholds."""
         if group.multi_label:
-            return (probs >= self.threshold).astype(int)
+            return (probs >= self.cuts(group.name)).astype(int)
         return probs.argmax(axis=1)
+
+    def set_thresholds(self, threshold: float = 0.5, thresholds: "Mapping[str, float] | None" = None) -> None:
+        """Where a multi-label group's labels count as given: ``threshold`` for every label, unless
+        ``thresholds`` (``{"group": t, "group/label": t}``) names the label or its group."""
+        if not 0 < threshold < 1:
+            raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {threshold}")
+        cuts = label_thresholds(self.space, float(threshold), thresholds)  # checks before anything changes
+        self.threshold, self.thresholds, self._cuts = float(threshold), dict(thresholds or {}), cuts
+
+    def prediction(self, group: Group, row: np.ndarray) -> GroupPrediction:
+        """``group``'s answer for one text from its probabilities (``group_prediction`` at this model's
+        thresholds)."""
+        return group_prediction(group, row, self._cuts.get(group.name, self.threshold))
+
+    def cuts(self, group: str) -> np.ndarray:
+        """A multi-label group's per-label thresholds (``label_thresholds``)."""
+        return self._cuts[group]
 
     def predict(
         self,
@@ -229,7 +288,7 @@ class GroupwiseClassifier:
         for name, p in probs.items():
             group = self.space[name]
             for i in range(n):
-                out[i][name] = group_prediction(group, p[i], self.threshold)
+                out[i][name] = self.prediction(group, p[i])
         return out
 
 

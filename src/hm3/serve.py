@@ -69,6 +69,7 @@ class Settings:
     api_key: Optional[str] = field(default=None, repr=False)
     aggregate: str = "mean"  # long texts: mean or max over windows (as in `hm3 predict`)
     threshold: float = 0.5  # a multi-label group's labels: those scoring at least this (as in `hm3 predict`)
+    thresholds: Optional[dict] = None  # per group or "group/label": overrides of threshold (hm3.model.label_thresholds)
     max_length: Optional[int] = None  # tokens per window (None: the model's own limit)
     fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8, bf16)
 
@@ -369,10 +370,8 @@ class MicroBatcher:
         ``hm3 predict`` rows for its own groups."""
         flat = [t for texts in texts_per_job for t in texts]
         wanted = sorted({g for gs in groups_per_job for g in gs}, key=self._space_order.__getitem__)
-        from hm3.model import group_prediction
-
         probs = self.clf.predict_proba(flat, wanted, batch_size=self.settings.batch_size)  # group -> (n, n_g)
-        space, threshold = self.clf.space, self.clf.threshold
+        space = self.clf.space
         out: list[list[dict]] = []
         start = 0
         for texts, groups in zip(texts_per_job, groups_per_job):
@@ -380,7 +379,7 @@ class MicroBatcher:
             for i in range(len(texts)):
                 per_group = {}
                 for g in groups:
-                    per_group[g] = group_prediction(space[g], probs[g][start + i], threshold).to_json()
+                    per_group[g] = self.clf.prediction(space[g], probs[g][start + i]).to_json()
                 rows.append({"text_index": i, "groups": per_group})
             out.append(rows)
             start += len(texts)
@@ -572,7 +571,8 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
 
     s = settings or Settings()
     if isinstance(classifier_or_path, (str, os.PathLike)):
-        clf = hm3.load(classifier_or_path, max_length=s.max_length, aggregate=s.aggregate, threshold=s.threshold)
+        clf = hm3.load(classifier_or_path, max_length=s.max_length, aggregate=s.aggregate, threshold=s.threshold,
+                       thresholds=s.thresholds)
     else:
         clf = classifier_or_path
     if s.fast:
@@ -766,6 +766,8 @@ def background_server(app: "FastAPI", host: str = "127.0.0.1", port: int = 0,
 
 # -- CLI -----------------------------------------------------------------------------------------------
 def register(app, user_errors) -> None:
+    from typing import List
+
     import typer
 
     @app.command()
@@ -790,6 +792,9 @@ def register(app, user_errors) -> None:
         aggregate: str = typer.Option("mean", help="Long texts: 'mean' or 'max' over windows."),
         threshold: float = typer.Option(Settings.threshold, help="Multi-label groups: report the labels scoring "
                                         "at least this."),
+        label_threshold: Optional[List[str]] = typer.Option(
+            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
+                                            "threshold instead of --threshold (repeat)."),
         keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
                                          "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
@@ -797,10 +802,12 @@ def register(app, user_errors) -> None:
                                            "(answers can differ from fp32 near a boundary; docs/BENCHMARKS.md)."),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
+        from hm3.model import thresholds_option  # here: `hm3 --help` must not import torch
+
         settings = Settings(
             max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes,
             max_batch_texts=max_batch_texts, max_wait_ms=max_wait_ms, max_queue_texts=max_queue_texts,
             batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate, threshold=threshold,
-            fast=fast,
+            thresholds=thresholds_option(label_threshold) or None, fast=fast,
         )
         run(model, host, port, settings, log_level=log_level, keep_alive=keep_alive)
