@@ -142,10 +142,9 @@ class GroupwiseClassifier:
         if aggregate not in ("mean", "max"):
             raise HM3Error(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
         self.space = space
-        self.set_thresholds(threshold, thresholds)
+        self.set_thresholds(threshold, thresholds)  # (reads self.space)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.space = space
         self.name = name
         limit = getattr(model.config, "max_position_embeddings", 512)
         tok_limit = getattr(tokenizer, "model_max_length", limit) or limit
