@@ -216,19 +216,29 @@ def score_group(group: str, model: str, labels: Sequence[str], y_true: np.ndarra
     return GroupScore(group, model, labels, int(len(y_true)), macro, per, cm.astype(int).tolist())
 
 
+def multi_label_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, empty: float = float("nan")) -> float:
+    """Macro F1 of ``(rows, labels)`` 0/1 arrays over the labels expected or predicted in some row
+    (scikit-learn's ``f1_score(average="macro")`` on those columns, as single-label groups leave out
+    labels neither expected nor predicted); ``empty`` when there is no such label."""
+    from sklearn.metrics import f1_score
+
+    present = (y_true.sum(0) + y_pred.sum(0)) > 0
+    if not present.any():
+        return empty
+    return float(f1_score(y_true[:, present], y_pred[:, present], average="macro", zero_division=0))
+
+
 def score_multi_label(group: str, model: str, labels: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray) -> GroupScore:
     """Scores of one multi-label group from expected and predicted ``(rows, labels)`` 0/1 arrays:
     each label's binary precision, recall and F1; macro F1 over the labels expected or predicted in
     some row (``f1_score(average="macro")`` on those columns); a 2×2 table per label."""
-    from sklearn.metrics import f1_score, multilabel_confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import multilabel_confusion_matrix, precision_recall_fscore_support
 
     labels = list(labels)
     k = len(labels)
     y_true = np.asarray(y_true, dtype=int).reshape(-1, k)
     y_pred = np.asarray(y_pred, dtype=int).reshape(-1, k)
-    present = (y_true.sum(0) + y_pred.sum(0)) > 0
-    macro = (float(f1_score(y_true[:, present], y_pred[:, present], average="macro", zero_division=0))
-             if present.any() else float("nan"))
+    macro = multi_label_macro_f1(y_true, y_pred)
     if len(y_true):
         p, r, f, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
         tables = multilabel_confusion_matrix(y_true, y_pred).astype(int).tolist()

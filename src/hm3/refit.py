@@ -209,41 +209,38 @@ def _sigmoid(z: "np.ndarray") -> "np.ndarray":
     return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
 
 
-def _pairs(p: "np.ndarray", j: int) -> "np.ndarray":
-    """Label ``j`` of sigmoid probabilities ``p (n, k)`` as a two-class distribution ``(n, 2)``."""
+def _per_label(solve, xs: "np.ndarray", targets: "np.ndarray", c: float, weight, init=None):
+    """A multi-label group's rows ``(W (k, H), b (k,))``, each the sigmoid logit of label ``j`` fitted by
+    ``solve`` as the two-class problem over ``[0, z_j]`` (a softmax over it is ``σ(z_j)``):
+    ``solve(xs, targets_j, c, weight, init_j)`` → two rows, whose difference is label ``j``'s row.
+    ``targets``: ``(n, k)`` 0/1 labels (``_lr_hard``'s classes) or sigmoid probabilities (``_lr_soft``'s
+    two-class distributions are built from them)."""
     import numpy as np
 
-    return np.stack([1 - p[:, j], p[:, j]], axis=1)
+    rows, biases = [], []
+    for j in range(targets.shape[1]):
+        start = None if init is None else (np.stack([np.zeros_like(init[0][j]), init[0][j]]),
+                                           np.array([0.0, init[1][j]]))
+        w, b = solve(xs, targets[:, j], c, weight, start)
+        rows.append(w[1] - w[0])
+        biases.append(b[1] - b[0])
+    return np.stack(rows), np.array(biases)
 
 
 def _lr_hard_sigmoid(xs: "np.ndarray", y: "np.ndarray", c: float, weight, init=None):
     """``_lr_hard`` for a multi-label group: each label's row a binary logistic regression on its 0/1
-    column of ``y (n, k)`` → ``(W (k, H), b (k,))`` (each the sigmoid's logit)."""
-    import numpy as np
-
-    rows, biases = [], []
-    for j in range(y.shape[1]):
-        start = None if init is None else (np.stack([np.zeros_like(init[0][j]), init[0][j]]),
-                                           np.array([0.0, init[1][j]]))
-        w, b = _lr_hard(xs, y[:, j], 2, c, weight, start)
-        rows.append(w[1] - w[0])
-        biases.append(b[1] - b[0])
-    return np.stack(rows), np.array(biases)
+    column of ``y (n, k)``."""
+    return _per_label(lambda x, yj, cc, w, i: _lr_hard(x, yj, 2, cc, w, i), xs, y, c, weight, init)
 
 
 def _lr_soft_sigmoid(xs: "np.ndarray", p: "np.ndarray", c: float, weight, init=None):
-    """``_lr_soft`` for a multi-label group: each label's row fitted to its sigmoid targets ``p[:, j]``
-    as the two-class softmax over ``[0, z_j]`` (= ``σ(z_j)``) → ``(W (k, H), b (k,))``."""
+    """``_lr_soft`` for a multi-label group: each label's row fitted to its sigmoid targets ``p[:, j]``."""
     import numpy as np
 
-    rows, biases = [], []
-    for j in range(p.shape[1]):
-        start = None if init is None else (np.stack([np.zeros_like(init[0][j]), init[0][j]]),
-                                           np.array([0.0, init[1][j]]))
-        w, b = _lr_soft(xs, _pairs(p, j), c, weight, start)
-        rows.append(w[1] - w[0])
-        biases.append(b[1] - b[0])
-    return np.stack(rows), np.array(biases)
+    def solve(x, pj, cc, w, i):
+        return _lr_soft(x, np.stack([1 - pj, pj], axis=1), cc, w, i)
+
+    return _per_label(solve, xs, p, c, weight, init)
 
 
 def _softmax(z: "np.ndarray") -> "np.ndarray":
@@ -619,11 +616,11 @@ def _score_sigmoid(probs: "np.ndarray", t: "np.ndarray") -> dict[str, float]:
     at 0.5 (the labels either side decides), the share of texts given the teacher's whole label set,
     and the binary KL divergence summed over labels."""
     import numpy as np
-    from sklearn.metrics import f1_score
+
+    from hm3.evaluate import multi_label_macro_f1
 
     yt, yp = (t >= 0.5).astype(int), (probs >= 0.5).astype(int)
-    present = (yt.sum(0) + yp.sum(0)) > 0
-    f1 = float(f1_score(yt[:, present], yp[:, present], average="macro", zero_division=0)) if present.any() else 1.0
+    f1 = multi_label_macro_f1(yt, yp, empty=1.0)
     t, q = np.clip(t, 1e-12, 1 - 1e-12), np.clip(probs, 1e-12, 1 - 1e-12)
     kl = (t * np.log(t / q) + (1 - t) * np.log((1 - t) / (1 - q))).sum(1).mean()
     return {"macro_f1_vs_teacher": f1, "agreement": float((yt == yp).all(1).mean()), "kl": float(kl)}
@@ -633,11 +630,11 @@ def _score_sigmoid_labels(probs: "np.ndarray", y: "np.ndarray") -> dict[str, flo
     """A multi-label group's labelled fit, per text: macro F1 over labels of the decisions at 0.5 (the
     labels expected or predicted), and the binary log loss averaged over labels."""
     import numpy as np
-    from sklearn.metrics import f1_score
+
+    from hm3.evaluate import multi_label_macro_f1
 
     yp = (probs >= 0.5).astype(int)
-    present = (y.sum(0) + yp.sum(0)) > 0
-    f1 = float(f1_score(y[:, present], yp[:, present], average="macro", zero_division=0)) if present.any() else 1.0
+    f1 = multi_label_macro_f1(y, yp, empty=1.0)
     q = np.clip(probs, 1e-12, 1 - 1e-12)
     return {"macro_f1": f1, "log_loss": float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())}
 
