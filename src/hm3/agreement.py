@@ -245,9 +245,10 @@ def agreement(
             guard = src if isinstance(src, GroupwiseClassifier) else load(src)
             gg = _guard_group(guard, g, where)
             if guard.space[gg].multi_label != clf.space[g].multi_label:
-                kinds = {True: "multi-label (a sigmoid per label)", False: "single-label (one softmax)"}
-                raise HM3Error(f"{where}: is {kinds[guard.space[gg].multi_label]} but group {g!r} of {name} is "
-                               f"{kinds[clf.space[g].multi_label]}; give the guard that group was merged from")
+                from hm3.labels import kind_name
+
+                raise HM3Error(f"{where}: is {kind_name(guard.space[gg].multi_label)} but group {g!r} of {name} is "
+                               f"{kind_name(clf.space[g].multi_label)}; give the guard that group was merged from")
             if guard.space[gg].size != len(labels):
                 raise HM3Error(f"{where}: has {guard.space[gg].size} labels but group {g!r} of {name} has "
                                f"{len(labels)}; give the guard that group was merged from")

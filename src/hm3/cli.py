@@ -141,6 +141,7 @@ def inspect(model: Path = typer.Argument(..., help="Model directory.")) -> None:
     from rich.table import Table
 
     from hm3.io import resolve
+    from hm3.labels import MULTI_LABEL, kind_name
 
     path = resolve(model)
     cfg_file = path / "config.json"
@@ -158,13 +159,11 @@ def inspect(model: Path = typer.Argument(..., help="Model directory.")) -> None:
     table.add_column("kind")
     if meta:
         for g in meta["groups"]:
-            table.add_row(g["name"], ", ".join(g["labels"]), "multi-label (a sigmoid per label)"
-                          if g.get("multi_label") else "single-label (softmax)")
+            table.add_row(g["name"], ", ".join(g["labels"]), kind_name(bool(g.get("multi_label"))))
     else:
         labels = [v for _, v in sorted(((int(k), v) for k, v in (cfg.get("id2label") or {}).items()))]
-        multi = cfg.get("problem_type") == "multi_label_classification"
         table.add_row(path.name + " (single classifier)", ", ".join(labels),
-                      "multi-label (a sigmoid per label)" if multi else "single-label (softmax)")
+                      kind_name(cfg.get("problem_type") == MULTI_LABEL))
     console.print(table)
     if meta:
         import yaml

@@ -147,6 +147,11 @@ class LabelSpace:
 MULTI_LABEL = "multi_label_classification"
 
 
+def kind_name(multi_label: bool) -> str:
+    """How a group reads its outputs, for messages and ``hm3 inspect``."""
+    return "multi-label (a sigmoid per label)" if multi_label else "single-label (softmax)"
+
+
 def head_kind(problem_type: str | None, outputs: int, where: str) -> bool:
     """Whether a classifier head is multi-label (True: an independent sigmoid per output, transformers'
     ``problem_type: multi_label_classification``) or single-label (False: one softmax over its

@@ -736,10 +736,11 @@ def check_teacher_kind(teacher: Path, group) -> None:
         return  # loading the teacher reports what is wrong with it
     if not isinstance(cfg, dict) or (cfg.get("hm3") or {}).get("groups"):
         return  # a merged model as teacher: its group kinds are its own
-    multi = cfg.get("problem_type") == "multi_label_classification"
+    from hm3.labels import MULTI_LABEL, kind_name
+
+    multi = cfg.get("problem_type") == MULTI_LABEL
     if multi != group.multi_label:
-        kinds = {True: "multi-label (a sigmoid per label)", False: "single-label (one softmax)"}
-        raise HM3Error(f"{teacher}: is {kinds[multi]} but group {group.name!r} is {kinds[group.multi_label]}; "
+        raise HM3Error(f"{teacher}: is {kind_name(multi)} but group {group.name!r} is {kind_name(group.multi_label)}; "
                        "distill each group from the guard it was merged from")
 
 

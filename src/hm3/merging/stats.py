@@ -32,6 +32,7 @@ import torch
 
 from hm3.errors import HM3Error
 from hm3.io import read_text_rows as read_rows
+from hm3.labels import MULTI_LABEL
 
 if TYPE_CHECKING:  # pragma: no cover
     from hm3.merging.engine import Prepared
@@ -274,7 +275,7 @@ def fisher_diagonal(model, tokenizer, texts: Sequence[str], generator: torch.Gen
         return output
 
     ids = encode(tokenizer, texts, max_length)
-    multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    multi_label = getattr(model.config, "problem_type", None) == MULTI_LABEL
     emb.weight.requires_grad_(False)
     handle = emb.register_forward_hook(watch)
     try:
