@@ -215,8 +215,6 @@ def agreement(
     if threshold is not None or thresholds is not None:
         from hm3.model import label_thresholds
 
-        if threshold is not None and not 0 < threshold < 1:
-            raise HM3Error(f"threshold must be between 0 and 1, got {threshold}")
         cuts = label_thresholds(clf.space, clf.threshold if threshold is None else threshold, thresholds)
     else:
         cuts = {g: clf.cuts(g) for g in clf.space.multi_label()}

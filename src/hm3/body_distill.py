@@ -178,7 +178,7 @@ def distill_body(
 
     from hm3.merging.stats import encode, pad_batch
     from hm3.progress import progress_bar
-    from hm3.refit import TeacherLogits
+    from hm3.refit import TeacherLogits, check_teacher_kind
 
     t0 = time.perf_counter()
     multi = space.multi_label()
@@ -186,8 +186,6 @@ def distill_body(
     if missing:
         raise HM3Error(f"body distillation needs an original guard for every group; missing {missing} "
                        "(a group without a teacher would drift as the body moves)")
-    from hm3.refit import check_teacher_kind
-
     for g in space.names:
         check_teacher_kind(Path(teachers[g]), space[g])
     unknown = sorted(set(teachers) - set(space.names))
@@ -220,16 +218,15 @@ def distill_body(
                            "distill each group from its own original guard")
         # a multi-label group's targets: the guard's sigmoid per label
         targets[g] = torch.sigmoid(logits.float()) if space[g].multi_label else torch.softmax(logits.float(), -1)
-        if label_weight and (labels or {}).get(g) and space[g].multi_label:  # a 0/1 row of labels per text
-            rows = [labels[g].get(t) for t in texts]
-            at = torch.tensor([r is not None for r in rows])
-            onehot = torch.tensor([r for r in rows if r is not None], dtype=torch.float32).reshape(-1, space[g].size)
-            targets[g][at] = (1 - label_weight) * targets[g][at] + label_weight * onehot
-            report.labelled[g] = int(at.sum())
-        elif label_weight and (labels or {}).get(g):
-            y = torch.tensor([labels[g].get(t, -1) for t in texts])
-            at = y >= 0
-            onehot = torch.nn.functional.one_hot(y[at], space[g].size).float()
+        if label_weight and (labels or {}).get(g):
+            if space[g].multi_label:  # each labelled text's 0/1 row of labels
+                rows = [labels[g].get(t) for t in texts]
+                at = torch.tensor([r is not None for r in rows])
+                onehot = torch.tensor([r for r in rows if r is not None], dtype=torch.float32).reshape(-1, space[g].size)
+            else:
+                y = torch.tensor([labels[g].get(t, -1) for t in texts])
+                at = y >= 0
+                onehot = torch.nn.functional.one_hot(y[at], space[g].size).float()
             targets[g][at] = (1 - label_weight) * targets[g][at] + label_weight * onehot
             report.labelled[g] = int(at.sum())
     report.teacher_seconds = time.perf_counter() - tt

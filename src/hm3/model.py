@@ -79,9 +79,11 @@ def label_thresholds(space: LabelSpace, default: float = 0.5,
                      overrides: "Mapping[str, float] | None" = None) -> dict[str, np.ndarray]:
     """Per multi-label group, each label's threshold: ``overrides["group/label"]``, else
     ``overrides["group"]``, else ``default``. An override naming no label or group, a single-label
-    group, or a value outside (0, 1) is an error."""
+    group, or a value (or ``default``) outside (0, 1) is an error."""
     from hm3.labels import SEP
 
+    if not 0 < default < 1:
+        raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {default}")
     for key, value in (overrides or {}).items():
         group, _, label = str(key).partition(SEP)
         g = space[group]  # unknown group: an error naming the known ones
@@ -258,8 +260,6 @@ class GroupwiseClassifier:
     def set_thresholds(self, threshold: float = 0.5, thresholds: "Mapping[str, float] | None" = None) -> None:
         """Where a multi-label group's labels count as given: ``threshold`` for every label, unless
         ``thresholds`` (``{"group": t, "group/label": t}``) names the label or its group."""
-        if not 0 < threshold < 1:
-            raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {threshold}")
         cuts = label_thresholds(self.space, float(threshold), thresholds)  # checks before anything changes
         self.threshold, self.thresholds, self._cuts = float(threshold), dict(thresholds or {}), cuts
 
