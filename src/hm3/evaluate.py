@@ -428,11 +428,12 @@ class SuiteIndex:
         """Row ``r``'s expected answer for group ``g``: a label index, or a multi-label group's 0/1 row."""
         names = self.labels[g]
         multi = g in self.multi_label
-        if multi != isinstance(label, tuple):
-            raise HM3Error(
-                f"{r.where}: group {g!r} is {'multi-label: expected a list of labels' if multi else 'single-label: expected one label'}"
-                f" (e.g. {'[' + repr(names[0]) + ']' if multi else repr(names[0])}), got {list(label) if isinstance(label, tuple) else label!r}"
-            )
+        if multi and not isinstance(label, tuple):
+            raise HM3Error(f"{r.where}: group {g!r} is multi-label: expected a list of labels (e.g. [{names[0]!r}]), "
+                           f"got {label!r}")
+        if not multi and isinstance(label, tuple):
+            raise HM3Error(f"{r.where}: group {g!r} is single-label: expected one label (e.g. {names[0]!r}), "
+                           f"got {list(label)!r}")
         wanted = label if multi else (label,)
         unknown = [x for x in wanted if x not in names]
         if unknown:

@@ -385,7 +385,6 @@ def refit_heads(
         if s.group in seen:
             raise HM3Error(f"group {s.group!r} is listed twice for the re-fit")
         seen.add(s.group)
-    for s in specs:
         if s.teacher is not None:
             check_teacher_kind(Path(s.teacher), space[s.group])
     model = model.float().eval()
