@@ -219,7 +219,9 @@ def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
 @torch.inference_mode()
 def gram_matrices(model, tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
     """Per linear layer but the output projection: ``{weight name: XᵀX / n (in, in)}`` over the
-    non-padding tokens (token-level inputs) or rows (pooled inputs), and the token count."""
+    non-padding tokens (token-level inputs) or rows (pooled inputs), and the token count. Inputs of
+    another shape count row by row: DeBERTa's query/key projections also map the relative position
+    embeddings ``(1, 2k, hidden)``, whose outputs every token's attention reads."""
     out = out_module(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -229,8 +231,9 @@ def gram_matrices(model, tokenizer, texts: Sequence[str], max_length: int = 128,
     def hook_for(name: str):
         def hook(_mod, inputs, _output):
             x = inputs[0]
-            if x.dim() == 3:  # (B, T, in): keep real tokens only
-                x = x[state["mask"]]
+            mask = state["mask"]
+            if x.dim() == 3 and x.shape[:2] == mask.shape:  # (B, T, in): keep real tokens only
+                x = x[mask]
             x = x.reshape(-1, x.shape[-1]).float()
             g = (x.T @ x).double()  # float32 product (fast), float64 running sum (exact enough)
             sums[name] = sums[name] + g if name in sums else g
