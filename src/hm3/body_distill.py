@@ -198,7 +198,7 @@ def distill_body(
     if label_weight and not any((labels or {}).values()):
         raise HM3Error("body distillation: label_weight > 0 but no group's data has labels "
                        "(refit data rows need a \"label\"); or set body.label_weight to 0")
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, model.config.model_type)
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise HM3Error("body distillation: no texts to train on")

@@ -159,20 +159,30 @@ def forward_context(precision: str):
     raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` → ``bfloat16`` on a CPU with bf16 matrix instructions, else ``float32``; any other
-    value is checked (``check_precision``) and returned."""
+#: model types whose forward pass fails under bf16 autocast: transformers' DeBERTa (v1) fills masked
+#: attention scores with float32's minimum, which overflows bfloat16 (a RuntimeError in every batch)
+NO_BF16 = frozenset({"deberta"})
+
+
+def resolve_precision(precision: str, model_type: str | None = None) -> str:
+    """``auto`` → ``bfloat16`` on a CPU with bf16 matrix instructions (unless ``model_type`` cannot
+    run under it: ``NO_BF16``), else ``float32``; any other value is checked (``check_precision``)
+    and returned."""
     if precision == "auto":
-        return "bfloat16" if bf16_is_fast() else "float32"
-    check_precision(precision, also_valid=("auto",))
+        return "bfloat16" if bf16_is_fast() and model_type not in NO_BF16 else "float32"
+    check_precision(precision, also_valid=("auto",), model_type=model_type)
     return precision
 
 
-def check_precision(precision: str, also_valid: tuple[str, ...] = ()) -> None:
-    """Refuse an unknown precision (the message lists ``PRECISIONS`` and ``also_valid``); warn when
-    bf16 would be slower than fp32 on this CPU."""
+def check_precision(precision: str, also_valid: tuple[str, ...] = (), model_type: str | None = None) -> None:
+    """Refuse an unknown precision (the message lists ``PRECISIONS`` and ``also_valid``), and bfloat16
+    for a ``model_type`` in ``NO_BF16``; warn when bf16 would be slower than fp32 on this CPU."""
     if precision not in PRECISIONS:
         raise HM3Error(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS + also_valid)}")
+    if precision == "bfloat16" and model_type in NO_BF16:
+        raise HM3Error(f"{model_type} models cannot run under bfloat16 autocast (transformers fills masked attention "
+                       "scores with a float32 minimum that overflows bf16); use float32 (or precision auto), or the "
+                       "int8 / onnx fast paths")
     if precision == "bfloat16" and not bf16_is_fast():
         log.warning("this CPU has no bf16 matrix instructions (AMX, AVX512-BF16): bfloat16 will be slower than "
                     "float32 here")
@@ -183,7 +193,7 @@ class Autocast:
     under ``forward_context(precision)``, logits returned as fp32."""
 
     def __init__(self, model, precision: str):
-        check_precision(precision)
+        check_precision(precision, model_type=model.config.model_type)
         self.model, self.precision = model, precision
         self.config = model.config
         self.training = False

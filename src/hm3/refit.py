@@ -378,7 +378,7 @@ def refit_heads(
         raise HM3Error(f"c must be a positive number or 'auto', got {c!r}")
     from hm3.fastpaths import resolve_precision
 
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, model.config.model_type)
     seen = set()
     for s in specs:
         space[s.group]  # unknown group: an error naming the known ones

@@ -193,7 +193,7 @@ class TokenCache:
 
         if batch_size < 1:
             raise HM3Error(f"batch_size must be at least 1, got {batch_size}")
-        check_precision(precision)
+        check_precision(precision, model_type=clf.model.config.model_type)
         self.precision = precision
         t0 = time.perf_counter()
         self.texts = list(texts)
