@@ -14,6 +14,15 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Statistics and data caches of the session's own: the tests neither read what an earlier run
+    left in ``~/.cache/hm3`` (a cache hit hid a DeBERTa RegMean bug) nor write there."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HM3_CACHE", str(tmp_path_factory.mktemp("hm3-cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models are overhead-bound: one intra-op thread is as fast and does not fight other jobs."""
     import torch
