@@ -55,18 +55,25 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str = "bert", **kw):
-    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+    """A tiny config (2 layers, hidden 32) of ``family``: a model type of ``hm3.heads.FAMILIES``."""
+    import transformers as T
 
     vocab = len(SPECIAL) + len(WORDS)
-    if family == "bert":
-        return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=64, **kw)
     if family == "distilbert":
-        return DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                max_position_embeddings=64, **kw)
-    if family == "roberta":
-        return RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=70, pad_token_id=0, **kw)
+        return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=64, **kw)
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if family in ("roberta", "xlm-roberta"):  # positions start after the padding index
+        cls = T.RobertaConfig if family == "roberta" else T.XLMRobertaConfig
+        return cls(max_position_embeddings=70, pad_token_id=0, **common, **kw)
+    if family == "electra":
+        return T.ElectraConfig(embedding_size=32, max_position_embeddings=64, **common, **kw)
+    if family in ("deberta", "deberta-v2"):  # disentangled attention over relative positions
+        cls = T.DebertaConfig if family == "deberta" else T.DebertaV2Config
+        return cls(max_position_embeddings=64, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                   max_relative_positions=32, position_biased_input=False, **common, **kw)
+    if family == "bert":
+        return T.BertConfig(max_position_embeddings=64, **common, **kw)
     raise ValueError(family)
 
 
