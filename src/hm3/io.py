@@ -52,8 +52,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "tokenizer.model", "bpe_encoder.bin", "chat_template.jinja")
 
 
-def resolve(ref: str | os.PathLike) -> Path:
-    """A local directory for ``ref``: the path itself, or a hub snapshot (needs network)."""
+#: what a hub snapshot downloads: config, safetensors (and their index), tokenizer files
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+#: ... plus, with ``allow_pickle``, the pickled checkpoints (a model published without safetensors)
+HUB_PICKLE_PATTERNS = ["pytorch_model*.bin"]
+
+
+def resolve(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Path:
+    """A local directory for ``ref``: the path itself, or a hub snapshot (needs network) of the files
+    hm3 reads (``HUB_PATTERNS``; ``allow_pickle``: also ``HUB_PICKLE_PATTERNS``)."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -66,12 +73,8 @@ def resolve(ref: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(
-                text,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
-            )
-        )
+        patterns = HUB_PATTERNS + (HUB_PICKLE_PATTERNS if allow_pickle else [])
+        return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # network, auth, unknown repo: all the user's to fix
         raise HM3Error(
             f"{text}: not a local directory and the hub download failed ({type(e).__name__}: {e}); "
@@ -410,7 +413,7 @@ def read_config(path: Path) -> ModelConfig:
 
 def load_checkpoint(ref: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
     """Open a model directory: config, family and tensor table. Tensors are read on demand."""
-    path = resolve(ref)
+    path = resolve(ref, allow_pickle=allow_pickle)
     config = read_config(path)
     family = family_of(config.model_type, str(path / CONFIG))
 
