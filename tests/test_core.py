@@ -194,3 +194,26 @@ def test_distilbert_pre_classifier_is_merged_and_loadable(tmp_path):
     torch.testing.assert_close(merged["pre_classifier.weight"], (ta["pre_classifier.weight"] + tb["pre_classifier.weight"]) / 2)
     card = (tmp_path / "m" / "README.md").read_text()
     assert "pre_classifier" in card and "re-fit" in card
+
+
+def test_a_model_not_fine_tuned_from_the_base_is_flagged(tmp_path, caplog):
+    """Same shapes and vocabulary, but another initialisation: the merge goes ahead (the user may mean
+    it) with a warning, in the log and the model card, that names the model and its distance."""
+    from hm3.merging.engine import FAR_FROM_BASE, prepare
+    from hm3.testing import synthetic_classifier, tiny_base
+
+    base = tiny_base(tmp_path / "base")
+    small = lambda t, g: t + torch.randn(t.shape, generator=g) * 1e-3  # noqa: E731  a fine-tune's few percent
+    near = synthetic_classifier(base, tmp_path / "near", ["x", "y"], seed=1, delta=small)
+    other = synthetic_classifier(tiny_base(tmp_path / "other-base", seed=1), tmp_path / "other", ["p", "q"], seed=2,
+                                 delta=small)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(near), "group": "near"}, {"model": str(other), "group": "other"}]}
+    assert prepare({**recipe, "models": recipe["models"][:1]}).notes == []
+    with caplog.at_level("WARNING", logger="hm3.merging.engine"):
+        hm3.merge(recipe, tmp_path / "m", progress=False)
+    flagged = [r.getMessage() for r in caplog.records if "fine-tuned from this base" in r.getMessage()]
+    assert len(flagged) == 1 and flagged[0].startswith(f"{other}: its weights are ")
+    share = float(flagged[0].split("its weights are ")[1].split("%")[0]) / 100
+    assert share > 1.0 > FAR_FROM_BASE  # two independent initialisations: ~√2 apart
+    assert flagged[0] in (tmp_path / "m" / "README.md").read_text()
