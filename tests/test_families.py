@@ -177,3 +177,15 @@ def test_deberta_v1_really_fails_under_bf16_autocast():
     enc = tiny_tokenizer()(TEXTS, padding=True, return_tensors="pt")
     with pytest.raises(RuntimeError, match="overflow"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+
+def test_onnx_export_answers_like_torch(family, tmp_path):
+    """The opt-in ONNX Runtime path exports every family and gives its fp32 answers, at every batch
+    size and sequence length (one text per batch: each its own length)."""
+    from hm3.fastpaths import accelerate
+
+    fam, d = family
+    fast = accelerate(hm3.load(d / "a"), "onnx", cache_dir=tmp_path)
+    for batch_size in (len(TEXTS), 1):
+        got = np.asarray(fast.predict_proba(TEXTS, batch_size=batch_size)["a"])
+        np.testing.assert_allclose(got, _guard_probs(d / "a"), atol=1e-5)
