@@ -263,7 +263,8 @@ def test_existing_output_without_force(recipe, tmp_path):
         ('{"txt": "x"}\n', ".jsonl", 'field "text"'),
         ("{not json\n", ".jsonl", "invalid JSON"),
         (b"\xff\xfe bad", ".txt", "not valid UTF-8"),
-        ("x", ".csv", "unsupported text file type"),
+        ("x\n1\n", ".csv", "the header row needs the column text; it has x"),
+        ("x", ".parquet", "unsupported text file type"),
     ],
 )
 def test_bad_predict_input(tiny, tmp_path, content, suffix, pattern):

@@ -272,7 +272,7 @@ def test_label_weight_one_is_the_labelled_refit_and_mixes_in_between(tiny, tmp_p
 def test_refit_errors_name_the_file_and_the_fix(tiny, tmp_path, recipe, data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1 w2", "label": "purple"}) + "\n")
-    with pytest.raises(HM3Error, match=r"bad\.jsonl: unknown label 'purple' for group 'a'; valid: neg, pos"):
+    with pytest.raises(HM3Error, match=r"bad\.jsonl: group 'a' has no label 'purple'; its labels are neg, pos"):
         hm3.merge(_ties(recipe, data={"a": str(bad)}), progress=False)
     one_label = tmp_path / "one.jsonl"
     one_label.write_text("".join(json.dumps({"text": f"w{i} w3", "label": "pos"}) + "\n" for i in range(10)))

@@ -607,9 +607,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
                    why: str = "a labelled re-fit", field: str = "label") -> list[tuple[str, Any]]:
-    """``(text, label)`` rows from ``.jsonl`` (fields ``text`` and, when ``labelled``, ``label``)
-    or ``.txt`` (one text a line, no labels). ``why``: what needs the labels, for the error message.
-    ``field``: the row's field read as its label (e.g. ``source`` for ``hm3 agree --by source``)."""
+    """``(text, label)`` rows from ``.jsonl`` (fields ``text`` and, when ``labelled``, ``label``),
+    ``.csv`` / ``.tsv`` (a header row naming the columns ``text`` and, when ``labelled``, ``label``;
+    labels as strings) or ``.txt`` (one text a line, no labels). ``why``: what needs the labels, for
+    the error message. ``field``: the row's field read as its label (e.g. ``source`` for
+    ``hm3 agree --by source``)."""
     path = Path(path)
     if not path.is_file():
         raise HM3Error(f"{path}: no such text file")
@@ -633,14 +635,48 @@ def read_text_rows(path: str | os.PathLike, *, labelled: bool = False,
                 raise HM3Error(f'{path}:{i}: {why} needs a field "{field}" (a string or an integer; for a '
                                "multi-label group, a list of them)")
             rows.append((row["text"], row.get(field)))
+    elif path.suffix in (".csv", ".tsv"):
+        rows = _table_rows(path, raw, labelled, why, field)
     elif path.suffix in (".txt", ""):
         if labelled:
-            raise HM3Error(f"{path}: {why} needs .jsonl rows {{\"text\", \"{field}\"}}; .txt holds only texts")
+            raise HM3Error(f"{path}: {why} needs .jsonl rows {{\"text\", \"{field}\"}} (or a .csv / .tsv with "
+                           f"columns text and {field}); .txt holds only texts")
         rows = [(line.rstrip("\r"), None) for line in raw.split("\n") if line.strip()]
     else:
-        raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text) or .txt")
+        raise HM3Error(f"{path}: unsupported text file type {path.suffix!r}; use .jsonl (field text), .csv / .tsv "
+                       "(column text) or .txt")
     if not rows:
         raise HM3Error(f"{path}: the file has no texts")
+    return rows
+
+
+def _table_rows(path: Path, raw: str, labelled: bool, why: str, field: str) -> list[tuple[str, Any]]:
+    """``read_text_rows`` of a ``.csv`` / ``.tsv`` file: the columns ``text`` and ``field`` by name."""
+    import csv
+    import io as _io
+
+    reader = csv.DictReader(_io.StringIO(raw, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    columns = [c for c in reader.fieldnames or [] if c is not None]
+    wanted = ["text"] + ([field] if labelled else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise HM3Error(f"{path}: the header row needs the column{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(missing)}" + (f" ({why})" if labelled and field in missing else "")
+                       + f"; it has {', '.join(columns) or 'none'}")
+    rows: list[tuple[str, Any]] = []
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            text, label = row.get("text"), row.get(field)
+            if text is None or (labelled and label is None):
+                raise HM3Error(f"{where}: the row has fewer fields than the header")
+            if not text.strip():
+                continue
+            if labelled and not label.strip():
+                raise HM3Error(f"{where}: {why} needs a {field} in every row; this one is empty")
+            rows.append((text, label.strip() if labelled else row.get(field)))
+    except csv.Error as e:
+        raise HM3Error(f"{path}:{reader.line_num}: malformed {path.suffix[1:].upper()} ({e})") from None
     return rows
 
 
@@ -674,10 +710,11 @@ def group_pairs(values: Sequence[str] | None, option: str, value: str = "PATH", 
 
 def texts_from(input: str | os.PathLike | None, text: Sequence[str] | None = None) -> list[str]:
     """The texts a command was given: ``--text`` values, or ``--input`` — a .txt file (one text a line),
-    a .jsonl file (field ``text``), or ``-`` for one text a line on stdin. Exactly one of the two."""
+    a .jsonl file (field ``text``), a .csv / .tsv file (column ``text``), or ``-`` for one text a line on
+    stdin. Exactly one of the two."""
     if (input is None) == (not text):
         raise HM3Error("give the texts with --input FILE (or - for stdin) or with --text, not both" if text
-                       else "no texts: pass --input FILE (.txt, .jsonl, or - for stdin) or --text TEXT")
+                       else "no texts: pass --input FILE (.txt, .jsonl, .csv, .tsv, or - for stdin) or --text TEXT")
     if text:
         return list(text)
     if str(input) == "-":

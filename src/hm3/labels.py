@@ -147,6 +147,25 @@ class LabelSpace:
 MULTI_LABEL = "multi_label_classification"
 
 
+def label_index(group: str, names: Sequence[str], raw: object, where: str) -> int:
+    """The index in ``names`` (group ``group``'s labels) of a label given by name, ``group/name`` or
+    index — an int, or a string of digits that is no label's name (labels read from a CSV file);
+    otherwise an error naming ``where`` and the valid labels."""
+    if isinstance(raw, str) and raw not in names:
+        prefix = f"{group}/"
+        if raw.startswith(prefix) and raw[len(prefix):] in names:
+            raw = raw[len(prefix):]
+        elif raw.isascii() and raw.isdigit():
+            raw = int(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if 0 <= raw < len(names):
+            return raw
+        raise HM3Error(f"{where}: label index {raw} is out of range for group {group!r} ({len(names)} labels)")
+    if isinstance(raw, str) and raw in names:
+        return list(names).index(raw)
+    raise HM3Error(f"{where}: group {group!r} has no label {raw!r}; its labels are {', '.join(names)}")
+
+
 def kind_name(multi_label: bool) -> str:
     """How a group reads its outputs, for messages and ``hm3 inspect``."""
     return "multi-label (a sigmoid per label)" if multi_label else "single-label (softmax)"

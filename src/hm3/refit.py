@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from hm3.errors import HM3Error
+from hm3.labels import label_index
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -275,24 +276,11 @@ def _label_index(group, raw, where: str):
         if not isinstance(raw, list):
             raise HM3Error(f"{where}: group {group.name!r} is multi-label: a row's label is a list of its labels "
                            f"([] for none), got {raw!r}")
-        on = {_label_index_one(group, x, where) for x in raw}
+        on = {label_index(group.name, group.labels, x, where) for x in raw}
         return tuple(int(i in on) for i in range(group.size))
     if isinstance(raw, list):
         raise HM3Error(f"{where}: group {group.name!r} is single-label: a row's label is one label, got {raw!r}")
-    return _label_index_one(group, raw, where)
-
-
-def _label_index_one(group, raw, where: str) -> int:
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        if 0 <= raw < group.size:
-            return raw
-        raise HM3Error(f"{where}: label index {raw} is out of range for group {group.name!r} ({group.size} labels)")
-    if raw in group.labels:
-        return group.labels.index(raw)
-    prefix = f"{group.name}/"
-    if isinstance(raw, str) and raw.startswith(prefix) and raw[len(prefix):] in group.labels:
-        return group.labels.index(raw[len(prefix):])
-    raise HM3Error(f"{where}: unknown label {raw!r} for group {group.name!r}; valid: {', '.join(group.labels)}")
+    return label_index(group.name, group.labels, raw, where)
 
 
 def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str,
