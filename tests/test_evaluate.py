@@ -39,7 +39,8 @@ def write_suite(path: Path, rows: list) -> Path:
         ('{"expected": {"a": "pos"}}', '"text" must be a non-empty string'),
         ('{"text": "w1", "expected": {}}', '"expected" must be a non-empty object'),
         ('{"text": "w1", "expected": "pos"}', '"expected" must be a non-empty object'),
-        ('{"text": "w1", "expected": {"a": 1}}', "expected label of group 'a'"),
+        ('{"text": "w1", "expected": {"a": true}}', "expected label of group 'a'"),  # an index is an int, not a bool
+        ('{"text": "w1", "expected": {"a": 1.5}}', "expected label of group 'a'"),
         ('{"text": "w1", "expected": {"a": "pos"}, "sources": [1]}', '"sources" must be a list'),
     ],
 )
@@ -292,3 +293,79 @@ def test_cli_against_the_originals_with_a_bootstrap_interval(zoo, tmp_path):
     assert f"95% interval {iv['low']:.4f} - {iv['high']:.4f}" in res.stdout
     res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--against", str(zoo["a"])])
     assert res.exit_code == 2 and "answered by none of the models" in res.output
+
+
+# -- labelled test sets per group: --data --------------------------------------------------------
+def test_read_text_rows_from_csv_and_tsv(tmp_path):
+    from hm3.io import read_text_rows
+
+    csv = tmp_path / "a.csv"
+    csv.write_text('id,text,label\n1,"hello, world",pos\n2,"two\nlines",neg\n3,,pos\n', encoding="utf-8")
+    assert read_text_rows(csv, labelled=True) == [("hello, world", "pos"), ("two\nlines", "neg")]  # empty text: skipped
+    assert [t for t, _ in read_text_rows(csv)] == ["hello, world", "two\nlines"]
+    from hm3.io import texts_from
+
+    assert texts_from(csv) == ["hello, world", "two\nlines"]  # hm3 predict / agree --input a.csv
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text("text\tlabel\nw1 w2\t1\n", encoding="utf-8")
+    assert read_text_rows(tsv, labelled=True) == [("w1 w2", "1")]
+    bad = tmp_path / "b.csv"
+    bad.write_text("sentence,label\nw1,pos\n", encoding="utf-8")
+    with pytest.raises(HM3Error, match=r"b\.csv: the header row needs the column text; it has sentence, label"):
+        read_text_rows(bad)
+    bad.write_text("text\nw1\n", encoding="utf-8")
+    with pytest.raises(HM3Error, match=r"needs the column label \(hm3 eval --data\); it has text"):
+        read_text_rows(bad, labelled=True, why="hm3 eval --data")
+    bad.write_text("text,label\nw1,\n", encoding="utf-8")
+    with pytest.raises(HM3Error, match=r"b\.csv:2: a labelled re-fit needs a label in every row; this one is empty"):
+        read_text_rows(bad, labelled=True)
+
+
+def test_labels_by_index(tmp_path):
+    """A label may be given by its index (an int in JSON, digits in a CSV) unless a label has that name."""
+    rows = parse_rows([{"text": "w1", "expected": {"a": 1}}, {"text": "w2", "expected": {"a": "0"}},
+                       {"text": "w3", "expected": {"s": "1"}}])
+    index = SuiteIndex(rows, {"a": ["neg", "pos"], "s": ["0", "1", "2"]})
+    assert list(index.expected["a"]) == [1, 0] and list(index.expected["s"]) == [1]  # "1" is s's label named 1
+    with pytest.raises(HM3Error, match=r"row 1: label index 2 is out of range for group 'a' \(2 labels\)"):
+        SuiteIndex(parse_rows([{"text": "w1", "expected": {"a": 2}}]), {"a": ["neg", "pos"]})
+    with pytest.raises(HM3Error, match="must be a non-empty string or a label index"):
+        parse_rows([{"text": "w1", "expected": {"a": -1}}])
+
+
+def test_eval_data_files_score_like_the_same_suite(zoo, tmp_path):
+    """``--data a=a.csv --data b=b.jsonl`` scores exactly what a suite of the same rows scores."""
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    rows = load_suite(zoo["suite"])
+    own = {g: [r for r in rows if list(r.expected) == [g]] for g in ("a", "b")}
+    with (tmp_path / "a.csv").open("w", encoding="utf-8", newline="") as fh:
+        import csv as csv_module
+
+        w = csv_module.writer(fh)
+        w.writerow(["text", "label"])
+        labels_a = hm3.load(zoo["a"]).space["a"].labels
+        w.writerows([r.text, labels_a.index(r.expected["a"])] for r in own["a"])  # indices, as datasets store them
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": r.text, "label": r.expected["b"]}) + "\n"
+                                              for r in own["b"]), encoding="utf-8")
+    same = write_suite(tmp_path / "same.jsonl", [{"text": r.text, "expected": r.expected} for r in own["a"] + own["b"]])
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["eval", str(zoo["merged"]), "--data", f"a={tmp_path / 'a.csv'}",
+                                   "--data", f"b={tmp_path / 'b.jsonl'}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    got, want = Report.load(out), evaluate([zoo["merged"]], same)
+    assert got.n_rows == want.n_rows == 60
+    for g in ("a", "b"):
+        assert got.groups[g].macro_f1 == pytest.approx(want.groups[g].macro_f1)
+        assert got.groups[g].confusion == want.groups[g].confusion
+    # beside a suite: its rows and the files' rows together
+    res = CliRunner().invoke(app, ["eval", str(zoo["merged"]), "--suite", str(zoo["suite"]), "--data",
+                                   f"a={tmp_path / 'a.csv'}", "--out", str(tmp_path / "both")])
+    assert res.exit_code == 0, res.output
+    assert Report.load(tmp_path / "both").groups["a"].n == 36 + 30
+    res = CliRunner().invoke(app, ["eval", str(zoo["merged"])])
+    assert res.exit_code == 2 and "nothing to score: pass --suite FILE and/or --data GROUP=FILE" in res.output
+    res = CliRunner().invoke(app, ["eval", str(zoo["merged"]), "--data", f"a={tmp_path / 'b.jsonl'}"])
+    assert res.exit_code == 2 and "b.jsonl: row 1: group 'a' has no label" in res.output

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from hm3.errors import HM3Error
+from hm3.labels import label_index
 
 if TYPE_CHECKING:  # pragma: no cover
     from hm3.model import GroupwiseClassifier
@@ -54,7 +55,7 @@ BENIGN_SOURCE = "mmlu"
 @dataclass(frozen=True)
 class SuiteRow:
     text: str
-    expected: dict[str, "str | tuple[str, ...]"]  # a label, or a multi-label group's labels
+    expected: dict[str, "str | int | tuple"]  # a label (name or index), or a multi-label group's labels
     sources: tuple[str, ...] = ()
     where: str = ""  # "file:line", for error messages
 
@@ -83,6 +84,11 @@ def load_suite(path: str | os.PathLike) -> list[SuiteRow]:
     return rows
 
 
+def _a_label(x: object) -> bool:
+    """A label as a suite or data row may give it: a name, or an index into the group's labels."""
+    return (isinstance(x, str) and bool(x)) or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+
+
 def parse_rows(rows: Iterable[tuple[str, object] | Mapping]) -> list[SuiteRow]:
     """Validate suite rows (dicts, or ``(where, dict)`` pairs that name their origin)."""
     out = []
@@ -98,13 +104,13 @@ def parse_rows(rows: Iterable[tuple[str, object] | Mapping]) -> list[SuiteRow]:
         expected = dict(expected)
         for g, label in expected.items():
             if isinstance(label, list):  # a multi-label group's labels (none: a harmless text)
-                if not all(isinstance(x, str) and x for x in label) or len(set(label)) != len(label):
-                    raise HM3Error(f"{where}: expected labels of group {g!r} must be distinct non-empty strings, "
-                                   f"got {label!r}")
+                if not all(_a_label(x) for x in label) or len(set(label)) != len(label):
+                    raise HM3Error(f"{where}: expected labels of group {g!r} must be distinct non-empty strings "
+                                   f"(or label indices), got {label!r}")
                 expected[g] = tuple(label)
-            elif not isinstance(label, str) or not label:
-                raise HM3Error(f'{where}: expected label of group {g!r} must be a non-empty string (or, for a '
-                               f'multi-label group, a list of them), got {label!r}')
+            elif not _a_label(label):
+                raise HM3Error(f'{where}: expected label of group {g!r} must be a non-empty string or a label index '
+                               f'(or, for a multi-label group, a list of them), got {label!r}')
         sources = row.get("sources", [])
         if isinstance(sources, str):
             sources = [sources]
@@ -112,6 +118,20 @@ def parse_rows(rows: Iterable[tuple[str, object] | Mapping]) -> list[SuiteRow]:
             raise HM3Error(f'{where}: "sources" must be a list of strings')
         out.append(SuiteRow(text, expected, tuple(sources), where))
     return out
+
+
+def data_rows(files: Mapping[str, str | os.PathLike]) -> list[SuiteRow]:
+    """Suite rows from one labelled file per group (``{group: path}``; ``.jsonl`` rows ``{"text",
+    "label"}``, or ``.csv`` / ``.tsv`` with columns ``text`` and ``label``): each row checks its group
+    only. The labelled test sets users have, without writing a suite."""
+    from hm3.io import read_text_rows
+
+    rows = []
+    for group, path in files.items():
+        pairs = read_text_rows(path, labelled=True, why="hm3 eval --data")
+        rows += parse_rows((f"{path}: row {i}", {"text": text, "expected": {group: label}})
+                           for i, (text, label) in enumerate(pairs, 1))
+    return rows
 
 
 def suite_groups(rows: Sequence[SuiteRow]) -> list[str]:
@@ -434,13 +454,10 @@ class SuiteIndex:
         if not multi and isinstance(label, tuple):
             raise HM3Error(f"{r.where}: group {g!r} is single-label: expected one label (e.g. {names[0]!r}), "
                            f"got {list(label)!r}")
-        wanted = label if multi else (label,)
-        unknown = [x for x in wanted if x not in names]
-        if unknown:
-            raise HM3Error(f"{r.where}: group {g!r} has no label {unknown[0]!r}; its labels are {', '.join(names)}")
         if multi:
-            return tuple(int(x in label) for x in names)
-        return names.index(label)
+            on = {label_index(g, names, x, r.where) for x in label}
+            return tuple(int(i in on) for i in range(len(names)))
+        return label_index(g, names, label, r.where)
 
     def _right(self, g: str, predicted, expected) -> bool:
         """Whether a text's prediction for ``g`` is its expected answer (multi-label: the same set)."""
@@ -772,7 +789,10 @@ def register(app, user_errors) -> None:
     @user_errors
     def eval_command(
         models: List[Path] = typer.Argument(..., help="A merged model, or original guards (each answers its own groups)."),
-        suite: Path = typer.Option(..., "--suite", help='JSONL rows {"text", "expected": {group: label}}.'),
+        suite: Optional[Path] = typer.Option(None, "--suite", help='JSONL rows {"text", "expected": {group: label}}.'),
+        data: Optional[List[str]] = typer.Option(
+            None, "--data", help="GROUP=FILE: a labelled test set of one group (.jsonl rows {\"text\", \"label\"}, "
+                                 "or .csv / .tsv with columns text and label; repeat), instead of or beside --suite."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, report.md and confusion PNGs here."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated suite groups to score (default: all)."),
@@ -793,9 +813,16 @@ def register(app, user_errors) -> None:
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
         from hm3.model import thresholds_option
 
+        from hm3.io import group_pairs
+
         cuts = thresholds_option(label_threshold)
-        index, predicted, model_of, used, seconds = predict_suite(models, suite, batch_size, progress=True, groups=names,
-                                                                  threshold=threshold, thresholds=cuts)
+        files = group_pairs(data, "--data", "FILE", "jailbreak=jb-test.csv")
+        if suite is None and not files:
+            raise HM3Error("nothing to score: pass --suite FILE and/or --data GROUP=FILE")
+        rows = (load_suite(suite) if suite is not None else []) + data_rows(files)
+        name = " + ".join([str(suite)] * (suite is not None) + [str(p) for p in files.values()])
+        index, predicted, model_of, used, seconds = predict_suite(models, rows, batch_size, progress=True, groups=names,
+                                                                  threshold=threshold, thresholds=cuts, suite_name=name)
         report = index.score(predicted, model_of, models=used, seconds=seconds)
         typer.echo(report.summary_markdown())
         for s in report.groups.values():
