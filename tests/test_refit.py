@@ -220,6 +220,24 @@ def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_p
         hm3.merge(_ties(recipe, data={"a": data["a"]}, cross_texts=10), progress=False)
 
 
+def test_max_texts_per_group(tiny, tmp_path, recipe, data):
+    """``max_texts: {group: n}``: each group's own sample (and so the first of them, the cross texts of
+    the others) has its own size; groups not named take the default."""
+    from hm3.refit import MAX_TEXTS
+
+    r = _ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, cross_texts=10,
+              max_texts={"a": 25})
+    meta = json.loads((hm3.merge(r, tmp_path / "m", progress=False).path / "config.json").read_text())["hm3"]["refit"]
+    assert 80 < MAX_TEXTS
+    assert meta["groups"]["a"]["texts"] == 25 + 10 and meta["groups"]["b"]["texts"] == 80 + 10
+    assert meta["features"]["texts"] == 25 + 80
+    for bad, pattern in (({"c": 5}, r"max_texts names groups \['c'\] that are not re-fitted \(re-fitted: a, b\)"),
+                         ({"a": 0}, "max_texts must be a positive integer or a mapping of groups to them")):
+        with pytest.raises(HM3Error, match=pattern):
+            hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, max_texts=bad),
+                      tmp_path / "bad", progress=False)
+
+
 def test_extra_texts_distil_a_head_on_a_domain_no_group_of_the_refit_has(tiny, tmp_path, recipe, data):
     """Only group a is re-fitted, on its own texts plus 40 of an unlabelled file of group b's domain:
     its head then follows its teacher there as well."""

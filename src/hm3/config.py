@@ -132,7 +132,8 @@ class RefitConfig(BaseModel):
     validation: dict[str, str] = Field(default_factory=dict)  # group -> file for choosing c
     teachers: dict[str, str] = Field(default_factory=dict)  # distill: group -> original guard dir
     groups: list[str] | None = None  # default: every group with data
-    max_texts: int = Field(500, ge=1)  # per group (and per validation file), a seeded sample
+    # per group (and per validation file), a seeded sample; or {group: n} (groups not named: 500)
+    max_texts: Union[int, dict[str, int]] = 500
     c: Union[Literal["auto"], float] = "auto"
     temperature: float = Field(1.0, gt=0)
     max_length: int | None = Field(None, ge=16)  # default: the merged model's inference window
@@ -144,6 +145,14 @@ class RefitConfig(BaseModel):
     body: BodyConfig | None = None  # distill: then train the body on the same texts (hm3.body_distill)
     # forward passes for features and teachers (hm3.refit); auto: bfloat16 on CPUs with bf16 matrix instructions
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
+
+    @field_validator("max_texts")
+    @classmethod
+    def _max_texts(cls, v):
+        counts = v.values() if isinstance(v, dict) else [v]
+        if not all(isinstance(n, int) and n >= 1 for n in counts):
+            raise ValueError(f"max_texts must be a positive integer or a mapping of groups to them, got {v!r}")
+        return v
 
     @field_validator("c")
     @classmethod

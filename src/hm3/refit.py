@@ -47,7 +47,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence
 
 from hm3.errors import HM3Error
 from hm3.labels import label_index
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 #: inverse L2 strengths tried when ``c`` is ``auto`` (on standardised features)
 C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 HOLDOUT = 0.2  # share of the training texts used to pick C when there is no validation file
+MAX_TEXTS = 500  # texts per group (a seeded sample) where the caller names no number for it
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ def refit_heads(
     specs: Sequence[GroupRefit],
     *,
     c: "float | str" = "auto",
-    max_texts: int = 500,
+    max_texts: "int | Mapping[str, int]" = MAX_TEXTS,
     temperature: float = 1.0,
     max_length: int | None = None,
     batch_size: int = 32,
@@ -344,6 +345,8 @@ def refit_heads(
     of which every distilled group fits its teacher on ``cross_texts`` texts each, too.
     ``label_weight``: a distilled group whose data has labels fits ``(1 − a)·teacher + a·one-hot(label)``
     on its own texts (Hinton et al.'s soft + hard targets); texts without labels keep the teacher's.
+    ``max_texts``: texts per group, a seeded sample of its data (and of its validation file); a mapping
+    names a number per group (``MAX_TEXTS`` for groups it does not name).
     ``body_labels``: also record, per group, the labels its data file gives its training texts
     (``report.labels``, for body distillation's ``label_weight``); the fits do not use them.
     ``precision`` ``bfloat16``: the merged body's features and the teachers' logits come from forward
@@ -380,6 +383,10 @@ def refit_heads(
     report = RefitReport(max_length=clf.max_length, precision=precision, truncate=truncate)
     out = S.out_module(model)
 
+    unknown = sorted(set(max_texts) - {s.group for s in specs}) if isinstance(max_texts, Mapping) else []
+    if unknown:
+        raise HM3Error(f"max_texts names groups {unknown} that are not re-fitted (re-fitted: "
+                       f"{', '.join(s.group for s in specs)})")
     # Texts per group: training texts, and validation texts (a file) or a hold-out mask over them.
     reads = []
     for s in specs:
@@ -387,8 +394,9 @@ def refit_heads(
         labelled = s.teacher is None
         why = ("a labelled re-fit" if labelled else
                f"label_weight {label_weight:g} (it mixes each text's label into the targets; or set it to 0)")
-        train = _read(s.data, g, labelled or label_weight > 0, max_texts, seed, f"refit/{g.name}", why)
-        val = _read(s.validation, g, labelled, max_texts, seed, f"refit-val/{g.name}") if s.validation else None
+        n = max_texts.get(g.name, MAX_TEXTS) if isinstance(max_texts, Mapping) else max_texts
+        train = _read(s.data, g, labelled or label_weight > 0, n, seed, f"refit/{g.name}", why)
+        val = _read(s.validation, g, labelled, n, seed, f"refit-val/{g.name}") if s.validation else None
         held = _holdout(train, seed, f"refit-holdout/{g.name}") if val is None and c == "auto" else None
         if labelled:
             fit_labels = [y for i, y in enumerate(train.labels) if held is None or not held[i]]
