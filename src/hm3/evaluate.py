@@ -811,9 +811,8 @@ def register(app, user_errors) -> None:
         import json
 
         names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
-        from hm3.model import thresholds_option
-
         from hm3.io import group_pairs
+        from hm3.model import thresholds_option
 
         cuts = thresholds_option(label_threshold)
         files = group_pairs(data, "--data", "FILE", "jailbreak=jb-test.csv")

@@ -674,7 +674,7 @@ def _table_rows(path: Path, raw: str, labelled: bool, why: str, field: str) -> l
                 continue
             if labelled and not label.strip():
                 raise HM3Error(f"{where}: {why} needs a {field} in every row; this one is empty")
-            rows.append((text, label.strip() if labelled else row.get(field)))
+            rows.append((text, label.strip() if labelled else label))
     except csv.Error as e:
         raise HM3Error(f"{path}:{reader.line_num}: malformed {path.suffix[1:].upper()} ({e})") from None
     return rows

@@ -916,7 +916,7 @@ def register(app, user_errors) -> None:
                                                  help="GROUP=FILE for choosing C (default: a 20% hold-out of --data)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
         c: str = typer.Option("auto", "--c", help="Inverse L2 strength, or 'auto' (picked on validation)."),
-        max_texts: int = typer.Option(500, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
+        max_texts: int = typer.Option(MAX_TEXTS, "--max-texts", min=1, help="Texts per group (a seeded sample)."),
         temperature: float = typer.Option(1.0, "--temperature", min=1e-3, help="Distillation temperature."),
         max_length: Optional[int] = typer.Option(None, "--max-length", min=16, help="Tokens per window (default: the model's)."),
         truncate: bool = typer.Option(False, "--truncate", help="Fit on each text's first --max-length tokens only, "

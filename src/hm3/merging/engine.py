@@ -250,8 +250,8 @@ def prepare(config: "MergeConfig | str | Path | dict", *, allow_pickle: bool = F
 
 
 #: A fine-tuned classifier's body is a few percent away from its base's (the zoo's five guards: 0.7-1.9%
-#: in L2 norm); a random initialisation is 100% away and an unrelated pretrained checkpoint of the same
-#: shapes about 140%. Beyond this share, ``far_from_base`` says so.
+#: in L2 norm); a random initialisation is 100% away from a pretrained MiniLM, and two independent
+#: initialisations of one shape about 140% (√2). Beyond this share, ``far_from_base`` says so.
 FAR_FROM_BASE = 0.5
 _DISTANCE_SAMPLE = 4  # matrices of the body, evenly spaced over the layers, at most 2^20 elements each
 
