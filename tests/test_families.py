@@ -189,3 +189,19 @@ def test_onnx_export_answers_like_torch(family, tmp_path):
     for batch_size in (len(TEXTS), 1):
         got = np.asarray(fast.predict_proba(TEXTS, batch_size=batch_size)["a"])
         np.testing.assert_allclose(got, _guard_probs(d / "a"), atol=1e-5)
+
+
+def test_search_engine_merges_like_hm3_merge(family):
+    """The search's in-memory engine (TaskVectors, a preallocated model of the family) gives exactly
+    ``hm3.merge``'s tensors — the hidden head layer and the DARE draws included."""
+    from hm3.merging.engine import prepare
+    from hm3.merging.fast import TaskVectors, recipe_with
+
+    fam, d = family
+    tv = TaskVectors.from_prepared(prepare(_recipe(d, "dare_ties")))
+    overrides = {"density": [0.3, 0.6], "weight": [1.0, 0.8]}
+    got = tv.merge_into(tv.new_model(), overrides, seed=7).state_dict()
+    reference = hm3.merge(recipe_with(tv.prep.config, overrides, 7), progress=False).state
+    assert set(reference) <= set(got)
+    for name, t in reference.items():
+        assert torch.equal(got[name], t), name
