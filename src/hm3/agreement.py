@@ -107,10 +107,14 @@ class Agreement:
     sure: float = 0.9  # the guard counts as sure of a text when its top probability is at least this
     by_field: str | None = None  # what ``agreement(by=)``'s keys are, for the report (e.g. "source")
     thresholds: dict[str, list[float]] = field(default_factory=dict)  # multi-label groups: each label's threshold
+    # single-label groups compared at an operating point: (label, threshold), hm3.model.decide
+    operating_points: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def to_json(self, show: int | None = None) -> dict:
         return {"model": self.model, "texts": len(self.texts), "seconds": round(self.seconds, 2), "sure": self.sure,
                 **({"thresholds": self.thresholds} if self.thresholds else {}),
+                **({"operating_points": {g: {"label": lab, "threshold": t} for g, (lab, t) in
+                                         self.operating_points.items()}} if self.operating_points else {}),
                 **({"by_field": self.by_field} if self.by_field else {}),
                 "groups": {g: a.to_json(show) for g, a in self.groups.items()}}
 
@@ -125,7 +129,10 @@ class Agreement:
                     + "); its guard is sure when every label's probability is "
                     f"at least {self.sure:g} or at most {1 - self.sure:g}, and its tables count per label the "
                     "texts given that label by both, by one of them, or by neither."
-                    if any(a.multi_label for a in self.groups.values()) else ""), "",
+                    if any(a.multi_label for a in self.groups.values()) else "")
+                 + ("" if not self.operating_points else " Compared at operating points (a label where its "
+                    "probability reaches the threshold, else the most probable other one): "
+                    + "; ".join(f"{g} {lab} ≥ {t:g}" for g, (lab, t) in self.operating_points.items()) + "."), "",
                  "| group | guard | texts | same label | share | guard sure | same label | share |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for a in self.groups.values():
@@ -196,9 +203,10 @@ def agreement(
     order of first appearance (``GroupAgreement.by``); ``by_field`` names the keys in the report.
     ``guard_probs``: ``{group: (texts, labels) array}``, a guard's probabilities on ``texts`` already
     computed (e.g. once for many merged models); that guard is not run again. ``threshold`` and
-    ``thresholds`` (per group or label): where a multi-label group's label counts as given, for the
-    guard and the merged model alike (default: the merged model's own; 0.5 when loaded here)."""
-    from hm3.model import GroupwiseClassifier, load
+    ``thresholds`` (per group or label): where a multi-label group's label counts as given, and a
+    single-label group's operating point (``{"group/label": t}``), for the guard and the merged model
+    alike (default: the merged model's own; 0.5 and none when loaded here)."""
+    from hm3.model import GroupwiseClassifier, decide, load, operating_point
 
     if not 0 < sure <= 1:
         raise HM3Error(f"sure must be in (0, 1], got {sure}")
@@ -217,7 +225,7 @@ def agreement(
 
         cuts = label_thresholds(clf.space, clf.threshold if threshold is None else threshold, thresholds)
     else:
-        cuts = {g: clf.cuts(g) for g in clf.space.multi_label()}
+        cuts = clf.all_cuts()
     unknown = [g for g in guards if g not in clf.groups]
     if unknown:
         raise HM3Error(f"{name}: has no group {', '.join(map(repr, unknown))}; its groups are {', '.join(clf.groups)}")
@@ -269,7 +277,7 @@ def agreement(
             dis = [Disagreement(int(i), label_set(ya[i]), label_set(yb[i]), float(pa[i]), float(pb[i])) for i in idx]
             confident = pa >= sure
         else:
-            ya, yb = gp.argmax(1), mp.argmax(1)
+            ya, yb = decide(clf.space[g], gp, cuts.get(g)), decide(clf.space[g], mp, cuts.get(g))
             same = ya == yb
             conf = np.zeros((len(labels), len(labels)), dtype=np.int64)
             np.add.at(conf, (ya, yb), 1)
@@ -285,12 +293,15 @@ def agreement(
         out[g] = GroupAgreement(g, where, labels, conf, dis, int(confident.sum()), int((confident & same).sum()),
                                 per_key, multi_label=multi, same=int(same.sum()))
         log.info("%s: %d of %d texts agree with %s", g, out[g].agree, out[g].n, where)
+    points = {g: p for g in groups if (p := operating_point(clf.space[g], cuts.get(g))) is not None}
     return Agreement(name, texts, out, time.perf_counter() - t0, sure, by_field if keys is not None else None,
-                     {g: cuts[g].tolist() for g in groups if g in cuts})
+                     {g: cuts[g].tolist() for g in groups if clf.space[g].multi_label}, points)
 
 
 def register(app, user_errors) -> None:
     import typer
+
+    from hm3.labels import LABEL_THRESHOLD_HELP
 
     @app.command("agree")
     @user_errors
@@ -312,8 +323,7 @@ def register(app, user_errors) -> None:
         threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label counts as given at a "
                                         "score of at least this (guard and merged model alike)."),
         label_threshold: Optional[List[str]] = typer.Option(
-            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
-                                            "threshold instead of --threshold (repeat)."),
+            None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
     ) -> None:
         """How often the merged model gives each original guard's label on unlabelled texts, and where not."""
         from hm3.io import group_pairs, read_text_rows, texts_from, write_text_atomic

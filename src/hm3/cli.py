@@ -25,6 +25,7 @@ import typer
 # the environment where it pays.
 
 from hm3.errors import HM3Error
+from hm3.labels import LABEL_THRESHOLD_HELP
 
 app = typer.Typer(
     name="hm3",
@@ -102,8 +103,7 @@ def predict(
     aggregate: str = typer.Option("mean", "--aggregate", help="Long texts: 'mean' or 'max' over windows."),
     threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: list the labels scoring at least this."),
     label_threshold: Optional[list[str]] = typer.Option(
-        None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own threshold "
-                                        "instead of --threshold (repeat)."),
+        None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
     fast: Optional[str] = typer.Option(
         None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, bf16 (answers can differ from "
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),

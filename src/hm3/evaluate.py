@@ -785,6 +785,8 @@ def _fmt(x: float) -> str:
 def register(app, user_errors) -> None:
     import typer
 
+    from hm3.labels import LABEL_THRESHOLD_HELP
+
     @app.command("eval")
     @user_errors
     def eval_command(
@@ -804,8 +806,7 @@ def register(app, user_errors) -> None:
         threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label is predicted at a "
                                         "score of at least this (the model's and the references')."),
         label_threshold: Optional[List[str]] = typer.Option(
-            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
-                                            "threshold instead of --threshold (repeat)."),
+            None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
     ) -> None:
         """Macro F1 per group (and averaged), per-label counts and confusion matrices on a suite."""
         import json

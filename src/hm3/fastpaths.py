@@ -29,6 +29,7 @@ windowing; only the forward pass differs. Exports are cached next to the model (
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +63,7 @@ def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, th
     if path == "int8":
         model = quantize_int8(clf.model)
     elif path == "int8-checked":
-        model = CheckedInt8(clf.model, clf.space, cuts={g: clf.cuts(g) for g in clf.space.multi_label()})
+        model = CheckedInt8(clf.model, clf.space, cuts=clf.all_cuts())
     elif path == "bf16":
         model = Autocast(clf.model, "bfloat16")
     else:
@@ -94,21 +95,29 @@ def quantize_int8(model):
 class CheckedInt8:
     """Stands in for the classifier inside ``GroupwiseClassifier``: int8 logits, except for the rows
     where some group's top-two logits are closer than ``margin`` (a multi-label group: some logit is
-    within ``margin`` of its label's threshold's, ``log(t / (1 - t))``; ``cuts``: per multi-label
-    group, each label's threshold, default 0.5), which the fp32 model recomputes."""
+    within ``margin`` of its label's threshold's, ``log(t / (1 - t))``; a single-label group at an
+    operating point: also its label's log-odds, ``log(p / (1 - p))``, within ``margin`` of the
+    threshold's), which the fp32 model recomputes. ``cuts``: ``GroupwiseClassifier.all_cuts`` (a
+    multi-label group's thresholds default to 0.5)."""
 
     def __init__(self, model, space, margin: float = CHECK_MARGIN, cuts: "dict | None" = None):
         import torch
+
+        from hm3.model import operating_point
 
         self.fp32, self.int8 = model, quantize_int8(model)
         # a one-label softmax group has no close call
         self.rows = [g.rows for g in space if len(g.labels) > 1 and not g.multi_label]
         self.sigmoid_rows = [g.rows for g in space if g.multi_label]
         self.boundaries = []  # per multi-label group: each label's threshold as a logit
+        self.points = []  # per single-label group at an operating point: (rows, its label, threshold as log-odds)
         for g in space:
             if g.multi_label:
                 t = torch.as_tensor((cuts or {}).get(g.name, [0.5] * g.size), dtype=torch.float32)
                 self.boundaries.append(torch.log(t / (1 - t)))
+            elif (point := operating_point(g, (cuts or {}).get(g.name))) is not None:
+                label, t = point
+                self.points.append((g.rows, g.labels.index(label), math.log(t / (1 - t))))
         self.margin = margin
         self.config = model.config
         self.training = False
@@ -127,6 +136,10 @@ class CheckedInt8:
             close |= (top2[:, 0] - top2[:, 1]) < self.margin
         for rows, boundary in zip(self.sigmoid_rows, self.boundaries):
             close |= ((logits[:, rows] - boundary).abs() < self.margin).any(dim=1)
+        for rows, j, boundary in self.points:
+            z = logits[:, rows]
+            log_odds = z[:, j] - torch.logsumexp(torch.cat([z[:, :j], z[:, j + 1:]], dim=1), dim=1)
+            close |= (log_odds - boundary).abs() < self.margin
         self.seen += logits.shape[0]
         if close.any():
             idx = close.nonzero().squeeze(1)
@@ -305,17 +318,15 @@ class OnnxClassifier:
 
 
 def agreement(reference, fast, texts: Sequence[str], batch_size: int = 32) -> dict[str, float]:
-    """Per group (and ``all``): the fraction of texts whose predicted label is the same (for a
-    multi-label group: the same set of labels at ``reference``'s threshold)."""
+    """Per group (and ``all``): the fraction of texts whose answer is the same at ``reference``'s
+    thresholds (a single-label group: the same label, at its operating point if it has one; a
+    multi-label group: the same set of labels)."""
     ref = reference.predict_proba(texts, batch_size=batch_size)
     got = fast.predict_proba(texts, batch_size=batch_size)
     out, same, total = {}, 0, 0
     for g, p in ref.items():
-        if reference.space[g].multi_label:
-            t = reference.cuts(g)
-            k = int(((p >= t) == (got[g] >= t)).all(axis=1).sum())
-        else:
-            k = int((p.argmax(axis=1) == got[g].argmax(axis=1)).sum())
+        a, b = (reference.decisions(reference.space[g], q) for q in (p, got[g]))
+        k = int((a == b).reshape(len(p), -1).all(axis=1).sum())
         out[g] = k / max(1, len(p))
         same, total = same + k, total + len(p)
     out["all"] = same / max(1, total)

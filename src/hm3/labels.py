@@ -147,6 +147,12 @@ class LabelSpace:
 MULTI_LABEL = "multi_label_classification"
 
 
+#: the help of every command's ``--label-threshold`` (``hm3.model.thresholds_option``, ``label_thresholds``)
+LABEL_THRESHOLD_HELP = ("GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own threshold instead of "
+                        "--threshold; GROUP/LABEL=T on a single-label group is its operating point: LABEL where its "
+                        "probability reaches T, else the most probable other label (repeat).")
+
+
 def label_index(group: str, names: Sequence[str], raw: object, where: str) -> int:
     """The index in ``names`` (group ``group``'s labels) of a label given by name, ``group/name`` or
     index — an int, or a string of digits that is no label's name (labels read from a CSV file);

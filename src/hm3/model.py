@@ -18,6 +18,10 @@ to 1, windows aggregate per label (mean or max, nothing renormalised), and a pre
 label whose score reaches its threshold besides the top one: ``threshold`` (0.5), or per group or
 label ``thresholds`` (``{"toxicity": 0.6, "toxicity/threat": 0.3}``: a label's own entry, else its
 group's, else ``threshold``).
+
+A single-label group answers its top label, unless ``thresholds`` gives it an *operating point* on
+one of its labels (``{"jailbreak/jailbreak": 0.9}``, as guards are often run): that label where its
+probability reaches the threshold, else the most probable other label (``decide``).
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GroupPrediction:
-    """One group's answer for one text: the top-scoring ``label`` and every label's score; for a
-    multi-label group also ``labels``, all labels whose score reaches the threshold (may be empty)."""
+    """One group's answer for one text: its ``label`` (the top-scoring one, or at the group's operating
+    point: ``decide``) and every label's score; for a multi-label group also ``labels``, all labels
+    whose score reaches the threshold (may be empty)."""
 
     label: str
     scores: dict[str, float]
@@ -78,27 +83,66 @@ def group_probs(logits: torch.Tensor, owner: torch.Tensor, n_texts: int, group: 
 def label_thresholds(space: LabelSpace, default: float = 0.5,
                      overrides: "Mapping[str, float] | None" = None) -> dict[str, np.ndarray]:
     """Per multi-label group, each label's threshold: ``overrides["group/label"]``, else
-    ``overrides["group"]``, else ``default``. An override naming no label or group, a single-label
-    group, or a value (or ``default``) outside (0, 1) is an error."""
+    ``overrides["group"]``, else ``default``. Per single-label group with an operating point
+    (``overrides["group/label"]``, one label per group): that label's threshold, NaN for the others.
+    An override naming no label or group, a single-label group without a label or with two, or a
+    value (or ``default``) outside (0, 1) is an error."""
     from hm3.labels import SEP
 
     if not 0 < default < 1:
         raise HM3Error(f"threshold (of a multi-label group's scores) must be between 0 and 1, got {default}")
+    points: dict[str, str] = {}  # single-label group -> the label of its operating point
     for key, value in (overrides or {}).items():
         group, _, label = str(key).partition(SEP)
         g = space[group]  # unknown group: an error naming the known ones
-        if not g.multi_label:
-            raise HM3Error(f"threshold {key!r}: group {group!r} is single-label (its label is the top one); "
-                           "thresholds apply to multi-label groups")
         if label and label not in g.labels:
             raise HM3Error(f"threshold {key!r}: group {group!r} has no label {label!r}; its labels are "
                            f"{', '.join(g.labels)}")
+        if not g.multi_label:
+            if not label:
+                raise HM3Error(f"threshold {key!r}: group {group!r} is single-label: give its operating point on "
+                               f"one label, e.g. {group}{SEP}{g.labels[-1]}={value} (that label where its "
+                               "probability reaches the threshold, else the most probable other one)")
+            if group in points:
+                raise HM3Error(f"thresholds {group}{SEP}{points[group]} and {key}: a single-label group has one "
+                               "operating point, on one label")
+            points[group] = label
         if not isinstance(value, (int, float)) or not 0 < value < 1:
             raise HM3Error(f"threshold {key!r} must be between 0 and 1, got {value!r}")
     over = dict(overrides or {})
-    return {g.name: np.array([over.get(f"{g.name}{SEP}{lab}", over.get(g.name, default)) for lab in g.labels],
+    cuts = {g.name: np.array([over.get(f"{g.name}{SEP}{lab}", over.get(g.name, default)) for lab in g.labels],
                              dtype=float)
             for g in space if g.multi_label}
+    for group, label in points.items():
+        cut = np.full(space[group].size, np.nan)
+        cut[space[group].labels.index(label)] = over[f"{group}{SEP}{label}"]
+        cuts[group] = cut
+    return cuts
+
+
+def operating_point(group: Group, cut: "np.ndarray | None") -> tuple[str, float] | None:
+    """A single-label group's operating point ``(label, threshold)`` from its ``cut``, or None."""
+    if group.multi_label or cut is None or np.isnan(cut).all():
+        return None
+    j = int(np.flatnonzero(~np.isnan(cut))[0])
+    return group.labels[j], float(cut[j])
+
+
+def decide(group: Group, probs: np.ndarray, cut: "np.ndarray | float | None" = None) -> np.ndarray:
+    """What ``group`` answers from its probabilities ``(n, n_labels)``: a multi-label group, its 0/1 rows
+    of the labels at or above ``cut`` (one threshold, or one per label); a single-label group, each
+    text's label index — the top one, or with an operating point (``cut``: NaN but for one label's
+    threshold, ``label_thresholds``) that label where its probability reaches the threshold, else
+    the most probable other label."""
+    if group.multi_label:
+        return (probs >= cut).astype(int)
+    point = operating_point(group, cut)
+    if point is None:
+        return probs.argmax(axis=1)
+    j, t = group.labels.index(point[0]), point[1]
+    others = probs.astype(float, copy=True)
+    others[:, j] = -np.inf
+    return np.where(probs[:, j] >= t, j, others.argmax(axis=1))
 
 
 def thresholds_option(values: "Sequence[str] | None", option: str = "--label-threshold") -> dict[str, float]:
@@ -115,14 +159,16 @@ def thresholds_option(values: "Sequence[str] | None", option: str = "--label-thr
     return out
 
 
-def group_prediction(group: Group, row: np.ndarray, threshold: "float | np.ndarray" = 0.5) -> GroupPrediction:
+def group_prediction(group: Group, row: np.ndarray, threshold: "float | np.ndarray | None" = 0.5) -> GroupPrediction:
     """``group``'s prediction from its scores ``row`` (its probabilities, in label order);
-    ``threshold``: one for all labels, or one per label."""
+    ``threshold``: one for all labels, or one per label (a single-label group: its operating point,
+    or None)."""
     labels = group.labels
     top = labels[int(np.argmax(row))]
     scores = {lab: float(v) for lab, v in zip(labels, row)}
     if not group.multi_label:
-        return GroupPrediction(top, scores)
+        cut = threshold if isinstance(threshold, np.ndarray) else None
+        return GroupPrediction(labels[int(decide(group, np.asarray(row)[None, :], cut)[0])], scores)
     cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
     return GroupPrediction(top, scores, tuple(lab for lab, v, t in zip(labels, row, cut) if v >= t))
 
@@ -252,25 +298,30 @@ class GroupwiseClassifier:
 
     def decisions(self, group: Group, probs: np.ndarray) -> np.ndarray:
         """What the model answers from ``group``'s probabilities ``(n, n_labels)``: each text's label
-        index, or for a multi-label group its ``(n, n_labels)`` 0/1 row of labels at their thresholds."""
-        if group.multi_label:
-            return (probs >= self.cuts(group.name)).astype(int)
-        return probs.argmax(axis=1)
+        index (at the group's operating point, if it has one), or for a multi-label group its
+        ``(n, n_labels)`` 0/1 row of labels at their thresholds (``decide``)."""
+        return decide(group, probs, self.cuts(group.name))
 
     def set_thresholds(self, threshold: float = 0.5, thresholds: "Mapping[str, float] | None" = None) -> None:
         """Where a multi-label group's labels count as given: ``threshold`` for every label, unless
-        ``thresholds`` (``{"group": t, "group/label": t}``) names the label or its group."""
+        ``thresholds`` (``{"group": t, "group/label": t}``) names the label or its group; and a
+        single-label group's operating point (``{"group/label": t}``)."""
         cuts = label_thresholds(self.space, float(threshold), thresholds)  # checks before anything changes
         self.threshold, self.thresholds, self._cuts = float(threshold), dict(thresholds or {}), cuts
 
     def prediction(self, group: Group, row: np.ndarray) -> GroupPrediction:
         """``group``'s answer for one text from its probabilities (``group_prediction`` at this model's
         thresholds)."""
-        return group_prediction(group, row, self._cuts.get(group.name, self.threshold))
+        return group_prediction(group, row, self.cuts(group.name))
 
-    def cuts(self, group: str) -> np.ndarray:
-        """A multi-label group's per-label thresholds (``label_thresholds``)."""
-        return self._cuts[group]
+    def cuts(self, group: str) -> np.ndarray | None:
+        """A multi-label group's per-label thresholds, a single-label group's operating point (NaN but
+        for its label), or None for a single-label group without one (``label_thresholds``)."""
+        return self._cuts.get(group)
+
+    def all_cuts(self) -> dict[str, np.ndarray]:
+        """``cuts`` of every group that has them."""
+        return dict(self._cuts)
 
     def predict(
         self,

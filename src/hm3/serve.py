@@ -770,6 +770,8 @@ def register(app, user_errors) -> None:
 
     import typer
 
+    from hm3.labels import LABEL_THRESHOLD_HELP
+
     @app.command()
     @user_errors
     def serve(
@@ -793,8 +795,7 @@ def register(app, user_errors) -> None:
         threshold: float = typer.Option(Settings.threshold, help="Multi-label groups: report the labels scoring "
                                         "at least this."),
         label_threshold: Optional[List[str]] = typer.Option(
-            None, "--label-threshold", help="GROUP=T or GROUP/LABEL=T: a multi-label group's or label's own "
-                                            "threshold instead of --threshold (repeat)."),
+            None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
         keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
                                          "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
