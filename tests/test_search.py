@@ -303,3 +303,39 @@ def test_storage_retries_when_another_worker_creates_the_tables_first(tmp_path, 
     storage = storage_for(None, tmp_path)
     assert len(calls) == 2 and isinstance(storage, real)
     assert (tmp_path / "study.db").is_file()
+
+
+def test_validation_and_test_data_files_per_group(zoo, tmp_path):
+    """``--validation-data a=a.csv --validation-data b=b.jsonl`` (and ``--test-data``): the trials score
+    exactly what a search on a suite of the same rows scores."""
+    import csv as csv_module
+
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    args = {}
+    for split, seed in (("validation", 41), ("test", 42)):
+        a_rows = [(t, TASK_A.labels[y]) for t, y in TASK_A.sample(20, seed=seed)]
+        b_rows = [(t, TASK_B.labels[y]) for t, y in TASK_B.sample(20, seed=seed + 1)]
+        with (tmp_path / f"{split}-a.csv").open("w", newline="") as fh:
+            w = csv_module.writer(fh)
+            w.writerow(["text", "label"])
+            w.writerows(a_rows)
+        (tmp_path / f"{split}-b.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in b_rows))
+        suite = tmp_path / f"{split}.jsonl"
+        suite.write_text("".join(json.dumps({"text": t, "expected": {g: y}}) + "\n"
+                                 for g, rows in (("a", a_rows), ("b", b_rows)) for t, y in rows))
+        args[split] = (["--" + split, str(suite)],
+                       [f"--{split}-data", f"a={tmp_path / f'{split}-a.csv'}", f"--{split}-data", f"b={tmp_path / f'{split}-b.jsonl'}"])
+    common = [str(zoo["recipe"]), "--trials", "3", "--no-progress", "--seed", "5"]
+    values = {}
+    for how, pick in (("suite", 0), ("data", 1)):
+        out = tmp_path / how
+        res = CliRunner().invoke(app, ["search", *common, *args["validation"][pick], *args["test"][pick], "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        values[how] = [(r["value"], r["val_a"], r["val_b"], r["test_average"]) for r in rows_of(out / "trials.csv")]
+    assert values["data"] == values["suite"] and all(v[0] for v in values["data"])
+    assert values["data"][0][3]  # the first trial improves the best: scored on the test rows too
+    res = CliRunner().invoke(app, ["search", *common, "--out", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "pass --validation FILE and/or --validation-data GROUP=FILE" in res.output

@@ -134,6 +134,16 @@ def data_rows(files: Mapping[str, str | os.PathLike]) -> list[SuiteRow]:
     return rows
 
 
+def suite_and_data(suite: "str | os.PathLike | None", files: Mapping[str, str | os.PathLike],
+                   options: str) -> tuple[list[SuiteRow], str]:
+    """``(rows, name)`` of a suite file and/or labelled files per group (``data_rows``), for the
+    commands' ``--suite`` / ``--data`` pairs; ``options`` names them for the error when both are empty."""
+    if suite is None and not files:
+        raise HM3Error(f"nothing to score: pass {options}")
+    rows = (load_suite(suite) if suite is not None else []) + data_rows(files)
+    return rows, " + ".join([str(suite)] * (suite is not None) + [str(p) for p in files.values()])
+
+
 def suite_groups(rows: Sequence[SuiteRow]) -> list[str]:
     """The groups a suite checks, in order of first appearance."""
     seen: dict[str, None] = {}
@@ -816,11 +826,8 @@ def register(app, user_errors) -> None:
         from hm3.model import thresholds_option
 
         cuts = thresholds_option(label_threshold)
-        files = group_pairs(data, "--data", "FILE", "jailbreak=jb-test.csv")
-        if suite is None and not files:
-            raise HM3Error("nothing to score: pass --suite FILE and/or --data GROUP=FILE")
-        rows = (load_suite(suite) if suite is not None else []) + data_rows(files)
-        name = " + ".join([str(suite)] * (suite is not None) + [str(p) for p in files.values()])
+        rows, name = suite_and_data(suite, group_pairs(data, "--data", "FILE", "jailbreak=jb-test.csv"),
+                                    "--suite FILE and/or --data GROUP=FILE")
         index, predicted, model_of, used, seconds = predict_suite(models, rows, batch_size, progress=True, groups=names,
                                                                   threshold=threshold, thresholds=cuts, suite_name=name)
         report = index.score(predicted, model_of, models=used, seconds=seconds)

@@ -794,8 +794,14 @@ def register(app, user_errors) -> None:
     @user_errors
     def search_command(
         config: Path = typer.Argument(..., help="Recipe to search around (method, base, models, seed)."),
-        validation: Path = typer.Option(..., "--validation", help="Validation suite (JSONL, text + expected)."),
+        validation: Optional[Path] = typer.Option(None, "--validation", help="Validation suite (JSONL, text + expected)."),
+        validation_data: Optional[List[str]] = typer.Option(
+            None, "--validation-data", help="GROUP=FILE: a labelled validation set of one group (.jsonl rows "
+                                            "{\"text\", \"label\"}, .csv / .tsv columns text, label; repeat), instead "
+                                            "of or beside --validation."),
         test: Optional[Path] = typer.Option(None, "--test", help="Test suite: scored when the validation best improves."),
+        test_data: Optional[List[str]] = typer.Option(None, "--test-data", help="GROUP=FILE: as --validation-data, "
+                                                      "for the test scores."),
         trials: int = typer.Option(100, "--trials", min=1, help="Finished trials the study should hold."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (study.db, trials.csv, best/, plot)."),
         sampler: str = typer.Option("beta", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
@@ -823,6 +829,17 @@ def register(app, user_errors) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Search merge densities/weights on a validation suite (the paper's model search, and better)."""
+        from hm3.evaluate import suite_and_data
+        from hm3.io import group_pairs
+
+        val_files = group_pairs(validation_data, "--validation-data", "FILE", "jailbreak=jb-val.csv")
+        if val_files:  # otherwise the suite file itself (its path names it in the outputs)
+            validation, _ = suite_and_data(validation, val_files, "--validation FILE and/or --validation-data GROUP=FILE")
+        elif validation is None:
+            raise HM3Error("nothing to score the trials on: pass --validation FILE and/or --validation-data GROUP=FILE")
+        test_files = group_pairs(test_data, "--test-data", "FILE", "jailbreak=jb-test.csv")
+        if test_files:
+            test, _ = suite_and_data(test, test_files, "--test FILE and/or --test-data GROUP=FILE")
         kind = space or ("shared" if sampler in ("beta", "random") else "per-model")
         settings = SearchSettings(
             sampler=sampler, objective=objective,
