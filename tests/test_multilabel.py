@@ -373,6 +373,7 @@ def test_served_multi_label_groups_list_their_labels(merged):
         assert "labels" not in row["groups"]["spam"]
         assert row["groups"]["tox"]["scores"] == pytest.approx(w["tox"].scores, abs=1e-5)
     assert labels[0]["multi_label"] is True and "multi_label" not in labels[1]
+    assert labels[0]["thresholds"] == [0.7, 0.15, 0.7] and "thresholds" not in labels[1]  # hate, threat, insult
     with pytest.raises(HM3Error, match="threshold"):
         Settings(threshold=0)
 

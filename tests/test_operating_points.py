@@ -154,4 +154,7 @@ def test_served_labels_at_the_operating_point(zoo):
     settings = Settings(thresholds=POINT, threads=1, max_wait_ms=1)
     with background_server(create_app(zoo["merged"], settings)) as url, httpx.Client(base_url=url, timeout=30) as c:
         rows = c.post("/v1/classify", json={"texts": zoo["texts"][:10]}).json()
+        groups = c.get("/v1/labels").json()["groups"]
     assert [r["groups"]["b"]["label"] for r in rows] == [TASK_B.labels[i] for i in want]
+    assert groups == [{"name": "a", "labels": list(TASK_A.labels)},  # no operating point: nothing more
+                      {"name": "b", "labels": list(TASK_B.labels), "operating_point": {"label": "blue", "threshold": T}}]

@@ -480,12 +480,32 @@ def _request_models():
         name: str
         labels: list[str]
         multi_label: bool = Field(default=False, description="A sigmoid per label (present only when true).")
+        thresholds: Optional[list[float]] = Field(default=None, description="A multi-label group: each label's "
+                                                  "threshold (`labels` lists those reached).")
+        operating_point: Optional[dict] = Field(default=None, description="A single-label group run at an operating "
+                                                "point: {label, threshold} (present only when set).")
 
     class LabelsResponse(BaseModel):
         model: str
         groups: list[LabelGroup]
 
     return ClassifyRequest, TextResult, ErrorResponse, LabelsResponse
+
+
+def label_groups(clf) -> list[dict]:
+    """``GET /v1/labels``' groups: the label space, and how each group's answer is decided (a multi-label
+    group's thresholds, a single-label group's operating point)."""
+    from hm3.model import operating_point
+
+    out = []
+    for entry, g in zip(clf.space.to_json(), clf.space):
+        cut = clf.cuts(g.name)
+        if g.multi_label:
+            entry["thresholds"] = [float(t) for t in cut]
+        elif (point := operating_point(g, cut)) is not None:
+            entry["operating_point"] = {"label": point[0], "threshold": point[1]}
+        out.append(entry)
+    return out
 
 
 async def _read_body(request, cap: int) -> bytes:
@@ -672,7 +692,7 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
     @app.get("/v1/labels", response_model=LabelsResponse, dependencies=[Depends(require_key)],
              responses={401: err_responses[401]}, summary="The model's groups and their labels.")
     async def labels():
-        return JSONResponse({"model": model_name, "groups": clf.space.to_json()})
+        return JSONResponse({"model": model_name, "groups": label_groups(clf)})
 
     @app.get("/healthz", summary="Liveness and readiness: 200 while the inference worker runs (no API key).")
     async def healthz(request: Request):
