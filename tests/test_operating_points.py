@@ -158,3 +158,31 @@ def test_served_labels_at_the_operating_point(zoo):
     assert [r["groups"]["b"]["label"] for r in rows] == [TASK_B.labels[i] for i in want]
     assert groups == [{"name": "a", "labels": list(TASK_A.labels)},  # no operating point: nothing more
                       {"name": "b", "labels": list(TASK_B.labels), "operating_point": {"label": "blue", "threshold": T}}]
+
+
+def test_search_scores_trials_and_guards_at_the_operating_point(zoo, tmp_path):
+    """``hm3 search --label-threshold``: the trials and the original guards (the worst-ratio denominators,
+    under the guard's own group name) are scored at the point, like ``hm3 eval`` scores them."""
+    import csv
+
+    from hm3.evaluate import evaluate
+    from hm3.search import SearchSettings, run_search
+
+    point = {"b/blue": 0.9}  # the guard's blue scores are 0.01-0.88: at 0.9 it never says blue
+    rows = [{"text": t, "expected": {"b": TASK_B.labels[y]}} for t, y in TASK_B.sample(40, seed=12)]
+    suite = tmp_path / "val.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = zoo["dir"]
+    recipe = {"merge_method": "dare_ties", "base_model": str(d / "base"), "seed": 0,
+              "models": [{"model": str(zoo["a"]), "group": "a", "parameters": {"density": 0.5}},
+                         {"model": str(zoo["b"]), "group": "b", "parameters": {"density": 0.5}}]}
+    out = tmp_path / "search"
+    run_search(recipe, suite, None, 1, out, SearchSettings(objective="worst", thresholds=point), progress=False)
+    guard_at_point = evaluate([hm3.load(zoo["b"], thresholds=point)], suite).groups["b"].macro_f1
+    assert guard_at_point != evaluate([zoo["b"]], suite).groups["b"].macro_f1
+    assert json.loads((out / "originals-validation.json").read_text())["b"] == pytest.approx(guard_at_point)
+    trial = next(csv.DictReader((out / "trials.csv").open()))
+    best = evaluate([hm3.load(out / "best", thresholds=point)], suite).groups["b"].macro_f1
+    assert float(trial["val_b"]) == pytest.approx(best)
+    with pytest.raises(HM3Error, match="was made with other settings"):  # a study remembers its thresholds
+        run_search(recipe, suite, None, 2, out, SearchSettings(objective="worst"), progress=False)

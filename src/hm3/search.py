@@ -114,6 +114,10 @@ class SearchSettings:
     truncate: bool = False  # score each text's first window only (faster; see TokenCache)
     self_merge: bool = False
     precision: str = "float32"  # forward passes of the trials: float32 | bfloat16 (TokenCache)
+    # how answers are decided (hm3.model.label_thresholds): multi-label groups' thresholds, single-label
+    # groups' operating points ({"group/label": t}); the original guards are scored the same way
+    threshold: float = 0.5
+    thresholds: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -137,6 +141,8 @@ class SearchSettings:
                  "max_length": self.max_length, "truncate": self.truncate}
         if self.precision != "float32":  # studies made before --precision existed ran float32
             ident["precision"] = self.precision
+        if self.threshold != 0.5 or self.thresholds:  # (likewise before --threshold / --label-threshold)
+            ident["thresholds"] = {"default": self.threshold, **self.thresholds}
         return json.loads(json.dumps(ident))  # as stored: tuples become lists
 
 
@@ -307,7 +313,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
                        "(or --methods)")
     variants = {m: tv.with_method(m) for m in settings.space.methods} or {tv.prep.method.name: tv}
     kw = {"max_length": settings.max_length} if settings.max_length else {}
-    clf = tv.classifier(**kw)
+    clf = tv.classifier(threshold=settings.threshold, thresholds=settings.thresholds, **kw)
     space = tv.prep.space
     val_rows = _restrict(load_suite(validation) if not isinstance(validation, list) else validation, space.names,
                          str(validation) if not isinstance(validation, list) else "validation")
@@ -346,11 +352,14 @@ def originals_scores(tv: "TaskVectors", index: "SuiteIndex", settings: SearchSet
         if g.name not in index.groups or g.name in out:
             continue
         clf = load(entry.model, **kw)
+        own_group = clf.groups[0]  # the guard's group (named after its directory): the merged group's thresholds
+        clf.set_thresholds(settings.threshold, {own_group + k[len(g.name):]: v for k, v in settings.thresholds.items()
+                                                if k == g.name or k.startswith(g.name + "/")})
         tids = index.texts_of([g.name])
         probs = clf.predict_proba([index.texts[t] for t in tids], batch_size=settings.batch_size)
         own = next(iter(probs.values()))  # a guard has one group; its labels are the merged group's
         pred = np.full((len(index.texts), g.size) if g.multi_label else len(index.texts), -1, dtype=int)
-        pred[tids] = clf.decisions(clf.space[clf.groups[0]], own)
+        pred[tids] = clf.decisions(clf.space[own_group], own)
         score = score_multi_label if g.multi_label else score_group
         out[g.name] = score(g.name, entry.model, g.labels, index.expected[g.name], pred[index.text_index[g.name]]).macro_f1
     log.info("original guards on validation: %s", ", ".join(f"{g} {v:.4f}" for g, v in out.items()))
@@ -790,6 +799,8 @@ def _pair(text: str, what: str) -> tuple[float, float]:
 def register(app, user_errors) -> None:
     import typer
 
+    from hm3.labels import LABEL_THRESHOLD_HELP
+
     @app.command("search")
     @user_errors
     def search_command(
@@ -826,11 +837,15 @@ def register(app, user_errors) -> None:
                                       "(autocast; several times faster on CPUs with AMX or AVX512-BF16, labels can "
                                       "differ near a decision boundary)."),
         self_merge: bool = typer.Option(False, "--self-merge", help="Merge the recipe's one model with itself."),
+        threshold: float = typer.Option(0.5, "--threshold", help="Multi-label groups: a label is predicted at a "
+                                        "score of at least this (trials and original guards alike)."),
+        label_threshold: Optional[List[str]] = typer.Option(None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Search merge densities/weights on a validation suite (the paper's model search, and better)."""
         from hm3.evaluate import suite_and_data
         from hm3.io import group_pairs
+        from hm3.model import thresholds_option
 
         val_files = group_pairs(validation_data, "--validation-data", "FILE", "jailbreak=jb-val.csv")
         if val_files:  # otherwise the suite file itself (its path names it in the outputs)
@@ -848,7 +863,8 @@ def register(app, user_errors) -> None:
             beta=(beta_a, beta_b),
             prune=(sampler in ("tpe", "cmaes") and objective != "pareto") if prune is None else prune,
             chunks=chunks, seed=seed, batch_size=batch_size, max_length=max_length, truncate=truncate,
-            self_merge=self_merge, precision=precision,
+            self_merge=self_merge, precision=precision, threshold=threshold,
+            thresholds=thresholds_option(label_threshold),
         )
         result = run_search(config, validation, test, trials, out, settings, storage=storage, study_name=study,
                             progress=progress)
