@@ -184,5 +184,7 @@ def test_search_scores_trials_and_guards_at_the_operating_point(zoo, tmp_path):
     trial = next(csv.DictReader((out / "trials.csv").open()))
     best = evaluate([hm3.load(out / "best", thresholds=point)], suite).groups["b"].macro_f1
     assert float(trial["val_b"]) == pytest.approx(best)
+    assert "answers decided at b/blue=0.9 (score `best/` with the same `--threshold` / `--label-threshold`)" in \
+        (out / "summary.md").read_text()
     with pytest.raises(HM3Error, match="was made with other settings"):  # a study remembers its thresholds
         run_search(recipe, suite, None, 2, out, SearchSettings(objective="worst"), progress=False)

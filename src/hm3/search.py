@@ -726,7 +726,11 @@ def summary_markdown(result: SearchResult, rows: list[dict], settings: SearchSet
         + (f" Beta({settings.beta[0]}, {settings.beta[1]})" if settings.sampler == "beta" else "")
         + f", space `{settings.space.kind}`, objective `{settings.objective}`, prune {settings.prune}, seed {settings.seed}"
         + (f", forward passes in {settings.precision} (`best/` is float32; `hm3 eval` scores it in float32)"
-           if settings.precision != "float32" else ""),
+           if settings.precision != "float32" else "")
+        + (", answers decided at " + ", ".join([f"threshold {settings.threshold:g}"] * (settings.threshold != 0.5)
+                                                + [f"{k}={v:g}" for k, v in settings.thresholds.items()])
+           + " (score `best/` with the same `--threshold` / `--label-threshold`)"
+           if settings.threshold != 0.5 or settings.thresholds else ""),
         "",
         "trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
         f"median seconds per finished trial: {result.seconds_per_trial:.2f}" if result.seconds_per_trial else "",
