@@ -29,6 +29,7 @@ def test_decide_at_an_operating_point():
                       [0.5, 0.1, 0.4],    # red on top, blue under: red
                       [0.35, 0.0, 0.65]])
     assert decide(g, probs).tolist() == [2, 2, 0, 2]  # no operating point: the top label
+    assert decide(g, probs, 0.5).tolist() == [2, 2, 0, 2]  # a single threshold concerns multi-label groups only
     cut = label_thresholds(space, 0.5, {"b/blue": 0.6})["b"]
     assert np.isnan(cut[:2]).all() and cut[2] == 0.6 and operating_point(g, cut) == ("blue", 0.6)
     assert decide(g, probs, cut).tolist() == [2, 1, 0, 2]

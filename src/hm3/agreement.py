@@ -261,13 +261,13 @@ def agreement(
             gp = guard.predict_proba(texts, [gg], batch_size=batch_size, progress=progress)[gg]
         mp = merged[g]
         multi = clf.space[g].multi_label
-        if multi:  # label sets at the merged model's threshold; sureness of a set: its least sure yes/no
-            ya, yb = gp >= cuts[g], mp >= cuts[g]
+        ya, yb = (decide(clf.space[g], p, cuts.get(g)) for p in (gp, mp))  # the guard's answers, the merge's
+        if multi:  # label sets at the merged model's thresholds; sureness of a set: its least sure yes/no
             same = (ya == yb).all(1)
             conf = np.zeros((len(labels), 2, 2), dtype=np.int64)
             for j in range(len(labels)):
-                np.add.at(conf[j], (ya[:, j].astype(int), yb[:, j].astype(int)), 1)
-            pa, pb = np.where(ya, gp, 1 - gp).min(1), np.where(yb, mp, 1 - mp).min(1)
+                np.add.at(conf[j], (ya[:, j], yb[:, j]), 1)
+            pa, pb = np.where(ya == 1, gp, 1 - gp).min(1), np.where(yb == 1, mp, 1 - mp).min(1)
 
             def label_set(row):  # (not `name`: that is the model's, for the report)
                 return ", ".join(lab for lab, on in zip(labels, row) if on) or "(none)"
@@ -277,7 +277,6 @@ def agreement(
             dis = [Disagreement(int(i), label_set(ya[i]), label_set(yb[i]), float(pa[i]), float(pb[i])) for i in idx]
             confident = pa >= sure
         else:
-            ya, yb = decide(clf.space[g], gp, cuts.get(g)), decide(clf.space[g], mp, cuts.get(g))
             same = ya == yb
             conf = np.zeros((len(labels), len(labels)), dtype=np.int64)
             np.add.at(conf, (ya, yb), 1)

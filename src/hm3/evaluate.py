@@ -613,6 +613,8 @@ def predict_suite(
         raise HM3Error("the suite has no rows")
     if not models:
         raise HM3Error("evaluate needs at least one model")
+    from hm3.model import unanswered
+
     loaded = _load_models(models, threshold, thresholds)
     names = [n for n, _ in loaded]
     wanted = suite_groups(rows)
@@ -630,8 +632,7 @@ def predict_suite(
         tids = index.texts_of(mine)
         probs = clf.predict_proba([index.texts[t] for t in tids], mine, batch_size=batch_size, progress=progress)
         for g in mine:  # a multi-label group: every label at or above the model's threshold
-            shape = (len(index.texts), len(labels[g])) if g in index.multi_label else len(index.texts)
-            full = np.full(shape, -1, dtype=int)
+            full = unanswered(clf.space[g], len(index.texts))
             full[tids] = clf.decisions(clf.space[g], probs[g])
             predicted[g] = full
         log.info("%s: %d texts, groups %s", name, len(tids), ", ".join(mine))

@@ -121,8 +121,9 @@ def label_thresholds(space: LabelSpace, default: float = 0.5,
 
 
 def operating_point(group: Group, cut: "np.ndarray | None") -> tuple[str, float] | None:
-    """A single-label group's operating point ``(label, threshold)`` from its ``cut``, or None."""
-    if group.multi_label or cut is None or np.isnan(cut).all():
+    """A single-label group's operating point ``(label, threshold)`` from its ``cut``, or None (no cut,
+    or a single threshold: that one concerns multi-label groups only)."""
+    if group.multi_label or cut is None or np.ndim(cut) == 0 or np.isnan(cut).all():
         return None
     j = int(np.flatnonzero(~np.isnan(cut))[0])
     return group.labels[j], float(cut[j])
@@ -145,6 +146,12 @@ def decide(group: Group, probs: np.ndarray, cut: "np.ndarray | float | None" = N
     return np.where(probs[:, j] >= t, j, others.argmax(axis=1))
 
 
+def unanswered(group: Group, n_texts: int) -> np.ndarray:
+    """``decide``'s answers for ``n_texts`` texts before any is given: ``-1`` label indices, or for a
+    multi-label group ``(n_texts, n_labels)`` rows of ``-1``."""
+    return np.full((n_texts, group.size) if group.multi_label else n_texts, -1, dtype=int)
+
+
 def thresholds_option(values: "Sequence[str] | None", option: str = "--label-threshold") -> dict[str, float]:
     """Command-line ``GROUP=T`` / ``GROUP/LABEL=T`` items as ``{key: T}`` (checked against a model by
     ``label_thresholds``)."""
@@ -164,13 +171,11 @@ def group_prediction(group: Group, row: np.ndarray, threshold: "float | np.ndarr
     ``threshold``: one for all labels, or one per label (a single-label group: its operating point,
     or None)."""
     labels = group.labels
-    top = labels[int(np.argmax(row))]
     scores = {lab: float(v) for lab, v in zip(labels, row)}
+    answer = decide(group, np.asarray(row)[None, :], threshold)[0]
     if not group.multi_label:
-        cut = threshold if isinstance(threshold, np.ndarray) else None
-        return GroupPrediction(labels[int(decide(group, np.asarray(row)[None, :], cut)[0])], scores)
-    cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(labels),))
-    return GroupPrediction(top, scores, tuple(lab for lab, v, t in zip(labels, row, cut) if v >= t))
+        return GroupPrediction(labels[int(answer)], scores)
+    return GroupPrediction(labels[int(np.argmax(row))], scores, tuple(lab for lab, on in zip(labels, answer) if on))
 
 
 class GroupwiseClassifier:

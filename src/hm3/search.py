@@ -344,7 +344,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
 def originals_scores(tv: "TaskVectors", index: "SuiteIndex", settings: SearchSettings) -> dict[str, float]:
     """Each original guard's macro F1 on its own group of the suite (the ``worst`` denominators)."""
     from hm3.evaluate import score_group, score_multi_label
-    from hm3.model import load
+    from hm3.model import load, unanswered
 
     out = {}
     kw = {"max_length": settings.max_length} if settings.max_length else {}
@@ -358,7 +358,7 @@ def originals_scores(tv: "TaskVectors", index: "SuiteIndex", settings: SearchSet
         tids = index.texts_of([g.name])
         probs = clf.predict_proba([index.texts[t] for t in tids], batch_size=settings.batch_size)
         own = next(iter(probs.values()))  # a guard has one group; its labels are the merged group's
-        pred = np.full((len(index.texts), g.size) if g.multi_label else len(index.texts), -1, dtype=int)
+        pred = unanswered(g, len(index.texts))
         pred[tids] = clf.decisions(clf.space[own_group], own)
         score = score_multi_label if g.multi_label else score_group
         out[g.name] = score(g.name, entry.model, g.labels, index.expected[g.name], pred[index.text_index[g.name]]).macro_f1

@@ -256,9 +256,10 @@ class TokenCache:
         """After each chunk: ``(done, labels)`` — ``done`` a bool mask over texts, ``labels`` per
         group the predicted label index of every text (a multi-label group: its 0/1 row of labels at
         the threshold; ``-1`` where not done yet)."""
+        from hm3.model import unanswered
+
         done = np.zeros(len(self.texts), dtype=bool)
-        labels = {g: np.full((len(self.texts), self.space[g].size) if self.space[g].multi_label else len(self.texts),
-                             -1, dtype=int) for g in groups}
+        labels = {g: unanswered(self.space[g], len(self.texts)) for g in groups}
         for chunk in self.chunks:
             logits = self.chunk_logits(model, chunk)
             probs = self.aggregate_probs(logits, chunk.owner, len(chunk.texts), groups)
