@@ -65,3 +65,19 @@ def recipe(tiny):
         }
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    """Two guards fine-tuned from a tiny base (``a``: TASK_A; ``b``: TASK_B, whose three classes need
+    more steps) and their task-arithmetic merge: the models of eval, search and operating-point tests."""
+    import hm3
+    from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+
+    d = tmp_path_factory.mktemp("pair")
+    base = tiny_base(d / "base")
+    a = tiny_finetune(base, d / "a", TASK_A)
+    b = tiny_finetune(base, d / "b", TASK_B, steps=120)
+    merged = hm3.merge({"merge_method": "task_arithmetic", "base_model": str(base),
+                        "models": [{"model": str(a)}, {"model": str(b)}]}, d / "merged", progress=False).path
+    return {"base": base, "a": a, "b": b, "merged": merged}

@@ -22,7 +22,7 @@ from hm3.evaluate import (
     parse_rows,
     ratios,
 )
-from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+from hm3.testing import TASK_A, TASK_B
 
 
 def write_suite(path: Path, rows: list) -> Path:
@@ -181,13 +181,9 @@ def test_paired_bootstrap_interval_and_probability():
 
 # -- tiny models: the whole path -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tmp_path_factory, pair):
     d = tmp_path_factory.mktemp("evalzoo")
-    base = tiny_base(d / "base")
-    a = tiny_finetune(base, d / "a", TASK_A)
-    b = tiny_finetune(base, d / "b", TASK_B, steps=120)  # three classes need more steps than two
-    merged = hm3.merge({"merge_method": "task_arithmetic", "base_model": str(base),
-                        "models": [{"model": str(a)}, {"model": str(b)}]}, d / "merged", progress=False).path
+    base, a, b, merged = pair["base"], pair["a"], pair["b"], pair["merged"]
     rows = [{"text": t, "expected": {"a": TASK_A.labels[y]}} for t, y in TASK_A.sample(30, seed=5)]
     rows += [{"text": t, "expected": {"b": TASK_B.labels[y]}} for t, y in TASK_B.sample(30, seed=6)]
     # cross-checks: texts with a marker of both tasks, checked in both groups

@@ -15,7 +15,7 @@ import hm3
 from hm3.errors import HM3Error
 from hm3.labels import LabelSpace
 from hm3.model import decide, label_thresholds, operating_point
-from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+from hm3.testing import TASK_A, TASK_B
 
 T = 0.53
 POINT = {"b/blue": T}  # group b: red, green, blue (the tiny merge's blue scores lie around 0.53)
@@ -46,15 +46,9 @@ def test_decide_at_an_operating_point():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("points")
-    base = tiny_base(d / "base")
-    a = tiny_finetune(base, d / "a", TASK_A)
-    b = tiny_finetune(base, d / "b", TASK_B, steps=120)
-    merged = hm3.merge({"merge_method": "task_arithmetic", "base_model": str(base),
-                        "models": [{"model": str(a)}, {"model": str(b)}]}, d / "merged", progress=False).path
+def zoo(pair):
     texts = [t for t, _ in TASK_B.sample(80, seed=4)] + [t for t, _ in TASK_A.sample(20, seed=5)]
-    return {"dir": d, "a": a, "b": b, "merged": merged, "texts": texts}
+    return {**pair, "texts": texts}
 
 
 def _decided(model, texts, point=POINT):
@@ -173,8 +167,7 @@ def test_search_scores_trials_and_guards_at_the_operating_point(zoo, tmp_path):
     rows = [{"text": t, "expected": {"b": TASK_B.labels[y]}} for t, y in TASK_B.sample(40, seed=12)]
     suite = tmp_path / "val.jsonl"
     suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    d = zoo["dir"]
-    recipe = {"merge_method": "dare_ties", "base_model": str(d / "base"), "seed": 0,
+    recipe = {"merge_method": "dare_ties", "base_model": str(zoo["base"]), "seed": 0,
               "models": [{"model": str(zoo["a"]), "group": "a", "parameters": {"density": 0.5}},
                          {"model": str(zoo["b"]), "group": "b", "parameters": {"density": 0.5}}]}
     out = tmp_path / "search"

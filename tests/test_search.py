@@ -26,7 +26,7 @@ from hm3.search import (
     run_search,
     trials_to_reach,
 )
-from hm3.testing import TASK_A, TASK_B, tiny_base, tiny_finetune
+from hm3.testing import TASK_A, TASK_B
 
 
 def write_suites(d: Path, n: int = 24) -> tuple[Path, Path]:
@@ -52,11 +52,9 @@ def write_recipe(path: Path, base: Path, models: list[Path], method: str = "dare
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tmp_path_factory, pair):
     d = tmp_path_factory.mktemp("search")
-    base = tiny_base(d / "base")
-    a = tiny_finetune(base, d / "a", TASK_A)
-    b = tiny_finetune(base, d / "b", TASK_B, steps=120)
+    base, a, b = pair["base"], pair["a"], pair["b"]
     val, test = write_suites(d)
     return {"dir": d, "base": base, "a": a, "b": b, "val": val, "test": test,
             "recipe": write_recipe(d / "recipe.yaml", base, [a, b])}
