@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hm3.merging import steps
+from hm3.merging import kernels, steps
 from hm3.merging.engine import tensor_generator
 from hm3.merging.steps import Rescale
 
@@ -55,18 +55,24 @@ def test_kth_largest_matches_a_full_sort_on_large_tensors(kind, density):
 
 def test_kth_largest_falls_back_when_the_bracket_misses(monkeypatch):
     a = torch.randn(5 * steps.SAMPLE, generator=torch.Generator().manual_seed(4)).abs()
-    monkeypatch.setattr(steps, "_bracket", lambda arr, r: None)
+    monkeypatch.setattr(kernels, "_bracket", lambda *a, **k: None)  # the module kth_largest runs in
     assert steps.kth_largest(a, 1234) == _reference(a, 1234)
+
+
+def _bracket(arr, r):
+    """``kernels._bracket`` of a whole array: (values, count below)."""
+    found = kernels._bracket(arr.size, r, arr[kernels._sample_positions(arr.size)], arr.__getitem__)
+    return None if found is None else found[:2]
 
 
 def test_bracket_reports_a_miss_and_leaves_nan_above():
     arr = torch.rand(5 * steps.SAMPLE, generator=torch.Generator().manual_seed(5)).numpy()
     r = arr.size // 2
-    part, below = steps._bracket(arr, r)
+    part, below = _bracket(arr, r)
     assert below <= r < below + part.size and (part >= arr[arr < 2].min()).all()
     assert int((arr < part.min()).sum()) == below
     arr[:10] = float("nan")  # numpy ranks NaN above everything: the bracket must not count it below
-    part, below = steps._bracket(arr, r)
+    part, below = _bracket(arr, r)
     assert int((arr < part.min()).sum()) == below
     # A sample that lies: every sampled position holds a small value, the rest are large, so the
     # bracket sits far below the median and must say it missed.
@@ -75,7 +81,7 @@ def test_bracket_reports_a_miss_and_leaves_nan_above():
     seen = steps._sample_positions(arr.size)  # _bracket's sample positions
     arr[:] = 2.0
     arr[seen] = np.linspace(0, 1, seen.size, dtype=arr.dtype)
-    assert steps._bracket(arr, r) is None
+    assert _bracket(arr, r) is None
     assert steps.kth_largest(torch.from_numpy(arr), arr.size - r) == (2.0, arr.size - int((arr < 2).sum()))
 
 

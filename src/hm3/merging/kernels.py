@@ -137,28 +137,45 @@ def keep_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-SAMPLE = 1 << 16  # sample that brackets the threshold; smaller tensors are partitioned whole
+SAMPLE = 1 << 16  # the largest sample that brackets the threshold
+MIN_SAMPLE = 1 << 12
+
+
+def sample_size(n: int) -> int:
+    """How many of ``n`` values the sample takes: 1/64 of them, between ``MIN_SAMPLE`` and ``SAMPLE``.
+    A fixed 2^16 cost a 768x768 matrix (2^19.2 elements) as much as its whole selection (gathering
+    and partitioning the sample), ~1.5 ms of 8 per tensor; a smaller sample only widens the bracket."""
+    return min(SAMPLE, max(MIN_SAMPLE, n // 64))
+
+
+def bracketed(n: int) -> bool:
+    """Whether a selection over ``n`` values brackets the threshold with a sample (else it partitions
+    everything)."""
+    return n > 4 * sample_size(n)
 
 
 @lru_cache(maxsize=16)  # a model has a few distinct tensor sizes
 def _sample_positions(n: int) -> np.ndarray:
-    """``SAMPLE`` positions in ``range(n)``, drawn with a fixed seed: the same work every time."""
-    return np.random.default_rng(0).integers(0, n, SAMPLE)
+    """``sample_size(n)`` positions in ``range(n)``, drawn with a fixed seed: the same work every time."""
+    # ascending: the gather reads memory in order (the sample is the same set in any order)
+    return np.sort(np.random.default_rng(0).integers(0, n, sample_size(n)))
 
 
-def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
-    """The elements of ``arr`` between two sample quantiles around ascending rank ``r``, and how many
-    lie below them; None when the bracket misses rank ``r`` (the caller then partitions everything).
+def _bracket(n: int, r: int, sample: np.ndarray, values) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """The values between two sample quantiles around ascending rank ``r`` (in memory order), how
+    many lie below them, and how many of them each block holds; None when the bracket misses rank
+    ``r`` (the caller then partitions everything). ``sample``: the values at ``_sample_positions(n)``
+    (changed: partitioned); ``values(b)``: the values of block slice ``b``.
 
     The sample's rank of the threshold is binomial; the bracket spans 4 standard deviations (+8) each
-    side, ~1.6% of the elements at rank n/2, so it misses with probability ~1e-4 and the partition
-    afterwards works on ~1/60 of the tensor. One pass, block by block, two comparisons an element.
+    side, ~1.6% of the elements at rank n/2 with a sample of 2^16 (~6.5% with 2^12), so it misses
+    with probability ~1e-4 and the partition afterwards works on a small part of the tensor. One
+    pass, block by block, two comparisons an element.
     """
-    n, m = arr.size, SAMPLE
+    m = sample.size
     p = r / n
     pos, margin = p * m, 4.0 * float(np.sqrt(m * p * (1 - p))) + 8
     i_lo, i_hi = math.floor(pos - margin), math.ceil(pos + margin)  # sample ranks; off the ends: unbounded
-    sample = arr[_sample_positions(n)]
     ranks = [i for i in (i_lo, i_hi) if 0 <= i < m]
     if ranks:
         sample.partition(ranks)  # only the two sample quantiles are needed: no sort
@@ -167,7 +184,7 @@ def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
     below, parts = 0, []
     inside, under = np.empty(min(n, BLOCK), bool), np.empty(min(n, BLOCK), bool)
     for b in blocks(n):
-        blk = arr[b]
+        blk = values(b)
         u, i = under[: blk.size], inside[: blk.size]
         below += np.count_nonzero(np.less(blk, lo, out=u))  # NaN: neither below nor inside (numpy: largest)
         np.logical_and(np.greater_equal(blk, lo, out=i), np.less_equal(blk, hi, out=u), out=i)
@@ -175,29 +192,59 @@ def _bracket(arr: np.ndarray, r: int) -> tuple[np.ndarray, int] | None:
     bracket = np.concatenate(parts)
     if not 0 <= r - below < bracket.size:
         return None
-    return bracket, below
+    return bracket, below, np.fromiter((x.size for x in parts), dtype=np.int64, count=len(parts))
+
+
+def select(n: int, k: int, sample: "np.ndarray | None", values, ties: bool = False
+           ) -> tuple[float, int, np.ndarray | None]:
+    """``(t, n_ge, drop)``: the ``k``-th largest ``t`` of ``n`` values, exactly, by selection (no
+    sort); how many are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``); with ``ties``, the
+    positions of the ``n_ge - k`` last elements equal to ``t`` in memory order (keeping the first
+    ones keeps exactly ``k``), else None. The values come block by block from ``values(b)`` (a view
+    or a reused buffer), so they need not exist as one array; ``sample``: their values at
+    ``_sample_positions(n)`` (used when ``bracketed(n)``).
+
+    Large arrays: the sample brackets ``t`` (``_bracket``) and only the bracket is partitioned; 5-8x
+    faster than partitioning a whole word-embedding matrix (session 9). Exact either way: the sample
+    only decides how much is partitioned. Every element equal to ``t`` lies in the bracket, in
+    memory order, so the blocks that hold the dropped ties are known from it, and only those are
+    read again to find where they are.
+    """
+    r = n - k  # 0-based ascending rank of the threshold
+    found = _bracket(n, r, sample, values) if bracketed(n) else None
+    if found is None:
+        first = values(slice(0, min(n, BLOCK)))
+        whole = np.empty(n, dtype=first.dtype)
+        for b in blocks(n):
+            whole[b] = values(b)
+        vals, j, counts = whole, r, None
+    else:
+        vals, below, counts = found
+        j = r - below
+    part = vals.copy()
+    part.partition(j)  # part[:j] <= part[j] <= part[j:]
+    t = part[j]
+    # Everything from j on is >= t (and so is all above the bracket); below j, only the ties at t are.
+    n_ge = k + int(np.count_nonzero(part[:j] == t))
+    drop = None
+    if ties and n_ge > k:
+        tied = np.flatnonzero(vals == t)[-(n_ge - k):]  # the dropped ones: indices into vals
+        if counts is not None:  # bracket indices -> their blocks -> where the ties of those blocks are
+            held = np.unique(np.searchsorted(np.cumsum(counts), tied, side="right"))
+            at = [np.flatnonzero(values(b) == t) + b.start for b in
+                  (slice(int(i) * BLOCK, min(n, (int(i) + 1) * BLOCK)) for i in held)]
+            tied = np.concatenate(at)[-(n_ge - k):]
+        drop = tied
+    return float(t), n_ge, drop
 
 
 def kth_largest(arr: np.ndarray, k: int) -> tuple[float, int]:
     """The ``k``-th largest value ``t`` of a flat float array, exactly, by selection (no sort), and
-    how many elements are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``). ``arr`` is not
-    changed.
-
-    Large arrays: a sample brackets ``t`` (``_bracket``) and only the bracket is partitioned; 5-8x
-    faster than partitioning a whole word-embedding matrix (session 9). Exact either way: the sample
-    only decides how much is partitioned.
-    """
+    how many elements are ``>= t`` (``select``). ``arr`` is not changed."""
     n = arr.size
-    r = n - k  # 0-based ascending rank of the threshold
-    found = _bracket(arr, r) if n > 4 * SAMPLE else None
-    if found is None:
-        part, j = arr.copy(), r
-    else:
-        part, j = found[0], r - found[1]
-    part.partition(j)  # part[:j] <= part[j] <= part[j:]
-    t = part[j]
-    # Everything from j on is >= t (and so is all above the bracket); below j, only the ties at t are.
-    return float(t), k + int(np.count_nonzero(part[:j] == t))
+    sample = arr[_sample_positions(n)] if bracketed(n) else None
+    t, n_ge, _ = select(n, k, sample, arr.__getitem__)
+    return t, n_ge
 
 
 # -- rescale ------------------------------------------------------------------------------------------
@@ -242,15 +289,13 @@ def magnitude(x: np.ndarray, density: float, rescale: Rescale | None = None,
     k = keep_count(density, x.size)
     # |x| for the selection, then the mask, then the result
     out = np.empty(x.shape, dtype=x.dtype) if out is None else out.reshape(x.shape)
-    flat = out.reshape(-1)
-    t, n_ge = kth_largest(np.abs(x, out=out).reshape(-1), k)
-    drop = None
-    if n_ge > k:  # elements tied at the threshold: keep the first ones, exactly k in all
-        tied = np.flatnonzero(flat == t)
-        drop = tied[tied.size - (n_ge - k):]
+    absx = np.abs(x, out=out).reshape(-1)  # becomes the mask
+    sample = absx[_sample_positions(absx.size)] if bracketed(absx.size) else None
+    # elements tied at the threshold: the first ones are kept, exactly k in all
+    t, _, drop = select(absx.size, k, sample, absx.__getitem__, ties=True)
     np.greater_equal(out, t, out=out)  # 1.0 where kept
     if drop is not None:
-        flat[drop] = 0
+        absx[drop] = 0
     return rescale_(np.multiply(out, x, out=out), x, rescale, density)
 
 
@@ -388,18 +433,32 @@ def generalized_task_arithmetic(base: np.ndarray, deltas: np.ndarray, p, rng: np
     if n == 0:
         return base
     trimmed, owned, scales = [], [], []
-    dtype = deltas.dtype
-    out = np.empty(base.shape, dtype=dtype)
     for i in range(n):
         d = deltas[i]
         t, factor = _sparsify_one(sparsify, d, i, p, rng, sparsify_fn, consume)
         mine = consume or t is not d
         if not t.flags.c_contiguous:
             t, mine = np.ascontiguousarray(t), True
-        w = p.weight[i]  # weights are applied before the sign election (mergekit)
         trimmed.append(t.reshape(-1))
         owned.append(mine)
-        scales.append(tuple(f for f in (factor, w if w != 1 else None) if f is not None))
+        scales.append(factor)
+    return combine(base, trimmed, owned, scales, p, consensus).astype(base.dtype, copy=False)
+
+
+@np.errstate(over="ignore", invalid="ignore")
+def combine(base: np.ndarray, trimmed: Sequence, owned: Sequence[bool], factors: Sequence, p, consensus: bool
+            ) -> np.ndarray:
+    """The rest of ``generalized_task_arithmetic`` once each model's ``S(δ_i)`` is known, block by
+    block: each times its ``factors[i]`` (None: 1) and its weight, then the sign election and
+    disjoint sum (``consensus``) or the plain sum, the division, lambda, the base. ``trimmed[i][b]``
+    gives model ``i``'s values of block slice ``b``: a view of an array (``owned[i]``: one the merge
+    may change; else it is copied first) or a block computed on demand (``hm3.merging.streamed``).
+    A new array of ``trimmed``'s dtype, ``base``'s shape."""
+    n = len(trimmed)
+    dtype = np.dtype(trimmed[0].dtype)
+    out = np.empty(base.shape, dtype=dtype)
+    scales = [tuple(f for f in (factors[i], w if w != 1 else None) if f is not None)  # weights before the
+              for i, w in enumerate(p.weight)]                                         # election (mergekit)
     flat_base, dst = base.reshape(-1), out.reshape(-1)
     total = None
     if not consensus:
@@ -431,26 +490,28 @@ def generalized_task_arithmetic(base: np.ndarray, deltas: np.ndarray, p, rng: np
         if p.lambda_ != 1:
             np.multiply(mixed, p.lambda_, out=mixed)
         np.add(mixed, flat_base[b], out=dst[b])
-    return out.astype(base.dtype, copy=False)
+    return out
 
 
 @np.errstate(over="ignore", invalid="ignore")
-def linear(base: np.ndarray, deltas: np.ndarray, p) -> np.ndarray:
+def linear(base: np.ndarray, deltas, p) -> np.ndarray:
     """Model soup: ``Σ w_i θ_i / Σ w_i`` (with ``normalize``) over ``θ_i = base + δ_i``, block by
-    block: the products summed in model order, then the base (``methods.linear``)."""
-    if deltas.shape[0] == 0:
+    block: the products summed in model order, then the base (``methods.linear``). ``deltas``: an
+    ``(N, *shape)`` array, or N sources of flat blocks as ``combine`` takes them."""
+    flat = deltas.reshape(deltas.shape[0], -1) if isinstance(deltas, np.ndarray) else deltas
+    if len(flat) == 0:
         return base
-    w = np.asarray(p.weight, dtype=deltas.dtype)
-    total = weight_total(p.weight, deltas.dtype)
-    out = np.empty(base.shape, dtype=deltas.dtype)
+    dtype = np.dtype(flat[0].dtype)
+    w = np.asarray(p.weight, dtype=dtype)
+    total = weight_total(p.weight, dtype)
+    out = np.empty(base.shape, dtype=dtype)
     flat_base, dst = base.reshape(-1), out.reshape(-1)
-    flat = deltas.reshape(deltas.shape[0], -1)
-    term = scratch("linear term", min(BLOCK, dst.size), deltas.dtype)
+    term = scratch("linear term", min(BLOCK, dst.size), dtype)
     for b in blocks(dst.size):
         acc, t = dst[b], term[: b.stop - b.start]
-        np.multiply(flat[0, b], w[0], out=acc)
-        for i in range(1, flat.shape[0]):
-            np.add(acc, np.multiply(flat[i, b], w[i], out=t), out=acc)
+        np.multiply(flat[0][b], w[0], out=acc)
+        for i in range(1, len(flat)):
+            np.add(acc, np.multiply(flat[i][b], w[i], out=t), out=acc)
         if p.normalize:
             np.add(np.divide(acc, total, out=acc), flat_base[b], out=acc)
         else:

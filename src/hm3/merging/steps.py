@@ -41,7 +41,7 @@ import numpy as np
 
 from hm3._lazy import torch
 from hm3.merging import kernels
-from hm3.merging.kernels import (BLOCK, SAMPLE, Rescale, Sparsify, _bracket, _sample_positions,  # noqa: F401
+from hm3.merging.kernels import (BLOCK, SAMPLE, Rescale, Sparsify, _sample_positions,  # noqa: F401
                                  keep_count, workspace)
 
 
