@@ -25,7 +25,7 @@ import numpy as np
 from hm3.errors import HM3Error
 from hm3.heads import expand_out, zero_out
 from hm3.io import array_finite
-from hm3.merging import kernels
+from hm3.merging import kernels, streamed
 
 #: environment variable: ``auto`` (default), ``numpy`` (fail where it cannot) or ``torch``
 ENGINE_ENV = "HM3_MERGE_ENGINE"
@@ -87,9 +87,19 @@ def _merged(prep, name: str, kind: str, out_dtype) -> np.ndarray:
 
     if kind == "copy":
         return np.ascontiguousarray(prep.models[0].array(name))
-    base, deltas = _inputs(prep, name, kind)
     cfg, method = prep.config, prep.method.name
     p = tensor_params(cfg, prep.method, name, kind)
+    has_base = prep.base is not None and name in prep.base
+    if kind != "out" and streamed.unsupported(method, p, has_base) is None:
+        # read twice where the inputs lie, block by block: no task vectors in memory (``streamed``)
+        merged = streamed.merge(method, prep.base.array(name, mapped=True, check=False),
+                                [m.array(name, mapped=True, check=False) for m in prep.models], p,
+                                tensor_generator(cfg.seed, name))
+        if not array_finite(merged):  # NaN/inf in an input reach the result: say which input
+            _check_inputs(prep, name)
+            raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
+        return np.ascontiguousarray(merged.astype(out_dtype, copy=False))
+    base, deltas = _inputs(prep, name, kind)
     if kind == "out" and any(d < 1 for d in p.density):  # each group's density counts its own rows only
         merged = base.copy()
         for i, g in enumerate(prep.space):
@@ -125,7 +135,12 @@ def _inputs(prep, name: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     # NaN/inf in the base or a model make the task vectors NaN/inf: one check of them instead of one
     # of every input (a pass over the inputs less); the inputs are checked one by one only to say which.
     if not array_finite(deltas):
-        for c in ([prep.base] if prep.base is not None and name in prep.base else []) + models:
-            c.check_finite(name, c.array(name, mapped=True, check=False))
+        _check_inputs(prep, name)
         raise HM3Error(f"tensor {name!r}: the task vectors hold NaN or inf values although no input does")
     return base, deltas
+
+
+def _check_inputs(prep, name: str) -> None:
+    """An error naming the file if the base's or a model's ``name`` holds NaN or inf."""
+    for c in ([prep.base] if prep.base is not None and name in prep.base else []) + prep.models:
+        c.check_finite(name, c.array(name, mapped=True, check=False))

@@ -1,0 +1,157 @@
+"""One tensor's merge read where its inputs lie, block by block: no task vectors in memory (issue 6).
+
+``kernels.merge`` takes whole task vectors: the numpy engine first writes the ``N`` task vectors of a
+tensor into a scratch buffer, and TIES writes a trimmed copy of each, so a word-embedding matrix
+costs ``2N`` arrays of ~90 MB, each a pass over memory, and in a new process a page fault per fresh
+page. Here the inputs are the maps of the checkpoint files, read twice, block by block
+(``kernels.blocks``), and every step of a block runs while it is in cache:
+
+1. what each model keeps, model by model: TIES' threshold by ``kernels.select`` over ``|w - b|``
+   computed a block at a time (the ties it drops too), or DARE's random bits, drawn from the
+   tensor's generator in ``kernels.bernoulli_parts``' order and kept packed (1 bit an element),
+   with the l1 norms of its rescale summed in ``kernels.fixed_sum``'s order;
+2. the merge: ``kernels.combine`` (or ``kernels.linear``) over ``TaskVector`` sources, each of which
+   computes a model's kept task vector for the block it is asked for.
+
+The same bits as ``kernels.merge`` on the stacked task vectors (``tests/test_streamed.py``), since
+every element goes through the same float32 operations in the same order. What it does not take
+(TIES with a rescale, DARE's l2 / linf rescale, a density of 0 or below, no base, head rows) the
+numpy engine merges as before (``unsupported`` says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hm3.merging import kernels
+from hm3.merging.kernels import BLOCK, Rescale, Sparsify, blocks
+
+
+def unsupported(method: str, p, has_base: bool) -> str | None:
+    """Why ``merge`` does not take this tensor's merge (``kernels.merge`` then does), or None."""
+    if not has_base:
+        return "no base model"
+    if method == "linear":
+        return None
+    if method not in kernels.GTA_METHODS:
+        return f"method {method!r}"
+    sparsify, consensus = kernels.GTA_METHODS[method]
+    if consensus and p.consensus not in ("sum", "count"):
+        return f"consensus {p.consensus!r}"
+    if sparsify is not None and any(d <= 0 for d in p.density):
+        return "a density of 0 or below"
+    if sparsify is Sparsify.magnitude and p.rescale is not None:
+        return "TIES with a rescale"
+    if sparsify is Sparsify.random and p.rescale not in (None, Rescale.inverse, Rescale.l1):
+        return f"DARE's {p.rescale.value} rescale"
+    return None
+
+
+class TaskVector:
+    """Model ``i``'s kept task vector of one tensor, a block at a time: ``tv[b]`` is ``S(w - base)``
+    over block slice ``b`` in a buffer of its own (the caller may change it; the next block
+    overwrites it). ``S``: nothing dropped; TIES' ``|x| >= t`` with the ties in ``drop`` dropped; or
+    DARE's packed ``bits``, then its inverse rescale."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, w: np.ndarray, base: np.ndarray, key: object, *, t: float | None = None,
+                 drop: np.ndarray | None = None, bits: np.ndarray | None = None, inverse: float | None = None):
+        self.w, self.base, self.t, self.drop, self.bits, self.inverse = w, base, t, drop, bits, inverse
+        width = min(w.size, BLOCK)
+        self._out = kernels.scratch(("streamed", key), width, np.float32)
+        self._mask = kernels.scratch("streamed mask", width, np.float32) if t is not None or bits is not None else None
+
+    def __getitem__(self, b: slice) -> np.ndarray:
+        m = b.stop - b.start
+        x = np.subtract(self.w[b], self.base[b], out=self._out[:m])
+        if self.t is not None:  # kernels.magnitude: 1.0 where |x| >= t, the dropped ties 0, times x
+            mask = np.greater_equal(np.abs(x, out=self._mask[:m]), self.t, out=self._mask[:m])
+            if self.drop is not None and self.drop.size:
+                lo, hi = np.searchsorted(self.drop, (b.start, b.stop))
+                mask[self.drop[lo:hi] - b.start] = 0
+            np.multiply(mask, x, out=x)
+        elif self.bits is not None:  # kernels.bernoulli_parts: keep * x
+            keep = np.unpackbits(self.bits[b.start // 8: (b.stop + 7) // 8], count=m, bitorder="little")
+            mask = self._mask[:m]
+            np.copyto(mask, keep)  # 1.0 / 0.0
+            np.multiply(mask, x, out=x)
+        if self.inverse is not None:
+            np.divide(x, self.inverse, out=x)
+        return x
+
+
+def _magnitude(w: np.ndarray, b: np.ndarray, density: float) -> tuple[float, np.ndarray | None]:
+    """TIES: the threshold of ``|w - b|`` and the ties it drops (``kernels.magnitude``'s kept set)."""
+    n = w.size
+    buf = kernels.scratch("streamed |x|", min(n, BLOCK), np.float32)
+
+    def values(s: slice) -> np.ndarray:
+        a = buf[: s.stop - s.start]
+        return np.abs(np.subtract(w[s], b[s], out=a), out=a)
+
+    sample = None
+    if kernels.bracketed(n):
+        at = kernels._sample_positions(n)
+        sample = np.abs(np.subtract(w[at], b[at]))
+    t, _, drop = kernels.select(n, kernels.keep_count(density, n), sample, values, ties=True)
+    return t, drop
+
+
+def _bits(w: np.ndarray, b: np.ndarray, density: float, rescale, rng) -> tuple[np.ndarray | None, object]:
+    """DARE: ``(packed keep bits or None: all kept, the l1 rescale factor or None)``, from the draws
+    ``kernels.bernoulli_parts`` makes of ``rng`` (the same calls in the same order)."""
+    n = w.size
+    q = round(density * (1 << 16))
+    if q >= 1 << 16:  # within 2^-17 of 1: keep all, no draw (an l1 factor would be 1)
+        return None, None
+    below = q - (1 << 15)  # kernels.bernoulli_parts: keep where the int16 is below this
+    bits = np.empty((n + 7) // 8, dtype=np.uint8)
+    keep = kernels.scratch("streamed keep", min(n, BLOCK), bool)
+    l1 = rescale is Rescale.l1
+    if l1:
+        sums = np.empty((2, kernels._rows(n)), dtype=np.float32)  # rows of |x|, of |keep * x|
+        x = kernels.scratch("streamed x", min(n, BLOCK), np.float32)
+        kx = kernels.scratch("streamed kx", min(n, BLOCK), np.float32)
+    for s in blocks(n):
+        m = s.stop - s.start
+        r16 = kernels.draws(rng, (m + 3) // 4).view(np.int16)[:m]
+        bits[s.start // 8: (s.stop + 7) // 8] = np.packbits(np.less(r16, below, out=keep[:m]), bitorder="little")
+        if l1:
+            rows = slice(s.start // kernels.SUM_CHUNK, s.start // kernels.SUM_CHUNK + kernels._rows(m))
+            xb = np.subtract(w[s], b[s], out=x[:m])
+            kb = np.multiply(np.less(r16, below, out=kx[:m]), xb, out=kx[:m])  # 1.0 / 0.0 times x, as there
+            kernels.row_sums(np.abs(xb, out=xb), sums[0, rows])
+            kernels.row_sums(np.abs(kb, out=kb), sums[1, rows])
+    factor = kernels.norm_ratio(kernels.fixed_sum(sums[0]), kernels.fixed_sum(sums[1])) if l1 else None
+    return bits, factor
+
+
+# Overflow (a huge lambda) is not warned about here: the caller checks the result for NaN/inf.
+@np.errstate(over="ignore", invalid="ignore")
+def merge(method: str, base: np.ndarray, models: list[np.ndarray], p, rng: np.random.Generator | None) -> np.ndarray:
+    """``kernels.merge(method, base, stack(models) - base, p, rng)``, the same bits, without the
+    task vectors in memory: ``base`` and ``models`` are float32 arrays of one shape (maps of the
+    files). A new float32 array. ``unsupported`` must say None."""
+    shape = base.shape
+    b = np.ascontiguousarray(base).reshape(-1)
+    w = [np.ascontiguousarray(m).reshape(-1) for m in models]
+    if not w:
+        return b.copy().reshape(shape)
+    if method == "linear":
+        return kernels.linear(b, [TaskVector(wi, b, i) for i, wi in enumerate(w)], p).reshape(shape)
+    sparsify, consensus = kernels.GTA_METHODS[method]
+    sources, factors = [], []
+    for i, wi in enumerate(w):  # model by model: DARE's draws come in kernels' order
+        d, factor = p.density[i], None
+        if sparsify is None or d >= 1:
+            tv = TaskVector(wi, b, i)
+        elif sparsify is Sparsify.magnitude:
+            t, drop = _magnitude(wi, b, d)
+            tv = TaskVector(wi, b, i, t=t, drop=drop)
+        else:
+            bits, factor = _bits(wi, b, d, p.rescale, rng)
+            tv = TaskVector(wi, b, i, bits=bits, inverse=d if p.rescale is Rescale.inverse else None)
+        sources.append(tv)
+        factors.append(factor)
+    return kernels.combine(b, sources, [True] * len(w), factors, p, consensus).reshape(shape)
