@@ -384,10 +384,12 @@ def bench_merge(
                     if in_process:
                         jobs.append(("mergekit", "in-process", _worker_cmd("mergekit-merge", config=str(mk_cfg), out=mk_out)))
                 runs: dict[tuple[str, str], list[Run]] = {(t, m): [] for t, m, _ in jobs}
+                inputs = {"hm3": [bm.base, *bm.models], "mergekit": [bm.xbase, *(bm.xmodels or [])]}
                 for r in range(repeats):
                     for tool, mode, cmd in jobs:
                         # every tool starts without a previous output: removing one is not part of a merge
                         shutil.rmtree(run_dir / ("out-mergekit" if tool == "mergekit" else "out"), ignore_errors=True)
+                        read_through(inputs[tool])
                         run = run_child(cmd, env=env)
                         runs[(tool, mode)].append(run)
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
@@ -395,6 +397,7 @@ def bench_merge(
                 results["commands"].setdefault(f"{size}-{n}-{method}", {f"{t} {m}": " ".join(c) for t, m, c in jobs})
                 if phases and whole_process:
                     shutil.rmtree(run_dir / "out", ignore_errors=True)
+                    read_through(inputs["hm3"])
                     run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
                     results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
                                               "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
@@ -417,6 +420,16 @@ def bench_merge(
                 shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
     results["summary"] = merge_summary(results)
     return results
+
+
+def read_through(dirs: list) -> None:
+    """Read every safetensors file of ``dirs`` once (and drop the bytes): a timed run then reads its
+    inputs from the page cache, whatever the kernel evicted since they were last read."""
+    for d in dirs:
+        for f in sorted(Path(d).glob("*.safetensors")) if d is not None else ():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(1 << 24):
+                    pass
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -785,7 +798,10 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         "(`hm3 merge`, `mergekit-yaml`); *in-process* = the library call alone inside a worker that "
         "imported everything first (`hm3.merge(...)`, `mergekit.merge.run_merge(...)`), both reading the "
         "inputs and writing the output. Repeats are interleaved (hm3, mergekit, hm3, ...) and medians "
-        "reported. Both tools run with the environment as it is; the `hm3` command, once its files are "
+        "reported. Before each run its input files are read once, so that every run reads them from the page "
+        "cache, as the bandwidth floor assumes (on the VMs this was measured on, a file left alone loses "
+        "pages from the cache within a minute, ~1% of them, and a run that reads them from disk took up to "
+        "twice as long). Both tools run with the environment as it is; the `hm3` command, once its files are "
         "written and its output flushed, ends with `os._exit` (Python's shutdown after `import torch` "
         "costs ~0.25 s). "
         "hm3's modules are byte-compiled first, as `pip install` leaves mergekit's.",
