@@ -3,8 +3,9 @@
 ``import torch`` alone takes ~0.8 s, a third of a whole ``hm3 merge`` of two bert-base classifiers
 (issue 6). A merge by linear, task arithmetic, TIES, DARE or DARE-TIES of safetensors checkpoints
 needs none of it: this module streams such a merge tensor by tensor with numpy — the inputs read as
-copy-on-write maps of their files (``Checkpoint.array``), the arithmetic of ``kernels``, each result
-appended to the output file as soon as it is made — and gives the same bytes as the torch engine
+copy-on-write maps of their files (``Checkpoint.array``), each body tensor merged block by block
+where its inputs lie (``streamed``; other tensors by ``kernels.merge`` on their task vectors), each
+result appended to the output file as soon as it is made — and gives the same bytes as the torch engine
 (``engine.merged_tensors``; ``tests/test_numpy_engine.py``). ``engine.merge`` takes this path
 whenever ``unsupported`` finds no reason against it; ``HM3_MERGE_ENGINE=torch`` (or ``numpy``, to
 fail instead of falling back) chooses.
