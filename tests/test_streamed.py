@@ -59,7 +59,7 @@ def _params(n_models, kw):
     return TensorParams(**kw)
 
 
-@pytest.mark.parametrize("shape", [LARGE, (300, 70), (5,)], ids=["large", "matrix", "tiny"])
+@pytest.mark.parametrize("shape", [LARGE, (300, 70), (5,), (0, 4)], ids=["large", "matrix", "tiny", "empty"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_streamed_gives_kernels_bits(case, shape):
     method, n_models, kw = CASES[case]

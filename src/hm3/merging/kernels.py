@@ -213,10 +213,12 @@ def select(n: int, k: int, sample: "np.ndarray | None", values, ties: bool = Fal
     r = n - k  # 0-based ascending rank of the threshold
     found = _bracket(n, r, sample, values) if bracketed(n) else None
     if found is None:
-        first = values(slice(0, min(n, BLOCK)))
-        whole = np.empty(n, dtype=first.dtype)
+        whole = None
         for b in blocks(n):
-            whole[b] = values(b)
+            v = values(b)
+            if whole is None:
+                whole = np.empty(n, dtype=v.dtype)
+            whole[b] = v
         vals, j, counts = whole, r, None
     else:
         vals, below, counts = found

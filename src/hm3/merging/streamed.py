@@ -136,7 +136,7 @@ def merge(method: str, base: np.ndarray, models: list[np.ndarray], p, rng: np.ra
     shape = base.shape
     b = np.ascontiguousarray(base).reshape(-1)
     w = [np.ascontiguousarray(m).reshape(-1) for m in models]
-    if not w:
+    if not w or b.size == 0:
         return b.copy().reshape(shape)
     if method == "linear":
         return kernels.linear(b, [TaskVector(wi, b, i) for i, wi in enumerate(w)], p).reshape(shape)
