@@ -799,9 +799,10 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         "imported everything first (`hm3.merge(...)`, `mergekit.merge.run_merge(...)`), both reading the "
         "inputs and writing the output. Repeats are interleaved (hm3, mergekit, hm3, ...) and medians "
         "reported. Before each run its input files are read once, so that every run reads them from the page "
-        "cache, as the bandwidth floor assumes (on the VMs this was measured on, a file left alone loses "
-        "pages from the cache within a minute, ~1% of them, and a run that reads them from disk took up to "
-        "twice as long). Both tools run with the environment as it is; the `hm3` command, once its files are "
+        "cache, as the bandwidth floor assumes (on the VM this was measured on, files left alone lost pages "
+        "from the cache at ~0.5 MB/s each — 20 of 418 MB in 50 s — and a merge that read them back from "
+        "disk took up to 30 times as long: 11.8 s instead of 0.4 s for one bert-base linear merge). "
+        "Both tools run with the environment as it is; the `hm3` command, once its files are "
         "written and its output flushed, ends with `os._exit` (Python's shutdown after `import torch` "
         "costs ~0.25 s). "
         "hm3's modules are byte-compiled first, as `pip install` leaves mergekit's.",
