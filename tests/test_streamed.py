@@ -152,3 +152,28 @@ def test_nan_in_an_input_names_its_file(pair, tmp_path, monkeypatch, method):
     with pytest.raises(HM3Error, match=f"{bad}.*{key}.*NaN or inf"):
         merge(_recipe(base, a, bad, method), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_merge_pauses_the_garbage_collector_and_restores_it(pair, tmp_path, monkeypatch, enabled):
+    """Collections are off while tensors are read and merged (each is a walk over every object of a
+    process with torch imported), and the collector is left as it was, after an error too."""
+    import gc
+
+    root, base, a, b = pair
+    seen = []
+    real = streamed.merge
+    monkeypatch.setattr(streamed, "merge", lambda *args, **kw: seen.append(gc.isenabled()) or real(*args, **kw))
+    monkeypatch.setenv(ENGINE_ENV, "numpy")
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        merge(_recipe(base, a, b, "ties"), tmp_path / "out", progress=False)
+        assert seen and not any(seen)
+        assert gc.isenabled() == enabled
+        monkeypatch.setattr(streamed, "merge", lambda *args, **kw: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            merge(_recipe(base, a, b, "ties"), tmp_path / "out2", progress=False)
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()

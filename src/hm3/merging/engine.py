@@ -34,6 +34,7 @@ Tensor kinds:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -764,6 +766,22 @@ def merge_stream(prep: Prepared, progress: bool = True, workers: int | None = No
     return merged_tensors(prep, progress, workers=workers), output_specs(prep), "torch"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block, as it was after it (on error too).
+    Reading and merging tensors makes little cyclic garbage, but its small allocations (headers,
+    array views) set off full collections, each a walk over every object in the process: ~0.1 s
+    where torch and transformers are imported, a third of an in-process merge of two bert-mini
+    classifiers (session 21). Not around the statistics' and re-fit's forward passes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def merge(
     config: "MergeConfig | str | Path | dict",
     out: "str | Path | None" = None,
@@ -782,19 +800,22 @@ def merge(
         from hm3.io import prepare_output
 
         prepare_output(Path(out), force)  # fail before any work
-    prep = prepare(config, allow_pickle=allow_pickle)
+    with gc_paused():
+        prep = prepare(config, allow_pickle=allow_pickle)
     try:
         if out is not None and prep.config.refit is None:
             # Streamed: each merged tensor goes to the file as soon as it is made. Statistics first:
             # config.json and the model card are built before the tensors and must record them.
             prep.ensure_stats(progress)
             out = Path(out)
-            stream, specs, _ = merge_stream(prep, progress, workers)
-            with AtomicDir(out, force) as tmp:
-                write_model(tmp, stream, merged_config_dict(prep), tokenizer_source(prep), model_card(prep),
-                            specs=specs)
+            with gc_paused():
+                stream, specs, _ = merge_stream(prep, progress, workers)
+                with AtomicDir(out, force) as tmp:
+                    write_model(tmp, stream, merged_config_dict(prep), tokenizer_source(prep), model_card(prep),
+                                specs=specs)
         else:
-            state = merge_state(prep, progress=progress, workers=workers)
+            with gc_paused():
+                state = merge_state(prep, progress=progress, workers=workers)
             extra = ""
             if prep.config.refit is not None:
                 from hm3.refit import refit_state
