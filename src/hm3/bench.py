@@ -384,7 +384,7 @@ def bench_merge(
                     if in_process:
                         jobs.append(("mergekit", "in-process", _worker_cmd("mergekit-merge", config=str(mk_cfg), out=mk_out)))
                 runs: dict[tuple[str, str], list[Run]] = {(t, m): [] for t, m, _ in jobs}
-                inputs = {"hm3": [bm.base, *bm.models], "mergekit": [bm.xbase, *(bm.xmodels or [])]}
+                inputs = {"hm3": [bm.base, *bm.models], "mergekit": [bm.xbase, *bm.xmodels] if mergekit else []}
                 for r in range(repeats):
                     for tool, mode, cmd in jobs:
                         # every tool starts without a previous output: removing one is not part of a merge
@@ -426,7 +426,7 @@ def read_through(dirs: list) -> None:
     """Read every safetensors file of ``dirs`` once (and drop the bytes): a timed run then reads its
     inputs from the page cache, whatever the kernel evicted since they were last read."""
     for d in dirs:
-        for f in sorted(Path(d).glob("*.safetensors")) if d is not None else ():
+        for f in sorted(Path(d).glob("*.safetensors")):
             with open(f, "rb", buffering=0) as fh:
                 while fh.read(1 << 24):
                     pass

@@ -195,14 +195,13 @@ def _bracket(n: int, r: int, sample: np.ndarray, values) -> tuple[np.ndarray, in
     return bracket, below, np.fromiter((x.size for x in parts), dtype=np.int64, count=len(parts))
 
 
-def select(n: int, k: int, sample: "np.ndarray | None", values, ties: bool = False
-           ) -> tuple[float, int, np.ndarray | None]:
+def select(n: int, k: int, values, *, ties: bool = False, gather=None) -> tuple[float, int, np.ndarray | None]:
     """``(t, n_ge, drop)``: the ``k``-th largest ``t`` of ``n`` values, exactly, by selection (no
     sort); how many are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``); with ``ties``, the
     positions of the ``n_ge - k`` last elements equal to ``t`` in memory order (keeping the first
     ones keeps exactly ``k``), else None. The values come block by block from ``values(b)`` (a view
-    or a reused buffer), so they need not exist as one array; ``sample``: their values at
-    ``_sample_positions(n)`` (used when ``bracketed(n)``).
+    or a reused buffer), so they need not exist as one array; ``gather(positions)``: a new array of
+    the values at ``positions`` (default ``values``: an array's ``__getitem__`` is both).
 
     Large arrays: the sample brackets ``t`` (``_bracket``) and only the bracket is partitioned; 5-8x
     faster than partitioning a whole word-embedding matrix (session 9). Exact either way: the sample
@@ -211,7 +210,7 @@ def select(n: int, k: int, sample: "np.ndarray | None", values, ties: bool = Fal
     read again to find where they are.
     """
     r = n - k  # 0-based ascending rank of the threshold
-    found = _bracket(n, r, sample, values) if bracketed(n) else None
+    found = _bracket(n, r, (gather or values)(_sample_positions(n)), values) if bracketed(n) else None
     if found is None:
         whole = None
         for b in blocks(n):
@@ -243,9 +242,7 @@ def select(n: int, k: int, sample: "np.ndarray | None", values, ties: bool = Fal
 def kth_largest(arr: np.ndarray, k: int) -> tuple[float, int]:
     """The ``k``-th largest value ``t`` of a flat float array, exactly, by selection (no sort), and
     how many elements are ``>= t`` (``select``). ``arr`` is not changed."""
-    n = arr.size
-    sample = arr[_sample_positions(n)] if bracketed(n) else None
-    t, n_ge, _ = select(n, k, sample, arr.__getitem__)
+    t, n_ge, _ = select(arr.size, k, arr.__getitem__)
     return t, n_ge
 
 
@@ -292,9 +289,8 @@ def magnitude(x: np.ndarray, density: float, rescale: Rescale | None = None,
     # |x| for the selection, then the mask, then the result
     out = np.empty(x.shape, dtype=x.dtype) if out is None else out.reshape(x.shape)
     absx = np.abs(x, out=out).reshape(-1)  # becomes the mask
-    sample = absx[_sample_positions(absx.size)] if bracketed(absx.size) else None
     # elements tied at the threshold: the first ones are kept, exactly k in all
-    t, _, drop = select(absx.size, k, sample, absx.__getitem__, ties=True)
+    t, _, drop = select(absx.size, k, absx.__getitem__, ties=True)
     np.greater_equal(out, t, out=out)  # 1.0 where kept
     if drop is not None:
         absx[drop] = 0

@@ -91,28 +91,27 @@ def _merged(prep, name: str, kind: str, out_dtype) -> np.ndarray:
     cfg, method = prep.config, prep.method.name
     p = tensor_params(cfg, prep.method, name, kind)
     has_base = prep.base is not None and name in prep.base
-    if kind != "out" and streamed.unsupported(method, p, has_base) is None:
-        # read twice where the inputs lie, block by block: no task vectors in memory (``streamed``)
+    streams = kind != "out" and streamed.unsupported(method, p, has_base) is None
+    if streams:  # read twice where the inputs lie, block by block: no task vectors in memory
         merged = streamed.merge(method, prep.base.array(name, mapped=True, check=False),
                                 [m.array(name, mapped=True, check=False) for m in prep.models], p,
                                 tensor_generator(cfg.seed, name))
-        if not array_finite(merged):  # NaN/inf in an input reach the result: say which input
-            _check_inputs(prep, name)
-            raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
-        return np.ascontiguousarray(merged.astype(out_dtype, copy=False))
-    base, deltas = _inputs(prep, name, kind)
-    if kind == "out" and any(d < 1 for d in p.density):  # each group's density counts its own rows only
-        merged = base.copy()
-        for i, g in enumerate(prep.space):
-            rows = g.rows
-            merged[rows] = kernels.merge(method, base[rows], deltas[:, rows], p,
-                                         tensor_generator(cfg.seed, f"{name}/{g.name}"))
-    else:  # the task vectors are this tensor's scratch buffer: the merge may work in it
-        merged = kernels.merge(method, base, deltas, p, tensor_generator(cfg.seed, name), consume=True)
-    if np.shares_memory(merged, deltas) or np.shares_memory(merged, base):
-        merged = merged.copy()
-    del base, deltas
+    else:
+        base, deltas = _inputs(prep, name, kind)
+        if kind == "out" and any(d < 1 for d in p.density):  # each group's density counts its own rows only
+            merged = base.copy()
+            for i, g in enumerate(prep.space):
+                rows = g.rows
+                merged[rows] = kernels.merge(method, base[rows], deltas[:, rows], p,
+                                             tensor_generator(cfg.seed, f"{name}/{g.name}"))
+        else:  # the task vectors are this tensor's scratch buffer: the merge may work in it
+            merged = kernels.merge(method, base, deltas, p, tensor_generator(cfg.seed, name), consume=True)
+        if np.shares_memory(merged, deltas) or np.shares_memory(merged, base):
+            merged = merged.copy()
+        del base, deltas
     if not array_finite(merged):
+        if streams:  # its inputs were not checked (_inputs checks the task vectors): NaN/inf in one reach here
+            _check_inputs(prep, name)
         raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
     return np.ascontiguousarray(merged.astype(out_dtype, copy=False))
 

@@ -90,11 +90,8 @@ def _magnitude(w: np.ndarray, b: np.ndarray, density: float) -> tuple[float, np.
         a = buf[: s.stop - s.start]
         return np.abs(np.subtract(w[s], b[s], out=a), out=a)
 
-    sample = None
-    if kernels.bracketed(n):
-        at = kernels._sample_positions(n)
-        sample = np.abs(np.subtract(w[at], b[at]))
-    t, _, drop = kernels.select(n, kernels.keep_count(density, n), sample, values, ties=True)
+    t, _, drop = kernels.select(n, kernels.keep_count(density, n), values, ties=True,
+                                gather=lambda at: np.abs(np.subtract(w[at], b[at])))
     return t, drop
 
 
