@@ -40,7 +40,7 @@ results: zoo
 
 # The benchmark compares the opt-in ONNX Runtime fast paths too (the `fast` extra, installed above).
 bench: install
-	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md
+	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md --inference-repeats 5
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,28 @@ def test_merge_bench_structure(merge_results):
     assert s["hm3_inprocess_s"] is not None and s["hm3_process_s"] is None and s["speedup_process"] is None
     assert merge_results["bandwidth_gbs"] > 0
     assert "hm3 in-process" in next(iter(merge_results["commands"].values()))
+    # the page cache's floor: one per (size, N), beside the in-process runs
+    (f,) = merge_results["io_floors"]
+    assert (f["size"], f["n"]) == ("tiny", 2) and f["read_s"] > 0 and f["write_s"] > 0 and f["seconds"] > 0
+    assert s["io_floor_s"] == f["seconds"] and s["hm3_inprocess_x_io_floor"] == pytest.approx(s["hm3_inprocess_s"] / f["seconds"])
+    text = bench.render_markdown(merge_results, None, command="x", images={})
+    assert "### The page cache's floor" in text and f"| tiny | 2 | {s['floor_s']:.3f} | {f['read_s']:.3f} |" in text
+
+
+def test_io_floor_reads_every_input_and_writes_the_model_size(tmp_path, monkeypatch):
+    files = []
+    for i, size in enumerate((4096 * 3 + 8, 100)):
+        files.append(tmp_path / f"m{i}.safetensors")
+        files[-1].write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    sizes = {}
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: (sizes.setdefault(self.name, self.stat().st_size),
+                                                                 real_unlink(self, *a, **k))[1])
+    got = bench.measure_io_floor(files, tmp_path / "out.bin", nbytes=2500, block=1000)
+    assert sizes == {"out.bin": 2500} and not (tmp_path / "out.bin").exists()  # written whole, then removed
+    assert got["seconds"] == pytest.approx(got["read_s"] + got["write_s"]) and got["read_s"] > 0
+    with pytest.raises(FileNotFoundError):
+        bench.measure_io_floor([tmp_path / "missing.safetensors"], tmp_path / "out.bin", nbytes=10)
 
 
 @pytest.mark.slow

@@ -307,6 +307,35 @@ def floor_seconds(model_bytes: int, n: int, gbs: float) -> float:
     return (n + 2) * model_bytes / (gbs * 1e9)
 
 
+def measure_io_floor(files: list[Path], out_file: Path, nbytes: int, block: int = 1 << 24) -> dict:
+    """What this machine's page cache alone costs a merge: every byte of ``files`` read once through a
+    read-only map (a xor over its 64-bit words, a block at a time), then ``nbytes`` written to the new
+    ``out_file`` from one reused buffer (removed after). No merging: a merge that reads its inputs and
+    writes its output cannot take less. ``{"read_s", "write_s", "seconds"}`` (their sum)."""
+    import mmap
+
+    import numpy as np
+
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            words = np.frombuffer(m, dtype=np.uint64, count=len(m) // 8)
+            step = block // 8
+            for i in range(0, words.size, step):
+                np.bitwise_xor.reduce(words[i:i + step])
+            del words  # the map cannot close while a view holds it
+    t1 = time.perf_counter()
+    buf = memoryview(np.ones(block, dtype=np.uint8))
+    with open(out_file, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            fh.write(buf[:min(left, block)])
+            left -= block
+    t2 = time.perf_counter()
+    Path(out_file).unlink()
+    return {"seconds": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1}
+
+
 def _machine() -> dict:
     from hm3.sysinfo import machine
 
@@ -339,13 +368,18 @@ def bench_merge(
     bandwidth_mb: int = 256,
     threads: int | None = None,
     phases: bool = True,
+    io_floors: bool = True,
 ) -> dict:
     """hm3 vs mergekit on the same merges, side by side: per (size, N, method) and repeat, hm3's
     and mergekit's whole-process runs (console scripts) and in-process runs (a worker timing the
     library call) are interleaved. Returns a JSON-able dict; medians over ``repeats``.
 
     With ``phases`` (and ``whole_process``), one more fresh hm3 process per (size, N, method) times where a whole-process
-    ``hm3 merge`` spends its time (``hm3_phases``): imports, prepare, read + merge, write."""
+    ``hm3 merge`` spends its time (``hm3_phases``): imports, prepare, read + merge, write.
+
+    With ``io_floors`` (and ``in_process``), a fresh child per (size, N) and repeat, started like the
+    in-process runs, times the page cache alone (``measure_io_floor``): reading the inputs through
+    maps and writing one model to a new file, the part of the floor no merge engine can change."""
     workdir = Path(workdir).resolve()
     env = child_env(threads)
     if whole_process:
@@ -357,7 +391,7 @@ def bench_merge(
     gbs = (run_child(_worker_cmd("bandwidth", mbytes=bandwidth_mb), env=env).extra["gbs"] if env
            else measure_bandwidth(bandwidth_mb))
     results: dict[str, Any] = {"machine": _machine(), "bandwidth_gbs": gbs, "repeats": repeats, "rows": [],
-                               "commands": {}, "threads": threads, "phases": []}
+                               "commands": {}, "threads": threads, "phases": [], "io_floors": []}
     hm3_cli, mk_cli = _bin("hm3"), (_bin("mergekit-yaml") if mergekit else None)
     for size in sizes:
         for n in counts:
@@ -365,6 +399,19 @@ def bench_merge(
             bm = make_models(workdir / "models", size, n, expanded=mergekit)
             run_dir = workdir / "runs" / f"{size}-{n}"
             run_dir.mkdir(parents=True, exist_ok=True)
+            io_floor = None
+            if in_process and io_floors:  # the page cache's share, under the in-process runs' conditions
+                files = [f for d in (bm.base, *bm.models) for f in sorted(Path(d).glob("*.safetensors"))]
+                spec = {"files": [str(f) for f in files], "out": str(run_dir / "io-floor.bin"), "nbytes": bm.bytes_fp32}
+                runs_io = []
+                for _ in range(repeats):
+                    shutil.rmtree(run_dir / "out", ignore_errors=True)
+                    read_through([bm.base, *bm.models])
+                    runs_io.append(run_child(_worker_cmd("io-floor", **spec), env=env))
+                io_floor = {k: statistics.median(x.extra[k] if k != "seconds" else x.inner_s for x in runs_io)
+                            for k in ("read_s", "write_s", "seconds")}
+                results["io_floors"].append({"size": size, "n": n, **io_floor})
+                log.info("page-cache floor %s×%d: read %.3fs write %.3fs", size, n, io_floor["read_s"], io_floor["write_s"])
             for method in methods:
                 hm3_cfg = run_dir / f"{method}.hm3.yaml"
                 _write_yaml(hm3_cfg, recipe(bm, method))
@@ -414,6 +461,7 @@ def bench_merge(
                         "peak_rss_mb": max(x.peak_rss_mb for x in rs),
                         "rss_x_model": max(x.peak_rss_mb for x in rs) / (bm.bytes_fp32 / 2**20),
                         "floor_s": floor_seconds(bm.bytes_fp32, n, gbs),
+                        "io_floor_s": io_floor["seconds"] if io_floor else None,
                         "max_abs_diff_vs_mergekit": diff if tool == "hm3" else None,
                     })
                 shutil.rmtree(run_dir / "out", ignore_errors=True)
@@ -472,12 +520,13 @@ def merge_summary(results: dict) -> list[dict]:
 
         hp, hi, mp, mi = med("hm3", "process"), med("hm3", "in-process"), med("mergekit", "process"), med("mergekit", "in-process")
         any_row = next(iter(rows.values()))
-        floor = any_row["floor_s"]
+        floor, io_floor = any_row["floor_s"], any_row.get("io_floor_s")
         out.append({
             "size": size, "n": n, "method": method, "params_m": any_row["params_m"],
             "hm3_process_s": hp, "mergekit_process_s": mp, "speedup_process": (mp / hp) if hp and mp else None,
             "hm3_inprocess_s": hi, "mergekit_inprocess_s": mi, "speedup_inprocess": (mi / hi) if hi and mi else None,
             "floor_s": floor, "hm3_inprocess_x_floor": (hi / floor) if hi else None,
+            "io_floor_s": io_floor, "hm3_inprocess_x_io_floor": (hi / io_floor) if hi and io_floor else None,
             "hm3_rss_x_model": rows.get(("hm3", "process"), rows.get(("hm3", "in-process"), {})).get("rss_x_model"),
             "mergekit_rss_x_model": rows.get(("mergekit", "process"), rows.get(("mergekit", "in-process"), {})).get("rss_x_model"),
             "max_abs_diff_vs_mergekit": rows.get(("hm3", "process"), {}).get("max_abs_diff_vs_mergekit"),
@@ -700,7 +749,8 @@ def _f(x, fmt="{:.2f}", none="–") -> str:
 
 
 def plot_merge(results: dict, out: Path) -> Path | None:
-    """Time vs model size: whole process and in-process, per N; the bandwidth floor for reference."""
+    """Time vs model size: whole process and in-process, per N; the bandwidth floor (and, in-process,
+    the page cache's) for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -724,6 +774,9 @@ def plot_merge(results: dict, out: Path) -> Path | None:
                         ax.plot(*zip(*pts), style, color=colors.get(method, "gray"), label=f"{tool} {method}")
             floor = sorted({(r["params_m"], r["floor_s"]) for r in rows if r["n"] == n})
             ax.plot(*zip(*floor), ":", color="black", label="bandwidth floor")
+            io_floor = sorted({(r["params_m"], r["io_floor_s"]) for r in rows if r["n"] == n and r.get("io_floor_s")})
+            if io_floor and mode == "in-process":
+                ax.plot(*zip(*io_floor), "-.", color="gray", label="page-cache floor")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("parameters per model (M)")
@@ -763,6 +816,29 @@ def plot_inference(results: dict, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _io_floor_lines(merge_res: dict) -> list[str]:
+    """The page cache's floor beside the bandwidth floor, and hm3's in-process time against each."""
+    methods = list(dict.fromkeys(r["method"] for r in merge_res["summary"]))
+    lines = ["### The page cache's floor", "",
+             "The bandwidth floor moves bytes between warm buffers. A merge also reads its inputs from files and "
+             "writes a new one: one more fresh process per (size, N) and repeat, started like the in-process runs "
+             "(inputs read just before, no previous output), reads every byte of the base and the N models "
+             "through read-only maps (a xor over their words) and writes one model's bytes to a new file from a "
+             "reused buffer (`python -m hm3.bench io-floor`, `bench.measure_io_floor`; medians). No merging: the "
+             "time a merge of these files cannot go below on this machine, whatever its engine.", "",
+             "| size | N | bandwidth floor s | page cache: read s | write s | total s (× bandwidth floor) | "
+             + " | ".join(f"hm3 in-process {m} ÷ page-cache floor" for m in methods) + " |",
+             "|" + "---|" * (6 + len(methods))]
+    summary = {(r["size"], r["n"], r["method"]): r for r in merge_res["summary"]}
+    for f in merge_res["io_floors"]:
+        any_row = next(r for (size, n, _), r in summary.items() if (size, n) == (f["size"], f["n"]))
+        ratios = [_f(summary.get((f["size"], f["n"], m), {}).get("hm3_inprocess_x_io_floor"), "{:.1f}×")
+                  for m in methods]
+        lines.append(f"| {f['size']} | {f['n']} | {any_row['floor_s']:.3f} | {f['read_s']:.3f} | {f['write_s']:.3f} | "
+                     f"{f['seconds']:.3f} ({f['seconds'] / any_row['floor_s']:.1f}×) | " + " | ".join(ratios) + " |")
+    return lines + [""]
 
 
 def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: str, images: dict[str, str]) -> str:
@@ -847,6 +923,8 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
                   "(documented in `hm3.merging.steps`) — these random fine-tunes have many tied magnitudes, as "
                   "their deltas lie on the float32 grid of the base. DARE-TIES draws from different RNGs and is "
                   "not compared.", ""]
+        if merge_res.get("io_floors"):
+            lines += _io_floor_lines(merge_res)
         if merge_res.get("phases"):
             lines += ["### Where a whole-process `hm3 merge` spends its time", "",
                       "One more fresh process per merge (`python -m hm3.bench hm3-phases`, the same calls as "
@@ -1127,6 +1205,8 @@ def _worker(kind: str, spec: dict) -> dict:
         return {"seconds": time.perf_counter() - t0}
     if kind == "infer":
         return _infer(spec)
+    if kind == "io-floor":
+        return measure_io_floor([Path(f) for f in spec["files"]], Path(spec["out"]), spec["nbytes"])
     if kind == "bandwidth":
         return {"seconds": 0.0, "gbs": measure_bandwidth(spec.get("mbytes", 256))}
     raise HM3Error(f"unknown benchmark worker {kind!r}")
