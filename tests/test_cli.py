@@ -255,6 +255,46 @@ def test_existing_output_without_force(recipe, tmp_path):
     assert_user_error(run("merge", cfg, "-o", tmp_path / "out"), "pass --force")
 
 
+def test_force_replaces_only_a_previous_output(recipe, tmp_path):
+    """--force replaces a directory as a whole: a previous model, never a folder of other files (a
+    session once replaced its home directory with a model through a mistyped -o)."""
+    cfg = write_recipe(tmp_path / "r.yaml", recipe())
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "notes.txt").write_text("keep me")
+    (home / "projects" / "a.py").write_text("print(1)")
+    assert_user_error(run("merge", cfg, "-o", home, "--force", "--no-progress"), "holds 'notes.txt', which is not a model")
+    assert (home / "notes.txt").read_text() == "keep me" and (home / "projects" / "a.py").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "r.yaml"]  # no temporary sibling left
+    (home / "notes.txt").unlink()
+    assert_user_error(run("merge", cfg, "-o", home, "--force"), "holds 'projects', which is not a model")
+    # a previous output (and an empty directory) is replaced
+    out = tmp_path / "out"
+    assert run("merge", cfg, "-o", out, "--no-progress").exit_code == 0
+    (out / "stale.bin").write_text("from an older merge")
+    r = run("merge", cfg, "-o", out, "--force", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "stale.bin").exists()
+    (tmp_path / "empty").mkdir()
+    assert run("merge", cfg, "-o", tmp_path / "empty", "--force", "--no-progress").exit_code == 0
+
+
+def test_replaceable_directories(tmp_path):
+    from hm3.io import replaceable
+
+    (tmp_path / "empty").mkdir()
+    assert replaceable(tmp_path / "empty") is None
+    x = tmp_path / "expanded"  # hm3 expand's output: model directories and their mergekit recipe
+    for g in ("_base", "a"):
+        (x / g).mkdir(parents=True)
+        (x / g / "config.json").write_text("{}")
+    (x / "mergekit.yml").write_text("")
+    assert replaceable(x) is None
+    (x / "probes").mkdir()
+    assert replaceable(x) == "'probes'"
+    assert replaceable(x / "a") is None
+
+
 @pytest.mark.parametrize(
     "content,suffix,pattern",
     [

@@ -553,14 +553,34 @@ def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
 
 # -- saving ------------------------------------------------------------------------------------------
 def prepare_output(out: str | os.PathLike, force: bool) -> Path:
-    """Check that ``out`` may be written; nothing is touched yet."""
+    """Check that ``out`` may be written; nothing is touched yet. With ``force`` an existing directory
+    is replaced as a whole, so only one that holds what hm3 writes there (``replaceable``)."""
     out = Path(out)
     if out.exists() and not force:
         raise HM3Error(f"{out}: already exists; choose another output directory or pass --force")
     if out.exists() and not out.is_dir():
         raise HM3Error(f"{out}: exists and is not a directory")
+    if out.exists():
+        other = replaceable(out)
+        if other is not None:
+            raise HM3Error(f"{out}: holds {other}, which is not a model; --force replaces a directory as a "
+                           "whole, so only an empty one or a model directory (config.json) hm3 wrote or could "
+                           "have written; choose a new output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def replaceable(d: Path) -> str | None:
+    """None if ``--force`` may replace directory ``d`` with a model: it is empty, a model directory
+    (``config.json``), or ``hm3 expand``'s output (model directories and their mergekit recipe);
+    else an entry that is none of these. A directory of other files — a home, a project, a zoo of
+    models — is never deleted for a mistyped ``-o``."""
+    if (d / "config.json").is_file():
+        return None
+    for e in sorted(d.iterdir()):
+        if not ((e / "config.json").is_file() if e.is_dir() else e.name in ("mergekit.yml", "paths.json")):
+            return repr(e.name)
+    return None
 
 
 class AtomicDir:
