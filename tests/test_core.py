@@ -76,8 +76,15 @@ def test_existing_output_is_refused_unless_forced(recipe, tmp_path):
     with pytest.raises(HM3Error, match="already exists"):
         hm3.merge(recipe(), out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    hm3.merge(recipe(), out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # force replaces the directory as a whole: never one that holds other files than a model
+    with pytest.raises(HM3Error, match="holds 'keep.txt', which is not a model"):
+        hm3.merge(recipe(), out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    hm3.merge(recipe(), out, force=True, progress=False)  # empty: written
+    (out / "stale.txt").write_text("left by an older merge")
+    hm3.merge(recipe(), out, force=True, progress=False)  # a model directory: replaced whole
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_uninformative_labels_are_renamed_in_the_merge(tiny, tmp_path):
