@@ -24,7 +24,7 @@ import typer
 # to 7x dearer, whole `hm3 merge` runs 1.1-1.7x as long and the first inference pass 1.25x. Set it in
 # the environment where it pays.
 
-from hm3.errors import HM3Error
+from hm3.errors import FORCE_HELP, HM3Error
 from hm3.labels import LABEL_THRESHOLD_HELP
 
 app = typer.Typer(
@@ -78,7 +78,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 def merge(
     config: Path = typer.Argument(..., help="YAML recipe (mergekit keys + hm3 `group`/`labels`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pytorch_model.bin (pickle) checkpoints."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:

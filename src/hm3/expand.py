@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hm3.errors import HM3Error
+from hm3.errors import FORCE_HELP, HM3Error
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def register(app, user_errors) -> None:
         out: Path = typer.Option(
             ..., "--out", "-o", help="Output directory: one expanded model per group, plus _base."
         ),
-        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
         allow_pickle: bool = typer.Option(
             False, "--allow-pickle", help="Also read pytorch_model.bin (pickle) checkpoints."
         ),

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence
 
-from hm3.errors import HM3Error
+from hm3.errors import FORCE_HELP, HM3Error
 from hm3.labels import label_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -948,7 +948,7 @@ def register(app, user_errors) -> None:
                                       "float32 | bfloat16 (autocast: several times faster on CPUs with AMX or "
                                       "AVX512-BF16; the fits and saved weights stay fp32) | auto (bfloat16 where "
                                       "the CPU has those instructions)."),
-        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Re-fit group heads on the model's own features: labelled, or distilled from the original guards;
