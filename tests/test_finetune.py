@@ -207,6 +207,14 @@ def test_build_guard_writes_a_complete_resumable_guard_and_suites(
     assert rows and {tuple(r["expected"]) for r in rows} == {("spam",)}
     assert {r["expected"]["spam"] for r in rows} == {"ham", "spam"}
 
+    # a folder of other files where a guard goes is never replaced by one
+    mine = tmp_path / "other-zoo" / "spam"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(HM3Error, match="holds 'notes.txt', which is not part of a guard"):
+        build.build_guard("spam", mine.parent, **kwargs)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
 
 def test_torch_threads_sets_and_restores() -> None:
     from hm3.zoo.finetune import torch_threads

@@ -291,6 +291,13 @@ def _build_guard(
     style: str,
     options: dict[str, Any],
 ) -> dict[str, Any]:
+    if guard_dir.is_dir():  # an unfinished guard is rebuilt and replaced whole: never a folder of other files
+        from hm3.io import replaceable
+
+        other = replaceable(guard_dir)
+        if other is not None:
+            raise HM3Error(f"{guard_dir}: holds {other}, which is not part of a guard; the zoo writes the "
+                           f"{group!r} guard there: move that folder away or choose another --out")
     t0 = time.perf_counter()
     data = load_guard(group, seed=seed, cache=cache, max_train=max_train)
     t_data = time.perf_counter() - t0
