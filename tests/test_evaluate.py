@@ -264,6 +264,12 @@ def test_save_and_cli(zoo, tmp_path):
     res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["a"])])
     assert res.exit_code == 2 and "answered by none of the models" in res.output
 
+    # a file where the report folder goes: one line that names it, no traceback
+    (tmp_path / "afile").write_text("")
+    res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--out", str(tmp_path / "afile")])
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 2 and lines == [f"error: {tmp_path / 'afile'}: File exists"], res.stderr
+
 
 def test_cli_against_the_originals_with_a_bootstrap_interval(zoo, tmp_path):
     from typer.testing import CliRunner

@@ -48,6 +48,12 @@ def user_errors(fn: Callable) -> Callable:
         except HM3Error as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except OSError as e:  # about a path the user gave (a file where a folder goes, no space left...)
+            if e.filename is None:
+                raise
+            logging.getLogger("hm3").debug("%s", fn.__name__, exc_info=True)  # the traceback with --verbose
+            typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
+            raise typer.Exit(2)
 
     return wrapper
 
