@@ -295,6 +295,19 @@ def test_replaceable_directories(tmp_path):
     assert replaceable(x / "a") is None
 
 
+def test_predict_output_that_is_a_folder_fails_before_any_work(tiny, tmp_path, monkeypatch):
+    import hm3.model
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(hm3.model, "load", no_load)
+    (tmp_path / "preds").mkdir()
+    assert_user_error(run("predict", tiny["a"], "--text", "hi", "--output", tmp_path / "preds"),
+                      f"{tmp_path / 'preds'}: is a folder; give the output file's name")
+    assert list((tmp_path / "preds").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["preds"]
+
+
 @pytest.mark.parametrize(
     "content,suffix,pattern",
     [

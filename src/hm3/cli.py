@@ -116,9 +116,11 @@ def predict(
 ) -> None:
     """Classify texts: per text and group, the label and the group's softmax scores (a multi-label
     group: a sigmoid score per label, and the labels at or above --threshold)."""
-    from hm3.io import texts_from
+    from hm3.io import check_output_file, texts_from
     from hm3.model import load, thresholds_option
 
+    if output is not None:
+        check_output_file(output)  # before the texts are classified
     texts = texts_from(input, text)
     clf = load(model, aggregate=aggregate, threshold=threshold, thresholds=thresholds_option(label_threshold))
     if fast:

@@ -611,9 +611,17 @@ class AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """An error now, before any work, if ``path`` cannot become a file: a folder is there."""
+    path = Path(path)
+    if path.is_dir():
+        raise HM3Error(f"{path}: is a folder; give the output file's name (e.g. {path / 'out.jsonl'})")
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file via a temporary sibling and a rename: readers never see half a file."""
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
