@@ -284,15 +284,19 @@ def test_replaceable_directories(tmp_path):
 
     (tmp_path / "empty").mkdir()
     assert replaceable(tmp_path / "empty") is None
-    x = tmp_path / "expanded"  # hm3 expand's output: model directories and their mergekit recipe
+    x = tmp_path / "expanded"  # hm3 expand's output: the models it expanded and their mergekit recipe
     for g in ("_base", "a"):
         (x / g).mkdir(parents=True)
-        (x / g / "config.json").write_text("{}")
+        (x / g / "config.json").write_text(json.dumps({"hm3": {"expanded": {"group": g}}}))
     (x / "mergekit.yml").write_text("")
     assert replaceable(x) is None
+    assert replaceable(x / "a") is None  # a model directory
     (x / "probes").mkdir()
     assert replaceable(x) == "'probes'"
-    assert replaceable(x / "a") is None
+    mine = tmp_path / "my-models"  # a folder of one's own models is not an expand output
+    (mine / "spam").mkdir(parents=True)
+    (mine / "spam" / "config.json").write_text("{}")
+    assert replaceable(mine) == "'spam'"
 
 
 def test_predict_output_that_is_a_folder_fails_before_any_work(tiny, tmp_path, monkeypatch):

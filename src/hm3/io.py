@@ -572,15 +572,23 @@ def prepare_output(out: str | os.PathLike, force: bool) -> Path:
 
 def replaceable(d: Path) -> str | None:
     """None if ``--force`` may replace directory ``d`` with a model: it is empty, a model directory
-    (``config.json``), or ``hm3 expand``'s output (model directories and their mergekit recipe);
-    else an entry that is none of these. A directory of other files — a home, a project, a zoo of
-    models — is never deleted for a mistyped ``-o``."""
+    (``config.json``), or ``hm3 expand``'s output (the models it expanded and their mergekit recipe);
+    else an entry that is none of these. A directory of other files — a home, a project, a folder of
+    one's models, a zoo — is never deleted for a mistyped ``-o``."""
     if (d / "config.json").is_file():
         return None
     for e in sorted(d.iterdir()):
-        if not ((e / "config.json").is_file() if e.is_dir() else e.name in ("mergekit.yml", "paths.json")):
+        if not (_expanded_model(e) if e.is_dir() else e.name == "mergekit.yml"):
             return repr(e.name)
     return None
+
+
+def _expanded_model(d: Path) -> bool:
+    """Whether ``d`` is a model ``hm3 expand`` wrote (its config.json says so under ``hm3.expanded``)."""
+    try:
+        return "expanded" in json.loads((d / "config.json").read_text(encoding="utf-8")).get("hm3", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class AtomicDir:
