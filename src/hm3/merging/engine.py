@@ -462,11 +462,17 @@ def _finished(prep: Prepared, name: str, kind: str, base: torch.Tensor, deltas: 
     if merged.untyped_storage().data_ptr() in (deltas.untyped_storage().data_ptr(), base.untyped_storage().data_ptr()):
         merged = merged.clone()  # a view of an input
     del base, deltas  # (N, *shape): the caller frees its references before the next tensor is read
+    return checked(name, merged, dtype).contiguous()
+
+
+def checked(name: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A merged tensor checked finite (``io.all_finite``: one reduction, no boolean copy) and in the
+    output ``dtype`` (floating tensors; others as they are)."""
     if merged.is_floating_point():
         if not all_finite(merged):
             raise HM3Error(f"merging {name!r} produced NaN/inf values; check weights and lambda")
         merged = merged.to(dtype)
-    return merged.contiguous()
+    return merged
 
 
 def merged_tensors(prep: Prepared, progress: bool = True, *, workers: int | None = None

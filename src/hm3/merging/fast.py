@@ -25,7 +25,7 @@ import torch
 from hm3.config import MergeConfig
 from hm3.errors import HM3Error
 from hm3.merging import steps
-from hm3.merging.engine import (Prepared, in_order, merge_tensor, merge_workers, merged_config, tokenizer_source,
+from hm3.merging.engine import (Prepared, checked, in_order, merge_tensor, merge_workers, merged_config, tokenizer_source,
                                 torch_dtype)
 from hm3.merging.methods import REGISTRY
 
@@ -89,12 +89,7 @@ class TaskVectors:
 
         def one(i: int) -> torch.Tensor:
             e = self.entries[i]
-            merged = merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed)
-            if merged.is_floating_point():
-                if not bool(torch.isfinite(merged).all()):
-                    raise HM3Error(f"merging {e.name!r} produced NaN/inf values; check weights and lambda")
-                merged = merged.to(dtype)
-            return merged
+            return checked(e.name, merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed), dtype)
 
         # Two tensors at once where a tensor's merge runs on one thread (numpy's kernels), as hm3.merge does.
         names, sizes = [e.name for e in self.entries], [e.base.numel() for e in self.entries]
