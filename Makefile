@@ -10,7 +10,7 @@ ZOO ?= .cache/hm3/zoo
 .PHONY: install demo test zoo results bench clean
 
 # torch first, pinned to the CPU wheel, so that nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py src/hm3/merging/_native.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
@@ -43,4 +43,4 @@ bench: install
 	$(VENV)/bin/hm3 bench all --out docs/BENCHMARKS.md --inference-repeats 5
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/hm3/merging/_native*.so

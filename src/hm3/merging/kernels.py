@@ -161,11 +161,13 @@ def _sample_positions(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).integers(0, n, sample_size(n)))
 
 
-def _bracket(n: int, r: int, sample: np.ndarray, values) -> tuple[np.ndarray, int, np.ndarray] | None:
+def _bracket(n: int, r: int, sample: np.ndarray, values, scan=None) -> tuple[np.ndarray, int, np.ndarray] | None:
     """The values between two sample quantiles around ascending rank ``r`` (in memory order), how
     many lie below them, and how many of them each block holds; None when the bracket misses rank
     ``r`` (the caller then partitions everything). ``sample``: the values at ``_sample_positions(n)``
-    (changed: partitioned); ``values(b)``: the values of block slice ``b``.
+    (changed: partitioned); ``values(b)``: the values of block slice ``b``; ``scan(lo, hi)``: the
+    same pass done elsewhere (``native.bracket``: the values in ``[lo, hi]``, how many lie below,
+    how many of them each block holds).
 
     The sample's rank of the threshold is binomial; the bracket spans 4 standard deviations (+8) each
     side, ~1.6% of the elements at rank n/2 with a sample of 2^16 (~6.5% with 2^12), so it misses
@@ -181,27 +183,33 @@ def _bracket(n: int, r: int, sample: np.ndarray, values) -> tuple[np.ndarray, in
         sample.partition(ranks)  # only the two sample quantiles are needed: no sort
     lo = sample[i_lo] if i_lo >= 0 else -np.inf
     hi = sample[i_hi] if i_hi < m else np.inf
-    below, parts = 0, []
-    inside, under = np.empty(min(n, BLOCK), bool), np.empty(min(n, BLOCK), bool)
-    for b in blocks(n):
-        blk = values(b)
-        u, i = under[: blk.size], inside[: blk.size]
-        below += np.count_nonzero(np.less(blk, lo, out=u))  # NaN: neither below nor inside (numpy: largest)
-        np.logical_and(np.greater_equal(blk, lo, out=i), np.less_equal(blk, hi, out=u), out=i)
-        parts.append(blk[i])
-    bracket = np.concatenate(parts)
+    if scan is not None:
+        bracket, below, counts = scan(lo, hi)
+    else:
+        below, parts = 0, []
+        inside, under = np.empty(min(n, BLOCK), bool), np.empty(min(n, BLOCK), bool)
+        for b in blocks(n):
+            blk = values(b)
+            u, i = under[: blk.size], inside[: blk.size]
+            below += np.count_nonzero(np.less(blk, lo, out=u))  # NaN: neither below nor inside (numpy: largest)
+            np.logical_and(np.greater_equal(blk, lo, out=i), np.less_equal(blk, hi, out=u), out=i)
+            parts.append(blk[i])
+        bracket = np.concatenate(parts)
+        counts = np.fromiter((x.size for x in parts), dtype=np.int64, count=len(parts))
     if not 0 <= r - below < bracket.size:
         return None
-    return bracket, below, np.fromiter((x.size for x in parts), dtype=np.int64, count=len(parts))
+    return bracket, below, counts
 
 
-def select(n: int, k: int, values, *, ties: bool = False, gather=None) -> tuple[float, int, np.ndarray | None]:
+def select(n: int, k: int, values, *, ties: bool = False, gather=None, scan=None
+           ) -> tuple[float, int, np.ndarray | None]:
     """``(t, n_ge, drop)``: the ``k``-th largest ``t`` of ``n`` values, exactly, by selection (no
     sort); how many are ``>= t`` (``k`` plus the ties at ``t`` ranked below ``k``); with ``ties``, the
     positions of the ``n_ge - k`` last elements equal to ``t`` in memory order (keeping the first
     ones keeps exactly ``k``), else None. The values come block by block from ``values(b)`` (a view
     or a reused buffer), so they need not exist as one array; ``gather(positions)``: a new array of
-    the values at ``positions`` (default ``values``: an array's ``__getitem__`` is both).
+    the values at ``positions`` (default ``values``: an array's ``__getitem__`` is both);
+    ``scan``: ``_bracket``'s pass done by compiled code (``native.bracket``).
 
     Large arrays: the sample brackets ``t`` (``_bracket``) and only the bracket is partitioned; 5-8x
     faster than partitioning a whole word-embedding matrix (session 9). Exact either way: the sample
@@ -210,7 +218,7 @@ def select(n: int, k: int, values, *, ties: bool = False, gather=None) -> tuple[
     read again to find where they are.
     """
     r = n - k  # 0-based ascending rank of the threshold
-    found = _bracket(n, r, (gather or values)(_sample_positions(n)), values) if bracketed(n) else None
+    found = _bracket(n, r, (gather or values)(_sample_positions(n)), values, scan) if bracketed(n) else None
     if found is None:
         whole = None
         for b in blocks(n):

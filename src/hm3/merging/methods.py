@@ -23,7 +23,7 @@ from hm3._lazy import torch
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-from hm3.merging import kernels, steps
+from hm3.merging import kernels, native, steps, streamed
 from hm3.merging.steps import Rescale, Sparsify
 
 
@@ -78,6 +78,17 @@ def _torch_sparsifier(kind: Sparsify, p: TensorParams, generator):
     return sparsify
 
 
+#: kernels' task-arithmetic family by (sparsify, consensus): the methods the compiled loops may take
+_GTA_NAMES = {v: k for k, v in kernels.GTA_METHODS.items()}
+
+
+def _compiled(method: str, base: torch.Tensor, deltas: torch.Tensor, p: TensorParams) -> bool:
+    """Whether this merge runs in the compiled loops (``hm3.merging.native``, via ``streamed.merge``
+    on the task vectors): the same bits as kernels', in one pass."""
+    return (native.available() and base.dtype == torch.float32 and deltas.dtype == torch.float32
+            and deltas.shape[0] <= native.MAX_MODELS and streamed.unsupported(method, p, True) is None)
+
+
 def generalized_task_arithmetic(
     base: torch.Tensor,
     deltas: torch.Tensor,
@@ -103,6 +114,10 @@ def generalized_task_arithmetic(
         rng = steps.numpy_rng(generator)
     elif sparsify in (Sparsify.magnitude_outliers, Sparsify.della_magprune):
         hook = _torch_sparsifier(sparsify, p, generator)
+    name = _GTA_NAMES.get((sparsify, consensus))
+    if hook is None and name is not None and _compiled(name, base, deltas, p):
+        out = streamed.merge(name, steps._numpy(base), list(steps._numpy(deltas)), p, rng, deltas=True)
+        return torch.from_numpy(out)
     out = kernels.generalized_task_arithmetic(steps._numpy(base), steps._numpy(deltas), p, rng, sparsify=sparsify,
                                               consensus=consensus, sparsify_fn=hook)
     return torch.from_numpy(out).to(base.dtype)
@@ -117,6 +132,9 @@ def linear(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=
     """
     if deltas.shape[0] == 0:
         return base
+    if _compiled("linear", base, deltas, p):
+        return torch.from_numpy(streamed.merge("linear", steps._numpy(base), list(steps._numpy(deltas)), p, None,
+                                               deltas=True))
     return torch.from_numpy(kernels.linear(steps._numpy(base), steps._numpy(deltas), p)).to(base.dtype)
 
 

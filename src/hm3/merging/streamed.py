@@ -17,13 +17,18 @@ The same bits as ``kernels.merge`` on the stacked task vectors (``tests/test_str
 every element goes through the same float32 operations in the same order. What it does not take
 (TIES with a rescale, DARE's l2 / linf rescale, a density of 0 or below, no base, head rows) the
 numpy engine merges as before (``unsupported`` says why).
+
+Where the compiled loops are built (``hm3.merging.native``), step 2 is one C pass over the inputs
+and step 1's bracket scan too; else numpy's block-wise calls. The same bits either way
+(``tests/test_native.py``). ``merge(..., deltas=True)`` takes task vectors instead of models (the
+search's in-memory engine and the torch methods: ``kernels.generalized_task_arithmetic``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hm3.merging import kernels
+from hm3.merging import kernels, native
 from hm3.merging.kernels import BLOCK, Rescale, Sparsify, blocks
 
 
@@ -49,13 +54,13 @@ def unsupported(method: str, p, has_base: bool) -> str | None:
 
 class TaskVector:
     """Model ``i``'s kept task vector of one tensor, a block at a time: ``tv[b]`` is ``S(w - base)``
-    over block slice ``b`` in a buffer of its own (the caller may change it; the next block
-    overwrites it). ``S``: nothing dropped; TIES' ``|x| >= t`` with the ties in ``drop`` dropped; or
-    DARE's packed ``bits``, then its inverse rescale."""
+    (``S(w)`` when ``base`` is None: ``w`` is the task vector) over block slice ``b`` in a buffer of
+    its own (the caller may change it; the next block overwrites it). ``S``: nothing dropped; TIES'
+    ``|x| >= t`` with the ties in ``drop`` dropped; or DARE's packed ``bits``, then its inverse rescale."""
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, w: np.ndarray, base: np.ndarray, key: object, *, t: float | None = None,
+    def __init__(self, w: np.ndarray, base: np.ndarray | None, key: object, *, t: float | None = None,
                  drop: np.ndarray | None = None, bits: np.ndarray | None = None, inverse: float | None = None):
         self.w, self.base, self.t, self.drop, self.bits, self.inverse = w, base, t, drop, bits, inverse
         width = min(w.size, BLOCK)
@@ -64,7 +69,7 @@ class TaskVector:
 
     def __getitem__(self, b: slice) -> np.ndarray:
         m = b.stop - b.start
-        x = np.subtract(self.w[b], self.base[b], out=self._out[:m])
+        x = _task_vector(self.w, self.base, b, self._out[:m])
         if self.t is not None:  # kernels.magnitude: 1.0 where |x| >= t, the dropped ties 0, times x
             mask = np.greater_equal(np.abs(x, out=self._mask[:m]), self.t, out=self._mask[:m])
             if self.drop is not None and self.drop.size:
@@ -81,42 +86,60 @@ class TaskVector:
         return x
 
 
-def _magnitude(w: np.ndarray, b: np.ndarray, density: float) -> tuple[float, np.ndarray | None]:
-    """TIES: the threshold of ``|w - b|`` and the ties it drops (``kernels.magnitude``'s kept set)."""
+def _task_vector(w: np.ndarray, b: np.ndarray | None, s, out: np.ndarray) -> np.ndarray:
+    """``w[s] - b[s]`` (``w[s]`` itself when ``b`` is None: ``w`` holds task vectors) into ``out``."""
+    if b is None:
+        np.copyto(out, w[s])
+        return out
+    return np.subtract(w[s], b[s], out=out)
+
+
+def _magnitude(w: np.ndarray, b: np.ndarray | None, density: float) -> tuple[float, np.ndarray | None]:
+    """TIES: the threshold of ``|w - b|`` (``|w|`` without ``b``) and the ties it drops
+    (``kernels.magnitude``'s kept set)."""
     n = w.size
     buf = kernels.scratch("streamed |x|", min(n, BLOCK), np.float32)
 
     def values(s: slice) -> np.ndarray:
         a = buf[: s.stop - s.start]
-        return np.abs(np.subtract(w[s], b[s], out=a), out=a)
+        return np.abs(_task_vector(w, b, s, a), out=a)
 
-    t, _, drop = kernels.select(n, kernels.keep_count(density, n), values, ties=True,
-                                gather=lambda at: np.abs(np.subtract(w[at], b[at])))
+    scan = (lambda lo, hi: native.bracket(w, b, lo, hi, BLOCK)) if native.available() else None
+    t, _, drop = kernels.select(n, kernels.keep_count(density, n), values, ties=True, scan=scan,
+                                gather=lambda at: np.abs(w[at] if b is None else np.subtract(w[at], b[at])))
     return t, drop
 
 
-def _bits(w: np.ndarray, b: np.ndarray, density: float, rescale, rng) -> tuple[np.ndarray | None, object]:
+def _bits(w: np.ndarray, b: np.ndarray | None, density: float, rescale, rng) -> tuple[np.ndarray | None, object]:
     """DARE: ``(packed keep bits or None: all kept, the l1 rescale factor or None)``, from the draws
-    ``kernels.bernoulli_parts`` makes of ``rng`` (the same calls in the same order)."""
+    ``kernels.bernoulli_parts`` makes of ``rng`` (the same calls in the same order). ``b`` None:
+    ``w`` is the task vector."""
     n = w.size
     q = round(density * (1 << 16))
     if q >= 1 << 16:  # within 2^-17 of 1: keep all, no draw (an l1 factor would be 1)
         return None, None
     below = q - (1 << 15)  # kernels.bernoulli_parts: keep where the int16 is below this
     bits = np.empty((n + 7) // 8, dtype=np.uint8)
-    keep = kernels.scratch("streamed keep", min(n, BLOCK), bool)
+    fast = native.available()  # else numpy's calls, block by block
     l1 = rescale is Rescale.l1
     if l1:
         sums = np.empty((2, kernels._rows(n)), dtype=np.float32)  # rows of |x|, of |keep * x|
-        x = kernels.scratch("streamed x", min(n, BLOCK), np.float32)
-        kx = kernels.scratch("streamed kx", min(n, BLOCK), np.float32)
-    for s in blocks(n):
+    if not fast:
+        keep = kernels.scratch("streamed keep", min(n, BLOCK), bool)
+        if l1:
+            x = kernels.scratch("streamed x", min(n, BLOCK), np.float32)
+            kx = kernels.scratch("streamed kx", min(n, BLOCK), np.float32)
+    for s in blocks(n):  # BLOCK is a multiple of 8 and of SUM_CHUNK: a block's bits and rows start whole
         m = s.stop - s.start
         r16 = kernels.draws(rng, (m + 3) // 4).view(np.int16)[:m]
-        bits[s.start // 8: (s.stop + 7) // 8] = np.packbits(np.less(r16, below, out=keep[:m]), bitorder="little")
+        rows = slice(s.start // kernels.SUM_CHUNK, s.start // kernels.SUM_CHUNK + kernels._rows(m))
+        packed = bits[s.start // 8: (s.stop + 7) // 8]
+        if fast:
+            native.dare_block(w[s], None if b is None else b[s], r16, below, packed, sums[:, rows] if l1 else None)
+            continue
+        packed[:] = np.packbits(np.less(r16, below, out=keep[:m]), bitorder="little")
         if l1:
-            rows = slice(s.start // kernels.SUM_CHUNK, s.start // kernels.SUM_CHUNK + kernels._rows(m))
-            xb = np.subtract(w[s], b[s], out=x[:m])
+            xb = _task_vector(w, b, s, x[:m])
             kb = np.multiply(np.less(r16, below, out=kx[:m]), xb, out=kx[:m])  # 1.0 / 0.0 times x, as there
             kernels.row_sums(np.abs(xb, out=xb), sums[0, rows])
             kernels.row_sums(np.abs(kb, out=kb), sums[1, rows])
@@ -126,29 +149,46 @@ def _bits(w: np.ndarray, b: np.ndarray, density: float, rescale, rng) -> tuple[n
 
 # Overflow (a huge lambda) is not warned about here: the caller checks the result for NaN/inf.
 @np.errstate(over="ignore", invalid="ignore")
-def merge(method: str, base: np.ndarray, models: list[np.ndarray], p, rng: np.random.Generator | None) -> np.ndarray:
+def merge(method: str, base: np.ndarray, models: list[np.ndarray], p, rng: np.random.Generator | None, *,
+          deltas: bool = False) -> np.ndarray:
     """``kernels.merge(method, base, stack(models) - base, p, rng)``, the same bits, without the
     task vectors in memory: ``base`` and ``models`` are float32 arrays of one shape (maps of the
-    files). A new float32 array. ``unsupported`` must say None."""
+    files); with ``deltas``, ``models`` are the task vectors themselves. A new float32 array.
+    ``unsupported`` must say None."""
     shape = base.shape
     b = np.ascontiguousarray(base).reshape(-1)
     w = [np.ascontiguousarray(m).reshape(-1) for m in models]
     if not w or b.size == 0:
         return b.copy().reshape(shape)
+    sub = None if deltas else b  # what a model's task vector is taken from
+    fast = native.available() and len(w) <= native.MAX_MODELS
     if method == "linear":
-        return kernels.linear(b, [TaskVector(wi, b, i) for i, wi in enumerate(w)], p).reshape(shape)
+        if fast:
+            return native.merge(b, w, deltas=deltas, weights=p.weight, linear=True, normalize=p.normalize,
+                                total=kernels.weight_total(p.weight, np.float32)).reshape(shape)
+        return kernels.linear(b, [TaskVector(wi, sub, i) for i, wi in enumerate(w)], p).reshape(shape)
     sparsify, consensus = kernels.GTA_METHODS[method]
-    sources, factors = [], []
+    sources, factors, thresholds, keep, inverse = [], [], [], [], []
     for i, wi in enumerate(w):  # model by model: DARE's draws come in kernels' order
-        d, factor = p.density[i], None
+        d, factor, t, drop, bits, inv = p.density[i], None, None, None, None, None
         if sparsify is None or d >= 1:
-            tv = TaskVector(wi, b, i)
+            pass
         elif sparsify is Sparsify.magnitude:
-            t, drop = _magnitude(wi, b, d)
-            tv = TaskVector(wi, b, i, t=t, drop=drop)
+            t, drop = _magnitude(wi, sub, d)
         else:
-            bits, factor = _bits(wi, b, d, p.rescale, rng)
-            tv = TaskVector(wi, b, i, bits=bits, inverse=d if p.rescale is Rescale.inverse else None)
-        sources.append(tv)
+            bits, factor = _bits(wi, sub, d, p.rescale, rng)
+            inv = d if p.rescale is Rescale.inverse else None
         factors.append(factor)
-    return kernels.combine(b, sources, [True] * len(w), factors, p, consensus).reshape(shape)
+        inverse.append(inv)
+        keep.append(bits)
+        thresholds.append(None if t is None else (t, int(drop[0]) if drop is not None and drop.size else b.size))
+        if not fast:
+            sources.append(TaskVector(wi, sub, i, t=t, drop=drop, bits=bits, inverse=inv))
+    if not fast:
+        return kernels.combine(b, sources, [True] * len(w), factors, p, consensus).reshape(shape)
+    total = kernels.weight_total(p.weight, np.float32)
+    if abs(total) < 1e-8:  # kernels.combine's rule
+        total = np.float32(1)
+    return native.merge(b, w, deltas=deltas, weights=p.weight, thresholds=thresholds, bits=keep, inverse=inverse,
+                        factors=factors, consensus=p.consensus if consensus else None, normalize=p.normalize,
+                        total=total, lambda_=p.lambda_).reshape(shape)
