@@ -48,7 +48,7 @@ def test_make_models_reuses_and_extends(tmp_path):
 
 def test_merge_bench_structure(merge_results):
     rows = merge_results["rows"]
-    assert {(r["tool"], r["mode"]) for r in rows} == {("hm3", "in-process")}
+    assert {(r["tool"], r["mode"]) for r in rows} == {("hm3", "in-process"), ("hm3", "in-memory")}
     for r in rows:
         assert {"size", "n", "method", "tool", "mode", "times_s", "median_s", "peak_rss_mb", "rss_x_model",
                 "floor_s", "params_m"} <= set(r)
@@ -59,12 +59,18 @@ def test_merge_bench_structure(merge_results):
     assert s["hm3_inprocess_s"] is not None and s["hm3_process_s"] is None and s["speedup_process"] is None
     assert merge_results["bandwidth_gbs"] > 0
     assert "hm3 in-process" in next(iter(merge_results["commands"].values()))
+    # the search's engine: task vectors in memory, merged into a preallocated model (no files)
+    memory = next(r for r in rows if r["mode"] == "in-memory")
+    assert s["hm3_inmemory_s"] == memory["median_s"] > 0
+    assert s["hm3_inmemory_x_floor"] == pytest.approx(memory["median_s"] / s["floor_s"])
+    assert "hm3 in-memory" in next(iter(merge_results["commands"].values()))
     # the page cache's floor: one per (size, N), beside the in-process runs
     (f,) = merge_results["io_floors"]
     assert (f["size"], f["n"]) == ("tiny", 2) and f["read_s"] > 0 and f["write_s"] > 0 and f["seconds"] > 0
     assert s["io_floor_s"] == f["seconds"] and s["hm3_inprocess_x_io_floor"] == pytest.approx(s["hm3_inprocess_s"] / f["seconds"])
     text = bench.render_markdown(merge_results, None, command="x", images={})
     assert "### The page cache's floor" in text and f"| tiny | 2 | {s['floor_s']:.3f} | {f['read_s']:.3f} |" in text
+    assert f"| {s['hm3_inmemory_s']:.2f} | {s['hm3_inmemory_x_floor']:.1f}× |" in text
 
 
 def test_io_floor_reads_every_input_and_writes_the_model_size(tmp_path, monkeypatch):

@@ -390,7 +390,10 @@ def bench_merge(
     # with a thread count, measured in a child with the runs' environment; else here (same default)
     gbs = (run_child(_worker_cmd("bandwidth", mbytes=bandwidth_mb), env=env).extra["gbs"] if env
            else measure_bandwidth(bandwidth_mb))
+    from hm3.merging import native
+
     results: dict[str, Any] = {"machine": _machine(), "bandwidth_gbs": gbs, "repeats": repeats, "rows": [],
+                               "native": native.available(),
                                "commands": {}, "threads": threads, "phases": [], "io_floors": []}
     hm3_cli, mk_cli = _bin("hm3"), (_bin("mergekit-yaml") if mergekit else None)
     for size in sizes:
@@ -421,6 +424,7 @@ def bench_merge(
                     jobs.append(("hm3", "process", [hm3_cli, "merge", str(hm3_cfg), "--out", out, "--force", "--no-progress"]))
                 if in_process:
                     jobs.append(("hm3", "in-process", _worker_cmd("hm3-merge", config=str(hm3_cfg), out=out)))
+                    jobs.append(("hm3", "in-memory", _worker_cmd("hm3-memory", config=str(hm3_cfg))))
                 if mergekit:
                     mk_cfg = run_dir / f"{method}.mergekit.yaml"
                     _write_yaml(mk_cfg, mergekit_recipe(bm, method))
@@ -453,7 +457,7 @@ def bench_merge(
                 if check and mergekit and method in ("linear", "ties") and whole_process:
                     diff = _max_abs_diff(run_dir / "out", run_dir / "out-mergekit")
                 for (tool, mode), rs in runs.items():
-                    times = [x.inner_s if mode == "in-process" else x.wall_s for x in rs]
+                    times = [x.inner_s if mode in ("in-process", "in-memory") else x.wall_s for x in rs]
                     results["rows"].append({
                         "size": size, "params_m": bm.n_params / 1e6, "model_mb": bm.bytes_fp32 / 2**20, "n": n,
                         "method": method, "tool": tool, "mode": mode, "times_s": times,
@@ -519,6 +523,7 @@ def merge_summary(results: dict) -> list[dict]:
             return r["median_s"] if r else None
 
         hp, hi, mp, mi = med("hm3", "process"), med("hm3", "in-process"), med("mergekit", "process"), med("mergekit", "in-process")
+        hm = med("hm3", "in-memory")
         any_row = next(iter(rows.values()))
         floor, io_floor = any_row["floor_s"], any_row.get("io_floor_s")
         out.append({
@@ -527,6 +532,7 @@ def merge_summary(results: dict) -> list[dict]:
             "hm3_inprocess_s": hi, "mergekit_inprocess_s": mi, "speedup_inprocess": (mi / hi) if hi and mi else None,
             "floor_s": floor, "hm3_inprocess_x_floor": (hi / floor) if hi else None,
             "io_floor_s": io_floor, "hm3_inprocess_x_io_floor": (hi / io_floor) if hi and io_floor else None,
+            "hm3_inmemory_s": hm, "hm3_inmemory_x_floor": (hm / floor) if hm else None,
             "hm3_rss_x_model": rows.get(("hm3", "process"), rows.get(("hm3", "in-process"), {})).get("rss_x_model"),
             "mergekit_rss_x_model": rows.get(("mergekit", "process"), rows.get(("mergekit", "in-process"), {})).get("rss_x_model"),
             "max_abs_diff_vs_mergekit": rows.get(("hm3", "process"), {}).get("max_abs_diff_vs_mergekit"),
@@ -898,17 +904,24 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
             "Targets (issue 6): ≥ 5× faster than mergekit's whole process for TIES and DARE-TIES on bert-base; "
             "in-process within 10× of the floor; peak RSS ≤ (N + 2) × one model.",
             "",
+            "*In-memory* = the search's engine (`hm3.merging.fast`, `python -m hm3.bench hm3-memory`): base and "
+            "task vectors already in memory, every tensor merged into a preallocated model in place — exactly "
+            "the bytes the floor counts (read the base and N task vectors, write one model), no files; the "
+            "median of 3 merges after a first, as each of a search's trials runs. "
+            f"Compiled merge loops (`hm3.merging.native`): {'yes' if merge_res.get('native') else 'no (numpy kernels)'}.",
+            "",
             "| size | N | method | hm3 process s | mergekit process s | speed-up | hm3 in-process s | "
-            "mergekit in-process s | speed-up | floor s | hm3 in-process ÷ floor | peak RSS hm3 (× model) | "
-            "peak RSS mergekit (× model) | max abs diff hm3 vs mergekit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "mergekit in-process s | speed-up | floor s | hm3 in-process ÷ floor | hm3 in-memory s | "
+            "in-memory ÷ floor | peak RSS hm3 (× model) | peak RSS mergekit (× model) | max abs diff hm3 vs mergekit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in merge_res["summary"]:
             lines.append(
                 f"| {r['size']} ({r['params_m']:.0f} M) | {r['n']} | {r['method']} | {_f(r['hm3_process_s'])} | "
                 f"{_f(r['mergekit_process_s'])} | {_f(r['speedup_process'], '{:.1f}×')} | {_f(r['hm3_inprocess_s'])} | "
                 f"{_f(r['mergekit_inprocess_s'])} | {_f(r['speedup_inprocess'], '{:.1f}×')} | {_f(r['floor_s'], '{:.3f}')} | "
-                f"{_f(r['hm3_inprocess_x_floor'], '{:.0f}×')} | {_f(r['hm3_rss_x_model'], '{:.1f}')} | "
+                f"{_f(r['hm3_inprocess_x_floor'], '{:.0f}×')} | {_f(r.get('hm3_inmemory_s'))} | "
+                f"{_f(r.get('hm3_inmemory_x_floor'), '{:.1f}×')} | {_f(r['hm3_rss_x_model'], '{:.1f}')} | "
                 f"{_f(r['mergekit_rss_x_model'], '{:.1f}')} | {_f(r['max_abs_diff_vs_mergekit'], '{:.1e}')} |"
             )
         lines += ["", "Peak RSS includes the Python interpreter, torch and transformers (about 0.3–0.5 GB), which "
@@ -1189,6 +1202,8 @@ def _worker(kind: str, spec: dict) -> dict:
         t0 = time.perf_counter()
         merge(spec["config"], spec["out"], force=True, progress=False)
         return {"seconds": time.perf_counter() - t0}
+    if kind == "hm3-memory":
+        return hm3_in_memory(spec["config"], spec.get("merges", 3))
     if kind == "hm3-phases":
         return hm3_phases(spec["config"], spec["out"])
     if kind == "mergekit-merge":
@@ -1210,6 +1225,27 @@ def _worker(kind: str, spec: dict) -> dict:
     if kind == "bandwidth":
         return {"seconds": 0.0, "gbs": measure_bandwidth(spec.get("mbytes", 256))}
     raise HM3Error(f"unknown benchmark worker {kind!r}")
+
+
+def hm3_in_memory(config: str, merges: int = 3) -> dict:
+    """The search's merge (``hm3.merging.fast``): base and task vectors read into memory once, then
+    each trial merges every tensor into a preallocated model in place. After one merge (the model's
+    and the workers' buffers touched for the first time), the median of ``merges`` more: what each
+    of a search's hundreds of trials pays, and the memory traffic the bandwidth floor counts."""
+    from hm3.merging.engine import prepare
+    from hm3.merging.fast import TaskVectors
+
+    tv = TaskVectors.from_prepared(prepare(config))
+    model = tv.new_model()
+    tv.merge_into(model)
+    times = []
+    for _ in range(merges):
+        t0 = time.perf_counter()
+        tv.merge_into(model)
+        times.append(time.perf_counter() - t0)
+    from hm3.merging import native
+
+    return {"seconds": statistics.median(times), "merges_s": times, "native": native.available()}
 
 
 def hm3_phases(config: str, out: str) -> dict:
