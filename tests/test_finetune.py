@@ -124,8 +124,10 @@ def test_finetune_is_seeded(tiny_base: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_overwrites_atomically_and_truncates(tiny_base: Path, tmp_path: Path) -> None:
+    """An earlier model in the output is replaced as a whole (the --force contract of io.AtomicDir)."""
     out = tmp_path / "guard"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # a model directory from an earlier run
     (out / "stale.txt").write_text("old")
     long_text = " ".join(["w1"] * 500 + ["sky"])  # far beyond max_position_embeddings=64: must be truncated
     train = _examples(24, 4) + [Example(long_text, "blue")]
@@ -135,6 +137,20 @@ def test_finetune_overwrites_atomically_and_truncates(tiny_base: Path, tmp_path:
     assert not (out / "stale.txt").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+def test_finetune_never_replaces_a_folder_that_is_not_a_model(tiny_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """A folder of other files (a mistyped output) is refused before any training, and kept."""
+    import hm3.zoo.finetune as ft
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    monkeypatch.setattr(ft, "_epoch", lambda *a, **k: pytest.fail("trained before refusing the output folder"))
+    with pytest.raises(HM3Error, match="todo.txt"):
+        finetune(tiny_base, "colour", LABELS, _examples(24, 4), _examples(6, 5), out, epochs=1, progress=False)
+    assert (out / "todo.txt").read_text() == "mine"
 
 
 def test_finetune_rejects_unknown_labels(tiny_base: Path, tmp_path: Path) -> None:

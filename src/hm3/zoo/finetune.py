@@ -13,8 +13,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from hm3.errors import HM3Error
+from hm3.io import AtomicDir, prepare_output
 from hm3.zoo.data import Example
 
 log = logging.getLogger(__name__)
@@ -129,22 +128,11 @@ def _progress(enabled: bool) -> Any:
 
 
 def _save_atomic(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """Write into a temp dir beside ``out_dir``, then swap it in: a crash never leaves half a model."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    """Write into a temp dir beside ``out_dir``, then swap it in (``io.AtomicDir``): a crash never
+    leaves half a model, and only a folder ``--force`` may replace is replaced (a model's, or empty)."""
+    with AtomicDir(out_dir, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finetune(
@@ -274,6 +262,7 @@ def _finetune(
         raise HM3Error(
             f"{base_dir}: no config.json; pass the base model directory (hm3.zoo.base.base_model_dir())"
         )
+    prepare_output(out_dir, force=True)  # a folder that is not a model's: said now, not after the training
     label2id = {label: i for i, label in enumerate(labels)}
     # seed everything that draws: head init (torch), dropout (torch), batch order (our rng)
     random.seed(seed)
