@@ -130,10 +130,11 @@ def test_bracket_scan_equals_numpy():
     x[7] = np.nan
     v = np.abs(x - base)
     lo, hi = np.float32(np.quantile(v[~np.isnan(v)], 0.45)), np.float32(np.quantile(v[~np.isnan(v)], 0.47))
-    inside, below, counts = native.bracket(x, base, lo, hi, BLOCK)
     want = v[(v >= lo) & (v <= hi)]
-    assert inside.tobytes() == want.tobytes() and below == int(np.count_nonzero(v < lo))
-    assert counts.tolist() == [int(np.count_nonzero((v[s] >= lo) & (v[s] <= hi))) for s in kernels.blocks(n)]
+    for portable in (False, True):  # AVX2 where the CPU has it, and the plain loop
+        inside, below, counts = native.bracket(x, base, lo, hi, BLOCK, portable=portable)
+        assert inside.tobytes() == want.tobytes() and below == int(np.count_nonzero(v < lo))
+        assert counts.tolist() == [int(np.count_nonzero((v[s] >= lo) & (v[s] <= hi))) for s in kernels.blocks(n)]
     # a bracket wider than the first guess of its size is scanned again with room for it all
     inside, below, _ = native.bracket(x, None, -np.inf, np.inf, BLOCK)
     assert inside.size == n - 1 and below == 0

@@ -79,6 +79,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.hm3_merge.restype = ctypes.c_int
     lib.hm3_bracket.argtypes = [i64, vp, vp, f32, f32, i64, vp, vp, vp, i64]
     lib.hm3_bracket.restype = i64
+    lib.hm3_bracket_portable.argtypes = lib.hm3_bracket.argtypes
+    lib.hm3_bracket_portable.restype = i64
     lib.hm3_dare_block.argtypes = [i64, vp, vp, vp, ctypes.c_int16, vp, vp, vp]
     lib.hm3_dare_block.restype = None
     return lib
@@ -99,12 +101,13 @@ def _flat32(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
 
 
-def bracket(src: np.ndarray, base: np.ndarray | None, lo: float, hi: float, block: int
+def bracket(src: np.ndarray, base: np.ndarray | None, lo: float, hi: float, block: int, *, portable: bool = False
             ) -> tuple[np.ndarray, int, np.ndarray]:
     """``kernels._bracket``'s scan over ``|src - base|`` (``|src|`` without ``base``): the values in
     ``[lo, hi]`` in memory order, how many lie below ``lo``, and how many of them each block of
-    ``block`` elements holds."""
+    ``block`` elements holds. AVX2 where the CPU has it (``portable``: the plain C loop)."""
     lib = _lib()
+    scan = lib.hm3_bracket_portable if portable else lib.hm3_bracket
     s = _flat32(src)
     b = None if base is None else _flat32(base)
     n = s.size
@@ -113,7 +116,7 @@ def bracket(src: np.ndarray, base: np.ndarray | None, lo: float, hi: float, bloc
     cap = n // 16 + 1024  # the bracket is ~1.6-6.5% of the values; a miss is scanned again with room
     while True:
         inside = np.empty(min(n, cap), dtype=np.float32)
-        got = lib.hm3_bracket(n, _ptr(s), _ptr(b), float(lo), float(hi), block, ctypes.addressof(below),
+        got = scan(n, _ptr(s), _ptr(b), float(lo), float(hi), block, ctypes.addressof(below),
                               _ptr(counts), _ptr(inside), inside.size)
         if got <= inside.size:
             return inside[:got], int(below.value), counts
