@@ -1232,6 +1232,7 @@ def hm3_in_memory(config: str, merges: int = 3) -> dict:
     each trial merges every tensor into a preallocated model in place. After one merge (the model's
     and the workers' buffers touched for the first time), the median of ``merges`` more: what each
     of a search's hundreds of trials pays, and the memory traffic the bandwidth floor counts."""
+    from hm3.merging import native
     from hm3.merging.engine import prepare
     from hm3.merging.fast import TaskVectors
 
@@ -1243,8 +1244,6 @@ def hm3_in_memory(config: str, merges: int = 3) -> dict:
         t0 = time.perf_counter()
         tv.merge_into(model)
         times.append(time.perf_counter() - t0)
-    from hm3.merging import native
-
     return {"seconds": statistics.median(times), "merges_s": times, "native": native.available()}
 
 

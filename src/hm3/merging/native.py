@@ -116,8 +116,8 @@ def bracket(src: np.ndarray, base: np.ndarray | None, lo: float, hi: float, bloc
     cap = n // 16 + 1024  # the bracket is ~1.6-6.5% of the values; a miss is scanned again with room
     while True:
         inside = np.empty(min(n, cap), dtype=np.float32)
-        got = scan(n, _ptr(s), _ptr(b), float(lo), float(hi), block, ctypes.addressof(below),
-                              _ptr(counts), _ptr(inside), inside.size)
+        got = scan(n, _ptr(s), _ptr(b), float(lo), float(hi), block, ctypes.addressof(below), _ptr(counts),
+                   _ptr(inside), inside.size)
         if got <= inside.size:
             return inside[:got], int(below.value), counts
         cap = got
@@ -146,23 +146,22 @@ def merge(base: np.ndarray, srcs: Sequence[np.ndarray], *, deltas: bool, weights
           thresholds: Sequence[tuple[float, int] | None] | None = None,
           bits: Sequence[np.ndarray | None] | None = None, inverse: Sequence[float | None] | None = None,
           factors: Sequence | None = None, linear: bool = False, consensus: str | None = None,
-          normalize: bool = False, total: float = 1.0, lambda_: float = 1.0,
-          out: np.ndarray | None = None) -> np.ndarray:
+          normalize: bool = False, total: float = 1.0, lambda_: float = 1.0) -> np.ndarray:
     """One tensor merged in one pass (``_native.c``'s ``hm3_merge``): each model's ``x_i`` (``srcs[i]``
     if ``deltas``, else ``srcs[i] - base``), its mask (``thresholds[i]`` = ``(t, tie_from)``: TIES'
     ``|x| >= t`` without the ties from position ``tie_from`` on; or ``bits[i]``, DARE's packed keep
     bits), ``/ inverse[i]``, ``* factors[i]``, ``* weights[i]``; then ``kernels.combine``'s election
     (``consensus`` "sum"/"count"), sum, division, λ and base — or ``kernels.linear`` (``linear``).
-    Into ``out`` (default a new array of ``base``'s shape)."""
+    A new float32 array of ``base``'s shape."""
     lib = _lib()
     nm = len(srcs)
     if not 1 <= nm <= MAX_MODELS:
         raise ValueError(f"the compiled loops merge 1 to {MAX_MODELS} models, got {nm}")
     b = _flat32(base)
-    out = np.empty(base.shape, dtype=np.float32) if out is None else out
-    o = _flat32(out)
+    out = np.empty(base.shape, dtype=np.float32)
+    o = out.reshape(-1)
     flat = [_flat32(s) for s in srcs]
-    if any(f.size != b.size for f in flat) or o.size != b.size:
+    if any(f.size != b.size for f in flat):
         raise ValueError("the compiled loops need inputs and output of one size")
     models = (_Model * nm)()
     keep_alive = []
