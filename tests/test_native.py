@@ -141,6 +141,19 @@ def test_bracket_scan_equals_numpy():
 
 
 @needs_native
+@pytest.mark.parametrize("m", [BLOCK, 32 * 9 + 31, 32, 7, 0])
+def test_keep_bits_equal_numpy_packbits(m):
+    rng = np.random.default_rng(m)
+    r16 = rng.integers(-(1 << 15), 1 << 15, m).astype(np.int16)
+    r16[:3] = [-(1 << 15), (1 << 15) - 1, 0][: min(3, m)]  # the int16 extremes
+    for density in (0.0, 0.3, 1.0 - 2 ** -16):
+        below = round(density * (1 << 16)) - (1 << 15)
+        want = np.packbits(r16 < below, bitorder="little").tobytes()
+        for portable in (False, True):  # AVX2 where the CPU has it, and the plain loop
+            assert native.keep_bits(r16, below, portable=portable).tobytes() == want
+
+
+@needs_native
 @pytest.mark.parametrize("m", [BLOCK, 3 * SUM_CHUNK + 5, 7])
 def test_dare_block_bits_and_row_sums_equal_numpy(m):
     rng = np.random.default_rng(m)

@@ -83,6 +83,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.hm3_bracket_portable.restype = i64
     lib.hm3_dare_block.argtypes = [i64, vp, vp, vp, ctypes.c_int16, vp, vp, vp]
     lib.hm3_dare_block.restype = None
+    lib.hm3_keep_bits.argtypes = [i64, vp, ctypes.c_int16, vp]
+    lib.hm3_keep_bits.restype = None
+    lib.hm3_keep_bits_portable.argtypes = lib.hm3_keep_bits.argtypes
+    lib.hm3_keep_bits_portable.restype = None
     return lib
 
 
@@ -140,6 +144,17 @@ def dare_block(src: np.ndarray, base: np.ndarray | None, r16: np.ndarray, below:
             raise ValueError("row sums go into contiguous float32 rows")
     _lib().hm3_dare_block(s.size, _ptr(s), _ptr(None if base is None else _flat32(base)), _ptr(r), int(below),
                           _ptr(bits), _ptr(rx), _ptr(rkx))
+
+
+def keep_bits(r16: np.ndarray, below: int, *, portable: bool = False) -> np.ndarray:
+    """DARE's keep bits on their own: ``r16 < below`` packed little-endian (``np.packbits(...,
+    bitorder="little")``), as ``dare_block`` makes them. AVX2 where the CPU has it (``portable``:
+    the plain C loop)."""
+    lib = _lib()
+    r = np.ascontiguousarray(r16, dtype=np.int16).reshape(-1)
+    bits = np.empty((r.size + 7) // 8, dtype=np.uint8)
+    (lib.hm3_keep_bits_portable if portable else lib.hm3_keep_bits)(r.size, _ptr(r), int(below), _ptr(bits))
+    return bits
 
 
 def merge(base: np.ndarray, srcs: Sequence[np.ndarray], *, deltas: bool, weights: Sequence[float],
