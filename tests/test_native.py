@@ -140,6 +140,22 @@ def test_bracket_scan_equals_numpy():
     assert inside.size == n - 1 and below == 0
 
 
+@pytest.mark.parametrize("bit_generator", [np.random.SFC64, np.random.PCG64])
+def test_draws_are_random_raws_values_and_leave_its_state(bit_generator):
+    """SFC64 (the merge's generator): the compiled stream; any other: numpy's own draws."""
+    ours, ref = np.random.Generator(bit_generator(2024)), np.random.Generator(bit_generator(2024))
+    ours.random(dtype=np.float32)  # one 32-bit half of a draw buffered: random_raw leaves it, so must we
+    ref.random(dtype=np.float32)
+    if bit_generator is np.random.SFC64:
+        assert ours.bit_generator.state["has_uint32"] == 1
+    with native.Draws(ours, 1000) as draws:
+        for count in (1000, 1, 0, 517):
+            assert draws(count).tobytes() == kernels.draws(ref, count).tobytes()
+    a, b = ours.bit_generator.state, ref.bit_generator.state
+    assert repr(a) == repr(b)  # every field, the state words included (arrays compare by their repr)
+    assert ours.random(5).tobytes() == ref.random(5).tobytes()  # and the generator goes on alike
+
+
 @needs_native
 @pytest.mark.parametrize("m", [BLOCK, 32 * 9 + 31, 32, 7, 0])
 def test_keep_bits_equal_numpy_packbits(m):

@@ -483,3 +483,21 @@ void hm3_keep_bits_portable(int64_t n, const int16_t *r16, int16_t below, uint8_
 {
     keep_bits_portable(n, r16, below, bits);
 }
+
+/* n draws of numpy's SFC64 (Chris Doty-Humphrey's small fast counting generator, 64-bit), from and
+ * back into state = {a, b, c, counter}: the values and the final state of numpy's random_raw(n). */
+void hm3_sfc64_fill(uint64_t *state, uint64_t *out, int64_t n)
+{
+    uint64_t a = state[0], b = state[1], c = state[2], w = state[3];
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t tmp = a + b + w++;
+        a = b ^ (b >> 11);
+        b = c + (c << 3);
+        c = ((c << 24) | (c >> 40)) + tmp;
+        out[i] = tmp;
+    }
+    state[0] = a;
+    state[1] = b;
+    state[2] = c;
+    state[3] = w;
+}

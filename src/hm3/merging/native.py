@@ -83,6 +83,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.hm3_bracket_portable.restype = i64
     lib.hm3_dare_block.argtypes = [i64, vp, vp, vp, ctypes.c_int16, vp, vp, vp]
     lib.hm3_dare_block.restype = None
+    lib.hm3_sfc64_fill.argtypes = [vp, vp, i64]
+    lib.hm3_sfc64_fill.restype = None
     lib.hm3_keep_bits.argtypes = [i64, vp, ctypes.c_int16, vp]
     lib.hm3_keep_bits.restype = None
     lib.hm3_keep_bits_portable.argtypes = lib.hm3_keep_bits.argtypes
@@ -144,6 +146,44 @@ def dare_block(src: np.ndarray, base: np.ndarray | None, r16: np.ndarray, below:
             raise ValueError("row sums go into contiguous float32 rows")
     _lib().hm3_dare_block(s.size, _ptr(s), _ptr(None if base is None else _flat32(base)), _ptr(r), int(below),
                           _ptr(bits), _ptr(rx), _ptr(rkx))
+
+
+class Draws:
+    """``kernels.draws(rng, count)`` for a stream of blocks, twice as fast where ``rng``'s bit
+    generator is numpy's ``SFC64`` (0.95 vs 1.95 ns per draw on the session-25 VM): the same values
+    from the compiled generator, into one reused buffer. The generator's state is read once and
+    written back by ``close()`` (or leaving the ``with``), so ``rng`` then continues exactly where
+    ``random_raw`` would have left it. Any other bit generator: numpy's own draws."""
+
+    def __init__(self, rng: np.random.Generator, largest: int):
+        self.rng = rng
+        self.state = None
+        bg = rng.bit_generator
+        if _lib() is not None and type(bg) is np.random.SFC64:
+            self.full = bg.state
+            self.state = np.array(self.full["state"]["state"], dtype=np.uint64)
+            self.buf = np.empty(max(1, largest), dtype=np.uint64)
+
+    def __call__(self, count: int) -> np.ndarray:
+        """The next ``count`` draws as int64 (valid until the next call)."""
+        if self.state is None:
+            return self.rng.bit_generator.random_raw(count).view(np.int64)
+        if count > self.buf.size:
+            raise ValueError(f"{count} draws asked of a buffer of {self.buf.size}")
+        _lib().hm3_sfc64_fill(_ptr(self.state), _ptr(self.buf), count)
+        return self.buf[:count].view(np.int64)
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.full["state"]["state"] = self.state.copy()
+            self.rng.bit_generator.state = self.full
+            self.state = None
+
+    def __enter__(self) -> "Draws":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def keep_bits(r16: np.ndarray, below: int, *, portable: bool = False) -> np.ndarray:
