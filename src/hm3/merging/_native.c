@@ -258,12 +258,13 @@ int hm3_merge(const hm3_args *a, int64_t start, int64_t stop)
     if (a->nm < 1 || a->nm > HM3_MAX_MODELS) return -1;
     const int kind = a->linear ? ACC_LINEAR : a->consensus == 1 ? ACC_ELECT_SUM : a->consensus == 2 ? ACC_ELECT_SIGN
                                                                                                     : ACC_PLAIN;
+    const int elect = kind == ACC_ELECT_SUM || kind == ACC_ELECT_SIGN;
+    float *sum = elect ? aux : acc; /* what the models' passes add into */
     for (int64_t s = start; s < stop; s += BLK) {
         const int64_t len = stop - s < BLK ? stop - s : BLK;
-        float *sum = kind == ACC_ELECT_SUM || kind == ACC_ELECT_SIGN ? aux : acc;
         for (int64_t j = 0; j < len; j++) sum[j] = -0.0f;
         for (int i = 0; i < a->nm; i++) load_block(a, &a->models[i], s, len, x[i], sum, kind);
-        if (sum == aux) elect_block(a, len, x, aux, acc, cnt);
+        if (elect) elect_block(a, len, x, aux, acc, cnt);
         finish_block(a, s, len, acc, cnt);
     }
     return 0;

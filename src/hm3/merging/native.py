@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hm3.merging import kernels
+
 MAX_MODELS = 32  # _native.c's HM3_MAX_MODELS
 _F32 = np.dtype(np.float32)
 
@@ -167,7 +169,7 @@ class Draws:
     def __call__(self, count: int) -> np.ndarray:
         """The next ``count`` draws as int64 (valid until the next call)."""
         if self.state is None:
-            return self.rng.bit_generator.random_raw(count).view(np.int64)
+            return kernels.draws(self.rng, count)
         if count > self.buf.size:
             raise ValueError(f"{count} draws asked of a buffer of {self.buf.size}")
         _lib().hm3_sfc64_fill(_ptr(self.state), _ptr(self.buf), count)
