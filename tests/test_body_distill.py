@@ -90,6 +90,9 @@ def test_bf16_body_distillation_trains_in_mixed_precision_and_still_gets_closer(
     assert all(p.dtype == torch.float32 for p in clf.model.parameters()), "weights stay fp32"
     assert _kl_to_teachers(clf, teachers, held) < 0.5 * before
     assert report.to_json()["precision"] == "bfloat16" and "bfloat16 (autocast)" in report.markdown()
+    top = distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, epochs=1, lr=1e-3, batch_size=16,
+                       max_length=32, precision="bfloat16", layers=1)
+    assert top.cached, "the split's check passes in bf16 too (both sides under autocast)"
     with pytest.raises(HM3Error, match="unknown precision"):
         distill_body(clf.model, clf.tokenizer, clf.space, teachers, train, precision="fp16")
 
@@ -141,6 +144,66 @@ def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
     assert report.trained == f"top 1 of {n_layers} encoder layers, pooler and head"
     with pytest.raises(HM3Error, match="> the model's"):
         distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], layers=99)
+
+
+def _no_dropout(clf):
+    for m in clf.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    clf.model.config.attention_probs_dropout_prob = 0.0  # (SDPA reads the rate from the attention module)
+    for m in clf.model.modules():
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path, recipe, monkeypatch, layers):
+    """Without dropout, training the top layers from the frozen part's cached output is the same
+    training as running the whole model each step (to float rounding); the model is whole again after."""
+    import hm3.body_distill as bd
+
+    merged = _merged(tiny, recipe, tmp_path)
+    texts = _texts(TASK_A, 30, 3) + _texts(TASK_B, 30, 4)
+    runs = {}
+    for cached in (True, False):
+        clf = hm3.load(merged)
+        _no_dropout(clf)
+        stack, emb = clf.model.bert.encoder.layer, clf.model.bert.embeddings
+        if not cached:
+            monkeypatch.setattr(bd._LowerStates, "build", classmethod(lambda *a, **k: None))
+        report = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, texts,
+                              epochs=2, lr=1e-3, layers=layers, max_length=32)
+        assert report.cached is cached
+        assert clf.model.bert.encoder.layer is stack and clf.model.bert.embeddings is emb
+        runs[cached] = {k: v.clone() for k, v in clf.model.state_dict().items()}
+        monkeypatch.undo()
+    for k, v in runs[True].items():
+        torch.testing.assert_close(v, runs[False][k], rtol=1e-4, atol=1e-5, msg=k)
+    before = hm3.load(merged).model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], runs[True][k])]
+    assert any(k.startswith("classifier.") for k in moved) and any(".encoder.layer." in k for k in moved)
+
+
+def test_an_encoder_that_does_more_than_its_layers_falls_back_to_whole_passes(tiny, tmp_path, recipe, monkeypatch, caplog):
+    """The cache is checked against the whole model first: an encoder whose forward pass adds
+    something of its own (here: a shift of its input) would be applied twice by the split, so the
+    check fails and training runs the whole model every step."""
+    from transformers.models.bert import modeling_bert
+
+    original = modeling_bert.BertEncoder.forward
+
+    def shifted(self, hidden_states, *args, **kwargs):
+        return original(self, hidden_states + 1.0, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_bert.BertEncoder, "forward", shifted)
+    clf = hm3.load(_merged(tiny, recipe, tmp_path))
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="hm3.body_distill"):
+        report = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]},
+                              _texts(TASK_A, 20, 3), epochs=1, lr=1e-3, layers=1, max_length=32)
+    assert report.cached is False
+    assert "differ from its whole forward pass" in caplog.text
+    assert any(not torch.equal(v, clf.model.state_dict()[k]) for k, v in before.items() if k.startswith("classifier."))
 
 
 def test_frozen_word_embeddings_stay_byte_identical_while_the_rest_trains(tiny, tmp_path, recipe):
@@ -231,6 +294,47 @@ def test_recipe_body_step_is_recorded_reproducible_and_needs_distill(tiny, tmp_p
     assert not (tmp_path / "bad").exists()
 
 
+def test_refit_targets_train_each_group_on_its_own_refit_texts_without_more_guard_passes(tiny, tmp_path, recipe):
+    """``targets: refit``: group a learns on a's re-fit texts only (b's on b's): the guards are asked
+    about those windows alone, all of which the head re-fit had run; ``all`` asks every guard about
+    every text."""
+    r = recipe("ties", density=0.3)
+    r["data"] = {"texts": {"a": _jsonl(tmp_path / "a.jsonl", _texts(TASK_A, 40, 4)),
+                           "b": _jsonl(tmp_path / "b.jsonl", _texts(TASK_B, 40, 5))}}
+    body = {"epochs": 1, "lr": 1e-3, "max_length": 32}
+    metas = {}
+    for targets in ("all", "refit"):
+        r["refit"] = {"mode": "distill", "max_length": 32, "truncate": True, "body": dict(body, targets=targets)}
+        out = hm3.merge(r, tmp_path / targets, progress=False).path
+        metas[targets] = json.loads((out / "config.json").read_text())["hm3"]["refit"]
+    texts = metas["all"]["body"]["texts"]
+    own = {g: metas["refit"]["groups"][g]["texts"] for g in ("a", "b")}
+    assert metas["all"]["body"]["teacher_windows"] == 2 * texts
+    assert metas["refit"]["body"]["teacher_windows"] == own["a"] + own["b"] < 2 * texts
+    assert metas["refit"]["body"]["teacher_reused"] == own["a"] + own["b"]  # no new guard pass
+    assert metas["refit"]["body"]["targets"] == "refit" and metas["refit"]["body"]["steps"] > 0
+    # the masked loss: every text in every group's set is the unmasked training, byte for byte; a group
+    # that learns on fewer texts trains to other weights
+    texts = _texts(TASK_A, 20, 8) + _texts(TASK_B, 20, 9)
+    trained = {}
+    for name, targets, sets in (("all", "all", None), ("full", "refit", {"a": texts, "b": texts}),
+                                ("part", "refit", {"a": texts[:20], "b": texts})):
+        clf = hm3.load(tmp_path / "all")
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, texts, epochs=1,
+                     lr=1e-3, max_length=32, targets=targets, group_texts=sets)
+        trained[name] = clf.model.state_dict()
+    assert all(torch.equal(v, trained["full"][k]) for k, v in trained["all"].items())
+    assert not all(torch.equal(v, trained["part"][k]) for k, v in trained["all"].items())
+    clf = hm3.load(tmp_path / "all")
+    with pytest.raises(HM3Error, match="needs each group's re-fit texts"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], targets="refit")
+    with pytest.raises(HM3Error, match="has no re-fit texts"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], targets="refit",
+                     group_texts={"a": ["w0 w1"], "b": ["w2"]})
+    with pytest.raises(HM3Error, match="'all' or 'refit'"):
+        distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], targets="some")
+
+
 def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
     from typer.testing import CliRunner
 
@@ -249,7 +353,14 @@ def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["refit"]
     assert meta["body"]["texts"] == 80 and meta["body"]["epochs"] == 1
-    assert "labelled" not in meta["body"]
+    assert "labelled" not in meta["body"] and meta["body"]["targets"] == "all"
+    both = [*args, "--distill-from", f"b={tiny['b']}", "--body-layers", "1"]
+    res = runner.invoke(app, [*both, "--body-targets", "refit", "-o", str(tmp_path / "own")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "own" / "config.json").read_text())["hm3"]["refit"]["body"]
+    assert meta["targets"] == "refit" and meta["cached"] is True and meta["teacher_windows"] == 80
+    bad = runner.invoke(app, [*both, "--body-targets", "some", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "expected all or refit" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_body_label_weight_from_a_recipe_and_the_command_uses_the_groups_labelled_data(tiny, tmp_path, recipe):

@@ -11,8 +11,9 @@ Loss per batch: ``Σ_groups KL(teacher_g ‖ softmax(z[:, rows_g]))``, mean over
 group: the binary KL of each label's sigmoid, summed over its labels); AdamW with linear
 decay; dropout on as in fine-tuning; texts truncated to ``max_length`` tokens (the teachers see the
 same tokens). Batches are drawn from length buckets (texts of similar length together: less padding)
-in a seeded order. ``layers`` trains only the top encoder layers (and pooler and head), which skips
-the backward pass through the rest.
+in a seeded order. ``layers`` trains only the top encoder layers (and pooler and head): the frozen
+rest runs once per text, in eval mode, and every step starts from its cached output (no forward or
+backward pass through it at each step).
 
 Teachers' logits are cached on disk per guard and text set (hm3.merging.stats). The result is the same
 architecture with new weights: still one ordinary checkpoint with group-wise heads.
@@ -20,6 +21,7 @@ architecture with new weights: still one ordinary checkpoint with group-wise hea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -52,10 +54,13 @@ class BodyReport:
     lr: float = 0.0
     max_length: int = 0
     trained: str = "all"
+    targets: str = "all"  # "refit": each group on its re-fit texts only
+    cached: bool = False  # the frozen lower layers ran once per text (``layers``), not once per step
     teachers: dict[str, str] = field(default_factory=dict)
     loss: list[float] = field(default_factory=list)  # mean training loss per epoch (last one may be partial)
     teacher_seconds: float = 0.0
     teacher_reused: int = 0  # (guard, window) pairs whose logits the head re-fit had computed
+    teacher_windows: int = 0  # (guard, window) pairs asked for
     seconds: float = 0.0
     precision: str = "float32"
     label_weight: float = 0.0
@@ -64,9 +69,10 @@ class BodyReport:
     def to_json(self) -> dict[str, Any]:
         return {"texts": self.texts, "steps": self.steps, "epochs": self.epochs, "lr": self.lr,
                 "precision": self.precision,
-                "max_length": self.max_length, "trained": self.trained, "teachers": self.teachers,
+                "max_length": self.max_length, "trained": self.trained, "cached": self.cached,
+                "targets": self.targets, "teachers": self.teachers,
                 "loss": [round(x, 5) for x in self.loss], "teacher_seconds": round(self.teacher_seconds, 1),
-                "teacher_reused": self.teacher_reused,
+                "teacher_reused": self.teacher_reused, "teacher_windows": self.teacher_windows,
                 **({"label_weight": self.label_weight, "labelled": self.labelled} if self.label_weight else {}),
                 "seconds": round(self.seconds, 1)}
 
@@ -75,12 +81,16 @@ class BodyReport:
         return "\n".join([
             "## Body distillation",
             "",
-            f"The merged model ({self.trained}) was trained for {self.epochs:g} epochs ({self.steps} steps, "
-            f"lr {self.lr:g}) so that each group's softmax follows its original guard on {self.texts} texts "
-            f"(first {self.max_length} tokens each), in {self.seconds:.1f} s, {self.teacher_seconds:.1f} s of it "
+            f"The merged model ({self.trained}"
+            + ("; the frozen layers below ran once per text, their output cached" if self.cached else "")
+            + f") was trained for {self.epochs:g} epochs ({self.steps} steps, "
+            f"lr {self.lr:g}) so that each group's softmax follows its original guard on "
+            + (f"{self.texts} texts" if self.targets == "all" else
+               f"the texts its head was re-fitted on (of {self.texts})")
+            + f" (first {self.max_length} tokens each), in {self.seconds:.1f} s, {self.teacher_seconds:.1f} s of it "
             f"the guards' forward passes (hm3.body_distill"
             + (f"; the head re-fit's logits reused for {self.teacher_reused} of the "
-               f"{len(self.teachers) * self.texts} (guard, text) windows" if self.teacher_reused else "") + ")"
+               f"{self.teacher_windows} (guard, text) windows" if self.teacher_reused else "") + ")"
             + (f", forward and backward passes in {self.precision} (autocast)" if self.precision != "float32" else "")
             + (f"; targets mix in the training label with weight {self.label_weight:g} on "
                + ", ".join(f"{n} {g}" for g, n in self.labelled.items()) + " texts" if self.label_weight else "")
@@ -116,16 +126,23 @@ def _trainable(model, layers: int | None, freeze_embeddings: bool = False) -> st
     return what
 
 
+def _layer_stack(model) -> tuple[Any, str, Any]:
+    """``(parent module, attribute name, ModuleList)`` of the encoder's layer stack."""
+    stacks = [(name, m) for name, m in model.named_modules() if name.endswith("encoder.layer") or name.endswith("transformer.layer")]
+    if len(stacks) != 1:
+        raise HM3Error(f"body.layers: cannot find the encoder's layer stack of this {model.config.model_type} model; "
+                       "leave body.layers unset to train all weights")
+    name, stack = stacks[0]
+    parent, attr = name.rsplit(".", 1)
+    return model.get_submodule(parent), attr, stack
+
+
 def _trainable_layers(model, layers: int | None) -> str:
     if layers is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return "all weights"
-    stacks = [m for name, m in model.named_modules() if name.endswith("encoder.layer") or name.endswith("transformer.layer")]
-    if len(stacks) != 1:
-        raise HM3Error(f"body.layers: cannot find the encoder's layer stack of this {model.config.model_type} model; "
-                       "leave body.layers unset to train all weights")
-    stack = stacks[0]
+    _, _, stack = _layer_stack(model)
     if layers > len(stack):
         raise HM3Error(f"body.layers: {layers} > the model's {len(stack)} encoder layers")
     frozen = {id(p) for p in model.base_model.parameters()}
@@ -137,6 +154,116 @@ def _trainable_layers(model, layers: int | None) -> str:
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     return f"top {layers} of {len(stack)} encoder layers, pooler and head"
+
+
+class _LowerStates:
+    """The frozen lower part of the body, run once: with ``layers`` = k, the embeddings and the encoder
+    layers below the top k do not train, so their output for a text is the same at every step. It is
+    computed once per text (eval mode: no dropout in the frozen part) and kept; each training step
+    then runs the top k layers, pooler and head from it (the forward pass below the cut is skipped,
+    not just its backward pass). The stack and the embeddings are swapped only inside ``training()``.
+
+    ``build`` returns None where the model does not split this way (no ``embeddings`` module, or the
+    split's output differs from the whole model's on the longest texts: an encoder that does more than
+    run its layers in turn); training then runs the whole model every step, as without the cache."""
+
+    CHECK = 8  # texts of the split-vs-whole check
+
+    def __init__(self, model, layers: int) -> None:
+        self.base = model.base_model
+        self.parent, self.attr, self.stack = _layer_stack(model)
+        self.cut = len(self.stack) - layers
+        self.embeddings = self.base.embeddings
+        self.states: list = []
+
+    @classmethod
+    def build(cls, model, layers: int, ids, pad: int, batch_size: int, precision: str) -> "_LowerStates | None":
+        import torch
+
+        from hm3.fastpaths import forward_context
+        from hm3.merging.stats import batches, pad_batch
+
+        if not isinstance(getattr(model.base_model, "embeddings", None), torch.nn.Module):
+            log.info("body distillation: no embeddings module to cache below the top layers; running the whole model")
+            return None
+        self = cls(model, layers)
+        self.states = [None] * len(ids)
+        model.eval()
+        with torch.no_grad():
+            with self._swapped(self.stack[: self.cut]), forward_context(precision):
+                for idx, x, mask in batches(ids, batch_size, pad):
+                    h = self.base(input_ids=x, attention_mask=mask).last_hidden_state.float()
+                    for r, i in enumerate(idx):
+                        self.states[i] = h[r, : len(ids[i])].clone()
+            # the split must be the model: the whole model's logits against the top from the states
+            idx = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[: cls.CHECK]
+            x, mask = pad_batch(ids, idx, pad)
+            with forward_context(precision):
+                whole = model(input_ids=x, attention_mask=mask).logits.float()
+                with self.training() as feed:
+                    split = model(input_ids=x, attention_mask=feed(idx, x.shape[1])).logits.float()
+        # fp32: the same arithmetic up to the batch's rounding; bf16 rounds every matrix product anew
+        tol = 1e-4 if precision == "float32" else 5e-2
+        if not torch.allclose(whole, split, rtol=tol, atol=tol * max(1.0, float(whole.abs().max()))):
+            log.warning("body distillation: the model's top %d layers from cached states differ from its whole "
+                        "forward pass (max |Δ| %.3g); running the whole model every step", layers,
+                        float((whole - split).abs().max()))
+            return None
+        return self
+
+    @contextlib.contextmanager
+    def _swapped(self, layers, embeddings=None):
+        import torch
+
+        setattr(self.parent, self.attr, torch.nn.ModuleList(list(layers)))
+        if embeddings is not None:
+            self.base.embeddings = embeddings
+        try:
+            yield
+        finally:
+            setattr(self.parent, self.attr, self.stack)
+            self.base.embeddings = self.embeddings
+
+    @contextlib.contextmanager
+    def training(self):
+        """A context in which the model starts from the cached states: it yields ``feed(idx, width)``,
+        which sets the states of texts ``idx`` (right-padded with zeros to ``width`` tokens) as the
+        next forward pass's embedding output and returns the batch's attention mask."""
+        import torch
+
+        given = _given_module()()
+
+        def feed(idx, width):
+            h = torch.zeros((len(idx), width, self.states[idx[0]].shape[-1]))
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                n = len(self.states[i])
+                h[r, :n] = self.states[i]
+                mask[r, :n] = 1
+            given.states = h
+            return mask
+
+        with self._swapped(self.stack[self.cut:], given):
+            yield feed
+
+
+_GIVEN = None
+
+
+def _given_module():
+    """An ``nn.Module`` standing in for the embeddings: returns the states it was given."""
+    global _GIVEN
+    if _GIVEN is None:
+        import torch
+
+        class Given(torch.nn.Module):
+            states = None
+
+            def forward(self, *args, **kwargs):
+                return self.states
+
+        _GIVEN = Given
+    return _GIVEN
 
 
 def distill_body(
@@ -160,6 +287,8 @@ def distill_body(
     teacher_memo: "TeacherLogits | None" = None,
     labels: "Mapping[str, Mapping[str, int]] | None" = None,
     label_weight: float = 0.0,
+    targets: str = "all",
+    group_texts: "Mapping[str, Sequence[str]] | None" = None,
 ) -> BodyReport:
     """Train ``model`` (in place) so that every group's softmax follows ``teachers[group]`` on ``texts``.
 
@@ -171,7 +300,10 @@ def distill_body(
     ``label_weight`` ``a`` > 0: a text with a label in ``labels[group]`` (``{text: label index}``, the
     group's own training data) has targets ``(1 − a)·teacher + a·one-hot(label)`` in that group, so
     the merged model learns from the labels as well as from its guards (which it can then surpass);
-    other texts and groups keep the teacher's probabilities."""
+    other texts and groups keep the teacher's probabilities. ``targets`` ``refit``: group g learns only on
+    ``group_texts[g]`` (the texts its head was re-fitted on, whose guard logits ``teacher_memo`` holds:
+    no further passes of the guards), its KL averaged over those texts of each batch; ``all``: every
+    group on every text."""
     import torch
 
     from hm3.fastpaths import forward_context, resolve_precision
@@ -195,6 +327,10 @@ def distill_body(
         raise HM3Error(f"body distillation needs epochs > 0 and lr > 0, got {epochs} and {lr}")
     if not 0 <= label_weight <= 1:
         raise HM3Error(f"body distillation: label_weight must be in [0, 1], got {label_weight}")
+    if targets not in ("all", "refit"):
+        raise HM3Error(f"body distillation: targets must be 'all' or 'refit', got {targets!r}")
+    if targets == "refit" and not group_texts:
+        raise HM3Error("body distillation: targets 'refit' needs each group's re-fit texts (group_texts)")
     if label_weight and not any((labels or {}).values()):
         raise HM3Error("body distillation: label_weight > 0 but no group's data has labels "
                        "(refit data rows need a \"label\"); or set body.label_weight to 0")
@@ -205,19 +341,32 @@ def distill_body(
     ids = encode(tokenizer, texts, max_length)
     report = BodyReport(texts=len(texts), epochs=epochs, lr=lr, max_length=max_length,
                         teachers={g: str(t) for g, t in teachers.items()}, precision=precision,
-                        label_weight=label_weight)
+                        label_weight=label_weight, targets=targets)
 
     tt = time.perf_counter()
-    targets = {}
+    soft = {}
+    on: dict[str, "torch.Tensor"] = {}  # group -> texts it learns on (targets "refit"; else every text)
     teacher_memo = TeacherLogits() if teacher_memo is None else teacher_memo
     reused = teacher_memo.reused
     for g in space.names:
-        logits = teacher_memo(Path(teachers[g]), tokenizer, ids, 32, cache, precision)
+        sel = list(range(len(texts)))
+        if targets == "refit":
+            mine = set(group_texts.get(g, ()))
+            on[g] = torch.tensor([t in mine for t in texts])
+            sel = on[g].nonzero().flatten().tolist()
+            if not sel:
+                raise HM3Error(f"body distillation: targets 'refit' but group {g!r} has no re-fit texts among the body's")
+        logits = teacher_memo(Path(teachers[g]), tokenizer, [ids[i] for i in sel], 32, cache, precision)
+        report.teacher_windows += len(sel)
+        if len(sel) < len(texts):  # the other texts' rows are never read (masked out of the loss)
+            full = logits.new_zeros((len(texts), logits.shape[1]))
+            full[sel] = logits
+            logits = full
         if logits.shape[1] != space[g].size:
             raise HM3Error(f"{teachers[g]}: has {logits.shape[1]} labels but group {g!r} has {space[g].size}; "
                            "distill each group from its own original guard")
         # a multi-label group's targets: the guard's sigmoid per label
-        targets[g] = torch.sigmoid(logits.float()) if space[g].multi_label else torch.softmax(logits.float(), -1)
+        soft[g] = torch.sigmoid(logits.float()) if space[g].multi_label else torch.softmax(logits.float(), -1)
         if label_weight and (labels or {}).get(g):
             if space[g].multi_label:  # each labelled text's 0/1 row of labels
                 rows = [labels[g].get(t) for t in texts]
@@ -227,7 +376,7 @@ def distill_body(
                 y = torch.tensor([labels[g].get(t, -1) for t in texts])
                 at = y >= 0
                 onehot = torch.nn.functional.one_hot(y[at], space[g].size).float()
-            targets[g][at] = (1 - label_weight) * targets[g][at] + label_weight * onehot
+            soft[g][at] = (1 - label_weight) * soft[g][at] + label_weight * onehot
             report.labelled[g] = int(at.sum())
     report.teacher_seconds = time.perf_counter() - tt
     report.teacher_reused = teacher_memo.reused - reused
@@ -245,36 +394,46 @@ def distill_body(
     total = max(1, int(round(epochs * per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     rows = {g: space[g].rows for g in space.names}
-    log_t = {g: targets[g].clamp_min(1e-12).log() for g in space.names}
-    log_not_t = {g: (1 - targets[g]).clamp_min(1e-12).log() for g in multi}  # log(1 − t) of sigmoid targets
+    log_t = {g: soft[g].clamp_min(1e-12).log() for g in space.names}
+    log_not_t = {g: (1 - soft[g]).clamp_min(1e-12).log() for g in multi}  # log(1 − t) of sigmoid targets
     pad = tokenizer.pad_token_id or 0
     rng = random.Random(f"hm3:{seed}:body")
     torch.manual_seed(seed)  # dropout masks
     lengths = [len(x) for x in ids]
 
+    lower = None
+    if layers is not None:  # the frozen part's output once per text, not once per step
+        lower = _LowerStates.build(model, layers, ids, pad, 32, precision)
+        report.cached = lower is not None
     model.train()
     step, losses = 0, []
     try:
-        with progress_bar(progress, "body distillation", total) as advance:
+        with progress_bar(progress, "body distillation", total) as advance, \
+                (lower.training() if lower is not None else contextlib.nullcontext()) as feed:
             while step < total:
                 run, n = 0.0, 0
                 for idx in _batches(lengths, batch_size, rng):
                     if step >= total:
                         break
                     x, mask = pad_batch(ids, idx, pad)
+                    if feed is not None:
+                        mask = feed(idx, x.shape[1])
                     with forward_context(precision):
                         z = model(input_ids=x, attention_mask=mask).logits.float()
                     loss = z.new_zeros(())
                     for g, r in rows.items():
-                        t = targets[g][idx]
+                        t = soft[g][idx]
                         if g in log_not_t:  # binary KL per label, summed: KL(Bernoulli(t) ‖ Bernoulli(σ(z)))
                             zg = z[:, r]
                             kl = (t * (log_t[g][idx] - torch.nn.functional.logsigmoid(zg))
-                                  + (1 - t) * (log_not_t[g][idx] - torch.nn.functional.logsigmoid(-zg)))
-                            loss = loss + kl.sum(-1).mean()
-                            continue
-                        logp = torch.log_softmax(z[:, r], -1)
-                        loss = loss + (t * (log_t[g][idx] - logp)).sum(-1).mean()
+                                  + (1 - t) * (log_not_t[g][idx] - torch.nn.functional.logsigmoid(-zg))).sum(-1)
+                        else:
+                            kl = (t * (log_t[g][idx] - torch.log_softmax(z[:, r], -1))).sum(-1)
+                        if g in on:  # the mean over this batch's texts of the group
+                            m = on[g][idx]
+                            loss = loss + (kl * m).sum() / m.sum().clamp_min(1)
+                        else:
+                            loss = loss + kl.mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -111,6 +111,9 @@ class BodyConfig(BaseModel):
     # targets (1 - a)·guard + a·one-hot(label) on the texts that have a label in their own group's data
     label_weight: float = Field(0.0, ge=0, le=1)
     heads_after: bool = False  # then re-fit the heads once more on the trained body (same refit settings)
+    # "all": every group learns on every re-fit text (the guards run on the texts the re-fit did not ask
+    # them about); "refit": each group only on the texts its own head was re-fitted on (no more guard passes)
+    targets: Literal["all", "refit"] = "all"
 
 
 class RefitConfig(BaseModel):

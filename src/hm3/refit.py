@@ -90,6 +90,7 @@ class RefitReport:
     seconds: float = 0.0
     texts: list[str] = field(default_factory=list, repr=False)  # distinct training texts of every group (not saved)
     labels: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # group -> {training text: label} (not saved)
+    group_texts: dict[str, list[str]] = field(default_factory=dict, repr=False)  # group -> its fit's texts (not saved)
     precision: str = "float32"  # of the forward passes (features, teachers)
 
     def to_json(self) -> dict[str, Any]:
@@ -439,6 +440,7 @@ def refit_heads(
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
         plan.append((s, g, train, val, held, extra))
     report.texts = list(dict.fromkeys(t for _, _, train, *_ in plan for t in train.texts))
+    report.group_texts = {g.name: list(train.texts) for _, g, train, *_ in plan}
     if body_labels:  # each group's own training texts that its data file labels (for the body step)
         from hm3.io import read_text_rows
 
@@ -827,6 +829,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         teachers = {g: Path(rc.teachers.get(g) or m.path) for g, m in zip(prep.groups, prep.models)}
         options = rc.body.model_dump(exclude={"heads_after"})
         body = distill_body(model, tokenizer, prep.space, teachers, report.texts, **options, labels=report.labels,
+                            group_texts=report.group_texts,
                             seed=prep.config.seed, cache=cache, progress=progress, precision=report.precision,
                             teacher_memo=memo)
         meta["body"] = body.to_json()
@@ -881,6 +884,7 @@ def refit_dir(
 
         teachers = {s.group: s.teacher for s in specs if s.teacher is not None}
         b = distill_body(clf.model, clf.tokenizer, clf.space, teachers, report.texts, **body, labels=report.labels,
+                         group_texts=report.group_texts,
                          seed=kw.get("seed", 0), cache=kw.get("cache", True), progress=kw.get("progress", False),
                          precision=report.precision, teacher_memo=memo)
         done["body"] = b.to_json()
@@ -939,7 +943,12 @@ def register(app, user_errors) -> None:
                                                "(0: off; every group needs --distill-from)."),
         body_lr: float = typer.Option(2e-5, "--body-lr", min=1e-8, help="Learning rate of the body distillation."),
         body_layers: Optional[int] = typer.Option(None, "--body-layers", min=1,
-                                                  help="Train only the top N encoder layers (+ pooler, head)."),
+                                                  help="Train only the top N encoder layers (+ pooler, head); the "
+                                                       "frozen layers run once per text, not once per step."),
+        body_targets: str = typer.Option("all", "--body-targets",
+                                         help="all: every group learns on every re-fit text (the guards run on "
+                                              "the texts the re-fit did not ask them about) | refit: each group "
+                                              "only on its own re-fit texts (no further guard passes)."),
         body_max_length: int = typer.Option(128, "--body-max-length", min=16, help="Tokens per text for the body."),
         body_label_weight: float = typer.Option(0.0, "--body-label-weight", min=0.0, max=1.0,
                                                 help="The body also learns each text's label in its group: targets "
@@ -955,6 +964,8 @@ def register(app, user_errors) -> None:
         with --body-epochs, then distil the whole model from the guards."""
         from hm3.io import group_pairs
 
+        if body_targets not in ("all", "refit"):
+            raise HM3Error(f"--body-targets {body_targets!r}: expected all or refit")
         if body_label_weight and not body_epochs:
             raise HM3Error("--body-label-weight weighs labels in the body distillation: it needs --body-epochs")
         files = group_pairs(data, "--data")
@@ -974,7 +985,8 @@ def register(app, user_errors) -> None:
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
                            extra_texts=extra_texts or [], label_weight=label_weight, precision=precision,
                            truncate=truncate, body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers,
-                                                        max_length=body_max_length, label_weight=body_label_weight)
+                                                        max_length=body_max_length, label_weight=body_label_weight,
+                                                        targets=body_targets)
                            if body_epochs > 0 else None)
         summary = ", ".join(f"{g} ({r['mode']}, C={r['c']:g})" for g, r in report.groups.items())
         typer.echo(f"wrote {out}: re-fitted {summary} in {report.seconds:.1f}s")
