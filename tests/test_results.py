@@ -43,7 +43,7 @@ def write_jsonl(path: Path, rows) -> None:
 def fake_zoo(tmp_path_factory):
     """A zoo directory laid out like `hm3 zoo build`'s, with tiny guards (a few seconds to build)."""
     d = tmp_path_factory.mktemp("results")
-    base = tiny_base(d / "base")
+    base = tiny_base(d / "base", layers=4)  # the recommended CS3 recipe trains the top 3 encoder layers
     zoo = d / "zoo"
     zoo.mkdir()
     suites = {"validation": [], "test": []}

@@ -62,7 +62,8 @@ def tiny_config(family: str = "bert", **kw):
     if family == "distilbert":
         return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                   max_position_embeddings=64, **kw)
-    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=kw.pop("num_hidden_layers", 2), num_attention_heads=2,
+                  intermediate_size=64)
     if family in ("roberta", "xlm-roberta"):  # positions start after the padding index
         cls = T.RobertaConfig if family == "roberta" else T.XLMRobertaConfig
         return cls(max_position_embeddings=70, pad_token_id=0, **common, **kw)
@@ -77,12 +78,13 @@ def tiny_config(family: str = "bert", **kw):
     raise ValueError(family)
 
 
-def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = True) -> Path:
-    """A random tiny encoder (``headless``: a plain ``AutoModel``, like the offline MiniLM)."""
+def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = True, layers: int = 2) -> Path:
+    """A random tiny encoder (``headless``: a plain ``AutoModel``, like the offline MiniLM) of ``layers``
+    encoder layers (not DistilBERT)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
+    cfg = tiny_config(family) if layers == 2 else tiny_config(family, num_hidden_layers=layers)
     model = AutoModel.from_config(cfg) if headless else AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(str(out))
     tiny_tokenizer().save_pretrained(str(out))
