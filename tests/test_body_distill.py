@@ -159,7 +159,8 @@ def _no_dropout(clf):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path, recipe, monkeypatch, layers):
     """Without dropout, training the top layers from the frozen part's cached output is the same
-    training as running the whole model each step (to float rounding); the model is whole again after."""
+    training as running the whole model each step (to float rounding); the model is whole again after.
+    (The tiny models have 2 layers: with ``layers`` 2 only the embeddings are frozen and nothing is cached.)"""
     import hm3.body_distill as bd
 
     merged = _merged(tiny, recipe, tmp_path)
@@ -173,7 +174,7 @@ def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path
             monkeypatch.setattr(bd._LowerStates, "build", classmethod(lambda *a, **k: None))
         report = distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, texts,
                               epochs=2, lr=1e-3, layers=layers, max_length=32)
-        assert report.cached is cached
+        assert report.cached is (cached and layers < 2)
         assert clf.model.bert.encoder.layer is stack and clf.model.bert.embeddings is emb
         runs[cached] = {k: v.clone() for k, v in clf.model.state_dict().items()}
         monkeypatch.undo()
@@ -182,6 +183,28 @@ def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path
     before = hm3.load(merged).model.state_dict()
     moved = [k for k in before if not torch.equal(before[k], runs[True][k])]
     assert any(k.startswith("classifier.") for k in moved) and any(".encoder.layer." in k for k in moved)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert"])
+def test_every_family_splits_at_its_top_layers(family):
+    """The cached lower part plus the top layers give the whole model's logits in each family hm3 reads
+    (``_LowerStates.build`` compares them itself and returns None when they differ); the model is
+    whole again afterwards."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hm3.body_distill import _LowerStates
+    from hm3.testing import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels=3, num_hidden_layers=3))
+    before = [id(m) for m in model.modules()]
+    ids = tiny_tokenizer()(["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w1 w2 w3 w4 w5"])["input_ids"]
+    for layers in (1, 2):
+        lower = _LowerStates.build(model, layers, ids, 0, 2, "float32")
+        assert lower is not None and lower.cut == 3 - layers
+        assert [len(s) for s in lower.states] == [len(x) for x in ids]
+    assert _LowerStates.build(model, 3, ids, 0, 2, "float32") is None  # every layer trains: only embeddings below
+    assert [id(m) for m in model.modules()] == before
 
 
 def test_an_encoder_that_does_more_than_its_layers_falls_back_to_whole_passes(tiny, tmp_path, recipe, monkeypatch, caplog):
@@ -204,6 +227,23 @@ def test_an_encoder_that_does_more_than_its_layers_falls_back_to_whole_passes(ti
     assert report.cached is False
     assert "differ from its whole forward pass" in caplog.text
     assert any(not torch.equal(v, clf.model.state_dict()[k]) for k, v in before.items() if k.startswith("classifier."))
+
+
+def test_deberta_v2_with_its_convolution_after_the_first_layer_is_not_split(caplog):
+    """DeBERTa-v2's encoder applies a convolution after its first layer (``conv_kernel_size``): the
+    top layers alone would apply it again, so the check catches it and training runs whole passes."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hm3.body_distill import _LowerStates
+    from hm3.testing import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = tiny_config("deberta-v2", num_labels=3, num_hidden_layers=3, conv_kernel_size=3, conv_act="gelu")
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    ids = tiny_tokenizer()(["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w1 w2 w3 w4 w5"])["input_ids"]
+    with caplog.at_level("WARNING", logger="hm3.body_distill"):
+        assert _LowerStates.build(model, 2, ids, 0, 2, "float32") is None
+    assert "differ from its whole forward pass" in caplog.text
 
 
 def test_frozen_word_embeddings_stay_byte_identical_while_the_rest_trains(tiny, tmp_path, recipe):

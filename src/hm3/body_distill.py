@@ -187,6 +187,8 @@ class _LowerStates:
             log.info("body distillation: no embeddings module to cache below the top layers; running the whole model")
             return None
         self = cls(model, layers)
+        if self.cut == 0:  # only the embeddings below: a lookup, nothing worth keeping
+            return None
         self.states = [None] * len(ids)
         model.eval()
         with torch.no_grad():

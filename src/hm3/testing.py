@@ -55,12 +55,13 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str = "bert", **kw):
-    """A tiny config (2 layers, hidden 32) of ``family``: a model type of ``hm3.heads.FAMILIES``."""
+    """A tiny config (2 layers unless ``num_hidden_layers`` says otherwise, hidden 32) of ``family``: a
+    model type of ``hm3.heads.FAMILIES``."""
     import transformers as T
 
     vocab = len(SPECIAL) + len(WORDS)
     if family == "distilbert":
-        return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+        return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=kw.pop("num_hidden_layers", 2), n_heads=2, hidden_dim=64,
                                   max_position_embeddings=64, **kw)
     common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=kw.pop("num_hidden_layers", 2), num_attention_heads=2,
                   intermediate_size=64)
@@ -80,7 +81,7 @@ def tiny_config(family: str = "bert", **kw):
 
 def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = True, layers: int = 2) -> Path:
     """A random tiny encoder (``headless``: a plain ``AutoModel``, like the offline MiniLM) of ``layers``
-    encoder layers (not DistilBERT)."""
+    encoder layers."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
