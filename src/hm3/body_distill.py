@@ -128,7 +128,8 @@ def _trainable(model, layers: int | None, freeze_embeddings: bool = False) -> st
 
 def _layer_stack(model) -> tuple[Any, str, Any]:
     """``(parent module, attribute name, ModuleList)`` of the encoder's layer stack."""
-    stacks = [(name, m) for name, m in model.named_modules() if name.endswith("encoder.layer") or name.endswith("transformer.layer")]
+    stacks = [(name, m) for name, m in model.named_modules()
+              if name.endswith("encoder.layer") or name.endswith("transformer.layer")]
     if len(stacks) != 1:
         raise HM3Error(f"body.layers: cannot find the encoder's layer stack of this {model.config.model_type} model; "
                        "leave body.layers unset to train all weights")
@@ -357,7 +358,8 @@ def distill_body(
             on[g] = torch.tensor([t in mine for t in texts])
             sel = on[g].nonzero().flatten().tolist()
             if not sel:
-                raise HM3Error(f"body distillation: targets 'refit' but group {g!r} has no re-fit texts among the body's")
+                raise HM3Error(f"body distillation: targets 'refit' but group {g!r} has no re-fit texts "
+                               "among the body's")
         logits = teacher_memo(Path(teachers[g]), tokenizer, [ids[i] for i in sel], 32, cache, precision)
         report.teacher_windows += len(sel)
         if len(sel) < len(texts):  # the other texts' rows are never read (masked out of the loss)
