@@ -11,7 +11,7 @@ import torch
 import hm3
 from hm3.body_distill import _batches, distill_body
 from hm3.errors import HM3Error
-from hm3.testing import TASK_A, TASK_B
+from hm3.testing import TASK_A, TASK_B, _no_dropout
 
 
 @pytest.fixture(autouse=True)
@@ -146,16 +146,6 @@ def test_top_layers_only_leave_the_rest_byte_identical(tiny, tmp_path, recipe):
         distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], layers=99)
 
 
-def _no_dropout(clf):
-    for m in clf.model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    clf.model.config.attention_probs_dropout_prob = 0.0  # (SDPA reads the rate from the attention module)
-    for m in clf.model.modules():
-        if hasattr(m, "dropout_prob"):
-            m.dropout_prob = 0.0
-
-
 @pytest.mark.parametrize("layers", [1, 2])
 def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path, recipe, monkeypatch, layers):
     """Without dropout, training the top layers from the frozen part's cached output is the same
@@ -168,7 +158,7 @@ def test_top_layers_from_cached_states_train_like_the_whole_model(tiny, tmp_path
     runs = {}
     for cached in (True, False):
         clf = hm3.load(merged)
-        _no_dropout(clf)
+        _no_dropout(clf.model)
         stack, emb = clf.model.bert.encoder.layer, clf.model.bert.embeddings
         if not cached:
             monkeypatch.setattr(bd._LowerStates, "build", classmethod(lambda *a, **k: None))

@@ -204,7 +204,8 @@ class _LowerStates:
             with forward_context(precision):
                 whole = model(input_ids=x, attention_mask=mask).logits.float()
                 with self.training() as feed:
-                    split = model(input_ids=x, attention_mask=feed(idx, x.shape[1])).logits.float()
+                    feed(idx)
+                    split = model(input_ids=x, attention_mask=mask).logits.float()
         # fp32: the same arithmetic up to the batch's rounding; bf16 rounds every matrix product anew
         tol = 1e-4 if precision == "float32" else 5e-2
         if not torch.allclose(whole, split, rtol=tol, atol=tol * max(1.0, float(whole.abs().max()))):
@@ -229,44 +230,24 @@ class _LowerStates:
 
     @contextlib.contextmanager
     def training(self):
-        """A context in which the model starts from the cached states: it yields ``feed(idx, width)``,
-        which sets the states of texts ``idx`` (right-padded with zeros to ``width`` tokens) as the
-        next forward pass's embedding output and returns the batch's attention mask."""
+        """A context in which the model starts from the cached states: it yields ``feed(idx)``, which
+        sets the states of texts ``idx``, right-padded with zeros to the longest (as ``pad_batch`` pads
+        their tokens: its attention mask applies), as the next forward pass's embedding output."""
         import torch
 
-        given = _given_module()()
-
-        def feed(idx, width):
-            h = torch.zeros((len(idx), width, self.states[idx[0]].shape[-1]))
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                n = len(self.states[i])
-                h[r, :n] = self.states[i]
-                mask[r, :n] = 1
-            given.states = h
-            return mask
-
-        with self._swapped(self.stack[self.cut:], given):
-            yield feed
-
-
-_GIVEN = None
-
-
-def _given_module():
-    """An ``nn.Module`` standing in for the embeddings: returns the states it was given."""
-    global _GIVEN
-    if _GIVEN is None:
-        import torch
-
-        class Given(torch.nn.Module):
+        class Given(torch.nn.Module):  # stands in for the embeddings: returns the states it was given
             states = None
 
             def forward(self, *args, **kwargs):
                 return self.states
 
-        _GIVEN = Given
-    return _GIVEN
+        given = Given()
+
+        def feed(idx):
+            given.states = torch.nn.utils.rnn.pad_sequence([self.states[i] for i in idx], batch_first=True)
+
+        with self._swapped(self.stack[self.cut:], given):
+            yield feed
 
 
 def distill_body(
@@ -421,7 +402,7 @@ def distill_body(
                         break
                     x, mask = pad_batch(ids, idx, pad)
                     if feed is not None:
-                        mask = feed(idx, x.shape[1])
+                        feed(idx)
                     with forward_context(precision):
                         z = model(input_ids=x, attention_mask=mask).logits.float()
                     loss = z.new_zeros(())

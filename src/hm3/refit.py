@@ -439,8 +439,8 @@ def refit_heads(
             if held is not None:
                 held = _holdout(train, seed, f"refit-holdout/{g.name}")
         plan.append((s, g, train, val, held, extra))
-    report.texts = list(dict.fromkeys(t for _, _, train, *_ in plan for t in train.texts))
     report.group_texts = {g.name: list(train.texts) for _, g, train, *_ in plan}
+    report.texts = list(dict.fromkeys(t for texts in report.group_texts.values() for t in texts))
     if body_labels:  # each group's own training texts that its data file labels (for the body step)
         from hm3.io import read_text_rows
 

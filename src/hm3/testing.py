@@ -61,10 +61,10 @@ def tiny_config(family: str = "bert", **kw):
 
     vocab = len(SPECIAL) + len(WORDS)
     if family == "distilbert":
-        return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=kw.pop("num_hidden_layers", 2), n_heads=2, hidden_dim=64,
-                                  max_position_embeddings=64, **kw)
-    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=kw.pop("num_hidden_layers", 2), num_attention_heads=2,
-                  intermediate_size=64)
+        return T.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=kw.pop("num_hidden_layers", 2), n_heads=2,
+                                  hidden_dim=64, max_position_embeddings=64, **kw)
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=kw.pop("num_hidden_layers", 2),
+                  num_attention_heads=2, intermediate_size=64)
     if family in ("roberta", "xlm-roberta"):  # positions start after the padding index
         cls = T.RobertaConfig if family == "roberta" else T.XLMRobertaConfig
         return cls(max_position_embeddings=70, pad_token_id=0, **common, **kw)
@@ -85,7 +85,7 @@ def tiny_base(out: Path, family: str = "bert", seed: int = 0, headless: bool = T
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family) if layers == 2 else tiny_config(family, num_hidden_layers=layers)
+    cfg = tiny_config(family, num_hidden_layers=layers)
     model = AutoModel.from_config(cfg) if headless else AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(str(out))
     tiny_tokenizer().save_pretrained(str(out))
