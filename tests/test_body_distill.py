@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,21 @@ def test_refit_targets_train_each_group_on_its_own_refit_texts_without_more_guar
         distill_body(clf.model, clf.tokenizer, clf.space, {"a": tiny["a"], "b": tiny["b"]}, ["w0 w1"], targets="some")
 
 
+def test_refit_dir_checks_the_body_options_as_a_recipe_does_before_any_work(tiny, tmp_path, recipe):
+    from hm3.refit import GroupRefit, refit_dir
+
+    merged = _merged(tiny, recipe, tmp_path)
+    a = _jsonl(tmp_path / "a.jsonl", _texts(TASK_A, 40, 6))
+    specs = [GroupRefit("a", a, teacher=Path(tiny["a"]))]
+    for body, message in (({"epochs": 1, "lrate": 1e-3}, "lrate: unknown key"),
+                          ({"epochs": 0}, "epochs: Input should be greater than 0"),
+                          ({"layers": 0}, "layers: Input should be greater than or equal to 1"),
+                          ({"heads_after": True}, "run `hm3 refit` again on the output")):
+        with pytest.raises(HM3Error, match=re.escape(message)):
+            refit_dir(merged, specs, tmp_path / "out", body=body)
+        assert not (tmp_path / "out").exists()
+
+
 def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
     from typer.testing import CliRunner
 
@@ -390,7 +406,8 @@ def test_refit_command_with_body_epochs(tiny, tmp_path, recipe):
     meta = json.loads((tmp_path / "own" / "config.json").read_text())["hm3"]["refit"]["body"]
     assert meta["targets"] == "refit" and meta["cached"] is True and meta["teacher_windows"] == 80
     bad = runner.invoke(app, [*both, "--body-targets", "some", "-o", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "expected all or refit" in bad.output and not (tmp_path / "bad").exists()
+    assert bad.exit_code == 2 and "targets: Input should be 'all' or 'refit'" in bad.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_body_label_weight_from_a_recipe_and_the_command_uses_the_groups_labelled_data(tiny, tmp_path, recipe):

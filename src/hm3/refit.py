@@ -848,6 +848,23 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     return out, card
 
 
+def _body_options(body: "dict[str, Any]") -> "dict[str, Any]":
+    """``refit_dir``'s body options checked as a recipe's ``refit.body`` is (``BodyConfig``), as
+    keyword arguments of ``distill_body``. ``heads_after`` belongs to recipes (``hm3 merge``)."""
+    from pydantic import ValidationError
+
+    from hm3.config import BodyConfig, _format_validation
+
+    try:
+        cfg = BodyConfig.model_validate(body)
+    except ValidationError as e:
+        raise HM3Error(_format_validation(e, "body distillation")) from None
+    if cfg.heads_after:
+        raise HM3Error("body distillation: heads_after re-fits the heads after the body inside a recipe "
+                       "(refit.body.heads_after in `hm3 merge`); here, run `hm3 refit` again on the output")
+    return cfg.model_dump(exclude={"heads_after"})
+
+
 def refit_dir(
     model_dir: "str | Path",
     specs: Sequence[GroupRefit],
@@ -867,6 +884,8 @@ def refit_dir(
     from hm3.model import load
 
     out = Path(out)
+    if body is not None:  # the recipe's checks, before the output folder exists or any model loads
+        body = _body_options(body)
     prepare_output(out, force)
     clf = load(model_dir, max_length=kw.pop("max_length", None))
     if body is not None:  # before any work: the body step needs every group's guard
@@ -964,8 +983,6 @@ def register(app, user_errors) -> None:
         with --body-epochs, then distil the whole model from the guards."""
         from hm3.io import group_pairs
 
-        if body_targets not in ("all", "refit"):
-            raise HM3Error(f"--body-targets {body_targets!r}: expected all or refit")
         if body_label_weight and not body_epochs:
             raise HM3Error("--body-label-weight weighs labels in the body distillation: it needs --body-epochs")
         files = group_pairs(data, "--data")
