@@ -400,9 +400,11 @@ class Lab:
             ("TIES + re-fit (distilled)", Recommendation("ties", density=d_ties, refit="distill")),
             ("TIES + re-fit (distilled, cross-domain)",
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts)),
-            ("TIES + re-fit (distilled, cross-domain) + body distillation",  # bf16: the body trains ~4x faster
+            # auto: bf16 where the CPU has bf16 matrix instructions (the body trains ~4x faster there), fp32
+            # elsewhere (bf16 without them is ~7x slower than fp32: hours of `make results` on AVX2 alone)
+            ("TIES + re-fit (distilled, cross-domain) + body distillation",
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts,
-                            body={"epochs": 2}, precision="bfloat16")),
+                            body={"epochs": 2}, precision="auto")),
             ("RegMean", Recommendation("regmean", parameters=regmean)),
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
