@@ -144,6 +144,8 @@ def test_inference_bench_structure(inference_results):
     assert setups == {"originals", "merged"}
     for r in res["rows"]:
         assert {"load_s", "infer_s", "total_s", "texts_per_s", "peak_rss_mb", "forward_passes"} <= set(r)
+        (run,) = r["runs"]  # repeats=1: the run is the median
+        assert run["infer_s"] == r["infer_s"] and run["load_s"] == r["load_s"] and run["first_pass_s"] > 0
     originals = next(r for r in res["rows"] if r["setup"] == "originals")
     merged = next(r for r in res["rows"] if r["setup"] == "merged")
     assert originals["forward_passes"] == 2 * merged["forward_passes"] == 2 * 12

@@ -673,6 +673,8 @@ def bench_inference(
                 "first_pass_s": statistics.median(x.extra["first_pass_s"] for x in rs) if warmup else None,
                 "process_s": statistics.median(x.wall_s for x in rs), "texts_per_s": len(texts) / infer,
                 "peak_rss_mb": max(x.peak_rss_mb for x in rs), "forward_passes": len(texts) * (n if name == "originals" else 1),
+                # every run in the order it ran, to tell a setup's noise from a slow setup
+                "runs": [{k: x.extra[k] for k in ("load_s", "infer_s", "first_pass_s")} for x in rs],
             })
         ref = _read_labels(run_dir / f"labels{n}-fp32.json")
         for name in fast:
