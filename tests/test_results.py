@@ -281,9 +281,9 @@ def test_compute_only_fills_the_cache_and_writes_no_document(results, fake_zoo):
     """`make results` computes case studies in parallel with --compute-only, then renders once."""
     d = fake_zoo["dir"]
     s = Settings(base_model=str(fake_zoo["base"]), recommended=False, cases=("cs2",), **SMALL)
-    out = d / "docs" / "partial.md"
+    out = d / "partial" / "partial.md"
     data = run_results(fake_zoo["zoo"], out, s, work=d / "work")
-    assert not out.exists()
+    assert not (d / "partial").exists()  # neither the document nor its plots (the search's density plot was)
     cs2 = data["results"]["cs2"]
     assert "recommended" not in cs2 and set(cs2["ablation"]) == set(results["data"]["results"]["cs2"]["ablation"])
     # everything came from the cache of the full run: the same numbers

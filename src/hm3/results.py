@@ -277,8 +277,9 @@ class Lab:
 
         from hm3.search import plot_density_scores
 
-        plot_density_scores(rows, self.img / f"results-density-{case.key}.png",
-                            title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(rows)} trials")
+        if self.s.recommended:  # a rendering run (--compute-only writes nothing but the cache)
+            plot_density_scores(rows, self.img / f"results-density-{case.key}.png",
+                                title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(rows)} trials")
         done = [r for r in rows if r["state"] == "COMPLETE"]
         return {"density": best["density"], "trial": best["number"], "trials": len(rows), "complete": len(done),
                 "pruned": sum(r["state"] == "PRUNED" for r in rows), "validation": scores("val"),
@@ -940,7 +941,8 @@ def run_results(zoo: str | os.PathLike, out: str | os.PathLike = "docs/RESULTS.m
     write_recipes(zoo, base_model=s.base_model)
     work = Path(work) if work is not None else zoo.resolve().parent / "results"
     img = out.parent / "img"
-    img.mkdir(parents=True, exist_ok=True)
+    if s.recommended:
+        img.mkdir(parents=True, exist_ok=True)
     info = machine()
     lab = Lab(zoo, work, s, img)
     results: dict[str, dict] = {}
