@@ -296,6 +296,10 @@ def test_recipes_load_and_merge(results, tmp_path):
         path = zoo / case.filename
         assert path.is_file()
         raw = yaml.safe_load(path.read_text())
+        # a short why above the recipe; the whole story of the choice is in RESULTS.md
+        header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        assert len(header) <= 12 and "docs/RESULTS.md" in header[-1], header
+        assert RECOMMENDED[key].summary.split()[0] in header[3]
         # portable: paths relative to the zoo
         assert [m["model"] for m in raw["models"]] == list(case.groups)
         if RECOMMENDED[key].refit:
