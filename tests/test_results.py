@@ -207,6 +207,14 @@ def test_target_verdicts_are_exact():
     assert not target_line(cs, TARGETS["9"]["all"])[1]
     cs["recommended"]["test"]["benign"]["rate"] = 0.99
     assert target_line(cs, TARGETS["9"]["all"])[1]
+    # just below 100% (99.995%) must not round up to read as the target it misses
+    two = {"originals": {"test": {"f1": {"a": 0.96710, "b": 0.88197}}},
+           "recommended": {"test": {"f1": {"a": 0.96701, "b": 0.88197}}}}
+    line, ok = target_line(two, TARGETS["4"]["cs1"])
+    assert not ok and "= 99.99%" in line, line
+    two["recommended"]["test"]["f1"]["a"] = 0.96710
+    line, ok = target_line(two, TARGETS["4"]["cs1"])
+    assert ok and "= 100.00%" in line, line
 
 
 def test_agreement_with_the_guards(results):

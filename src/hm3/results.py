@@ -646,9 +646,16 @@ def ablation_table(case: CaseStudy, cs: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _pct_down(ratio: float) -> str:
+    """A ratio as a percent with two decimals, rounded down: 99.995% reads 99.99%, never 100.00%
+    beside a 100% target it misses (a hair above the float is its own: 1 − 1e-15 reads 100.00%)."""
+    return f"{math.floor(ratio * 10000 + 1e-6) / 100:.2f}%"
+
+
 def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[str, bool]:
     """``target | measured | interval | verdict`` cells of the recommended merge against one target.
-    Ratios to two decimals of a percent: 98.97% must not read as 99.0% against a 99% target."""
+    Ratios to two decimals of a percent, rounded down: 98.97% must not read as 99.0% against a 99%
+    target, nor 99.995% as 100.00% against 100%."""
     ref = cs["originals"]["test"]
     test = cs["recommended"]["test"]
     avg_ratio, worst = ratios(test, ref)
@@ -659,7 +666,8 @@ def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[st
         ok = ok and benign is not None and benign_ref is not None and benign >= benign_ref - 1e-12
     what = (f"average ≥ {need_avg:.0%} of the originals'" + (f", every group ≥ {need_worst:.0%}" if need_worst else "")
             + (", MMLU benign ≥ the originals'" if need_benign else ""))
-    got = (f"{average(test):.4f} vs {average(ref):.4f} = {avg_ratio:.2%}" + (f"; worst group {worst:.2%}" if need_worst else "")
+    got = (f"{average(test):.4f} vs {average(ref):.4f} = {_pct_down(avg_ratio)}"
+           + (f"; worst group {_pct_down(worst)}" if need_worst else "")
            + (f"; MMLU benign {_f(benign)} vs {_f(benign_ref)}" if need_benign else ""))
     iv = cs["recommended"].get("interval")
     sure = f"{iv['low']:.1%} – {iv['high']:.1%}; below 100% in {iv['p_below']:.0%}" if iv else "–"
