@@ -55,6 +55,21 @@ def test_merge_into_equals_hm3_merge_of_the_written_recipe(models, method, overr
     assert all(torch.equal(model.state_dict()[n], t) for n, t in reference.items())
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_merge_into_copies_in_the_merging_threads(models, monkeypatch, workers):
+    """With one or two merge threads (each copying its tensors into the model), the same tensors;
+    a model whose tensor has another shape is refused by name."""
+    monkeypatch.setenv("HM3_MERGE_WORKERS", workers)
+    tv = TaskVectors.from_prepared(prepare(recipe(models, "ties")))
+    reference = hm3.merge(tv.recipe(), progress=False).state
+    model = tv.merge_into(tv.new_model())
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in reference.items())
+    wrong = tv.new_model()
+    wrong.classifier.weight = torch.nn.Parameter(torch.zeros(3, wrong.classifier.weight.shape[1]))
+    with pytest.raises(HM3Error, match=r"tensor 'classifier.weight': model has shape \(3, "):
+        tv.merge_into(wrong)
+
+
 def test_with_method_and_recipe(models):
     tv = TaskVectors.from_prepared(prepare(recipe(models, "dare_ties")))
     ties = tv.with_method("ties")

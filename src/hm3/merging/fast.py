@@ -82,14 +82,23 @@ class TaskVectors:
         return recipe_with(self.prep.config, overrides or {}, seed)
 
     # -- merging -----------------------------------------------------------------------------------
-    def tensors(self, overrides: Mapping | None = None, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, merged tensor)`` in the recipe's output dtype, as ``merge_state`` makes them."""
+    def tensors(self, overrides: Mapping | None = None, seed: int | None = None, *,
+                into: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, merged tensor)`` in the recipe's output dtype, as ``merge_state`` makes them.
+        ``into``: tensors (by name) that each merged tensor is copied into by the thread that made it,
+        which then yields that tensor (the copies run beside the merges, not after them in the caller)."""
         dtype = torch_dtype(self.prep.config.dtype)
         overrides = dict(overrides or {})
 
         def one(i: int) -> torch.Tensor:
             e = self.entries[i]
-            return checked(e.name, merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed), dtype)
+            merged = checked(e.name, merge_tensor(self.prep, e.name, e.kind, e.base, e.deltas, overrides, seed), dtype)
+            t = None if into is None else into.get(e.name)
+            if t is None:
+                return merged
+            if t.shape != merged.shape:
+                raise HM3Error(f"tensor {e.name!r}: model has shape {tuple(t.shape)}, merge gives {tuple(merged.shape)}")
+            return t.copy_(merged)
 
         # Two tensors at once where a tensor's merge runs on one thread (numpy's kernels), as hm3.merge does.
         names, sizes = [e.name for e in self.entries], [e.base.numel() for e in self.entries]
@@ -115,13 +124,10 @@ class TaskVectors:
         missing = [e.name for e in self.entries if e.name not in targets]
         if len(missing) == len(self.entries):
             raise HM3Error("the model shares no tensor name with the checkpoints; build it with TaskVectors.new_model()")
-        for name, merged in self.tensors(overrides, seed):
-            t = targets.get(name)
-            if t is None:
-                continue  # e.g. a buffer the architecture no longer stores; loading ignores it too
-            if t.shape != merged.shape:
-                raise HM3Error(f"tensor {name!r}: model has shape {tuple(t.shape)}, merge gives {tuple(merged.shape)}")
-            t.copy_(merged)
+        # tensors the model does not store (e.g. a buffer the architecture dropped) are merged and
+        # left, as loading ignores them too
+        for _ in self.tensors(overrides, seed, into=targets):
+            pass
         return model
 
     def classifier(self, **kw) -> "GroupwiseClassifier":
