@@ -351,3 +351,25 @@ def test_describe_names_every_body_option_a_recipe_sets():
     text = describe(rec)
     assert "body distillation (3 epochs, lr 2e-05, top 2 layers, label weight 0.6; heads re-fitted after)" in text
     assert "label weight 0.6" not in describe(replace(rec, body={"epochs": 3}))
+
+
+def test_a_stopped_runs_trial_is_not_counted(results, fake_zoo, tmp_path):
+    """A search trial that a stopped run left (FAIL once the study resumes) never scored: the document
+    counts the finished trials and says one was left out."""
+    import shutil
+
+    import optuna
+
+    from hm3.search import DEFAULT_STUDY
+
+    work = tmp_path / "work"
+    shutil.copytree(fake_zoo["dir"] / "work", work)
+    [study_dir] = list(work.glob("search-cs1-*"))
+    study = optuna.load_study(study_name=DEFAULT_STUDY, storage=f"sqlite:///{study_dir / 'study.db'}")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    s = Settings(base_model=str(fake_zoo["base"]), cases=("cs1",), **SMALL)
+    run_results(fake_zoo["zoo"], tmp_path / "docs" / "RESULTS.md", s, work=work)
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert f"search best of {SMALL['trials']} trials" in md
+    assert "1 trial of a stopped run never finished (not counted)" in md
+    assert "never finished" not in results["md"]

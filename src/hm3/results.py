@@ -277,12 +277,14 @@ class Lab:
 
         from hm3.search import plot_density_scores
 
+        # a trial of a stopped run (marked FAIL when the study resumes) never scored: not counted
+        finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
         if self.s.recommended:  # a rendering run (--compute-only writes nothing but the cache)
             plot_density_scores(rows, self.img / f"results-density-{case.key}.png",
-                                title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(rows)} trials")
+                                title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(finished)} trials")
         done = [r for r in rows if r["state"] == "COMPLETE"]
-        return {"density": best["density"], "trial": best["number"], "trials": len(rows), "complete": len(done),
-                "pruned": sum(r["state"] == "PRUNED" for r in rows), "validation": scores("val"),
+        return {"density": best["density"], "trial": best["number"], "trials": len(finished), "complete": len(done),
+                "pruned": len(finished) - len(done), "unfinished": len(rows) - len(finished), "validation": scores("val"),
                 "test": scores("test"), "dir": str(out)}
 
     # -- the recommended recipe ----------------------------------------------------------------------
@@ -776,8 +778,11 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               f"{agree['test']} ({rec['agreement']['test']['texts']} texts); validation {agree['validation']}.", ""]
         grid = ", ".join(f"{d}: {average(v):.3f}" for d, v in cs["ties_grid"].items())
         dt = cs["dare_ties"]
+        gone = dt.get("unfinished", 0)
         L += [f"TIES sweep (validation average): {grid}. Search: {dt['complete']} complete and {dt['pruned']} pruned "
-              f"trials; best trial {dt['trial']} (density {dt['density']:.3f}).", "",
+              f"trials; best trial {dt['trial']} (density {dt['density']:.3f})"
+              + (f"; {gone} trial{'s' if gone > 1 else ''} of a stopped run never finished (not counted)" if gone else "")
+              + ".", "",
               f"![density vs macro F1, {case.title}]({img}/results-density-{key}.png)", ""]
     external = {key: cs["recommended"]["external"] for key, cs in results.items()
                 if "external" in cs.get("recommended", {})}
