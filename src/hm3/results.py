@@ -275,16 +275,17 @@ class Lab:
             return {"f1": {g: best[f"{prefix}_{g}"] for g in case.groups if f"{prefix}_{g}" in best},
                     "benign": None if rate is None else {"rate": rate}}
 
-        from hm3.search import plot_density_scores
+        from hm3.search import finished, plot_density_scores
 
-        # a trial of a stopped run (marked FAIL when the study resumes) never scored: not counted
-        finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+        # the search's own count (complete + pruned): a trial of a stopped run (FAIL once the study
+        # resumes) never scored and is not counted
+        n = finished(study)
         if self.s.recommended:  # a rendering run (--compute-only writes nothing but the cache)
             plot_density_scores(rows, self.img / f"results-density-{case.key}.png",
-                                title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {len(finished)} trials")
+                                title=f"{case.title}: DARE-TIES, density ~ Beta(1.5, 4), {n} trials")
         done = [r for r in rows if r["state"] == "COMPLETE"]
-        return {"density": best["density"], "trial": best["number"], "trials": len(finished), "complete": len(done),
-                "pruned": len(finished) - len(done), "unfinished": len(rows) - len(finished), "validation": scores("val"),
+        return {"density": best["density"], "trial": best["number"], "trials": n, "complete": len(done),
+                "pruned": n - len(done), "unfinished": len(rows) - n, "validation": scores("val"),
                 "test": scores("test"), "dir": str(out)}
 
     # -- the recommended recipe ----------------------------------------------------------------------
