@@ -649,10 +649,13 @@ def ablation_table(case: CaseStudy, cs: Mapping) -> str:
     return "\n".join(lines)
 
 
+_SLACK = 1e-12  # float noise a ratio may fall short of its target by and still meet it
+
+
 def _pct_down(ratio: float) -> str:
     """A ratio as a percent with two decimals, rounded down: 99.995% reads 99.99%, never 100.00%
-    beside a 100% target it misses (a hair above the float is its own: 1 − 1e-15 reads 100.00%)."""
-    return f"{math.floor(ratio * 10000 + 1e-6) / 100:.2f}%"
+    beside a 100% target it misses; within the verdict's ``_SLACK`` below a value, it reads that value."""
+    return f"{math.floor((ratio + _SLACK) * 10000) / 100:.2f}%"
 
 
 def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[str, bool]:
@@ -664,9 +667,9 @@ def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[st
     avg_ratio, worst = ratios(test, ref)
     need_avg, need_worst, need_benign = need
     benign, benign_ref = ((s.get("benign") or {}).get("rate") for s in (test, ref))
-    ok = avg_ratio >= need_avg - 1e-12 and (need_worst is None or worst >= need_worst - 1e-12)
+    ok = avg_ratio >= need_avg - _SLACK and (need_worst is None or worst >= need_worst - _SLACK)
     if need_benign:
-        ok = ok and benign is not None and benign_ref is not None and benign >= benign_ref - 1e-12
+        ok = ok and benign is not None and benign_ref is not None and benign >= benign_ref - _SLACK
     what = (f"average ≥ {need_avg:.0%} of the originals'" + (f", every group ≥ {need_worst:.0%}" if need_worst else "")
             + (", MMLU benign ≥ the originals'" if need_benign else ""))
     got = (f"{average(test):.4f} vs {average(ref):.4f} = {_pct_down(avg_ratio)}"
