@@ -52,6 +52,9 @@ ALLOWED: dict[str, set[str]] = {
     "regmean": COMMON | {"regmean_alpha"},
     "fisher": COMMON | {"fisher_floor", "fisher_normalize"},
     "adamerging": COMMON | {"density"},
+    # spectral methods (hm3.merging.spectral)
+    "tsv": COMMON | {"lambda", "sv_fraction"},
+    "iso_c": COMMON | {"lambda"},
 }
 
 
@@ -308,6 +311,8 @@ def _check_value(where: str, key: str, v: Any) -> None:
         raise ValueError(f"{where}: {key} must be in [0, 1), got {v}")
     if key == "regmean_alpha" and not (0 <= v <= 1):
         raise ValueError(f"{where}: regmean_alpha (off-diagonal scale of the Gram matrices) must be in [0, 1], got {v}")
+    if key == "sv_fraction" and not (0 < v <= 1):
+        raise ValueError(f"{where}: sv_fraction (share of each task matrix's rank kept) must be in (0, 1], got {v}")
     if key == "fisher_floor" and v < 0:
         raise ValueError(f"{where}: fisher_floor must be >= 0, got {v}")
 

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -58,6 +59,9 @@ from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 from hm3.merging.steps import Rescale
 from hm3.progress import progress_bar
+
+#: tensors of embedding tables (word, position, token type), which spectral methods do not treat as linear maps
+_EMBEDDING = re.compile(r"embed", re.IGNORECASE)
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +373,7 @@ def tensor_params(cfg: MergeConfig, method: Method, name: str, kind: str, overri
         consensus=str(shared("consensus", "sum")),
         extra={
             "filter_wise": bool(shared("filter_wise", False)),
+            "embedding": bool(_EMBEDDING.search(name)),  # an embedding table, not a linear layer (spectral methods)
             # method-specific parameters (e.g. regmean_alpha) with the method's own defaults
             **{k: shared(k, v) for k, v in method.defaults.items() if k not in ("normalize", "rescale")},
         },
@@ -404,7 +409,7 @@ def merge_tensor(
         # layer is the models' weighted average, whatever the method.
         w = torch.tensor(p.weight).view(-1, *([1] * base.dim()))
         return base + (deltas * w).sum(dim=0) / w.sum()
-    keep_rows = method.name == "model_stock" or bool(method.needs_stats)
+    keep_rows = method.own_head_rows or bool(method.needs_stats)
     if kind == "out" and (keep_rows or any(d < 1 for d in p.density)):
         out = base.clone()
         for i, g in enumerate(prep.space):
@@ -412,7 +417,8 @@ def merge_tensor(
             if keep_rows:
                 # Groups' rows are disjoint, so task vectors there are orthogonal and Model Stock
                 # would pull every head to the zero base; each group keeps its own rows instead.
-                # Data-aware methods too: no other model's statistics say anything about these rows.
+                # Data-aware methods too: no other model's statistics say anything about these rows;
+                # and spectral ones, whose singular vectors would spread a head over every group's rows.
                 out[rows] = base[rows] + deltas[i, rows]
             else:
                 out[rows] = method.fn(base[rows], deltas[:, rows], p, tensor_generator(seed, f"{name}/{g.name}"))

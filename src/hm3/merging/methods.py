@@ -61,6 +61,7 @@ class Method:
     doc: str = ""
     needs_stats: tuple[str, ...] = ()  # data-aware: statistics it reads ("gram", "fisher", "coef")
     one_thread: bool = False  # its per-tensor work runs on one thread (``kernels``): merge tensors in parallel
+    own_head_rows: bool = False  # each group keeps its own head rows, whatever the method does elsewhere
 
 
 def _torch_sparsifier(kind: Sparsify, p: TensorParams, generator):
@@ -211,15 +212,17 @@ REGISTRY: dict[str, Method] = {
             "https://arxiv.org/abs/2403.19522",
             min_models=2,
             defaults={"normalize": False, "rescale": False},
+            own_head_rows=True,
             doc="Model Stock: average pulled towards the base by the task vectors' mean cosine.",
         ),
     )
 }
 
 
-# Data-aware methods (regmean, fisher, adamerging) live in their own module and add themselves to
-# REGISTRY; imported last because they need the types above.
+# Data-aware methods (regmean, fisher, adamerging) and spectral ones (tsv, iso_c) live in their own
+# modules and add themselves to REGISTRY; imported last because they need the types above.
 from hm3.merging import data_aware as _data_aware  # noqa: E402,F401
+from hm3.merging import spectral as _spectral  # noqa: E402,F401
 
 
 def get(name: str) -> Method:

@@ -1,0 +1,99 @@
+"""Spectral merge methods: each linear layer's task matrices merged through their singular vectors.
+
+Training-free, per tensor, the same signature as every method (``fn(base, deltas, p, generator)``).
+A *matrix* here is a 2-D tensor of the body that is not an embedding table (``p.extra["embedding"]``,
+set by the engine from the tensor's name); every other tensor (embeddings, biases, LayerNorm) is
+``base + λ · Σ w_i δ_i / Σ w_i``, the weighted mean of the task vectors, as both papers do. Output
+rows (the groups' heads) are never mixed: each group keeps its own rows (engine).
+
+* ``tsv`` — Task Singular Vectors merging, TSV-M (Gargiulo et al., CVPR 2025,
+  https://arxiv.org/abs/2412.00081). Each weighted task matrix ``w_i δ_i = U_i S_i V_iᵀ`` keeps its top
+  ``k = ⌊r · sv_fraction⌋`` singular triplets (``r = min(out, in)``; ``sv_fraction`` defaults to
+  ``1 / N``, the paper's choice, so the N tasks share the rank). The kept left vectors of all tasks,
+  side by side, are replaced by their closest matrix with orthonormal columns (the polar factor
+  ``P Qᵀ`` of ``[U_1 … U_N] = P Σ Qᵀ``), the right ones likewise, which removes the tasks' overlap
+  (their interference) before they are added back: ``base + λ · Û diag(S_1 … S_N) V̂ᵀ``.
+* ``iso_c`` — Iso-C (Marczak et al., ICML 2025, https://arxiv.org/abs/2502.04959). The sum of the
+  weighted task matrices ``Σ w_i δ_i = U S Vᵀ`` with its spectrum flattened to the mean singular value:
+  ``base + λ · mean(S) · U Vᵀ``, so that no task's few dominant directions crowd out the others'.
+  The paper tunes ``λ`` on validation data (``lambda``, default 1).
+"""
+
+from __future__ import annotations
+
+from hm3._lazy import torch
+from hm3.merging import steps
+from hm3.merging.methods import REGISTRY, Method, TensorParams
+
+
+def _mean_delta(deltas: torch.Tensor, weight: tuple[float, ...]) -> torch.Tensor:
+    """``Σ w_i δ_i / Σ w_i`` over the first axis."""
+    w = torch.tensor(weight, dtype=deltas.dtype)
+    return (deltas * steps.broadcast_weights(w, deltas)).sum(dim=0) / w.sum()
+
+
+def _is_matrix(base: torch.Tensor, p: TensorParams) -> bool:
+    return base.dim() == 2 and min(base.shape) > 1 and not p.extra.get("embedding", False)
+
+
+def _weighted(deltas: torch.Tensor, weight: tuple[float, ...]) -> torch.Tensor:
+    return deltas.float() * steps.broadcast_weights(torch.tensor(weight, dtype=torch.float32), deltas)
+
+
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The matrix with orthonormal columns (or rows, if wide) closest to ``a``: ``P Qᵀ`` of ``a = P Σ Qᵀ``."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def tsv(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
+    """TSV-M: the tasks' top singular vectors, decorrelated, then summed (see the module docstring)."""
+    lam = p.lambda_
+    if not _is_matrix(base, p):
+        return (base + lam * _mean_delta(deltas, p.weight)).to(base.dtype)
+    n = deltas.shape[0]
+    frac = p.extra.get("sv_fraction")
+    r = min(base.shape)
+    k = max(1, int(r * (1.0 / n if frac is None else float(frac))))
+    us, ss, vhs = [], [], []
+    for d in _weighted(deltas, p.weight):
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    u_hat = _polar(torch.cat(us, dim=1))  # (out, N·k)
+    vh_hat = _polar(torch.cat(vhs, dim=0))  # (N·k, in)
+    merged = (u_hat * torch.cat(ss)) @ vh_hat
+    return (base + lam * merged).to(base.dtype)
+
+
+def iso_c(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
+    """Iso-C: the summed task matrix with an isotropic (flat) spectrum (see the module docstring)."""
+    lam = p.lambda_
+    if not _is_matrix(base, p):
+        return (base + lam * _mean_delta(deltas, p.weight)).to(base.dtype)
+    total = _weighted(deltas, p.weight).sum(dim=0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return (base + lam * s.mean() * (u @ vh)).to(base.dtype)
+
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        "tsv",
+        tsv,
+        "https://arxiv.org/abs/2412.00081",
+        defaults={"normalize": False, "rescale": False, "sv_fraction": None},
+        own_head_rows=True,
+        doc="TSV-M: each task matrix's top singular vectors (1/N of the rank), decorrelated, then summed.",
+    ),
+    Method(
+        "iso_c",
+        iso_c,
+        "https://arxiv.org/abs/2502.04959",
+        defaults={"normalize": False, "rescale": False},
+        own_head_rows=True,
+        doc="Iso-C: the summed task matrices with a flat spectrum (every singular value their mean).",
+    ),
+)
+
+REGISTRY.update({m.name: m for m in METHODS})
