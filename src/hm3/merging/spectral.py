@@ -21,6 +21,8 @@ rows (the groups' heads) are never mixed: each group keeps its own rows (engine)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from hm3._lazy import torch
 from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
@@ -40,9 +42,31 @@ def _weighted(deltas: torch.Tensor, weight: tuple[float, ...]) -> torch.Tensor:
     return deltas.float() * steps.broadcast_weights(torch.tensor(weight, dtype=torch.float32), deltas)
 
 
+@contextmanager
+def _one_thread():
+    """LAPACK on one thread (torch's setting is per thread; restored after): its rounding depends on
+    the thread count, so this keeps a merge's bytes the same on any machine and with any number of
+    merge workers. The engine runs two tensors at once instead (``Method.one_thread``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)``, of ``aᵀ`` for a wide ``a`` (LAPACK is about 1.5x
+    faster on a tall matrix than on its transpose: 384x1536 57 ms, 1536x384 39 ms)."""
+    if a.shape[0] >= a.shape[1]:
+        return torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
+    return vh.T, s, u.T
+
+
 def _polar(a: torch.Tensor) -> torch.Tensor:
     """The matrix with orthonormal columns (or rows, if wide) closest to ``a``: ``P Qᵀ`` of ``a = P Σ Qᵀ``."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = _svd(a)
     return u @ vh
 
 
@@ -56,14 +80,15 @@ def tsv(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=Non
     r = min(base.shape)
     k = max(1, int(r * (1.0 / n if frac is None else float(frac))))
     us, ss, vhs = [], [], []
-    for d in _weighted(deltas, p.weight):
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
-    u_hat = _polar(torch.cat(us, dim=1))  # (out, N·k)
-    vh_hat = _polar(torch.cat(vhs, dim=0))  # (N·k, in)
-    merged = (u_hat * torch.cat(ss)) @ vh_hat
+    with _one_thread():
+        for d in _weighted(deltas, p.weight):
+            u, s, vh = _svd(d)
+            us.append(u[:, :k])
+            ss.append(s[:k])
+            vhs.append(vh[:k])
+        u_hat = _polar(torch.cat(us, dim=1))  # (out, N·k)
+        vh_hat = _polar(torch.cat(vhs, dim=0))  # (N·k, in)
+        merged = (u_hat * torch.cat(ss)) @ vh_hat
     return (base + lam * merged).to(base.dtype)
 
 
@@ -73,8 +98,9 @@ def iso_c(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=N
     if not _is_matrix(base, p):
         return (base + lam * _mean_delta(deltas, p.weight)).to(base.dtype)
     total = _weighted(deltas, p.weight).sum(dim=0)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return (base + lam * s.mean() * (u @ vh)).to(base.dtype)
+    with _one_thread():
+        u, s, vh = _svd(total)
+        return (base + lam * s.mean() * (u @ vh)).to(base.dtype)
 
 
 METHODS: tuple[Method, ...] = (
@@ -84,6 +110,7 @@ METHODS: tuple[Method, ...] = (
         "https://arxiv.org/abs/2412.00081",
         defaults={"normalize": False, "rescale": False, "sv_fraction": None},
         own_head_rows=True,
+        one_thread=True,  # LAPACK on one thread (_one_thread), two tensors at once: 10 s -> 6 s for 5 MiniLMs
         doc="TSV-M: each task matrix's top singular vectors (1/N of the rank), decorrelated, then summed.",
     ),
     Method(
@@ -92,6 +119,7 @@ METHODS: tuple[Method, ...] = (
         "https://arxiv.org/abs/2502.04959",
         defaults={"normalize": False, "rescale": False},
         own_head_rows=True,
+        one_thread=True,
         doc="Iso-C: the summed task matrices with a flat spectrum (every singular value their mean).",
     ),
 )
