@@ -134,7 +134,7 @@ def test_ablation_tables(results):
     part = results["md"].split("## Ablation", 1)[1]
     names = ["TIES", "DARE-TIES", "TIES + re-fit (labelled)", "TIES + re-fit (distilled)",
              "TIES + re-fit (distilled, cross-domain)", "TIES + re-fit (distilled, cross-domain) + body distillation",
-             "RegMean", "Fisher",
+             "TSV-M", "TSV-M + re-fit (distilled, cross-domain)", "RegMean", "Fisher",
              "AdaMerging", "RegMean + re-fit (labelled)"]
     for key, case in CASE_STUDIES.items():
         rows = table_after(part, f"### {case.title}")
@@ -164,6 +164,7 @@ def test_ablation_tables(results):
         assert ab["TIES"]["refit_seconds"] is None and ab["TIES"]["data_seconds"] is None
         assert ab["TIES + re-fit (distilled, cross-domain) + body distillation"]["body_seconds"] > 0
         assert ab["TIES + re-fit (distilled, cross-domain)"]["body_seconds"] is None
+        assert ab["TSV-M"]["refit_seconds"] is None and ab["TSV-M + re-fit (distilled, cross-domain)"]["refit_seconds"]
         for name in ("RegMean", "Fisher", "AdaMerging"):
             assert ab[name]["data_seconds"] is not None, name
     assert "Distilled vs labelled re-fit (TIES)" in part

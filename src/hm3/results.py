@@ -409,6 +409,9 @@ class Lab:
             ("TIES + re-fit (distilled, cross-domain) + body distillation",
              Recommendation("ties", density=d_ties, refit="distill", cross_texts=self.s.cross_texts,
                             body={"epochs": 2}, precision="auto")),
+            ("TSV-M", Recommendation("tsv")),
+            ("TSV-M + re-fit (distilled, cross-domain)",
+             Recommendation("tsv", refit="distill", cross_texts=self.s.cross_texts)),
             ("RegMean", Recommendation("regmean", parameters=regmean)),
             ("Fisher", Recommendation("fisher")),
             ("AdaMerging", Recommendation("adamerging")),
@@ -805,7 +808,9 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
               f"{s.cross_texts} training texts of each other guard, so that a head follows its guard on the other "
               "guards' traffic too (one model answers every group on every text); *+ body distillation*: then the "
               "whole model trained for 2 epochs (AdamW, lr 2e-5, first 128 tokens) so that every group's softmax "
-              "follows its guard on the same texts (`refit.body`, src/hm3/body_distill.py). RegMean (off-diagonal shrink "
+              "follows its guard on the same texts (`refit.body`, src/hm3/body_distill.py). *TSV-M*: each linear layer's "
+              "task matrices merged through their top singular vectors, decorrelated (Task Singular Vectors, "
+              "training-free; `hm3.merging.spectral`). RegMean (off-diagonal shrink "
               f"{s.regmean_alpha:g}), Fisher and AdaMerging read up to 256 unlabelled training texts per guard. "
               "*Other sources*: agreement with the guards on the probe of text from other sources (below the "
               "case studies), averaged over the groups; it steered nothing either. "
@@ -849,7 +854,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
     for key in results:
         r = RECOMMENDED[key]
         L += [f"- **{CASE_STUDIES[key].title}** (`{CASE_STUDIES[key].filename}`): {r.why}"]
-    L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging) and the re-fit variants are compared in the "
+    L += ["", "The data-aware methods (RegMean, Fisher, AdaMerging), TSV-M and the re-fit variants are compared in the "
           "ablation above.", ""]
     return "\n".join(L)
 
