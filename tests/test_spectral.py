@@ -141,3 +141,19 @@ def test_sv_fraction_must_be_a_share_of_the_rank(synth, tmp_path):
     other.write_text(text.replace("tsv", "iso_c") + "parameters:\n  sv_fraction: 0.5\n")
     with pytest.raises(HM3Error, match="sv_fraction"):
         load_config(other)
+
+
+def test_in_memory_engine_gives_the_same_tsv_merge(synth):
+    """The search's engine (``TaskVectors.merge_into``, two tensors at once) and ``hm3.merge``: the same tensors."""
+    from hm3.merging.engine import prepare
+    from hm3.merging.fast import TaskVectors
+
+    root, base, models = synth
+    rec = {"merge_method": "tsv", "base_model": str(base), "seed": 0,
+           "models": [{"model": str(p), "group": g, "parameters": {"weight": w}}
+                      for (g, p), w in zip(models.items(), (1.0, 0.6))]}
+    tv = TaskVectors.from_prepared(prepare(rec))
+    got = tv.merge_into(tv.new_model()).state_dict()
+    reference = hm3.merge(rec, progress=False).state
+    for name, t in reference.items():
+        assert torch.equal(got[name], t), name
