@@ -149,14 +149,14 @@ RECOMMENDED: dict[str, Recommendation] = {
         max_length=128, truncate=True, body={"epochs": 2, "layers": 3, "lr": 5e-5},
         summary="the best validation ratio found (0.994 of the originals at seeds 0 and 1): the guards merged by "
                 "TSV-M (task singular vectors), heads re-fitted to the five guards' probabilities on each text's "
-                "first 128 tokens, then the top 3 encoder layers distilled from the guards (147 s in fp32 on an "
+                "first 128 tokens, then the top 3 encoder layers distilled from the guards (133 s in fp32 on an "
                 "AVX2-only CPU, 2 cores).",
         why="TSV-M (Task Singular Vectors, `merge_method: tsv`) instead of TIES at density 0.2 under the same "
             "re-fit and body steps, because the validation ratio rose at both seeds. Session 29 (AMD EPYC, AVX2 "
             "only: fp32; 2 threads): validation 0.9941 / 0.9939 of the originals at seeds 0 / 1 vs 0.9871 / 0.9854 "
             "with TIES (seed 0 paired on the same validation draws 1.007, 95% interval 0.995-1.019, behind in "
-            "13%); worst group harm 0.966 / 0.964 vs spam 0.973 / harm 0.943; 147 s wall from a cold cache on an idle "
-            "machine (the merge's SVDs ~6 s of it; TIES' recipe 136 / 147 s in session 26). Training-free, TSV-M "
+            "13%); worst group harm 0.966 / 0.964 vs spam 0.973 / harm 0.943; 133 s wall from a cold cache on an idle "
+            "machine (re-fit 56 s, body 67 s, the merge with its SVDs ~6 s; TIES' recipe 136 / 147 s in session 26). Training-free, TSV-M "
             "alone scores 0.899 of the originals on validation against TIES' best 0.761; with the heads re-fitted "
             "only (no body step) 0.981 vs 0.9785. Agreement with each original guard on all 1,455 validation "
             "texts vs TIES' recipe (seed 0): jailbreak 1445 vs 1443, harm 1381 vs 1373, spam 1427 vs 1420, "
