@@ -108,7 +108,7 @@ METHODS: tuple[Method, ...] = (
         "tsv",
         tsv,
         "https://arxiv.org/abs/2412.00081",
-        defaults={"normalize": False, "rescale": False, "sv_fraction": None},
+        defaults={"sv_fraction": None},  # None: 1 / N
         own_head_rows=True,
         one_thread=True,  # LAPACK on one thread (_one_thread), two tensors at once: 10 s -> 6 s for 5 MiniLMs
         doc="TSV-M: each task matrix's top singular vectors (1/N of the rank), decorrelated, then summed.",
@@ -117,7 +117,6 @@ METHODS: tuple[Method, ...] = (
         "iso_c",
         iso_c,
         "https://arxiv.org/abs/2502.04959",
-        defaults={"normalize": False, "rescale": False},
         own_head_rows=True,
         one_thread=True,
         doc="Iso-C: the summed task matrices with a flat spectrum (every singular value their mean).",
