@@ -121,8 +121,7 @@ class TaskVectors:
     def merge_into(self, model: torch.nn.Module, overrides: Mapping | None = None, seed: int | None = None) -> torch.nn.Module:
         """Write the merged values into ``model``'s parameters and buffers, in place."""
         targets = model.state_dict()  # tensors sharing the parameters' storage
-        missing = [e.name for e in self.entries if e.name not in targets]
-        if len(missing) == len(self.entries):
+        if not any(e.name in targets for e in self.entries):
             raise HM3Error("the model shares no tensor name with the checkpoints; build it with TaskVectors.new_model()")
         # tensors the model does not store (e.g. a buffer the architecture dropped) are merged and
         # left, as loading ignores them too
