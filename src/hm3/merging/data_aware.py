@@ -51,18 +51,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-def _weighted_average(theta: torch.Tensor, weight: tuple[float, ...]) -> torch.Tensor:
-    """``Σ w_i θ_i / Σ w_i`` over the first axis of ``theta (N, *shape)``."""
-    w = torch.tensor(weight, dtype=torch.float64)
-    return (theta.double() * steps.broadcast_weights(w, theta)).sum(dim=0) / w.sum()
-
-
 def regmean(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=None) -> torch.Tensor:
     """RegMean: the closed-form least-squares merge of a linear layer (see the module docstring)."""
     theta = base + deltas  # (N, out, in): the models' own weights
     grams = p.stats.get("gram")
     if grams is None or base.dim() != 2:
-        return _weighted_average(theta, p.weight).to(base.dtype)
+        return steps.weighted_mean(theta, p.weight, torch.float64).to(base.dtype)
     alpha = float(p.extra.get("regmean_alpha", 0.9))
     g = grams.double()  # (N, in, in)
     diag = torch.diag_embed(torch.diagonal(g, dim1=1, dim2=2))
@@ -71,7 +65,7 @@ def regmean(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator
     g = g * w
     lhs = g.sum(dim=0)  # (in, in)
     rhs = torch.einsum("nij,noj->io", g, theta.double())  # Σ_i G_i W_iᵀ: (in, out)
-    avg = _weighted_average(theta, p.weight)  # (out, in)
+    avg = steps.weighted_mean(theta, p.weight, torch.float64)  # (out, in)
     scale = float(lhs.diagonal().mean())
     ridge = 1e-6 * scale if scale > 0 else 1.0
     lhs = lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype)
@@ -85,7 +79,7 @@ def fisher(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=
     theta = base + deltas  # (N, *shape)
     f = p.stats.get("fisher")
     if f is None:
-        return _weighted_average(theta, p.weight).to(base.dtype)
+        return steps.weighted_mean(theta, p.weight, torch.float64).to(base.dtype)
     f = f.double()
     if bool(p.extra.get("fisher_normalize", True)):
         scale = p.stats["fisher_scale"].double().clamp(min=1e-30)

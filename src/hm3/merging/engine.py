@@ -407,8 +407,7 @@ def merge_tensor(
     if kind == "hidden" and (prep.base is None or name not in prep.base):
         # A head layer the base does not have (a headless base): there is no task vector, so the
         # layer is the models' weighted average, whatever the method.
-        w = torch.tensor(p.weight).view(-1, *([1] * base.dim()))
-        return base + (deltas * w).sum(dim=0) / w.sum()
+        return base + steps.weighted_mean(deltas, p.weight)
     keep_rows = method.own_head_rows or bool(method.needs_stats)
     if kind == "out" and (keep_rows or any(d < 1 for d in p.density)):
         out = base.clone()

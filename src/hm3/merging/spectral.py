@@ -28,12 +28,6 @@ from hm3.merging import steps
 from hm3.merging.methods import REGISTRY, Method, TensorParams
 
 
-def _mean_delta(deltas: torch.Tensor, weight: tuple[float, ...]) -> torch.Tensor:
-    """``Σ w_i δ_i / Σ w_i`` over the first axis."""
-    w = torch.tensor(weight, dtype=deltas.dtype)
-    return (deltas * steps.broadcast_weights(w, deltas)).sum(dim=0) / w.sum()
-
-
 def _is_matrix(base: torch.Tensor, p: TensorParams) -> bool:
     return base.dim() == 2 and min(base.shape) > 1 and not p.extra.get("embedding", False)
 
@@ -74,7 +68,7 @@ def tsv(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=Non
     """TSV-M: the tasks' top singular vectors, decorrelated, then summed (see the module docstring)."""
     lam = p.lambda_
     if not _is_matrix(base, p):
-        return (base + lam * _mean_delta(deltas, p.weight)).to(base.dtype)
+        return (base + lam * steps.weighted_mean(deltas, p.weight)).to(base.dtype)
     n = deltas.shape[0]
     frac = p.extra.get("sv_fraction")
     r = min(base.shape)
@@ -96,7 +90,7 @@ def iso_c(base: torch.Tensor, deltas: torch.Tensor, p: TensorParams, generator=N
     """Iso-C: the summed task matrix with an isotropic (flat) spectrum (see the module docstring)."""
     lam = p.lambda_
     if not _is_matrix(base, p):
-        return (base + lam * _mean_delta(deltas, p.weight)).to(base.dtype)
+        return (base + lam * steps.weighted_mean(deltas, p.weight)).to(base.dtype)
     total = _weighted(deltas, p.weight).sum(dim=0)
     with _one_thread():
         u, s, vh = _svd(total)

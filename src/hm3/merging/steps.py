@@ -257,3 +257,12 @@ def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
 def broadcast_weights(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(N,)`` weights viewed as ``(N, 1, ..., 1)`` to scale stacked ``(N, *shape)`` tensors."""
     return weights.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def weighted_mean(x: torch.Tensor, weight: Sequence[float], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Σ w_i x_i / Σ w_i`` over the first axis of stacked ``x (N, *shape)``, computed in ``dtype``
+    (default ``x``'s): the weighted average the methods fall back to where they have nothing better.
+    The products take the weights in ``x``'s own precision, the divisor sums them in ``dtype``."""
+    w = torch.tensor(weight, dtype=dtype or x.dtype)
+    wide = x if dtype is None else x.to(dtype)
+    return (wide * broadcast_weights(w, x)).sum(dim=0) / w.sum()
