@@ -337,3 +337,98 @@ def test_validation_and_test_data_files_per_group(zoo, tmp_path):
     assert values["data"][0][3]  # the first trial improves the best: scored on the test rows too
     res = CliRunner().invoke(app, ["search", *common, "--out", str(tmp_path / "none")])
     assert res.exit_code == 2 and "pass --validation FILE and/or --validation-data GROUP=FILE" in res.output
+
+
+def test_method_parameters_search_tsv_lambda_and_sv_fraction(zoo, tmp_path):
+    """A method without density (TSV-M) is searched over its shared parameters (``--param``): every
+    trial draws them in their ranges, the saved best is the recipe with the drawn values, and it scores
+    exactly what the in-memory trial scored (so the values reached the merge)."""
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    recipe = write_recipe(tmp_path / "tsv.yaml", zoo["base"], [zoo["a"], zoo["b"]], method="tsv")
+    out = tmp_path / "tsv"
+    res = CliRunner().invoke(app, ["search", str(recipe), "--validation", str(zoo["val"]), "--test", str(zoo["test"]),
+                                   "--trials", "4", "--sampler", "random", "--param", "lambda=0.5,1.5",
+                                   "--param", "sv_fraction=0.3,1", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = rows_of(out / "trials.csv")
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+    for r in rows:
+        assert 0.5 <= float(r["lambda"]) <= 1.5 and 0.3 <= float(r["sv_fraction"]) <= 1.0
+        assert r["method"] == "tsv" and "density" not in r and not r.get("density_mean")
+    assert len({r["lambda"] for r in rows}) == 4
+    assert (out / "lambda_vs_score.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(lambda_vs_score.png)" in (out / "summary.md").read_text()
+
+    trial = json.loads((out / "best" / "search.json").read_text())
+    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((out / "best" / "recipe.yaml").read_text()))
+    assert recipe.merge_method == "tsv"
+    assert recipe.parameters == {"lambda": trial["params"]["lambda"], "sv_fraction": trial["params"]["sv_fraction"]}
+    report = evaluate([out / "best"], [r for r in load_suite(zoo["val"]) if set(r.expected) <= {"a", "b"}])
+    assert report.average_macro_f1 == pytest.approx(trial["values"][0], abs=1e-12)
+
+
+def test_method_parameters_change_the_trial_merge(zoo):
+    """The drawn lambda is what the trial merges with: two lambdas, two models, each equal to its recipe's."""
+    import torch
+
+    from hm3.config import load_config
+    from hm3.merging.engine import merge_state, prepare
+    from hm3.merging.fast import TaskVectors
+
+    cfg = load_config(write_recipe(zoo["dir"] / "tsv-params.yaml", zoo["base"], [zoo["a"], zoo["b"]], method="tsv"))
+    tv = TaskVectors.from_prepared(prepare(cfg))
+    space = SearchSpace(params={"lambda": (0.5, 1.5)})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    states = []
+    for _ in range(2):
+        method, overrides = space.suggest(study.ask(), ["a", "b"], "tsv")
+        assert method is None and set(overrides) == {"lambda"}
+        states.append(tv.state(overrides))
+        expected = merge_state(prepare(tv.recipe(overrides)), progress=False)
+        assert expected.keys() == states[-1].keys()
+        for name, t in states[-1].items():
+            assert torch.equal(t, expected[name]), name
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(states[0][name], states[1][name])
+
+
+def test_per_model_weights_of_a_method_without_density(zoo, tmp_path):
+    recipe = write_recipe(tmp_path / "linear.yaml", zoo["base"], [zoo["a"], zoo["b"]], method="linear")
+    res = run_search(recipe, zoo["val"], None, 3, tmp_path / "lin", SearchSettings(sampler="random",
+                     space=SearchSpace("per-model", weight=(0.5, 1.0))), progress=False)
+    rows = rows_of(tmp_path / "lin" / "trials.csv")
+    assert res.trials == 3 and all(0.5 <= float(r["weight_b"]) <= 1.0 and "density_a" not in r for r in rows)
+    assert (tmp_path / "lin" / "weight_vs_score.png").is_file()
+    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "lin/best/recipe.yaml").read_text()))
+    best = next(r for r in rows if int(r["number"]) == res.best_number)
+    assert [m.parameters["weight"] for m in recipe.models] == [float(best["weight_a"]), float(best["weight_b"])]
+
+
+def test_method_parameter_errors(zoo, tmp_path):
+    tsv = write_recipe(tmp_path / "tsv.yaml", zoo["base"], [zoo["a"], zoo["b"]], method="tsv")
+    with pytest.raises(HM3Error, match=r"'tsv' has no density to search; search its lambda, sv_fraction with --param"):
+        run_search(tsv, zoo["val"], None, 1, tmp_path / "a", SearchSettings(), progress=False)
+    with pytest.raises(HM3Error, match=r"merge method 'dare_ties' takes no sv_fraction; it takes .*lambda"):
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "b",
+                   SearchSettings(space=SearchSpace(params={"sv_fraction": (0.1, 0.5)})), progress=False)
+    with pytest.raises(HM3Error, match=r"'tsv' takes no gamma"):  # a method choice: each candidate is checked
+        run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "c", SearchSettings(
+            space=SearchSpace(methods=("breadcrumbs", "tsv"), params={"gamma": (0.01, 0.1)})), progress=False)
+    with pytest.raises(HM3Error, match="--param density: not a parameter a search can draw"):
+        run_search(tsv, zoo["val"], None, 1, tmp_path / "d", SearchSettings(space=SearchSpace(params={"density": (0.1, 0.5)})))
+    with pytest.raises(HM3Error, match=r"sv_fraction .* must be in \(0, 1\], got 0"):
+        run_search(tsv, zoo["val"], None, 1, tmp_path / "e", SearchSettings(space=SearchSpace(params={"sv_fraction": (0, 0.5)})))
+    with pytest.raises(HM3Error, match="--param lambda=2.0,1.0: need low < high"):
+        run_search(tsv, zoo["val"], None, 1, tmp_path / "f", SearchSettings(space=SearchSpace(params={"lambda": (2.0, 1.0)})))
+    from typer.testing import CliRunner
+
+    from hm3.cli import app
+
+    for bad, msg in ((["--param", "lambda"], "expected NAME=LOW,HIGH"), (["--param", "lambda=1"], "expected two numbers"),
+                     (["--param", "lambda=0.5,1", "--param", "lambda=1,2"], "--param lambda given twice")):
+        res = CliRunner().invoke(app, ["search", str(tsv), "--validation", str(zoo["val"]), "--out", str(tmp_path / "g"),
+                                       "--no-progress", *bad])
+        assert res.exit_code == 2 and msg in res.output, res.output

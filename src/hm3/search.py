@@ -3,7 +3,8 @@
 The paper's search (HM3, Sec. 4) draws one density for all models at random, merges with
 DARE-TIES, and keeps the merge with the best validation score; the test suite is scored only when
 the validation best improves, so that test scores never steer the search. hm3 does the same by
-default and adds smarter samplers over per-model densities and weights (and the method):
+default and adds smarter samplers over per-model densities and weights, the method, and shared method
+parameters such as TSV-M's ``lambda`` and ``sv_fraction`` (``SearchSpace.params``, ``--param``):
 
 * ``beta`` (default): the paper's random search. Each density is drawn from Beta(a, b), default
   Beta(1.5, 4): zero density at 0 (a > 1: no degenerate, almost-empty task vectors), mode
@@ -62,17 +63,26 @@ DEFAULT_STUDY = "hm3-search"
 
 
 # -- settings --------------------------------------------------------------------------------------
+# shared numeric method parameters a search can draw (``--param NAME=LOW,HIGH``); which method takes
+# which is hm3.config.ALLOWED. (density and weight have their own ranges; the rest are flags or names.)
+SEARCHABLE = ("lambda", "sv_fraction", "gamma", "epsilon", "regmean_alpha", "fisher_floor")
+
+
 @dataclass
 class SearchSpace:
     """What a trial chooses. ``shared``: one density for all models (the paper); ``per-model``:
-    a density and a weight per model. ``methods``: merge methods to choose from (empty: the recipe's)."""
+    a density and a weight per model (a method without density: the weights). ``methods``: merge
+    methods to choose from (empty: the recipe's). ``params``: shared method parameters, each drawn
+    from its range in every trial (e.g. ``{"lambda": (0.5, 2.0)}`` for TSV-M or task arithmetic)."""
 
     kind: str = "shared"
     density: tuple[float, float] = (0.01, 1.0)
     weight: tuple[float, float] = (0.3, 1.5)
     methods: tuple[str, ...] = ()
+    params: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def check(self) -> None:
+        from hm3.config import _check_value
         from hm3.merging.methods import REGISTRY
 
         if self.kind not in ("shared", "per-model"):
@@ -85,19 +95,53 @@ class SearchSpace:
         for m in self.methods:
             if m not in REGISTRY:
                 raise HM3Error(f"unknown merge method {m!r} in --methods; valid: {', '.join(REGISTRY)}")
-            if not REGISTRY[m].uses_density:
-                raise HM3Error(f"method {m!r} has no density to search; choose among "
-                               + ", ".join(n for n, x in REGISTRY.items() if x.uses_density))
+        for name, (lo, hi) in self.params.items():
+            if name not in SEARCHABLE:
+                raise HM3Error(f"--param {name}: not a parameter a search can draw; searchable: {', '.join(SEARCHABLE)} "
+                               "(densities and weights: --density-range, --weight-range, --space per-model)")
+            if not lo < hi:
+                raise HM3Error(f"--param {name}={lo},{hi}: need low < high")
+            for v in (lo, hi):
+                try:
+                    _check_value(f"--param {name}", name, v)
+                except ValueError as e:
+                    raise HM3Error(str(e)) from None
 
-    def suggest(self, trial: "optuna.Trial", groups: Sequence[str]) -> tuple[str | None, dict]:
+    def check_methods(self, methods: Sequence[str]) -> None:
+        """Every method a trial may use takes the searched parameters and has something to search."""
+        from hm3.config import ALLOWED
+        from hm3.merging.methods import REGISTRY
+
+        for m in methods:
+            missing = [p for p in self.params if p not in ALLOWED[m]]
+            if missing:
+                raise HM3Error(f"merge method {m!r} takes no {', '.join(missing)}; it takes "
+                               f"{', '.join(sorted(ALLOWED[m]))}")
+            if not (REGISTRY[m].uses_density or self.params or self.kind == "per-model"):
+                takes = [p for p in SEARCHABLE if p in ALLOWED[m]]
+                raise HM3Error(f"merge method {m!r} has no density to search; "
+                               + (f"search its {', '.join(takes)} with --param NAME=LOW,HIGH, " if takes else "")
+                               + "its weights with --space per-model, or choose a method with a density "
+                               "(e.g. ties, dare_ties) with --methods")
+
+    def suggest(self, trial: "optuna.Trial", groups: Sequence[str], recipe_method: str) -> tuple[str | None, dict]:
         """The trial's method (None: the recipe's) and merge overrides."""
+        from hm3.merging.methods import REGISTRY
+
         method = trial.suggest_categorical("method", list(self.methods)) if len(self.methods) > 1 else (
             self.methods[0] if self.methods else None)
+        density = REGISTRY[method or recipe_method].uses_density
+        out: dict[str, Any] = {}
         if self.kind == "shared":
-            return method, {"density": trial.suggest_float("density", *self.density)}
-        density = [trial.suggest_float(f"density_{g}", *self.density) for g in groups]
-        weight = [trial.suggest_float(f"weight_{g}", *self.weight) for g in groups]
-        return method, {"density": density, "weight": weight}
+            if density:
+                out["density"] = trial.suggest_float("density", *self.density)
+        else:
+            if density:
+                out["density"] = [trial.suggest_float(f"density_{g}", *self.density) for g in groups]
+            out["weight"] = [trial.suggest_float(f"weight_{g}", *self.weight) for g in groups]
+        for name, (lo, hi) in self.params.items():
+            out[name] = trial.suggest_float(name, lo, hi)
+        return method, out
 
 
 @dataclass
@@ -137,7 +181,10 @@ class SearchSettings:
 
     def identity(self) -> dict:
         """What must match for a worker to join an existing study."""
-        ident = {"objective": self.objective, "space": asdict(self.space), "self_merge": self.self_merge,
+        space = asdict(self.space)
+        if not space["params"]:  # studies made before --param existed have no such key
+            del space["params"]
+        ident = {"objective": self.objective, "space": space, "self_merge": self.self_merge,
                  "max_length": self.max_length, "truncate": self.truncate}
         if self.precision != "float32":  # studies made before --precision existed ran float32
             ident["precision"] = self.precision
@@ -308,9 +355,7 @@ def build_context(config, validation, test, settings: SearchSettings, progress: 
     t0 = time.perf_counter()
     cfg = self_merge_config(config) if settings.self_merge else load_config(config)
     tv = TaskVectors.from_prepared(prepare(cfg), progress=progress)
-    if not settings.space.methods and not tv.prep.method.uses_density:
-        raise HM3Error(f"merge_method {tv.prep.method.name!r} has no density to search; use e.g. dare_ties or ties "
-                       "(or --methods)")
+    settings.space.check_methods(settings.space.methods or [tv.prep.method.name])
     variants = {m: tv.with_method(m) for m in settings.space.methods} or {tv.prep.method.name: tv}
     kw = {"max_length": settings.max_length} if settings.max_length else {}
     clf = tv.classifier(threshold=settings.threshold, thresholds=settings.thresholds, **kw)
@@ -386,7 +431,7 @@ def run_trial(trial: "optuna.Trial", ctx: Context) -> "float | tuple[float, ...]
     import optuna
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    method, overrides = ctx.settings.space.suggest(trial, [g.name for g in ctx.tv.prep.space])
+    method, overrides = ctx.settings.space.suggest(trial, [g.name for g in ctx.tv.prep.space], ctx.tv.prep.method.name)
     tv = ctx.variants[method] if method else next(iter(ctx.variants.values()))
     seed = tv.prep.config.seed
     try:
@@ -395,8 +440,9 @@ def run_trial(trial: "optuna.Trial", ctx: Context) -> "float | tuple[float, ...]
         trial.set_user_attr("error", str(e))
         raise optuna.TrialPruned(f"merge failed: {e}") from None
     t_merge = time.perf_counter() - t0
-    densities = overrides["density"] if isinstance(overrides["density"], list) else [overrides["density"]]
-    trial.set_user_attr("density_mean", float(np.mean(densities)))
+    for key in ("density", "weight"):  # what the scores are plotted against
+        if key in overrides:
+            trial.set_user_attr(f"{key}_mean", float(np.mean(overrides[key])))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("method", tv.prep.method.name)
     steps = ctx.val_cache.predict(ctx.clf.model, ctx.groups)
@@ -512,7 +558,8 @@ def run_search(
     write_best: bool = True,
 ) -> SearchResult:
     """Run (or continue) a search until the study holds ``trials`` finished trials; then write
-    ``trials.csv``, ``best/`` (model + ``recipe.yaml``), the density-vs-score plot and a summary."""
+    ``trials.csv``, ``best/`` (model + ``recipe.yaml``), the score plot (against density, or the first
+    searched parameter) and a summary."""
     import optuna
 
     settings = settings or SearchSettings()
@@ -618,25 +665,38 @@ def write_trials_csv(rows: list[dict], path: Path) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def plot_density_scores(rows: list[dict], path: Path, title: str = "") -> None:
-    """The paper's Figure 3: validation score of every trial against its (mean) density, with the
-    test score of the trials that improved the validation best."""
+def score_axis(rows: list[dict], settings: SearchSettings) -> tuple[str, str]:
+    """What the trials' scores are plotted against: ``(row key, name)`` — the (mean) density where
+    trials drew one, else the first searched method parameter, else the mean weight."""
+    if any(r.get("density_mean") is not None for r in rows):
+        return "density_mean", "density"
+    if settings.space.params:
+        name = next(iter(settings.space.params))
+        return name, name
+    return "weight_mean", "weight"
+
+
+def plot_density_scores(rows: list[dict], path: Path, title: str = "", x: str = "density_mean",
+                        x_label: str = "density (mean over models)") -> None:
+    """The paper's Figure 3: validation score of every trial against its (mean) density (or another
+    drawn value, ``x``), with the test score of the trials that improved the validation best."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = "value" if any("value" in r for r in rows) else PARETO_NAMES[0]
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get(key) is not None and r.get("density_mean") is not None]
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get(key) is not None and r.get(x) is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.scatter([r["density_mean"] for r in done], [r[key] for r in done], s=10, alpha=0.6, label="validation")
+    ax.scatter([r[x] for r in done], [r[key] for r in done], s=10, alpha=0.6, label="validation")
     tested = [r for r in done if r.get("test_average") is not None]
-    ax.scatter([r["density_mean"] for r in tested], [r["test_average"] for r in tested], s=28, marker="x",
+    ax.scatter([r[x] for r in tested], [r["test_average"] for r in tested], s=28, marker="x",
                color="tab:red", label="test (validation best improved)")
-    ax.set_xlabel("density (mean over models)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("average macro F1" if key in ("value", PARETO_NAMES[0]) else key)
     ax.set_title(title or f"{len(done)} trials")
-    ax.set_xlim(0, 1)
+    if x == "density_mean":
+        ax.set_xlim(0, 1)
     ax.legend(loc="lower right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -646,11 +706,16 @@ def plot_density_scores(rows: list[dict], path: Path, title: str = "") -> None:
 
 
 def _trial_overrides(trial, groups: Sequence[str]) -> tuple[str | None, dict]:
+    """The merge overrides a trial drew (``SearchSpace.suggest``'s), from its stored parameters."""
     p = trial.params
-    method = p.get("method")
+    out: dict[str, Any] = {}
     if "density" in p:
-        return method, {"density": p["density"]}
-    return method, {"density": [p[f"density_{g}"] for g in groups], "weight": [p[f"weight_{g}"] for g in groups]}
+        out["density"] = p["density"]
+    for key in ("density", "weight"):
+        if f"{key}_{groups[0]}" in p:
+            out[key] = [p[f"{key}_{g}"] for g in groups]
+    out.update({k: p[k] for k in SEARCHABLE if k in p})
+    return p.get("method"), out
 
 
 def best_recipe(study, trial, config, settings: SearchSettings):
@@ -683,7 +748,9 @@ def write_outputs(study, config, out: Path, settings: SearchSettings, write_best
             chosen = max(best, key=lambda t: t.values[0])  # the front's best average is written to best/
         else:
             chosen = best[0]
-    plot_density_scores(rows, out / "density_vs_score.png")
+    x, name = score_axis(rows, settings)
+    plot_density_scores(rows, out / f"{name}_vs_score.png", x=x,
+                        x_label={"density": "density (mean over models)", "weight": "weight (mean over models)"}.get(name, name))
     recipe_path = None
     if chosen is not None and write_best:
         recipe = best_recipe(study, chosen, config, settings)
@@ -744,7 +811,8 @@ def summary_markdown(result: SearchResult, rows: list[dict], settings: SearchSet
                   "|---:|" + "---:|" * len(PARETO_NAMES)]
         for p in sorted(result.pareto, key=lambda p: -p[PARETO_NAMES[0]]):
             lines.append(f"| {p['number']} | " + " | ".join(f"{p[n]:.4f}" for n in PARETO_NAMES) + " |")
-    lines += ["", "![density vs score](density_vs_score.png)", ""]
+    name = score_axis(rows, settings)[1]
+    lines += ["", f"![{name} vs score]({name}_vs_score.png)", ""]
     return "\n".join(lines)
 
 
@@ -800,6 +868,20 @@ def _pair(text: str, what: str) -> tuple[float, float]:
     return a, b
 
 
+def _params(items: Sequence[str] | None) -> dict[str, tuple[float, float]]:
+    """``--param NAME=LOW,HIGH`` options as ``{name: (low, high)}``."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in items or ():
+        name, sep, rng = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise HM3Error(f"--param {item!r}: expected NAME=LOW,HIGH, e.g. lambda=0.5,2")
+        if name in out:
+            raise HM3Error(f"--param {name} given twice")
+        out[name] = _pair(rng, f"--param {name}")
+    return out
+
+
 def register(app, user_errors) -> None:
     import typer
 
@@ -826,6 +908,10 @@ def register(app, user_errors) -> None:
         methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to choose from."),
         density: str = typer.Option("0.01,1.0", "--density-range"),
         weight: str = typer.Option("0.3,1.5", "--weight-range"),
+        param: Optional[List[str]] = typer.Option(
+            None, "--param", help="NAME=LOW,HIGH: also draw this shared parameter of the method in every trial "
+                                  f"(one of {', '.join(SEARCHABLE)}, as the method takes; e.g. lambda=0.5,2 for tsv; "
+                                  "repeat)."),
         beta_a: float = typer.Option(BETA_A, "--beta-a"),
         beta_b: float = typer.Option(BETA_B, "--beta-b"),
         prune: Optional[bool] = typer.Option(None, "--prune/--no-prune", help="Prune hopeless trials on partial "
@@ -846,7 +932,8 @@ def register(app, user_errors) -> None:
         label_threshold: Optional[List[str]] = typer.Option(None, "--label-threshold", help=LABEL_THRESHOLD_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Search merge densities/weights on a validation suite (the paper's model search, and better)."""
+        """Search merge densities, weights and method parameters on a validation suite (the paper's model
+        search, and better)."""
         from hm3.evaluate import suite_and_data
         from hm3.io import group_pairs
         from hm3.model import thresholds_option
@@ -863,7 +950,8 @@ def register(app, user_errors) -> None:
         settings = SearchSettings(
             sampler=sampler, objective=objective,
             space=SearchSpace(kind, _pair(density, "--density-range"), _pair(weight, "--weight-range"),
-                              tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else ()),
+                              tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else (),
+                              _params(param)),
             beta=(beta_a, beta_b),
             prune=(sampler in ("tpe", "cmaes") and objective != "pareto") if prune is None else prune,
             chunks=chunks, seed=seed, batch_size=batch_size, max_length=max_length, truncate=truncate,
