@@ -432,3 +432,22 @@ def test_method_parameter_errors(zoo, tmp_path):
         res = CliRunner().invoke(app, ["search", str(tsv), "--validation", str(zoo["val"]), "--out", str(tmp_path / "g"),
                                        "--no-progress", *bad])
         assert res.exit_code == 2 and msg in res.output, res.output
+
+
+def test_method_choice_with_and_without_density(zoo, tmp_path):
+    """``--methods ties,tsv --param lambda=...``: TIES trials draw a density, TSV-M trials do not; both
+    draw lambda; the best recipe carries exactly what its trial drew."""
+    settings = SearchSettings(sampler="random", space=SearchSpace(methods=("ties", "tsv"), params={"lambda": (0.5, 1.5)}),
+                              seed=1)
+    res = run_search(zoo["recipe"], zoo["val"], None, 6, tmp_path / "mix", settings, progress=False)
+    rows = rows_of(tmp_path / "mix" / "trials.csv")
+    assert res.trials == 6 and {r["method"] for r in rows} == {"ties", "tsv"}
+    for r in rows:
+        assert 0.5 <= float(r["lambda"]) <= 1.5
+        assert bool(r["density"]) == (r["method"] == "ties") and bool(r["density_mean"]) == (r["method"] == "ties")
+    best = next(r for r in rows if int(r["number"]) == res.best_number)
+    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "mix/best/recipe.yaml").read_text()))
+    assert recipe.merge_method == best["method"] and recipe.parameters["lambda"] == float(best["lambda"])
+    densities = [m.parameters.get("density") for m in recipe.models]
+    assert densities == ([float(best["density"])] * 2 if best["method"] == "ties" else [None, None])
+    assert (tmp_path / "mix" / "density_vs_score.png").is_file()
