@@ -665,15 +665,15 @@ def write_trials_csv(rows: list[dict], path: Path) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def score_axis(rows: list[dict], settings: SearchSettings) -> tuple[str, str]:
-    """What the trials' scores are plotted against: ``(row key, name)`` — the (mean) density where
-    trials drew one, else the first searched method parameter, else the mean weight."""
+def score_axis(rows: list[dict], settings: SearchSettings) -> tuple[str, str, str]:
+    """What the trials' scores are plotted against: ``(row key, name, axis label)`` — the (mean) density
+    where trials drew one, else the first searched method parameter, else the mean weight."""
     if any(r.get("density_mean") is not None for r in rows):
-        return "density_mean", "density"
+        return "density_mean", "density", "density (mean over models)"
     if settings.space.params:
         name = next(iter(settings.space.params))
-        return name, name
-    return "weight_mean", "weight"
+        return name, name, name
+    return "weight_mean", "weight", "weight (mean over models)"
 
 
 def plot_density_scores(rows: list[dict], path: Path, title: str = "", x: str = "density_mean",
@@ -748,9 +748,8 @@ def write_outputs(study, config, out: Path, settings: SearchSettings, write_best
             chosen = max(best, key=lambda t: t.values[0])  # the front's best average is written to best/
         else:
             chosen = best[0]
-    x, name = score_axis(rows, settings)
-    plot_density_scores(rows, out / f"{name}_vs_score.png", x=x,
-                        x_label={"density": "density (mean over models)", "weight": "weight (mean over models)"}.get(name, name))
+    x, name, label = score_axis(rows, settings)
+    plot_density_scores(rows, out / f"{name}_vs_score.png", x=x, x_label=label)
     recipe_path = None
     if chosen is not None and write_best:
         recipe = best_recipe(study, chosen, config, settings)
