@@ -414,6 +414,10 @@ def test_method_parameter_errors(zoo, tmp_path):
     with pytest.raises(HM3Error, match=r"merge method 'dare_ties' takes no sv_fraction; it takes .*lambda"):
         run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "b",
                    SearchSettings(space=SearchSpace(params={"sv_fraction": (0.1, 0.5)})), progress=False)
+    # the refused settings left no study behind: the corrected search starts in the same folder
+    assert not (tmp_path / "b" / "study.db").exists()
+    assert run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "b", SearchSettings(), progress=False,
+                      write_best=False).trials == 1
     with pytest.raises(HM3Error, match=r"'tsv' takes no gamma"):  # a method choice: each candidate is checked
         run_search(zoo["recipe"], zoo["val"], None, 1, tmp_path / "c", SearchSettings(
             space=SearchSpace(methods=("breadcrumbs", "tsv"), params={"gamma": (0.01, 0.1)})), progress=False)

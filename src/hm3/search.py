@@ -346,16 +346,23 @@ def _restrict(rows, groups: Sequence[str], what: str):
     return out
 
 
-def build_context(config, validation, test, settings: SearchSettings, progress: bool = False) -> Context:
+def search_recipe(config, settings: SearchSettings):
+    """The recipe a search merges (with ``self_merge``: the model and its copy), checked against the
+    search space: every method a trial may use takes the searched parameters."""
     from hm3.config import load_config
+
+    cfg = self_merge_config(config) if settings.self_merge else load_config(config)
+    settings.space.check_methods(settings.space.methods or [cfg.merge_method])
+    return cfg
+
+
+def build_context(config, validation, test, settings: SearchSettings, progress: bool = False) -> Context:
     from hm3.evaluate import SuiteIndex, load_suite
     from hm3.merging.engine import prepare
     from hm3.merging.fast import TaskVectors, TokenCache
 
     t0 = time.perf_counter()
-    cfg = self_merge_config(config) if settings.self_merge else load_config(config)
-    tv = TaskVectors.from_prepared(prepare(cfg), progress=progress)
-    settings.space.check_methods(settings.space.methods or [tv.prep.method.name])
+    tv = TaskVectors.from_prepared(prepare(search_recipe(config, settings)), progress=progress)
     variants = {m: tv.with_method(m) for m in settings.space.methods} or {tv.prep.method.name: tv}
     kw = {"max_length": settings.max_length} if settings.max_length else {}
     clf = tv.classifier(threshold=settings.threshold, thresholds=settings.thresholds, **kw)
@@ -566,6 +573,7 @@ def run_search(
     settings.check()
     if trials < 1:
         raise HM3Error(f"--trials must be at least 1, got {trials}")
+    search_recipe(config, settings)  # a recipe the space does not fit fails before a study is made with its settings
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, out, storage, study_name)
