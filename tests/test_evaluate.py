@@ -17,6 +17,8 @@ from hm3.evaluate import (
     bootstrap_ratios,
     compare,
     evaluate,
+    group_f1s,
+    interval_table,
     load_suite,
     paired_bootstrap,
     parse_rows,
@@ -162,6 +164,10 @@ def test_bootstrap_ratios_equal_scikit_learn_on_the_drawn_rows():
                 f1s.append(f1_score(yt, yp, average="macro"))
             avg.append(np.mean(f1s))
         assert got[r] == pytest.approx(avg[0] / avg[1], rel=1e-12)
+        per_group = group_f1s(index, a, counts[r:r + 1])[0]
+        assert per_group == pytest.approx([f1_score(np.repeat(index.expected[g], c[index.text_index[g]]),
+                                                    np.repeat(a[g][index.text_index[g]], c[index.text_index[g]]),
+                                                    average="macro") for g in index.groups], rel=1e-12)
     full = bootstrap_ratios(index, a, b, np.ones((1, len(index.texts))))[0]
     assert full == pytest.approx(index.score(a).average_macro_f1 / index.score(b).average_macro_f1, rel=1e-12)
 
@@ -177,6 +183,31 @@ def test_paired_bootstrap_interval_and_probability():
     assert paired_bootstrap(index, worse, better, n=500, seed=3) == r  # seeded
     with pytest.raises(HM3Error, match="level"):
         paired_bootstrap(index, worse, better, level=1.5)
+
+
+def test_paired_bootstrap_per_group_and_worst_group_intervals():
+    index, noisy = _bootstrap_fixture(2)
+    same = noisy(0.1)
+    r = paired_bootstrap(index, same, same, n=100)
+    assert all((v["ratio"], v["low"], v["high"], v["p_below"]) == (1.0, 1.0, 1.0, 0.0) for v in [*r["groups"].values(), r["worst"]])
+    # group g much worse than its reference, group h as good as its own: the worst group is g, and
+    # its interval is g's, draw by draw
+    worse, better = noisy(0.0), noisy(0.0)
+    worse["g"] = noisy(0.4)["g"]
+    r = paired_bootstrap(index, worse, better, n=400, seed=7)
+    g_full = index.score(worse).groups["g"].macro_f1 / index.score(better).groups["g"].macro_f1
+    assert r["groups"]["g"]["ratio"] == pytest.approx(g_full) and r["groups"]["h"]["ratio"] == 1.0
+    assert r["groups"]["h"]["low"] == r["groups"]["h"]["high"] == 1.0
+    assert r["groups"]["g"]["low"] < g_full < r["groups"]["g"]["high"] < 1 and r["groups"]["g"]["p_below"] == 1.0
+    assert r["worst"] == r["groups"]["g"]
+    # by hand: the same draws, the per-group ratios' percentiles
+    t = len(index.texts)
+    counts = np.random.default_rng(7).multinomial(t, np.full(t, 1 / t), size=400)
+    ratios = group_f1s(index, worse, counts) / group_f1s(index, better, counts)
+    assert r["groups"]["g"]["low"] == pytest.approx(np.percentile(ratios[:, 0], 2.5))
+    assert r["worst"]["high"] == pytest.approx(np.percentile(ratios.min(1), 97.5))
+    md = interval_table(r)
+    assert "| worst group | " in md and f"| g | {g_full:.4f} | {r['groups']['g']['low']:.4f} – " in md
 
 
 # -- tiny models: the whole path -------------------------------------------------------------------
@@ -291,8 +322,11 @@ def test_cli_against_the_originals_with_a_bootstrap_interval(zoo, tmp_path):
     # the same as the Python API on the same predictions
     index, pred, *_ = predict_suite([zoo["merged"]], zoo["suite"])
     _, ref, *_ = predict_suite([zoo["a"], zoo["b"]], zoo["suite"])
-    assert paired_bootstrap(index, pred, ref, n=300) == pytest.approx(iv)
+    assert json.loads(json.dumps(paired_bootstrap(index, pred, ref, n=300))) == iv
     assert f"95% interval {iv['low']:.4f} - {iv['high']:.4f}" in res.stdout
+    for g, r in iv["groups"].items():  # each group's interval is printed, and the worst group's
+        assert f"| {g} | {r['ratio']:.4f} | {r['low']:.4f} – {r['high']:.4f} |" in res.stdout
+    assert f"| worst group | {iv['worst']['ratio']:.4f} | {iv['worst']['low']:.4f} – {iv['worst']['high']:.4f} |" in res.stdout
     res = CliRunner().invoke(app, ["eval", "--suite", str(zoo["suite"]), str(zoo["merged"]), "--against", str(zoo["a"])])
     assert res.exit_code == 2 and "answered by none of the models" in res.output
 

@@ -177,8 +177,13 @@ def test_targets_guards_self_merge_and_confusions(results):
     assert [(r[0], r[1]) for r in targets[1:]] == [(t, i) for i in ("4", "9") for t in titles]
     assert all(r[5] in ("**met**", "**not met**") for r in targets[1:])
     for r in targets[1:]:  # the bootstrap interval of the recommended merge's ratio to the originals
-        low, high, below = map(float, re.fullmatch(r"([\d.]+)% – ([\d.]+)%; below 100% in (\d+)%", r[4]).groups())
+        m = re.fullmatch(r"([\d.]+)% – ([\d.]+)%; below 100% in (\d+)%(?:; worst group ([\d.]+)% – ([\d.]+)%)?", r[4])
+        low, high, below = map(float, m.groups()[:3])
         assert low <= high and 0 <= below <= 100
+        # targets on every group (the five-guard merge's) also show the worst group's interval
+        assert (m[4] is not None) == (r[0] == CASE_STUDIES["all"].title), r
+        if m[4] is not None:
+            assert float(m[4]) <= float(m[5])
     guards = table_after(md, "## The guards")
     assert [r[0] for r in guards[1:]] == list(ZOO_GROUPS)
     assert [int(r[4]) for r in guards[1:]] == [24] * 5  # test sizes from the markers

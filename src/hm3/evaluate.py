@@ -719,61 +719,95 @@ def paired_bootstrap(
     n: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, float]:
-    """How sure is "merged ≥ originals"? A paired bootstrap of the ratio of average macro F1s.
+) -> dict:
+    """How sure is "merged ≥ originals"? A paired bootstrap of the ratio of average macro F1s, and
+    of each group's ratio and the worst group's.
 
     ``predicted`` / ``reference``: label indices per group, ``(n_texts,)`` arrays indexed like
     ``index.texts`` (what ``SuiteIndex.score`` takes), e.g. a merged model and the original guards.
     Each replicate draws the suite's distinct texts with replacement (a text brings all its rows, so
     the groups stay paired) and scores both on the same draw. Returns the full-suite ``ratio``, the
     ``level`` percentile interval ``low``..``high`` and ``p_below`` (the share of replicates where
-    the ratio is below 1)."""
+    the ratio is below 1); ``groups``: the same per group (a group's ratio on one draw: its macro F1
+    over the reference's; draws where the reference scores 0 are left out), and ``worst``: the same
+    for the lowest group ratio of each draw. A group with few texts per label moves by several
+    points when a handful of its texts change label: its interval says how much."""
     if not 0 < level < 1:
         raise HM3Error(f"level must be in (0, 1), got {level}")
     if n < 1:
         raise HM3Error(f"the bootstrap needs at least one replicate, got n={n}")
     t = len(index.texts)
     counts = np.random.default_rng(seed).multinomial(t, np.full(t, 1 / t), size=n)  # (n, texts)
-    full = bootstrap_ratios(index, predicted, reference, np.ones((1, t)))[0]
-    ratios = bootstrap_ratios(index, predicted, reference, counts)
-    lo, hi = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
-    return {"ratio": float(full), "low": float(lo), "high": float(hi), "level": level,
-            "p_below": float((ratios < 1).mean()), "replicates": n}
+    one = np.ones((1, t))
+    full_a, full_b = group_f1s(index, predicted, one)[0], group_f1s(index, reference, one)[0]
+    a, b = group_f1s(index, predicted, counts), group_f1s(index, reference, counts)
+    q = [50 * (1 - level), 50 * (1 + level)]
+
+    def summary(full: float, draws: np.ndarray) -> dict[str, float]:
+        draws = draws[np.isfinite(draws)]
+        lo, hi = np.percentile(draws, q) if len(draws) else (float("nan"),) * 2
+        return {"ratio": float(full), "low": float(lo), "high": float(hi),
+                "p_below": float((draws < 1).mean()) if len(draws) else float("nan")}
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_group = np.where(b > 0, a / b, np.nan)  # (n, groups)
+        full_group = np.where(full_b > 0, full_a / full_b, np.nan)
+    worst = np.nanmin(np.where(np.isnan(per_group), np.inf, per_group), axis=1)
+    out = summary(full_a.mean() / full_b.mean(), a.mean(1) / b.mean(1))
+    out.update(level=level, replicates=n,
+               groups={g: summary(full_group[i], per_group[:, i]) for i, g in enumerate(index.groups)},
+               worst=summary(np.nanmin(full_group) if np.isfinite(full_group).any() else float("nan"),
+                             np.where(np.isinf(worst), np.nan, worst)))
+    return out
+
+
+def interval_table(iv: Mapping) -> str:
+    """``paired_bootstrap``'s per-group and worst-group intervals as a Markdown table."""
+    pct = f"{iv['level']:.0%}"
+    lines = [f"| group | model / reference | {pct} interval | draws below 1 |", "|---|---:|---|---:|"]
+    rows = [*iv["groups"].items(), ("worst group", iv["worst"]), ("average", iv)]
+    for name, r in rows:
+        lines.append(f"| {name} | {_fmt(r['ratio'])} | {_fmt(r['low'])} – {_fmt(r['high'])} | "
+                     f"{'–' if math.isnan(r['p_below']) else format(r['p_below'], '.1%')} |")
+    return "\n".join(lines) + "\n"
 
 
 def bootstrap_ratios(index: SuiteIndex, predicted: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                      counts: np.ndarray) -> np.ndarray:
     """Per row of ``counts`` (how often each distinct text is drawn, ``(R, n_texts)``), the ratio of
-    ``predicted``'s average macro F1 over groups to ``reference``'s on that draw. Macro F1 as
+    ``predicted``'s average macro F1 over groups to ``reference``'s on that draw."""
+    return group_f1s(index, predicted, counts).mean(1) / group_f1s(index, reference, counts).mean(1)
+
+
+def group_f1s(index: SuiteIndex, preds: Mapping[str, np.ndarray], counts: np.ndarray) -> np.ndarray:
+    """Per row of ``counts`` (how often each distinct text is drawn, ``(R, n_texts)``), each group's
+    macro F1 of ``preds`` on that draw: ``(R, groups)`` in ``index.groups`` order. Macro F1 as
     scikit-learn's on the drawn rows: the mean over labels expected or predicted there of
     2·TP / (2·TP + FP + FN), from confusion matrices weighted by the counts (a multi-label group:
     each label's own yes/no counts)."""
-    averages = []
-    for preds in (predicted, reference):
-        f1s = []
-        for g in index.groups:
-            k = len(index.labels[g])
-            ti, yt = index.text_index[g], index.expected[g]
-            if g in index.multi_label:
-                yp = np.asarray(preds[g])[ti]  # (rows, k) 0/1
-                w = counts[:, ti]  # (R, rows)
-                tp, fp, fn = w @ (yt & yp), w @ ((1 - yt) & yp), w @ (yt & (1 - yp))  # (R, k)
-                denom = 2 * tp + fp + fn
-                present = denom > 0
-                f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=float), where=present)
-                f1s.append(f1.sum(1) / np.maximum(present.sum(1), 1))
-                continue
-            codes = yt * k + np.asarray(preds[g])[ti]  # (rows,) cell of the confusion matrix
-            onehot = np.zeros((len(ti), k * k))
-            onehot[np.arange(len(ti)), codes] = 1
-            conf = (counts[:, ti] @ onehot).reshape(-1, k, k)  # (R, expected, predicted)
-            tp = np.diagonal(conf, axis1=1, axis2=2)
-            denom = conf.sum(2) + conf.sum(1)  # support + predicted = 2·TP + FP + FN
+    f1s = []
+    for g in index.groups:
+        k = len(index.labels[g])
+        ti, yt = index.text_index[g], index.expected[g]
+        if g in index.multi_label:
+            yp = np.asarray(preds[g])[ti]  # (rows, k) 0/1
+            w = counts[:, ti]  # (R, rows)
+            tp, fp, fn = w @ (yt & yp), w @ ((1 - yt) & yp), w @ (yt & (1 - yp))  # (R, k)
+            denom = 2 * tp + fp + fn
             present = denom > 0
-            f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+            f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=float), where=present)
             f1s.append(f1.sum(1) / np.maximum(present.sum(1), 1))
-        averages.append(np.mean(f1s, axis=0))
-    return averages[0] / averages[1]
+            continue
+        codes = yt * k + np.asarray(preds[g])[ti]  # (rows,) cell of the confusion matrix
+        onehot = np.zeros((len(ti), k * k))
+        onehot[np.arange(len(ti)), codes] = 1
+        conf = (counts[:, ti] @ onehot).reshape(-1, k, k)  # (R, expected, predicted)
+        tp = np.diagonal(conf, axis1=1, axis2=2)
+        denom = conf.sum(2) + conf.sum(1)  # support + predicted = 2·TP + FP + FN
+        present = denom > 0
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+        f1s.append(f1.sum(1) / np.maximum(present.sum(1), 1))
+    return np.stack(f1s, axis=1)
 
 
 def compare(reports: Mapping[str, Report], reference: str | None = None) -> Comparison:
@@ -863,6 +897,7 @@ def register(app, user_errors) -> None:
             typer.echo("\n" + table.to_markdown())
             typer.echo(f"\naverage macro F1 ratio {iv['ratio']:.4f}, 95% interval {iv['low']:.4f} - {iv['high']:.4f} "
                        f"(paired bootstrap, {bootstrap} replicates); below 1 in {iv['p_below']:.1%} of them")
+            typer.echo("\n" + interval_table(iv))
             if out is not None:
                 from hm3.io import write_text_atomic
 
