@@ -730,7 +730,8 @@ def paired_bootstrap(
     ``level`` percentile interval ``low``..``high`` and ``p_below`` (the share of replicates where
     the ratio is below 1); ``groups``: the same per group (a group's ratio on one draw: its macro F1
     over the reference's; draws where the reference scores 0 are left out), and ``worst``: the same
-    for the lowest group ratio of each draw. A group with few texts per label moves by several
+    for the lowest group ratio of each draw (the minimum of noisy ratios leans low: its draws sit
+    mostly below the full suite's worst ratio). A group with few texts per label moves by several
     points when a handful of its texts change label: its interval says how much."""
     if not 0 < level < 1:
         raise HM3Error(f"level must be in (0, 1), got {level}")
