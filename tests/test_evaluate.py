@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,12 @@ def test_paired_bootstrap_per_group_and_worst_group_intervals():
     assert r["worst"]["high"] == pytest.approx(np.percentile(ratios.min(1), 97.5))
     md = interval_table(r)
     assert "| worst group | " in md and f"| g | {g_full:.4f} | {r['groups']['g']['low']:.4f} – " in md
+    # a reference that scores 0 on a group gives it no ratio: the group reads "–", the worst is the others'
+    wrong = dict(better, h=np.where(better["h"] >= 0, 1 - np.maximum(better["h"], 0), -1))
+    r = paired_bootstrap(index, worse, wrong, n=200, seed=7)
+    assert math.isnan(r["groups"]["h"]["ratio"]) and math.isnan(r["groups"]["h"]["low"])
+    assert r["worst"]["ratio"] == r["groups"]["g"]["ratio"] and r["worst"]["low"] == r["groups"]["g"]["low"]
+    assert "| h | – | – – – | – |" in interval_table(r)
 
 
 # -- tiny models: the whole path -------------------------------------------------------------------

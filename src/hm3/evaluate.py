@@ -745,7 +745,7 @@ def paired_bootstrap(
     q = [50 * (1 - level), 50 * (1 + level)]
 
     def summary(full: float, draws: np.ndarray) -> dict[str, float]:
-        draws = draws[np.isfinite(draws)]
+        draws = draws[np.isfinite(draws)]  # draws without a ratio (the reference scored 0) left out
         lo, hi = np.percentile(draws, q) if len(draws) else (float("nan"),) * 2
         return {"ratio": float(full), "low": float(lo), "high": float(hi),
                 "p_below": float((draws < 1).mean()) if len(draws) else float("nan")}
@@ -753,12 +753,11 @@ def paired_bootstrap(
     with np.errstate(divide="ignore", invalid="ignore"):
         per_group = np.where(b > 0, a / b, np.nan)  # (n, groups)
         full_group = np.where(full_b > 0, full_a / full_b, np.nan)
-    worst = np.nanmin(np.where(np.isnan(per_group), np.inf, per_group), axis=1)
+    worst = np.where(np.isnan(per_group), np.inf, per_group).min(axis=1)  # groups without a ratio left out
     out = summary(full_a.mean() / full_b.mean(), a.mean(1) / b.mean(1))
     out.update(level=level, replicates=n,
                groups={g: summary(full_group[i], per_group[:, i]) for i, g in enumerate(index.groups)},
-               worst=summary(np.nanmin(full_group) if np.isfinite(full_group).any() else float("nan"),
-                             np.where(np.isinf(worst), np.nan, worst)))
+               worst=summary(np.nanmin(full_group) if np.isfinite(full_group).any() else float("nan"), worst))
     return out
 
 
