@@ -742,8 +742,8 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
           "paired bootstrap of the average ratio (`hm3.evaluate.paired_bootstrap`, "
           f"{lab.s.bootstrap} replicates): the test suite's distinct texts drawn with replacement, merged model and "
           "originals scored on the same draw; *below 100%*: the share of draws where the merged model is behind; "
-          "*worst group*: the same for the lowest group ratio of each draw (a group with a few dozen texts per label "
-          "moves by points when a handful of texts change label). "
+          "*worst group*: the interval of the lowest group ratio of each draw (a group with a few dozen texts per "
+          "label moves by points when a handful of texts change label; a minimum of noisy ratios, it leans low). "
           "An interval that straddles 100% means the suite cannot tell the two apart. Issue 4 asks for the "
           "paper's case studies, issue 9 for merges that lose nothing.", "",
           "| case study | issue | target | measured | 95% interval | |", "|---|---|---|---|---|---|"]
