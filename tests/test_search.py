@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 import pytest
 
-import hm3
+from hm3.config import load_config
 from hm3.errors import HM3Error
 from hm3.evaluate import evaluate, load_suite
 from hm3.search import (
@@ -107,7 +107,7 @@ def test_paper_search_outputs_and_reproducible_best(zoo, tmp_path):
     assert report.average_macro_f1 == pytest.approx(res.best_values[0], abs=1e-12)
 
     # the recipe is an ordinary recipe with the trial's densities, and hm3 merge reproduces best/ byte for byte
-    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((out / "best" / "recipe.yaml").read_text()))
+    recipe = load_config(out / "best" / "recipe.yaml")
     trial = json.loads((out / "best" / "search.json").read_text())
     assert [m.parameters["density"] for m in recipe.models] == [trial["params"]["density"]] * 2
     from typer.testing import CliRunner
@@ -137,7 +137,7 @@ def test_tpe_per_model_with_method_choice_and_pruning(zoo, tmp_path):
         assert r["method"] in ("ties", "dare_ties")
         assert 0.3 <= float(r["weight_a"]) <= 1.5 and 0.01 <= float(r["density_b"]) <= 1.0
     best = next(r for r in rows if int(r["number"]) == res.best_number)
-    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "tpe/best/recipe.yaml").read_text()))
+    recipe = load_config(tmp_path / "tpe/best/recipe.yaml")
     assert recipe.merge_method == best["method"]
     assert [m.parameters["density"] for m in recipe.models] == [float(best["density_a"]), float(best["density_b"])]
     assert [m.parameters["weight"] for m in recipe.models] == [float(best["weight_a"]), float(best["weight_b"])]
@@ -363,7 +363,7 @@ def test_method_parameters_search_tsv_lambda_and_sv_fraction(zoo, tmp_path):
     assert "(lambda_vs_score.png)" in (out / "summary.md").read_text()
 
     trial = json.loads((out / "best" / "search.json").read_text())
-    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((out / "best" / "recipe.yaml").read_text()))
+    recipe = load_config(out / "best" / "recipe.yaml")
     assert recipe.merge_method == "tsv"
     assert recipe.parameters == {"lambda": trial["params"]["lambda"], "sv_fraction": trial["params"]["sv_fraction"]}
     report = evaluate([out / "best"], [r for r in load_suite(zoo["val"]) if set(r.expected) <= {"a", "b"}])
@@ -374,7 +374,6 @@ def test_method_parameters_change_the_trial_merge(zoo):
     """The drawn lambda is what the trial merges with: two lambdas, two models, each equal to its recipe's."""
     import torch
 
-    from hm3.config import load_config
     from hm3.merging.engine import merge_state, prepare
     from hm3.merging.fast import TaskVectors
 
@@ -402,7 +401,7 @@ def test_per_model_weights_of_a_method_without_density(zoo, tmp_path):
     rows = rows_of(tmp_path / "lin" / "trials.csv")
     assert res.trials == 3 and all(0.5 <= float(r["weight_b"]) <= 1.0 and "density_a" not in r for r in rows)
     assert (tmp_path / "lin" / "weight_vs_score.png").is_file()
-    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "lin/best/recipe.yaml").read_text()))
+    recipe = load_config(tmp_path / "lin/best/recipe.yaml")
     best = next(r for r in rows if int(r["number"]) == res.best_number)
     assert [m.parameters["weight"] for m in recipe.models] == [float(best["weight_a"]), float(best["weight_b"])]
 
@@ -450,7 +449,7 @@ def test_method_choice_with_and_without_density(zoo, tmp_path):
         assert 0.5 <= float(r["lambda"]) <= 1.5
         assert bool(r["density"]) == (r["method"] == "ties") and bool(r["density_mean"]) == (r["method"] == "ties")
     best = next(r for r in rows if int(r["number"]) == res.best_number)
-    recipe = hm3.MergeConfig.model_validate(__import__("yaml").safe_load((tmp_path / "mix/best/recipe.yaml").read_text()))
+    recipe = load_config(tmp_path / "mix/best/recipe.yaml")
     assert recipe.merge_method == best["method"] and recipe.parameters["lambda"] == float(best["lambda"])
     densities = [m.parameters.get("density") for m in recipe.models]
     assert densities == ([float(best["density"])] * 2 if best["method"] == "ties" else [None, None])
