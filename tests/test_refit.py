@@ -247,7 +247,7 @@ def test_extra_texts_distil_a_head_on_a_domain_no_group_of_the_refit_has(tiny, t
     res = hm3.merge(r, tmp_path / "m", progress=False)
     meta = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]["groups"]["a"]
     assert meta["texts"] == 80 + 40 and meta["other_groups_texts"] == 40
-    assert meta["extra_texts"] == [data["b_text"]]
+    assert meta["extra_texts"] == {data["b_text"]: 40}
     texts = [t for t, _ in TASK_B.sample(200, seed=97)]
     teacher = next(iter(hm3.load(tiny["a"]).predict_proba(texts).values()))
     student = {name: m.predict_proba(texts, groups=["a"])["a"] for name, m in (("own", plain), ("extra", hm3.load(res.path)))}
@@ -260,6 +260,34 @@ def test_extra_texts_distil_a_head_on_a_domain_no_group_of_the_refit_has(tiny, t
     with pytest.raises(HM3Error, match="nowhere.jsonl"):
         hm3.merge(_ties(recipe, mode="distill", data={"a": data["a_text"]}, cross_texts=5,
                         extra_texts=[str(tmp_path / "nowhere.jsonl")]), tmp_path / "x", progress=False)
+
+
+def test_extra_texts_with_a_count_per_file(tiny, tmp_path, recipe, data):
+    """{file: n}: n texts of that file whatever cross_texts is (0 here: no other group's texts), the same
+    texts a list with cross_texts n draws; bad counts and a labelled re-fit are refused."""
+    a_only = {"a": data["a_text"]}
+    meta = {}
+    for name, extra in (("mapped", dict(extra_texts={data["b_text"]: 15})),
+                        ("listed", dict(extra_texts=[data["b_text"]], cross_texts=15))):
+        res = hm3.merge(_ties(recipe, mode="distill", data=a_only, **extra), tmp_path / name, progress=False)
+        meta[name] = json.loads((res.path / "config.json").read_text())["hm3"]["refit"]["groups"]["a"]
+        assert meta[name]["texts"] == 80 + 15 and meta[name]["other_groups_texts"] == 15, meta[name]
+        assert meta[name]["extra_texts"] == {data["b_text"]: 15}
+    ma, li = (hm3.load(tmp_path / n).predict_proba([t for t, _ in TASK_B.sample(20, seed=5)])["a"]
+              for n in ("mapped", "listed"))
+    np.testing.assert_allclose(ma, li, atol=1e-6)  # the same 15 texts
+    import yaml
+
+    from hm3.config import load_config
+
+    rel = _ties(recipe, mode="distill", data=a_only, extra_texts={Path(data["b_text"]).name: 15})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rel))  # paths relative to the recipe, as every path
+    assert load_config(tmp_path / "r.yaml").refit.extra_texts == {str(Path(data["b_text"]).resolve()): 15}
+    for bad, pattern in (({"mode": "distill", "extra_texts": {data["b_text"]: 0}}, "count must be a positive integer"),
+                         ({"mode": "labelled", "extra_texts": {data["b_text"]: 5}}, "extra_texts needs mode: distill")):
+        with pytest.raises(HM3Error, match=pattern):
+            hm3.merge(_ties(recipe, data=a_only, **bad), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_label_weight_one_is_the_labelled_refit_and_mixes_in_between(tiny, tmp_path, recipe, data):
@@ -359,6 +387,16 @@ def test_refit_command(tiny, tmp_path, recipe, data):
                                 "-o", str(tmp_path / "f"), "--no-progress"])
     assert first.exit_code == 0, first.output
     assert json.loads((tmp_path / "f" / "config.json").read_text())["hm3"]["refit"]["truncate"] is True
+    base = ["refit", str(merged), "--data", f"a={data['a_text']}", "--distill-from", f"a={tiny['a']}", "--no-progress"]
+    counted = runner.invoke(app, base + ["--extra-texts", f"{data['b_text']}=12", "-o", str(tmp_path / "e")])
+    assert counted.exit_code == 0, counted.output
+    group = json.loads((tmp_path / "e" / "config.json").read_text())["hm3"]["refit"]["groups"]["a"]
+    assert group["extra_texts"] == {data["b_text"]: 12} and group["texts"] == 80 + 12
+    for opts, message in (([data["b_text"]], "how many of its texts? Give FILE=N or --cross-texts N"),
+                          ([f"{data['b_text']}=0"], "N must be a positive number of texts")):
+        bad = runner.invoke(app, base + ["--extra-texts", *opts, "-o", str(tmp_path / "eb")])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "eb").exists()
 
 
 def test_refit_dir_on_a_single_classifier(tiny, tmp_path, data):

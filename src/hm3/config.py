@@ -146,7 +146,8 @@ class RefitConfig(BaseModel):
     truncate: bool = False  # each text's first window only (else all its windows, as inference)
     batch_size: int = Field(32, ge=1)
     cross_texts: int = Field(0, ge=0)  # distill: + this many texts of each other group's data, teacher-labelled
-    extra_texts: list[str] = Field(default_factory=list)  # distill: + cross_texts of each of these unlabelled files
+    # distill: + cross_texts of each of these unlabelled files, or {file: n} for n texts of each
+    extra_texts: Union[list[str], dict[str, int]] = Field(default_factory=list)
     label_weight: float = Field(0.0, ge=0, le=1)  # distill: targets (1-a)·teacher + a·label where data has labels
     body: BodyConfig | None = None  # distill: then train the body on the same texts (hm3.body_distill)
     # forward passes for features and teachers (hm3.refit); auto: bfloat16 on CPUs with bf16 matrix instructions
@@ -167,6 +168,13 @@ class RefitConfig(BaseModel):
             raise ValueError(f"c must be a positive number or 'auto', got {v!r}")
         return v
 
+    @field_validator("extra_texts")
+    @classmethod
+    def _extra_texts(cls, v):
+        if isinstance(v, dict) and not all(isinstance(n, int) and n >= 1 for n in v.values()):
+            raise ValueError(f"extra_texts: each file's count must be a positive integer, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _cross(self):
         if self.cross_texts and self.mode != "distill":
@@ -174,9 +182,11 @@ class RefitConfig(BaseModel):
                              "its teacher labels them)")
         if self.label_weight and self.mode != "distill":
             raise ValueError("label_weight needs mode: distill (it mixes labels into the teacher's probabilities)")
-        if self.extra_texts and not self.cross_texts:
+        if self.extra_texts and self.mode != "distill":
+            raise ValueError("extra_texts needs mode: distill (unlabelled files: the teachers label them)")
+        if isinstance(self.extra_texts, list) and self.extra_texts and not self.cross_texts:
             raise ValueError("extra_texts needs cross_texts > 0: how many texts of each file every distilled "
-                             "head fits its teacher on")
+                             "head fits its teacher on (or give a count per file: {file: n})")
         if self.body is not None and self.mode != "distill":
             raise ValueError("body needs mode: distill (the body is trained towards the original guards' "
                              "probabilities)")
@@ -275,7 +285,8 @@ class MergeConfig(BaseModel):
             r.data = {g: _resolve_path(p, root) for g, p in r.data.items()}
             r.validation = {g: _resolve_path(p, root) for g, p in r.validation.items()}
             r.teachers = {g: _resolve_path(p, root) for g, p in r.teachers.items()}
-            r.extra_texts = [_resolve_path(p, root) for p in r.extra_texts]
+            r.extra_texts = ({_resolve_path(p, root): n for p, n in r.extra_texts.items()}
+                             if isinstance(r.extra_texts, dict) else [_resolve_path(p, root) for p in r.extra_texts])
         if data.data is not None:
             data.data.texts = {g: _resolve_path(p, root) for g, p in data.data.texts.items()}
         return data

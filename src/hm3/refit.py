@@ -285,6 +285,21 @@ def _label_index(group, raw, where: str):
     return label_index(group.name, group.labels, raw, where)
 
 
+def _extra_counts(options: Sequence[str], cross_texts: int) -> dict[Path, int]:
+    """``--extra-texts FILE[=N]`` values as ``{file: texts}``: N, or ``--cross-texts`` where none is given."""
+    counts = {}
+    for opt in options:
+        name, sep, n = opt.rpartition("=")
+        if not (sep and n.isdigit()):
+            name, n = opt, ""
+        if n and int(n) < 1:
+            raise HM3Error(f"--extra-texts {opt}: N must be a positive number of texts")
+        if not n and not cross_texts:
+            raise HM3Error(f"--extra-texts {opt}: how many of its texts? Give FILE=N or --cross-texts N")
+        counts[Path(name)] = int(n) if n else cross_texts
+    return counts
+
+
 def _read(path: Path, group, labelled: bool, max_texts: int, seed: int, tag: str,
           why: str = "a labelled re-fit") -> _Split:
     from hm3.io import read_text_rows as read_rows
@@ -330,7 +345,7 @@ def refit_heads(
     cache: bool = True,
     progress: bool = False,
     cross_texts: int = 0,
-    extra_texts: Sequence[Path] = (),
+    extra_texts: "Sequence[Path] | Mapping[Path, int]" = (),
     label_weight: float = 0.0,
     precision: str = "float32",
     teacher_memo: "TeacherLogits | None" = None,
@@ -343,7 +358,8 @@ def refit_heads(
     other group's data (the first of their seeded samples), since the merged model answers every group
     on every text: a jailbreak head must call an SMS or a review benign as the jailbreak guard does.
     ``extra_texts``: unlabelled files of other domains (no group of the merge has them: general traffic),
-    of which every distilled group fits its teacher on ``cross_texts`` texts each, too.
+    of which every distilled group fits its teacher on ``cross_texts`` texts each, too; a mapping
+    ``{file: n}`` names a number per file instead (more of the traffic a head errs on).
     ``label_weight``: a distilled group whose data has labels fits ``(1 − a)·teacher + a·one-hot(label)``
     on its own texts (Hinton et al.'s soft + hard targets); texts without labels keep the teacher's.
     ``max_texts``: texts per group, a seeded sample of its data (and of its validation file); a mapping
@@ -422,18 +438,30 @@ def refit_heads(
         raise HM3Error(f"label_weight must be in [0, 1], got {label_weight}")
     if label_weight and not any(s.teacher is not None for s, *_ in reads):
         raise HM3Error("label_weight needs distill mode: it mixes labels into the teacher's probabilities")
-    if extra_texts and not cross_texts:
-        raise HM3Error("extra_texts needs cross_texts > 0: how many texts of each file every distilled head fits")
-    extras = [_read(Path(f), None, False, cross_texts, seed, f"refit-extra/{Path(f).name}").texts for f in extra_texts]
+    if isinstance(extra_texts, Mapping):
+        extra_counts = {Path(f): n for f, n in extra_texts.items()}
+        bad = {str(f): n for f, n in extra_counts.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+        if bad:
+            raise HM3Error(f"extra_texts: each file's count must be a positive integer, got {bad}")
+    elif extra_texts and not cross_texts:
+        raise HM3Error("extra_texts needs cross_texts > 0: how many texts of each file every distilled head fits "
+                       "(or give a count per file: {file: n})")
+    else:
+        extra_counts = {Path(f): cross_texts for f in extra_texts}
+    if extra_counts and not any(s.teacher is not None for s, *_ in reads):
+        raise HM3Error("extra_texts needs distill mode: unlabelled files have no labels, only the teachers' "
+                       "probabilities")
+    # (texts, how many of them a distilled group fits): other groups' training texts, then the extra files
+    extras = [(_read(f, None, False, n, seed, f"refit-extra/{f.name}").texts, n) for f, n in extra_counts.items()]
     # (spec, group, train, val, held, texts of other groups in train): a distilled group's train is its
     # own texts, then up to cross_texts of each other group's (its hold-out drawn over all of them).
     plan = []
     for s, g, train, val, held in reads:
         extra = 0
-        if cross_texts and s.teacher is not None:
+        if (cross_texts or extras) and s.teacher is not None:
             own = set(train.texts)
-            others = [otrain.texts for _, og, otrain, *_ in reads if og.name != g.name] + extras
-            more = list(dict.fromkeys(t for texts in others for t in [t for t in texts if t not in own][:cross_texts]))
+            others = [(otrain.texts, cross_texts) for _, og, otrain, *_ in reads if og.name != g.name] + extras
+            more = list(dict.fromkeys(t for texts, n in others for t in [t for t in texts if t not in own][:n]))
             labels = None if train.labels is None else train.labels + [None] * len(more)
             train, extra = _Split(train.texts + more, labels, train.source), len(more)
             if held is not None:
@@ -590,8 +618,9 @@ def refit_heads(
                 "mode": s.mode,
                 "data": str(s.data),
                 "texts": len(train.texts),
-                **({"other_groups_texts": extra} if cross_texts and s.teacher is not None else {}),
-                **({"extra_texts": [str(f) for f in extra_texts]} if extra_texts and s.teacher is not None else {}),
+                **({"other_groups_texts": extra} if (cross_texts or extra_counts) and s.teacher is not None else {}),
+                **({"extra_texts": {str(f): n for f, n in extra_counts.items()}}
+                   if extra_counts and s.teacher is not None else {}),
                 "windows": int(len(tr_sel)),
                 "validation": validation,
                 "validation_texts": len(val.texts) if val is not None else int(held.sum()) if held is not None else 0,
@@ -815,7 +844,9 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         return refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
-                           extra_texts=[Path(f) for f in rc.extra_texts], label_weight=rc.label_weight,
+                           extra_texts=({Path(f): n for f, n in rc.extra_texts.items()}
+                                        if isinstance(rc.extra_texts, dict) else [Path(f) for f in rc.extra_texts]),
+                           label_weight=rc.label_weight,
                            precision=rc.precision, teacher_memo=memo, truncate=rc.truncate,
                            body_labels=rc.body is not None and rc.body.label_weight > 0)
 
@@ -949,10 +980,10 @@ def register(app, user_errors) -> None:
         cross_texts: int = typer.Option(0, "--cross-texts", min=0,
                                         help="Distilled groups also fit their teacher on this many texts of each "
                                              "other group's --data (one model answers every group on every text)."),
-        extra_texts: Optional[List[Path]] = typer.Option(None, "--extra-texts",
-                                                     help="Unlabelled file of another domain (.jsonl text / .txt): "
-                                                          "distilled groups also fit their teacher on --cross-texts "
-                                                          "of its texts. Repeat per file."),
+        extra_texts: Optional[List[str]] = typer.Option(None, "--extra-texts", metavar="FILE[=N]",
+                                                    help="Unlabelled file of another domain (.jsonl text / .txt): "
+                                                         "distilled groups also fit their teacher on --cross-texts "
+                                                         "of its texts, or on N of them. Repeat per file."),
         label_weight: float = typer.Option(0.0, "--label-weight", min=0.0, max=1.0,
                                            help="Distilled groups whose --data has labels fit (1 - a) x teacher "
                                                 "+ a x label on those texts."),
@@ -1000,7 +1031,8 @@ def register(app, user_errors) -> None:
                             Path(teachers[g]) if g in teachers else None) for g, f in files.items()]
         report = refit_dir(model, specs, out, force=force, c=cc, max_texts=max_texts, temperature=temperature,
                            max_length=max_length, seed=seed, progress=progress, cross_texts=cross_texts,
-                           extra_texts=extra_texts or [], label_weight=label_weight, precision=precision,
+                           extra_texts=_extra_counts(extra_texts or [], cross_texts), label_weight=label_weight,
+                           precision=precision,
                            truncate=truncate, body=dict(epochs=body_epochs, lr=body_lr, layers=body_layers,
                                                         max_length=body_max_length, label_weight=body_label_weight,
                                                         targets=body_targets)

@@ -905,9 +905,11 @@ def describe(rec: Recommendation) -> str:
     if rec.parameters:
         parts.append(", ".join(f"{k} {v}" for k, v in rec.parameters.items()))
     if rec.refit:
-        extra = f" and of {', '.join(rec.extra_texts)}" if rec.extra_texts else ""
+        per_file = isinstance(rec.extra_texts, dict)
+        extra = f" and of {', '.join(rec.extra_texts)}" if rec.extra_texts and not per_file else ""
         how = [f"up to {rec.max_texts} own texts"] if rec.max_texts else []
         how += [f"+ {rec.cross_texts} texts of each other guard{extra}"] if rec.cross_texts else []
+        how += [f"+ {', '.join(f'{n} of {g}' for g, n in rec.extra_texts.items())} training texts"] if per_file else []
         how += [f"label weight {rec.label_weight:g}"] if rec.label_weight else []
         if rec.truncate:
             how.append(f"each text's first {rec.max_length} tokens" if rec.max_length else "each text's first window")

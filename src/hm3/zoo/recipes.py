@@ -64,7 +64,8 @@ class Recommendation:
     seed: int = 0
     refit: str | None = None
     cross_texts: int = 0  # distill: + this many texts of each other guard (hm3.refit's cross_texts)
-    extra_texts: tuple[str, ...] = ()  # distill: + cross_texts of these zoo guards' training texts (not merged)
+    # distill: + cross_texts of these zoo guards' training texts (not merged), or {guard: n texts}
+    extra_texts: tuple[str, ...] | dict[str, int] = ()
     max_texts: int | None = None  # re-fit texts of each guard's own (None: hm3.refit's default, 500)
     label_weight: float = 0.0  # distill: share of the training label in the targets (hm3.refit)
     body: dict[str, Any] | None = None  # distill: then train the body too (hm3.body_distill's options)
@@ -300,7 +301,9 @@ def recipe(
             "data": {g: path(g, "train.jsonl") for g in case.groups},
             **({"validation": {g: path(g, "validation.jsonl") for g in case.groups}} if rec.refit == "labelled" else {}),
             **({"cross_texts": rec.cross_texts} if rec.cross_texts else {}),
-            **({"extra_texts": [path(g, "train.jsonl") for g in rec.extra_texts]} if rec.extra_texts else {}),
+            **({"extra_texts": {path(g, "train.jsonl"): n for g, n in rec.extra_texts.items()}
+                if isinstance(rec.extra_texts, dict) else [path(g, "train.jsonl") for g in rec.extra_texts]}
+               if rec.extra_texts else {}),
             **({"max_texts": rec.max_texts} if rec.max_texts else {}),
             **({"label_weight": rec.label_weight} if rec.label_weight else {}),
             **({"max_length": rec.max_length} if rec.max_length else {}),
