@@ -345,7 +345,7 @@ def refit_heads(
     cache: bool = True,
     progress: bool = False,
     cross_texts: int = 0,
-    extra_texts: "Sequence[Path] | Mapping[Path, int]" = (),
+    extra_texts: "Sequence[str | Path] | Mapping[str | Path, int]" = (),
     label_weight: float = 0.0,
     precision: str = "float32",
     teacher_memo: "TeacherLogits | None" = None,
@@ -844,9 +844,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
         return refit_heads(model, tokenizer, prep.space, specs, c=rc.c, max_texts=rc.max_texts,
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
-                           extra_texts=({Path(f): n for f, n in rc.extra_texts.items()}
-                                        if isinstance(rc.extra_texts, dict) else [Path(f) for f in rc.extra_texts]),
-                           label_weight=rc.label_weight,
+                           extra_texts=rc.extra_texts, label_weight=rc.label_weight,
                            precision=rc.precision, teacher_memo=memo, truncate=rc.truncate,
                            body_labels=rc.body is not None and rc.body.label_weight > 0)
 
