@@ -359,6 +359,24 @@ def test_describe_names_every_body_option_a_recipe_sets():
     assert "label weight 0.6" not in describe(replace(rec, body={"epochs": 3}))
 
 
+def test_a_recommendation_with_a_count_per_extra_guard(tmp_path):
+    """extra_texts {guard: n}: the recipe maps each guard's training file to its count (relative to the zoo,
+    or under root) and the description names the counts; a tuple keeps the cross_texts of each."""
+    from dataclasses import replace
+
+    from hm3.results import describe
+
+    rec = replace(RECOMMENDED["cs1"], extra_texts={"spam": 500, "question": 100})
+    assert recipe("cs1", rec=rec)["refit"]["extra_texts"] == {"spam/train.jsonl": 500, "question/train.jsonl": 100}
+    assert recipe("cs1", rec=rec, root=tmp_path)["refit"]["extra_texts"] == {
+        str(tmp_path / "spam" / "train.jsonl"): 500, str(tmp_path / "question" / "train.jsonl"): 100}
+    text = describe(rec)
+    assert "+ 250 texts of each other guard; + 500 training texts of spam, 100 of question;" in text, text
+    listed = recipe("cs1")["refit"]["extra_texts"]
+    assert listed == [f"{g}/train.jsonl" for g in RECOMMENDED["cs1"].extra_texts]
+    assert "other guard and of spam, sentiment, question" in describe(RECOMMENDED["cs1"])
+
+
 def test_a_stopped_runs_trial_is_not_counted(results, fake_zoo, tmp_path):
     """A search trial that a stopped run left (FAIL once the study resumes) never scored: the document
     counts the finished trials and says one was left out."""

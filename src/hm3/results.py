@@ -909,7 +909,9 @@ def describe(rec: Recommendation) -> str:
         extra = f" and of {', '.join(rec.extra_texts)}" if rec.extra_texts and not per_file else ""
         how = [f"up to {rec.max_texts} own texts"] if rec.max_texts else []
         how += [f"+ {rec.cross_texts} texts of each other guard{extra}"] if rec.cross_texts else []
-        how += [f"+ {', '.join(f'{n} of {g}' for g, n in rec.extra_texts.items())} training texts"] if per_file else []
+        if per_file:  # "+ 500 training texts of spam, 250 of question"
+            how.append("+ " + ", ".join(f"{n} {'training texts ' if i == 0 else ''}of {g}"
+                                        for i, (g, n) in enumerate(rec.extra_texts.items())))
         how += [f"label weight {rec.label_weight:g}"] if rec.label_weight else []
         if rec.truncate:
             how.append(f"each text's first {rec.max_length} tokens" if rec.max_length else "each text's first window")
