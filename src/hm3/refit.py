@@ -431,12 +431,13 @@ def refit_heads(
         reads.append((s, g, train, val, held))
     if cross_texts < 0:
         raise HM3Error(f"cross_texts must be >= 0, got {cross_texts}")
-    if cross_texts and not any(s.teacher is not None for s, *_ in reads):
+    distilled = any(s.teacher is not None for s, *_ in reads)
+    if cross_texts and not distilled:
         raise HM3Error("cross_texts needs distill mode: other groups' texts have no labels for a group, "
                        "only its teacher's probabilities")
     if not 0 <= label_weight <= 1:
         raise HM3Error(f"label_weight must be in [0, 1], got {label_weight}")
-    if label_weight and not any(s.teacher is not None for s, *_ in reads):
+    if label_weight and not distilled:
         raise HM3Error("label_weight needs distill mode: it mixes labels into the teacher's probabilities")
     if isinstance(extra_texts, Mapping):
         extra_counts = {Path(f): n for f, n in extra_texts.items()}
@@ -448,7 +449,7 @@ def refit_heads(
                        "(or give a count per file: {file: n})")
     else:
         extra_counts = {Path(f): cross_texts for f in extra_texts}
-    if extra_counts and not any(s.teacher is not None for s, *_ in reads):
+    if extra_counts and not distilled:
         raise HM3Error("extra_texts needs distill mode: unlabelled files have no labels, only the teachers' "
                        "probabilities")
     # (texts, how many of them a distilled group fits): other groups' training texts, then the extra files
