@@ -353,10 +353,13 @@ def test_describe_names_every_body_option_a_recipe_sets():
 
     from hm3.results import describe
 
-    rec = replace(RECOMMENDED["cs1"], body={"epochs": 3, "layers": 2, "label_weight": 0.6, "heads_after": True})
+    rec = replace(RECOMMENDED["cs1"], body={"epochs": 3, "layers": 2, "label_weight": 0.6, "targets": "refit",
+                                            "heads_after": True})
     text = describe(rec)
-    assert "body distillation (3 epochs, lr 2e-05, top 2 layers, label weight 0.6; heads re-fitted after)" in text
-    assert "label weight 0.6" not in describe(replace(rec, body={"epochs": 3}))
+    assert ("body distillation (3 epochs, lr 2e-05, top 2 layers, label weight 0.6; each group on its own re-fit "
+            "texts; heads re-fitted after)") in text, text
+    plain = describe(replace(rec, body={"epochs": 3, "targets": "all"}))
+    assert "label weight 0.6" not in plain and "own re-fit texts" not in plain
 
 
 def test_a_recommendation_with_a_count_per_extra_guard(tmp_path):

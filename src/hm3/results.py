@@ -923,6 +923,7 @@ def describe(rec: Recommendation) -> str:
         parts.append(f"+ body distillation ({b.get('epochs', 2):g} epochs, lr {b.get('lr', 2e-5):g}"
                      + (f", top {b['layers']} layers" if b.get("layers") else "")
                      + (f", label weight {b['label_weight']:g}" if b.get("label_weight") else "")
+                     + ("; each group on its own re-fit texts" if b.get("targets") == "refit" else "")
                      + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
     if rec.refit and rec.precision == "auto":
         from hm3.fastpaths import resolve_precision
