@@ -150,7 +150,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         body={"epochs": 2, "layers": 3, "lr": 5e-5, "targets": "refit"},
         summary="every target of issue 9 met on validation at seeds 0-3 (1.001 / 0.998 / 0.999 / 0.997 of the "
                 "originals, worst group question 0.986 / 0.986 / 0.986 / 0.983), in 107 s on 2 cores with AMX "
-                "(bf16 passes; on an AVX2-only CPU fp32 makes it several minutes — there drop `body` and set "
+                "(bf16 passes; on an AVX2-only CPU, fp32: not measured, expect several minutes — there drop `body` and set "
                 "`max_texts: 500`, the heads-only recipe: ~100 s, 0.993 on average, harm 0.939 at seed 2): the "
                 "guards merged by TSV-M (task singular vectors), the heads re-fitted to the five guards' "
                 "probabilities on each text's first 128 tokens, then the top 3 encoder layers trained towards "
