@@ -449,6 +449,7 @@ def bench_merge(
                         # every tool starts without a previous output: removing one is not part of a merge
                         shutil.rmtree(run_dir / ("out-mergekit" if tool == "mergekit" else "out"), ignore_errors=True)
                         read_through(inputs[tool])
+                        os.sync()  # as for the floor: the previous run's output is not written back during this one
                         run = run_child(cmd, env=env)
                         runs[(tool, mode)].append(run)
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
@@ -457,6 +458,7 @@ def bench_merge(
                 if phases and whole_process:
                     shutil.rmtree(run_dir / "out", ignore_errors=True)
                     read_through(inputs["hm3"])
+                    os.sync()
                     run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
                     results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
                                               "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
@@ -895,6 +897,9 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         "cache, as the bandwidth floor assumes (on the VM this was measured on, files left alone lost pages "
         "from the cache at ~0.5 MB/s each — 20 of 418 MB in 50 s — and a merge that read them back from "
         "disk took up to 30 times as long: 11.8 s instead of 0.4 s for one bert-base linear merge). "
+        "Then `os.sync()` writes back what earlier runs left dirty, as before each page-cache floor below, so "
+        "no run pays for the write-back of the run before it (here four 438 MB writes to a file in a row took "
+        "0.73-1.24 s each, 0.10-0.51 s each after a sync). "
         "Both tools run with the environment as it is; the `hm3` command, once its files are "
         "written and its output flushed, ends with `os._exit` (Python's shutdown after `import torch` "
         "costs ~0.25 s). "
