@@ -201,6 +201,45 @@ def test_auto_precision_resolves_per_cpu_and_records_what_ran(tiny, tmp_path, re
     assert json.loads((fast / "config.json").read_text())["hm3"]["refit"]["precision"] == "bfloat16"
 
 
+def test_without_bf16_replaces_the_refit_settings_only_where_auto_runs_float32(tiny, tmp_path, recipe, data, monkeypatch):
+    import hm3.fastpaths as fp
+
+    r = _ties(recipe, mode="distill", precision="auto")
+    r["data"] = {"texts": {"a": data["a_text"], "b": data["b_text"]}}
+    r["refit"]["without_bf16"] = {"max_texts": 30}
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: False)  # an AVX2-only CPU: the cheaper re-fit
+    slow = hm3.merge(r, tmp_path / "slow", progress=False).path
+    meta = json.loads((slow / "config.json").read_text())["hm3"]["refit"]
+    assert meta["without_bf16"] == {"max_texts": 30} and meta["precision"] == "float32"
+    assert {meta["groups"][g]["texts"] for g in ("a", "b")} == {30}
+    assert "`refit.without_bf16` settings replaced" in (slow / "README.md").read_text()
+    # the same bytes as a recipe that says those settings itself
+    plain = dict(r, refit={**{k: v for k, v in r["refit"].items() if k not in ("precision", "without_bf16")},
+                           "max_texts": 30})
+    ref = hm3.merge(plain, tmp_path / "plain", progress=False).path
+    assert (slow / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)  # bf16 here: the recipe's own settings
+    fast = hm3.merge(r, tmp_path / "fast", progress=False).path
+    meta = json.loads((fast / "config.json").read_text())["hm3"]["refit"]
+    assert "without_bf16" not in meta and meta["precision"] == "bfloat16"
+    assert {meta["groups"][g]["texts"] for g in ("a", "b")} == {80}
+
+
+@pytest.mark.parametrize("refit, match", [
+    ({"precision": "float32", "without_bf16": {"max_texts": 30}}, "without_bf16 needs precision: auto"),
+    ({"precision": "auto", "without_bf16": {"data": {"a": "x.jsonl"}}}, "without_bf16 cannot set data"),
+    ({"precision": "auto", "without_bf16": {"max_texts": 0}}, "without_bf16 makes an invalid re-fit: max_texts"),
+    ({"precision": "auto", "without_bf16": {"body": {"epochs": 1, "speed": 2}}}, "without_bf16 makes an invalid re-fit: body.speed: unknown key"),
+])
+def test_without_bf16_is_checked_when_the_recipe_loads(recipe, data, refit, match):
+    from hm3.config import load_config
+
+    r = _ties(recipe, mode="distill", data={"a": data["a_text"]})
+    r["refit"].update(refit)
+    with pytest.raises(HM3Error, match=match):
+        load_config(r)
+
+
 def test_cross_texts_distil_each_group_on_the_other_groups_texts_too(tiny, tmp_path, recipe, data):
     r = _ties(recipe, mode="distill", data={"a": data["a_text"], "b": data["b_text"]}, cross_texts=40)
     res = hm3.merge(r, tmp_path / "m", progress=False)

@@ -362,6 +362,20 @@ def test_describe_names_every_body_option_a_recipe_sets():
     assert "label weight 0.6" not in plain and "own re-fit texts" not in plain
 
 
+def test_the_five_guard_recipe_names_its_cheaper_refit_without_bf16():
+    """merge-all.yaml's body step fits the two minutes with bf16 instructions only: the recipe says what
+    runs instead (refit.without_bf16), it loads, and the description names it."""
+    from hm3.config import load_config
+    from hm3.results import describe
+
+    r = recipe("all")
+    assert r["refit"]["precision"] == "auto" and r["refit"]["without_bf16"] == {"max_texts": 500, "body": None}
+    fp32 = load_config(r).refit.for_precision("float32")
+    assert fp32.body is None and fp32.max_texts == 500 and fp32.cross_texts == 250 and fp32.truncate
+    assert load_config(r).refit.for_precision("bfloat16").body.layers == 3
+    assert "without bf16 instructions: max_texts 500, no body distillation" in describe(RECOMMENDED["all"])
+
+
 def test_a_recommendation_with_a_count_per_extra_guard(tmp_path):
     """extra_texts {guard: n}: the recipe maps each guard's training file to its count (relative to the zoo,
     or under root) and the description names the counts; a tuple keeps the cross_texts of each."""

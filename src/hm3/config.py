@@ -119,6 +119,11 @@ class BodyConfig(BaseModel):
     targets: Literal["all", "refit"] = "all"
 
 
+#: what ``refit.without_bf16`` may change: the cost of the re-fit, not its data or its groups
+WITHOUT_BF16_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "truncate", "batch_size",
+                     "label_weight", "body")
+
+
 class RefitConfig(BaseModel):
     """Post-merge head re-fit per group (see hm3.refit). Paths relative to the recipe.
 
@@ -152,6 +157,9 @@ class RefitConfig(BaseModel):
     body: BodyConfig | None = None  # distill: then train the body on the same texts (hm3.body_distill)
     # forward passes for features and teachers (hm3.refit); auto: bfloat16 on CPUs with bf16 matrix instructions
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
+    # with precision auto: these keys replace the ones above where auto resolves to float32 (a CPU without
+    # AMX / AVX512-BF16): a cheaper re-fit for a time budget that needs bf16 (``for_precision``)
+    without_bf16: dict[str, Any] | None = None
 
     @field_validator("max_texts")
     @classmethod
@@ -190,7 +198,27 @@ class RefitConfig(BaseModel):
         if self.body is not None and self.mode != "distill":
             raise ValueError("body needs mode: distill (the body is trained towards the original guards' "
                              "probabilities)")
+        if self.without_bf16 is not None:
+            if self.precision != "auto":
+                raise ValueError(f"without_bf16 needs precision: auto (with {self.precision} it would always or "
+                                 "never apply)")
+            bad = sorted(set(self.without_bf16) - set(WITHOUT_BF16_KEYS))
+            if bad:
+                raise ValueError(f"without_bf16 cannot set {', '.join(bad)}; it changes what the re-fit costs: "
+                                 f"{', '.join(WITHOUT_BF16_KEYS)}")
+            try:
+                self.for_precision("float32")
+            except ValidationError as e:
+                raise ValueError(_format_validation(e, "without_bf16 makes an invalid re-fit")) from None
         return self
+
+    def for_precision(self, precision: str) -> "RefitConfig":
+        """The re-fit that runs at ``precision`` (``auto`` resolved): this one, or with ``without_bf16``'s
+        keys in place where it is float32."""
+        if precision != "float32" or self.without_bf16 is None:
+            return self
+        fields = self.model_dump(exclude={"without_bf16"})
+        return RefitConfig.model_validate({**fields, **self.without_bf16})
 
 
 class AdaMergingConfig(BaseModel):

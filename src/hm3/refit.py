@@ -42,6 +42,7 @@ cached on disk (``hm3.merging.stats``), as are the teachers' logits.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -830,13 +831,15 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     """The merge engine's hook: re-fit ``state``'s head rows as the recipe's ``refit:`` says.
 
     Returns ``(state, model-card markdown)``; records the report in ``prep.metadata["refit"]``."""
-    from hm3.merging.engine import merged_config, tokenizer_source
-
-    rc = prep.config.refit
-    specs = specs_from_recipe(prep)
     from transformers import AutoTokenizer
 
+    from hm3.fastpaths import resolve_precision
+    from hm3.merging.engine import merged_config, tokenizer_source
+
+    specs = specs_from_recipe(prep)
     model = build_model(merged_config(prep), state)
+    recipe = prep.config.refit
+    rc = recipe.for_precision(resolve_precision(recipe.precision, model.config.model_type))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source(prep)))
     cache = prep.config.data.cache if prep.config.data else True
     memo = TeacherLogits()  # the guards' logits, shared by the re-fits and the body step
@@ -852,6 +855,10 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     report = heads()
     card = report.markdown()
     meta = report.to_json()
+    if rc is not recipe:  # refit.without_bf16 applied: say so where the numbers are
+        meta["without_bf16"] = recipe.without_bf16
+        card += ("\n\nThe passes ran in float32 (no bf16 matrix instructions here), so the recipe's "
+                 f"`refit.without_bf16` settings replaced its own: `{json.dumps(recipe.without_bf16)}`.")
     names = list(prep.models[0].family.out)  # only the head rows changed
     if rc.body is not None:
         from hm3.body_distill import distill_body

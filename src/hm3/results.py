@@ -929,6 +929,9 @@ def describe(rec: Recommendation) -> str:
         from hm3.fastpaths import resolve_precision
 
         parts.append(f"precision auto (forward passes in {resolve_precision('auto')} on this CPU)")
+        if rec.without_bf16:  # refit.without_bf16: what runs instead on a CPU without bf16 instructions
+            parts.append("without bf16 instructions: " + ", ".join(
+                "no body distillation" if k == "body" and v is None else f"{k} {v}" for k, v in rec.without_bf16.items()))
     elif rec.refit and rec.precision != "float32":
         parts.append(f"forward passes in {rec.precision}")
     return ", ".join(parts)

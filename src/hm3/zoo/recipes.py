@@ -72,6 +72,7 @@ class Recommendation:
     max_length: int | None = None  # re-fit tokens per window (None: the model's inference window)
     truncate: bool = False  # re-fit on each text's first window only (hm3.refit's truncate)
     precision: str = "float32"  # re-fit (and body) forward passes: float32 | bfloat16 (hm3.refit)
+    without_bf16: dict[str, Any] | None = None  # with precision auto: the re-fit's keys where it runs float32
     summary: str = ""  # why, in a sentence: the recipe file's header (``why`` is the whole story, for RESULTS.md)
     why: str = ""
 
@@ -148,13 +149,16 @@ RECOMMENDED: dict[str, Recommendation] = {
     "all": Recommendation(
         "tsv", refit="distill", cross_texts=250, max_texts=1000, precision="auto", max_length=128, truncate=True,
         body={"epochs": 2, "layers": 3, "lr": 5e-5, "targets": "refit"},
+        without_bf16={"max_texts": 500, "body": None},
         summary="every target of issue 9 met on validation at seeds 0-3 (1.001 / 0.998 / 0.999 / 0.997 of the "
                 "originals, worst group question 0.986 / 0.986 / 0.986 / 0.983), in 107 s on 2 cores with AMX "
-                "(bf16 passes; on an AVX2-only CPU, fp32: not measured, expect several minutes — there drop `body` and set "
-                "`max_texts: 500`, the heads-only recipe: ~100 s, 0.993 on average, harm 0.939 at seed 2): the "
+                "(bf16 passes): the "
                 "guards merged by TSV-M (task singular vectors), the heads re-fitted to the five guards' "
                 "probabilities on each text's first 128 tokens, then the top 3 encoder layers trained towards "
-                "the guards for 2 epochs.",
+                "the guards for 2 epochs. Without bf16 instructions (fp32 passes: 224 s on the same CPU with torch "
+                "held to AVX2 kernels) `without_bf16` makes it the heads-only recipe before it: 500 own texts, no "
+                "body step (~100 s on an AVX2-only CPU; validation 0.992 on average over seeds 0-3, harm 0.939 at "
+                "seed 2).",
         why="TSV-M, the heads re-fitted (distilled, 1,000 of each guard's own training texts + 250 of each other "
             "guard's, each text's first 128 tokens), then body distillation of the top 3 encoder layers (2 "
             "epochs, lr 5e-5, each group trained on its own re-fit texts: `targets: refit`), because it meets "
@@ -176,7 +180,13 @@ RECOMMENDED: dict[str, Recommendation] = {
             "`targets: refit`: 0.9997 / 0.9943 at seeds 0 / 2 in 113 s, harm following its guard less (1378 "
             "at seed 0); the heads-only recipe with 1,500 own texts: 0.9969 / 0.9982 / 0.9908 / 0.9961 (harm "
             "0.965 at seed 2); the heads-only recipe + the body step at 500 own texts: 0.9932 / 0.9947 / "
-            "0.9935 / 0.9995, worst harm 0.973 / 0.959 / 0.963. Before session 33: "
+            "0.9935 / 0.9995, worst harm 0.973 / 0.959 / 0.963. Session 34, on CPUs without bf16 instructions: "
+            "the same Xeon with torch held to AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+            "ONEDNN_MAX_CPU_ISA=AVX2`, `precision: float32`, 2 threads, cold cache, alone) ran this recipe in 224 s "
+            "(features 28 s, body 115 s) and the heads-only recipe before it in 80 s (95-104 s on the AVX2-only "
+            "EPYC of sessions 29-30), so the recipe's `refit.without_bf16` (500 own texts, no body step) makes it "
+            "that recipe wherever `precision: auto` runs float32: the two minutes hold on both kinds of CPU, at "
+            "the heads-only recipe's quality there. Before session 33: "
             "TSV-M (Task Singular Vectors, `merge_method: tsv`), then only the heads re-fitted (distilled, 500 of "
             "each guard's own training texts + 250 of each other guard's, each text's first 128 tokens), because "
             "it meets every target of issue 9 on validation at the two seeds it was chosen on and is the first recipe to fit the two "
@@ -333,6 +343,7 @@ def recipe(
             **({"truncate": True} if rec.truncate else {}),
             **({"body": dict(rec.body)} if rec.body else {}),
             **({"precision": rec.precision} if rec.precision != "float32" else {}),
+            **({"without_bf16": dict(rec.without_bf16)} if rec.without_bf16 else {}),
         }
     return out
 
