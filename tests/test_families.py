@@ -185,7 +185,10 @@ def test_onnx_export_answers_like_torch(family, tmp_path):
     from hm3.fastpaths import accelerate
 
     fam, d = family
-    fast = accelerate(hm3.load(d / "a"), "onnx", cache_dir=tmp_path)
+    clf = hm3.load(d / "a")
+    attention = clf.model.config._attn_implementation
+    fast = accelerate(clf, "onnx", cache_dir=tmp_path)
+    assert clf.model.config._attn_implementation == attention  # exported as eager, then switched back
     for batch_size in (len(TEXTS), 1):
         got = np.asarray(fast.predict_proba(TEXTS, batch_size=batch_size)["a"])
         np.testing.assert_allclose(got, _guard_probs(d / "a"), atol=1e-5)

@@ -229,7 +229,9 @@ def export_onnx(model, out: str | os.PathLike) -> Path:
 
     out = Path(out)
     source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    stamp = {"source": str(source), "num_labels": int(model.config.num_labels)}
+    # attention exported as transformers' eager matmul-softmax-matmul: ONNX Runtime runs it ~1.5x faster than
+    # the SDPA export's decomposed graph (MiniLM, 32 x 512 tokens: 2.8 s vs 4.2 s; torch's own SDPA 2.2 s)
+    stamp = {"source": str(source), "num_labels": int(model.config.num_labels), "attention": "eager"}
     weights = Path(str(source)) / "model.safetensors"
     if weights.is_file():
         st = weights.stat()
@@ -251,6 +253,8 @@ def export_onnx(model, out: str | os.PathLike) -> Path:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
     was_training = model.training
+    attention = getattr(model.config, "_attn_implementation", None)
+    switch = attention not in (None, "eager") and hasattr(model, "set_attn_implementation")
     wrapper = Logits(model).eval()
     # Trace with padding in the mask: with an all-ones mask transformers may skip masking, and the
     # trace would keep that shortcut for every batch.
@@ -261,15 +265,21 @@ def export_onnx(model, out: str | os.PathLike) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     import warnings
 
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (ids, mask), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                          "logits": {0: "batch"}},
-            opset_version=17, dynamo=False,
-        )
-    model.train(was_training)  # the exporter restores the wrapper's mode onto the model
+    try:
+        if switch:
+            model.set_attn_implementation("eager")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, (ids, mask), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                              "logits": {0: "batch"}},
+                opset_version=17, dynamo=False,
+            )
+    finally:
+        if switch:  # the caller's model keeps answering as it did
+            model.set_attn_implementation(attention)
+        model.train(was_training)  # the exporter restores the wrapper's mode onto the model
     os.replace(tmp, out)
     stamp_file.write_text(json.dumps(stamp))
     log.info("exported %s", out)
