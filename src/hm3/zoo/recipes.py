@@ -155,10 +155,8 @@ RECOMMENDED: dict[str, Recommendation] = {
                 "(bf16 passes): the "
                 "guards merged by TSV-M (task singular vectors), the heads re-fitted to the five guards' "
                 "probabilities on each text's first 128 tokens, then the top 3 encoder layers trained towards "
-                "the guards for 2 epochs. Without bf16 instructions (fp32 passes: 224 s on the same CPU with torch "
-                "held to AVX2 kernels) `without_bf16` makes it the heads-only recipe before it: 500 own texts, no "
-                "body step (~100 s on an AVX2-only CPU; validation 0.992 on average over seeds 0-3, harm 0.939 at "
-                "seed 2).",
+                "the guards for 2 epochs. Without bf16 instructions (fp32: 224 s) `without_bf16` makes it the "
+                "heads-only recipe: 500 own texts, no body step (~100 s; validation 0.992, harm 0.939 at seed 2).",
         why="TSV-M, the heads re-fitted (distilled, 1,000 of each guard's own training texts + 250 of each other "
             "guard's, each text's first 128 tokens), then body distillation of the top 3 encoder layers (2 "
             "epochs, lr 5e-5, each group trained on its own re-fit texts: `targets: refit`), because it meets "
