@@ -223,6 +223,10 @@ def test_without_bf16_replaces_the_refit_settings_only_where_auto_runs_float32(t
     meta = json.loads((fast / "config.json").read_text())["hm3"]["refit"]
     assert "without_bf16" not in meta and meta["precision"] == "bfloat16"
     assert {meta["groups"][g]["texts"] for g in ("a", "b")} == {80}
+    from hm3.config import load_config
+
+    empty = load_config({**r, "refit": {**r["refit"], "without_bf16": {}}}).refit
+    assert empty.for_precision("float32") is empty  # nothing to replace: the recipe's own re-fit, not a copy
 
 
 @pytest.mark.parametrize("refit, match", [

@@ -215,7 +215,7 @@ class RefitConfig(BaseModel):
     def for_precision(self, precision: str) -> "RefitConfig":
         """The re-fit that runs at ``precision`` (``auto`` resolved): this one, or with ``without_bf16``'s
         keys in place where it is float32."""
-        if precision != "float32" or self.without_bf16 is None:
+        if precision != "float32" or not self.without_bf16:  # None or {}: nothing to replace
             return self
         fields = self.model_dump(exclude={"without_bf16"})
         return RefitConfig.model_validate({**fields, **self.without_bf16})
