@@ -415,9 +415,7 @@ def bench_merge(
                 spec = {"files": [str(f) for f in files], "out": str(run_dir / "io-floor.bin"), "nbytes": bm.bytes_fp32}
                 runs_io = []
                 for _ in range(repeats):
-                    shutil.rmtree(run_dir / "out", ignore_errors=True)
-                    read_through([bm.base, *bm.models])
-                    os.sync()  # flush earlier writes (models, outputs): their write-back must not land in this floor
+                    ready_to_time(run_dir / "out", [bm.base, *bm.models])
                     x = run_child(_worker_cmd("io-floor", **spec), env=env)
                     runs_io.append({"read_s": x.extra["read_s"], "write_s": x.extra["write_s"], "seconds": x.inner_s})
                 io_floor = io_floor_of(runs_io)
@@ -446,19 +444,14 @@ def bench_merge(
                 inputs = {"hm3": [bm.base, *bm.models], "mergekit": [bm.xbase, *bm.xmodels] if mergekit else []}
                 for r in range(repeats):
                     for tool, mode, cmd in jobs:
-                        # every tool starts without a previous output: removing one is not part of a merge
-                        shutil.rmtree(run_dir / ("out-mergekit" if tool == "mergekit" else "out"), ignore_errors=True)
-                        read_through(inputs[tool])
-                        os.sync()  # as for the floor: the previous run's output is not written back during this one
+                        ready_to_time(run_dir / ("out-mergekit" if tool == "mergekit" else "out"), inputs[tool])
                         run = run_child(cmd, env=env)
                         runs[(tool, mode)].append(run)
                         log.info("%s %s×%d %s %s #%d: %.2fs (inner %s) rss %.0f MB", tool, size, n, method, mode, r,
                                  run.wall_s, f"{run.inner_s:.2f}s" if run.inner_s is not None else "-", run.peak_rss_mb)
                 results["commands"].setdefault(f"{size}-{n}-{method}", {f"{t} {m}": " ".join(c) for t, m, c in jobs})
                 if phases and whole_process:
-                    shutil.rmtree(run_dir / "out", ignore_errors=True)
-                    read_through(inputs["hm3"])
-                    os.sync()
+                    ready_to_time(run_dir / "out", inputs["hm3"])
                     run = run_child(_worker_cmd("hm3-phases", config=str(hm3_cfg), out=out), env=env)
                     results["phases"].append({"size": size, "n": n, "method": method, **run.extra,
                                               "process_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb})
@@ -482,6 +475,15 @@ def bench_merge(
                 shutil.rmtree(run_dir / "out-mergekit", ignore_errors=True)
     results["summary"] = merge_summary(results)
     return results
+
+
+def ready_to_time(out: Path, inputs: list) -> None:
+    """What every timed run (and page-cache floor) starts from: no previous output at ``out`` (removing
+    one is not part of a merge), its ``inputs`` in the page cache (``read_through``), and nothing that
+    earlier runs left dirty (``os.sync``), so no run pays for the write-back of the run before it."""
+    shutil.rmtree(out, ignore_errors=True)
+    read_through(inputs)
+    os.sync()
 
 
 def read_through(dirs: list) -> None:
