@@ -251,6 +251,19 @@ def test_inference_bench_reports_fast_paths(workdir, inference_results):
     text = bench.render_markdown({}, res, command="x", images={})
     assert f"| 2 | int8-checked | {row['speedup']:.2f}× | {row['agreement']['all']:.2%} |" in text
     assert f"| {row['rerun_share']:.1%} |" in text
+    assert res["calibration"] == "random-token windows" and "activation ranges from random-token windows" in text
+
+
+def test_int8_calibration_texts_are_the_zoo_validation_suite(tmp_path):
+    """int8 is calibrated on the zoo's validation suite, never on the test suite it is measured on."""
+    assert bench.calibration_texts(tmp_path / "no-zoo") == (None, "random-token windows")
+    suites = tmp_path / "zoo" / "suites"
+    suites.mkdir(parents=True)
+    (suites / "test.jsonl").write_text(json.dumps({"text": "a test text", "expected": {"g": "x"}}) + "\n")
+    (suites / "validation.jsonl").write_text("".join(json.dumps({"text": f"validation {i}", "expected": {"g": "x"}}) + "\n"
+                                                     for i in range(3)))
+    texts, source = bench.calibration_texts(tmp_path / "zoo")
+    assert texts == ["validation 0", "validation 1", "validation 2"] and source == str(suites / "validation.jsonl")
 
 
 def test_trial_bench_structure_and_report(workdir):

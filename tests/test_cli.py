@@ -84,6 +84,23 @@ def test_predict_fast_path(tiny, tmp_path):
     assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "fp4"), "unknown fast path 'fp4'")
 
 
+def test_predict_int8_calibrates_on_the_given_texts(tiny, tmp_path):
+    """`--calibrate FILE` smooths int8 on those texts instead of random tokens (other scores); it is
+    refused without an int8 path, and a missing file is a one-line error."""
+    (tmp_path / "in.txt").write_text("w0 w30 w31\nw12 w40\nw3 w31 w7\n")
+    (tmp_path / "cal.jsonl").write_text("".join(json.dumps({"text": f"w{i} w{i + 30} w{i + 7}"}) + "\n" for i in range(20)))
+    default = run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "int8")
+    calibrated = run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "int8",
+                     "--calibrate", tmp_path / "cal.jsonl")
+    assert default.exit_code == 0 and calibrated.exit_code == 0, (default.stderr, calibrated.stderr)
+    scores = [[row["groups"]["a"]["scores"] for row in map(json.loads, r.output.splitlines())] for r in (default, calibrated)]
+    assert len(scores[0]) == len(scores[1]) == 3 and scores[0] != scores[1]
+    assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--calibrate", tmp_path / "cal.jsonl"),
+                      "is for --fast int8 or int8-checked")
+    assert_user_error(run("predict", tiny["a"], "--input", tmp_path / "in.txt", "--fast", "int8",
+                          "--calibrate", tmp_path / "none.txt"), "none.txt")
+
+
 def test_predict_reads_stdin_and_text_options(tiny, tmp_path):
     """`--input -` reads one text a line from stdin and `--text` takes texts on the command line: the
     same predictions as the file; giving neither, both, or an empty stdin is a one-line error."""

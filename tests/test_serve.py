@@ -231,6 +231,22 @@ def test_fast_path_is_served_and_reported(merged, reference):
         Settings(fast="fp4")
 
 
+def test_int8_is_calibrated_on_the_settings_file(merged, tmp_path, monkeypatch):
+    """`calibrate` names a file of texts for int8's smoothing; it needs an int8 path."""
+    import hm3.fastpaths
+
+    texts = [t for t, _ in TASK_A.sample(12, seed=5)]
+    (tmp_path / "cal.txt").write_text("\n".join(texts) + "\n")
+    seen = []
+    real = hm3.fastpaths.activation_ranges
+    monkeypatch.setattr(hm3.fastpaths, "activation_ranges", lambda clf, t=None: seen.append(t) or real(clf, t))
+    create_app(merged, Settings(fast="int8", calibrate=str(tmp_path / "cal.txt"), threads=1))
+    assert seen == [texts]
+    for fast in (None, "onnx"):
+        with pytest.raises(HM3Error, match="calibrate .* is for fast int8 or int8-checked"):
+            Settings(fast=fast, calibrate=str(tmp_path / "cal.txt"))
+
+
 def test_api_key(merged):
     with background_server(create_app(merged, Settings(api_key="s3cret", threads=1))) as base_url:
         with httpx.Client(base_url=base_url, timeout=30) as c:

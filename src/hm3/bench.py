@@ -566,8 +566,7 @@ def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> 
     (from the BERT vocabulary), lengths spread like real guard inputs. Returns (texts, source)."""
     import random
 
-    zoo = Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
-    suite = zoo / "suites" / "test.jsonl"
+    suite = _zoo_dir(zoo) / "suites" / "test.jsonl"
     texts: list[str] = []
     if suite.is_file():
         from hm3.evaluate import load_suite
@@ -582,6 +581,22 @@ def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> 
         length = min(200, max(4, int(rng.lognormvariate(3.0, 0.8))))
         texts.append(" ".join(rng.choice(words) for _ in range(length)))
     return texts, f"generated (seed {seed}, log-normal lengths, median 20 words)"
+
+
+def _zoo_dir(zoo: str | os.PathLike | None) -> Path:
+    return Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+
+
+def calibration_texts(zoo: str | os.PathLike | None = None) -> tuple[list[str] | None, str]:
+    """The int8 paths' calibration texts: the zoo's validation suite (never the test suite the bench
+    classifies), else none — random-token windows (``hm3.fastpaths.activation_ranges``)."""
+    suite = _zoo_dir(zoo) / "suites" / "validation.jsonl"
+    if suite.is_file():
+        from hm3.evaluate import load_suite
+
+        if texts := [r.text for r in load_suite(suite)]:
+            return texts, str(suite)
+    return None, "random-token windows"
 
 
 def _vocab_words() -> list[str]:
@@ -615,6 +630,7 @@ def bench_inference(
     inference is timed in the steady state of a long run for both setups; without it, the setup
     whose first pass is timed alone (the merged model's one pass) also carries the process's
     first-pass costs, which the originals' N passes share."""
+    from hm3.fastpaths import SMOOTH_ALPHA, full_range_int8
     from hm3.merging.engine import merge
 
     workdir = Path(workdir).resolve()
@@ -629,7 +645,14 @@ def bench_inference(
     run_dir.mkdir(parents=True, exist_ok=True)
     texts_file = run_dir / "texts.json"
     texts_file.write_text(json.dumps(texts))
+    calibration, calibration_source = calibration_texts(zoo)
+    calibration_file = None
+    if calibration is not None:
+        calibration_file = run_dir / "calibration.json"
+        calibration_file.write_text(json.dumps(calibration))
     results: dict[str, Any] = {"machine": _machine(), "guards": source, "texts": text_source, "n_texts": len(texts),
+                               "calibration": calibration_source, "smooth_alpha": SMOOTH_ALPHA,
+                               "full_range": full_range_int8(),
                                "batch_size": batch_size, "repeats": repeats, "rows": [], "fast": [], "threads": threads,
                                "warmup": warmup}
     for n in counts:
@@ -647,9 +670,10 @@ def bench_inference(
                                   warmup=warmup, labels=str(run_dir / f"labels{n}-fp32.json")),
         }
         for name in fast:
+            calibrate = {"calibration": str(calibration_file)} if calibration_file and name.startswith("int8") else {}
             jobs[f"merged+{name}"] = _worker_cmd("infer", models=[str(merged)], texts=str(texts_file),
                                                  batch_size=batch_size, fast=name, warmup=warmup,
-                                                 labels=str(run_dir / f"labels{n}-{name}.json"))
+                                                 labels=str(run_dir / f"labels{n}-{name}.json"), **calibrate)
         for name in fast:  # one-time exports are a build step, not load time: make them first
             if name.startswith("onnx"):
                 try:
@@ -1024,8 +1048,14 @@ def render_markdown(merge_res: dict | None, infer_res: dict | None, *, command: 
         if infer_res.get("fast"):
             lines += ["", "Opt-in fast paths of the merged model (`hm3.fastpaths`): group-label agreement with fp32 "
                       "on the same texts (target ≥ 99%), and inference speed relative to the fp32 merged model "
-                      "(its inference s ÷ the path's). `int8`: per-channel dynamic quantisation of the encoder "
-                      "(pooler and classifier fp32). `int8-checked`: int8, with the windows where some group's "
+                      "(its inference s ÷ the path's). `int8`: per-channel dynamic quantisation of the encoder's "
+                      "linear layers but the FFN down-projections (they, the pooler and the classifier stay fp32), "
+                      "each layer's input smoothed first (SmoothQuant, alpha "
+                      f"{infer_res.get('smooth_alpha', 0.7)}) on activation ranges from "
+                      f"{infer_res.get('calibration', 'random-token windows')} (calibration: part of the load "
+                      "time), activations at "
+                      f"{'8 bits (this CPU has AVX512-VNNI)' if infer_res.get('full_range') else '7 bits (no VNNI here)'}. "
+                      "`int8-checked`: int8, with the windows where some group's "
                       "top-two logits are within 0.5 nats re-run in fp32 (share re-run shown). `bf16`: `torch.autocast` "
                       "to bfloat16 (matrix products in bf16, softmax and layer norms fp32; fast only on CPUs with "
                       "AMX or AVX512-BF16).", "",
@@ -1328,7 +1358,9 @@ def _infer(spec: dict) -> dict:
     if fast:
         from hm3.fastpaths import accelerate
 
-        clfs = [accelerate(c, fast, cache_dir=Path(spec["models"][0]) / ".hm3-fast") for c in clfs]
+        calibration = json.loads(Path(spec["calibration"]).read_text()) if spec.get("calibration") else None
+        clfs = [accelerate(c, fast, cache_dir=Path(spec["models"][0]) / ".hm3-fast", calibration=calibration)
+                for c in clfs]
     t1 = time.perf_counter()
     load_s, first_pass = t1 - t0, None
     if spec.get("warmup"):

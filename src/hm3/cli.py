@@ -25,6 +25,7 @@ import typer
 # the environment where it pays.
 
 from hm3.errors import FORCE_HELP, HM3Error
+from hm3.fastpaths import CALIBRATE_HELP
 from hm3.labels import LABEL_THRESHOLD_HELP
 
 app = typer.Typer(
@@ -113,6 +114,7 @@ def predict(
     fast: Optional[str] = typer.Option(
         None, "--fast", help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, bf16 (answers can differ from "
         "fp32 near a decision boundary; agreement: docs/BENCHMARKS.md)."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help=CALIBRATE_HELP),
 ) -> None:
     """Classify texts: per text and group, the label and the group's softmax scores (a multi-label
     group: a sigmoid score per label, and the labels at or above --threshold)."""
@@ -121,12 +123,15 @@ def predict(
 
     if output is not None:
         check_output_file(output)  # before the texts are classified
+    if calibrate is not None and fast not in ("int8", "int8-checked"):
+        raise HM3Error(f"--calibrate {calibrate} is for --fast int8 or int8-checked")
     texts = texts_from(input, text)
+    calibration = texts_from(calibrate) if calibrate is not None else None
     clf = load(model, aggregate=aggregate, threshold=threshold, thresholds=thresholds_option(label_threshold))
     if fast:
         from hm3.fastpaths import accelerate
 
-        clf = accelerate(clf, fast)
+        clf = accelerate(clf, fast, calibration=calibration)
     names = [g.strip() for g in groups.split(",") if g.strip()] if groups else None
     preds = clf.predict(texts, names, batch_size=batch_size, progress=output is not None)
     lines = [

@@ -72,6 +72,7 @@ class Settings:
     thresholds: Optional[dict] = None  # per group or "group/label": overrides of threshold (hm3.model.label_thresholds)
     max_length: Optional[int] = None  # tokens per window (None: the model's own limit)
     fast: Optional[str] = None  # opt-in faster CPU path of hm3.fastpaths (int8, int8-checked, onnx, onnx-int8, bf16)
+    calibrate: Optional[str] = None  # fast int8 / int8-checked: a file of texts like the traffic (hm3.io.texts_from)
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_text_bytes", "max_body_bytes", "max_batch_texts", "max_queue_texts",
@@ -92,6 +93,9 @@ class Settings:
 
             if self.fast not in PATHS:
                 raise HM3Error(f"serve setting fast must be one of {', '.join(PATHS)}, got {self.fast!r}")
+        if self.calibrate is not None and self.fast not in ("int8", "int8-checked"):
+            raise HM3Error(f"serve setting calibrate ({self.calibrate}) is for fast int8 or int8-checked, "
+                           f"not {self.fast or 'the default fp32 path'}")
         if self.api_key is not None and not self.api_key.strip():
             raise HM3Error("the API key is empty; unset HM3_API_KEY / --api-key or give a non-empty key")
 
@@ -597,8 +601,9 @@ def create_app(classifier_or_path: "GroupwiseClassifier | str | os.PathLike", se
         clf = classifier_or_path
     if s.fast:
         from hm3.fastpaths import accelerate
+        from hm3.io import texts_from
 
-        clf = accelerate(clf, s.fast)
+        clf = accelerate(clf, s.fast, calibration=texts_from(s.calibrate) if s.calibrate else None)
     model_name = Path(clf.name).name if getattr(clf, "name", "") else "model"
     ClassifyRequest, TextResult, ErrorResponse, LabelsResponse = _request_models()
     metrics = Metrics()
@@ -790,6 +795,7 @@ def register(app, user_errors) -> None:
 
     import typer
 
+    from hm3.fastpaths import CALIBRATE_HELP
     from hm3.labels import LABEL_THRESHOLD_HELP
 
     @app.command()
@@ -821,6 +827,7 @@ def register(app, user_errors) -> None:
         log_level: str = typer.Option("info", help="uvicorn log level."),
         fast: Optional[str] = typer.Option(None, help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8 "
                                            "(answers can differ from fp32 near a boundary; docs/BENCHMARKS.md)."),
+        calibrate: Optional[Path] = typer.Option(None, help=CALIBRATE_HELP),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
         from hm3.model import thresholds_option  # here: `hm3 --help` must not import torch
@@ -830,5 +837,6 @@ def register(app, user_errors) -> None:
             max_batch_texts=max_batch_texts, max_wait_ms=max_wait_ms, max_queue_texts=max_queue_texts,
             batch_size=batch_size, threads=threads, api_key=api_key, aggregate=aggregate, threshold=threshold,
             thresholds=thresholds_option(label_threshold) or None, fast=fast,
+            calibrate=str(calibrate) if calibrate is not None else None,
         )
         run(model, host, port, settings, log_level=log_level, keep_alive=keep_alive)
