@@ -55,6 +55,16 @@ def test_smoothing_keeps_the_fp32_function(clf, texts):
     torch.testing.assert_close(fp32.window_logits(wins), clf.window_logits(wins), atol=1e-4, rtol=1e-4)
 
 
+def test_a_channel_calibration_never_saw_move_is_not_smoothed():
+    layer, x = _outlier_layer()
+    ranges = {"0": x.abs().amax(0)}
+    ranges["0"][5] = 0.0
+    smoothed, (inner,) = smooth(layer, ranges)
+    scale = smoothed.get_submodule(inner).weight[:, 5] / layer[0].weight[:, 5]
+    torch.testing.assert_close(scale, torch.ones_like(scale))
+    assert smoothed.get_submodule("0").inv[5] == 1 and smoothed.get_submodule("0").inv[3] < 1
+
+
 def _outlier_layer(seed=0):
     """A linear layer and inputs with one outlier channel (x 60), as transformers' activations have."""
     g = torch.Generator().manual_seed(seed)
