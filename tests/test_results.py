@@ -75,6 +75,28 @@ def fake_zoo(tmp_path_factory):
     return {"zoo": zoo, "base": base, "dir": d}
 
 
+def fake_mmlu(seed):
+    """Stands in for the zoo's MMLU pool: questions of each split, one of them also in the suite."""
+    assert seed == 0
+    suite = json.loads(next(iter(open(FAKE_SUITE["path"], encoding="utf-8"))))["text"] if FAKE_SUITE else None
+    pool = {split: [t + " w2" for t, _ in tasks()["question"].sample(10, seed=50 + k)]
+            for k, split in enumerate(("validation", "test"))}
+    pool["test"].append(suite)
+    return pool
+
+
+FAKE_SUITE: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_pool_download(fake_zoo):
+    """The results path reads the zoo's MMLU pool; here a fake one (the real one needs the archives)."""
+    FAKE_SUITE["path"] = fake_zoo["zoo"] / "suites" / "test.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("hm3.results.mmlu_pool", fake_mmlu)
+        yield
+
+
 SMALL = dict(ties_densities=(0.4, 0.8), trials=3, self_densities=(0.3, 0.9), self_rows=12, threads=1, batch_size=16)
 
 
@@ -281,6 +303,38 @@ def test_agreement_on_other_sources(results):
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         section = results["md"].split("## Text from other sources", 1)[1].split(f"### {case.title}", 1)[1]
         assert f"(img/results-external-{key}.png)" in section.split("###", 1)[0]
+
+
+def test_mmlu_benign_on_questions_beyond_the_suites(results):
+    """The recommended merges' MMLU benign rate on pool questions no suite holds (the one the suite
+    holds is left out), recomputed from the models, with its sign test, and its table."""
+    from scipy.stats import binomtest
+
+    from hm3.model import load
+
+    pool = fake_mmlu(0)
+    assert len(pool["test"]) == 11
+    for key, case in CASE_STUDIES.items():
+        held = results["data"]["results"][key]["recommended"].get("heldout_mmlu")
+        if not {"jailbreak", "harm"} & set(case.groups):
+            assert held is None  # CS2 checks no group on MMLU
+            continue
+        groups = [g for g in ("jailbreak", "harm") if g in case.groups]
+        assert held["groups"] == sorted(groups)
+        merged = load(results["data"]["results"][key]["recommended"]["dir"])
+        for split in ("validation", "test"):
+            qs = pool[split][:10]  # the test pool's 11th question is a suite text
+            ok = lambda probs: [all(probs[g][i].argmax() == 0 for g in probs) for i in range(len(qs))]  # noqa: E731
+            m = ok(merged.predict_proba(qs, groups, batch_size=16))
+            o = ok({g: next(iter(load(results["zoo"] / g).predict_proba(qs, batch_size=16).values())) for g in groups})
+            got = held["splits"][split]
+            assert got["rows"] == 10 and got["merged"] == pytest.approx(sum(m) / 10)
+            assert got["originals"] == pytest.approx(sum(o) / 10)
+            a, b = sum(x and not y for x, y in zip(m, o)), sum(y and not x for x, y in zip(m, o))
+            assert (got["only_merged"], got["only_originals"]) == (a, b)
+            assert got["p"] == pytest.approx(binomtest(a, a + b).pvalue if a + b else 1.0)
+            assert (f"| {case.title} | {split} | 10 | {got['merged']:.4f} | {got['originals']:.4f} | {a} | {b} |"
+                    in results["md"])
 
 
 def test_second_run_reuses_the_cache(results, fake_zoo):

