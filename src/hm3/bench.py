@@ -630,7 +630,7 @@ def bench_inference(
     inference is timed in the steady state of a long run for both setups; without it, the setup
     whose first pass is timed alone (the merged model's one pass) also carries the process's
     first-pass costs, which the originals' N passes share."""
-    from hm3.fastpaths import SMOOTH_ALPHA, full_range_int8
+    from hm3.fastpaths import CALIBRATED, SMOOTH_ALPHA, full_range_int8
     from hm3.merging.engine import merge
 
     workdir = Path(workdir).resolve()
@@ -670,7 +670,7 @@ def bench_inference(
                                   warmup=warmup, labels=str(run_dir / f"labels{n}-fp32.json")),
         }
         for name in fast:
-            calibrate = {"calibration": str(calibration_file)} if calibration_file and name.startswith("int8") else {}
+            calibrate = {"calibration": str(calibration_file)} if calibration_file and name in CALIBRATED else {}
             jobs[f"merged+{name}"] = _worker_cmd("infer", models=[str(merged)], texts=str(texts_file),
                                                  batch_size=batch_size, fast=name, warmup=warmup,
                                                  labels=str(run_dir / f"labels{n}-{name}.json"), **calibrate)

@@ -25,7 +25,7 @@ import typer
 # the environment where it pays.
 
 from hm3.errors import FORCE_HELP, HM3Error
-from hm3.fastpaths import CALIBRATE_HELP
+from hm3.fastpaths import CALIBRATE_HELP, CALIBRATED
 from hm3.labels import LABEL_THRESHOLD_HELP
 
 app = typer.Typer(
@@ -123,8 +123,8 @@ def predict(
 
     if output is not None:
         check_output_file(output)  # before the texts are classified
-    if calibrate is not None and fast not in ("int8", "int8-checked"):
-        raise HM3Error(f"--calibrate {calibrate} is for --fast int8 or int8-checked")
+    if calibrate is not None and fast not in CALIBRATED:
+        raise HM3Error(f"--calibrate {calibrate} is for --fast {' or '.join(CALIBRATED)}")
     texts = texts_from(input, text)
     calibration = texts_from(calibrate) if calibrate is not None else None
     clf = load(model, aggregate=aggregate, threshold=threshold, thresholds=thresholds_option(label_threshold))

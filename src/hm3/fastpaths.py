@@ -45,6 +45,8 @@ from hm3.errors import HM3Error
 log = logging.getLogger(__name__)
 
 PATHS = ("int8", "int8-checked", "onnx", "onnx-int8", "bf16")
+#: the paths that calibrate on texts (``accelerate(calibration=...)``, ``--calibrate``)
+CALIBRATED = ("int8", "int8-checked")
 # Forward-pass precisions of the search's trials (``hm3 search --precision``) and of ``forward_context``.
 PRECISIONS = ("float32", "bfloat16")
 
@@ -79,9 +81,9 @@ def accelerate(clf, path: str, *, cache_dir: str | os.PathLike | None = None, th
 
     if path not in PATHS:
         raise HM3Error(f"unknown fast path {path!r}; valid: {', '.join(PATHS)}")
-    if calibration is not None and path not in ("int8", "int8-checked"):
-        raise HM3Error(f"calibration texts are for the int8 and int8-checked paths; {path} does not use them")
-    if path in ("int8", "int8-checked"):
+    if calibration is not None and path not in CALIBRATED:
+        raise HM3Error(f"calibration texts are for the {' and '.join(CALIBRATED)} paths; {path} does not use them")
+    if path in CALIBRATED:
         int8 = quantize_int8(clf.model, activation_ranges(clf, calibration))
         model = int8 if path == "int8" else CheckedInt8(clf.model, clf.space, int8=int8, cuts=clf.all_cuts())
     elif path == "bf16":

@@ -93,9 +93,12 @@ class Settings:
 
             if self.fast not in PATHS:
                 raise HM3Error(f"serve setting fast must be one of {', '.join(PATHS)}, got {self.fast!r}")
-        if self.calibrate is not None and self.fast not in ("int8", "int8-checked"):
-            raise HM3Error(f"serve setting calibrate ({self.calibrate}) is for fast int8 or int8-checked, "
-                           f"not {self.fast or 'the default fp32 path'}")
+        if self.calibrate is not None:
+            from hm3.fastpaths import CALIBRATED
+
+            if self.fast not in CALIBRATED:
+                raise HM3Error(f"serve setting calibrate ({self.calibrate}) is for fast {' or '.join(CALIBRATED)}, "
+                               f"not {self.fast or 'the default fp32 path'}")
         if self.api_key is not None and not self.api_key.strip():
             raise HM3Error("the API key is empty; unset HM3_API_KEY / --api-key or give a non-empty key")
 
@@ -825,8 +828,8 @@ def register(app, user_errors) -> None:
         keep_alive: float = typer.Option(KEEP_ALIVE, help="Seconds an idle connection stays open (above the "
                                          "clients' and load balancer's idle timeouts)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
-        fast: Optional[str] = typer.Option(None, help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8 "
-                                           "(answers can differ from fp32 near a boundary; docs/BENCHMARKS.md)."),
+        fast: Optional[str] = typer.Option(None, help="Opt-in faster CPU path: int8, int8-checked, onnx, onnx-int8, "
+                                           "bf16 (answers can differ from fp32 near a boundary; docs/BENCHMARKS.md)."),
         calibrate: Optional[Path] = typer.Option(None, help=CALIBRATE_HELP),
     ) -> None:
         """Serve a model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
