@@ -553,9 +553,14 @@ def merge_summary(results: dict) -> list[dict]:
 
 
 # -- the inference benchmark ---------------------------------------------------------------------------
+def zoo_dir(zoo: str | os.PathLike | None = None) -> Path:
+    """The zoo the benchmarks read: ``zoo``, else ``$HM3_ZOO``, else ``.cache/hm3/zoo``."""
+    return Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+
+
 def zoo_guards(zoo: str | os.PathLike | None = None) -> list[Path]:
     """The real guards of the zoo, when it has been built (``<zoo>/<group>/hm3-zoo.json``)."""
-    zoo = Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+    zoo = zoo_dir(zoo)
     if not zoo.is_dir():
         return []
     return sorted(p.parent for p in zoo.glob("*/hm3-zoo.json"))
@@ -566,7 +571,7 @@ def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> 
     (from the BERT vocabulary), lengths spread like real guard inputs. Returns (texts, source)."""
     import random
 
-    suite = _zoo_dir(zoo) / "suites" / "test.jsonl"
+    suite = zoo_dir(zoo) / "suites" / "test.jsonl"
     texts: list[str] = []
     if suite.is_file():
         from hm3.evaluate import load_suite
@@ -583,14 +588,10 @@ def bench_texts(n: int, zoo: str | os.PathLike | None = None, seed: int = 0) -> 
     return texts, f"generated (seed {seed}, log-normal lengths, median 20 words)"
 
 
-def _zoo_dir(zoo: str | os.PathLike | None) -> Path:
-    return Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
-
-
 def calibration_texts(zoo: str | os.PathLike | None = None) -> tuple[list[str] | None, str]:
     """The int8 paths' calibration texts: the zoo's validation suite (never the test suite the bench
     classifies), else none — random-token windows (``hm3.fastpaths.activation_ranges``)."""
-    suite = _zoo_dir(zoo) / "suites" / "validation.jsonl"
+    suite = zoo_dir(zoo) / "suites" / "validation.jsonl"
     if suite.is_file():
         from hm3.evaluate import load_suite
 

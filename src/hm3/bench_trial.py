@@ -51,7 +51,7 @@ def bench_trial(workdir: str | os.PathLike, *, counts: tuple[int, ...] = (2, 5),
     import numpy as np
     import torch
 
-    from hm3.bench import _machine, make_models, zoo_guards
+    from hm3.bench import _machine, make_models, zoo_dir, zoo_guards
     from hm3.fastpaths import bf16_is_fast, check_precision
     from hm3.merging.engine import prepare
     from hm3.merging.fast import TaskVectors, TokenCache
@@ -60,7 +60,7 @@ def bench_trial(workdir: str | os.PathLike, *, counts: tuple[int, ...] = (2, 5),
         check_precision(p)
     if not precisions or precisions[0] != "float32":
         raise HM3Error("bench trial compares with float32: list float32 first in --precisions")
-    zoo = Path(zoo) if zoo else Path(os.environ.get("HM3_ZOO", ".cache/hm3/zoo"))
+    zoo = zoo_dir(zoo)
     guards, source = zoo_guards(zoo), "zoo guards"
     if len(guards) < max(counts):
         bm = make_models(Path(workdir) / "models", size, max(counts), expanded=False)

@@ -391,10 +391,10 @@ class Lab:
             from hm3.model import load
 
             clf, out = load(model_dir), {}
+            want = {g: self.labels[g].index(label) for g, label in rule.items()}
             for split in SPLITS:
                 qs, orig = texts[split], guards(split)
                 probs = clf.predict_proba(qs, list(rule), batch_size=self.s.batch_size)
-                want = {g: self.labels[g].index(label) for g, label in rule.items()}
                 merged_ok = [all(int(probs[g][i].argmax()) == want[g] for g in rule) for i in range(len(qs))]
                 orig_ok = [all(orig[g][q] == want[g] for g in rule) for q in qs]
                 only_merged = sum(m and not o for m, o in zip(merged_ok, orig_ok))
