@@ -72,6 +72,8 @@ def test_merge_bench_structure(merge_results):
     assert s["io_floor_s"] == f["seconds"] and s["hm3_inprocess_x_io_floor"] == pytest.approx(s["hm3_inprocess_s"] / f["seconds"])
     text = bench.render_markdown(merge_results, None, command="x", images={})
     assert "### The page cache's floor" in text and f"| tiny | 2 | {s['floor_s']:.3f} | {f['read_s']:.3f} |" in text
+    assert f["fresh_s"] == min(r["fresh_s"] for r in f["runs"]) > 0 and f["warm_s"] > 0
+    assert f"| {f['fresh_s']:.3f} | {f['warm_s']:.3f} |" in text
     assert f"| {s['hm3_inmemory_s']:.2f} | {s['hm3_inmemory_x_floor']:.1f}× |" in text
 
 
@@ -80,6 +82,18 @@ def test_io_floor_is_the_fastest_read_plus_the_fastest_write():
     runs = [{"read_s": 0.012, "write_s": 0.110, "seconds": 0.122}, {"read_s": 0.010, "write_s": 0.016, "seconds": 0.026},
             {"read_s": 0.011, "write_s": 0.015, "seconds": 0.026}]
     assert bench.io_floor_of(runs) == {"read_s": 0.010, "write_s": 0.015, "seconds": 0.010 + 0.015}
+    # the fresh-memory probe of each run: its fastest too (results of older runs have none)
+    fresh = [dict(r, fresh_s=f, warm_s=w) for r, f, w in zip(runs, (0.30, 0.70, 0.35), (0.05, 0.04, 0.06))]
+    assert bench.io_floor_of(fresh) == {"read_s": 0.010, "write_s": 0.015, "seconds": 0.010 + 0.015,
+                                        "fresh_s": 0.30, "warm_s": 0.04}
+
+
+def test_fresh_memory_times_a_first_and_a_second_write_of_the_bytes(monkeypatch):
+    got = bench.measure_fresh_memory(3 << 20)
+    assert set(got) == {"fresh_s", "warm_s"} and got["fresh_s"] > 0 and got["warm_s"] > 0
+    ticks = iter([1.0, 1.5, 1.6])  # the three clock reads: before, between and after the two writes
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    assert bench.measure_fresh_memory(0) == pytest.approx({"fresh_s": 0.5, "warm_s": 0.1})  # 0 bytes: one page
 
 
 def test_io_floor_reads_every_input_and_writes_the_model_size(tmp_path, monkeypatch):
@@ -94,6 +108,7 @@ def test_io_floor_reads_every_input_and_writes_the_model_size(tmp_path, monkeypa
     got = bench.measure_io_floor(files, tmp_path / "out.bin", nbytes=2500, block=1000)
     assert sizes == {"out.bin": 2500} and not (tmp_path / "out.bin").exists()  # written whole, then removed
     assert got["seconds"] == pytest.approx(got["read_s"] + got["write_s"]) and got["read_s"] > 0
+    assert got["fresh_s"] > 0 and got["warm_s"] > 0  # the memory probe rides along, outside "seconds"
     with pytest.raises(FileNotFoundError):
         bench.measure_io_floor([tmp_path / "missing.safetensors"], tmp_path / "out.bin", nbytes=10)
 

@@ -311,7 +311,9 @@ def measure_io_floor(files: list[Path], out_file: Path, nbytes: int, block: int 
     """What this machine's page cache alone costs a merge: every byte of ``files`` read once through a
     read-only map (a xor over its 64-bit words, a block at a time), then ``nbytes`` written to the new
     ``out_file`` from one reused buffer (removed after). No merging: a merge that reads its inputs and
-    writes its output cannot take less. ``{"read_s", "write_s", "seconds"}`` (their sum)."""
+    writes its output cannot take less. ``{"read_s", "write_s", "seconds"}`` (their sum), and
+    ``fresh_s`` / ``warm_s`` (``measure_fresh_memory``): what the write's new page-cache pages cost
+    as memory alone."""
     import mmap
 
     import numpy as np
@@ -333,14 +335,40 @@ def measure_io_floor(files: list[Path], out_file: Path, nbytes: int, block: int 
             left -= block
     t2 = time.perf_counter()
     Path(out_file).unlink()
-    return {"seconds": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1}
+    return {"seconds": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, **measure_fresh_memory(nbytes)}
+
+
+def measure_fresh_memory(nbytes: int) -> dict:
+    """``{"fresh_s", "warm_s"}``: writing ``nbytes`` into memory the process has just mapped (every page
+    new to it: a page fault and a zeroed page each, as the page cache's new pages for a written file),
+    then the same bytes again (the pages now warm). On bare metal the first is a few times the second.
+    On a VM whose memory balloon reports freed pages to the host (virtio-balloon free page reporting,
+    seen on the benchmark VM in session 36) every page the guest frees goes back to the host, and the
+    next first write of it waits for the host to supply a page again: 0.30-0.31 s against 0.016 s
+    warm for bert-base's 438 MB there (19×), whatever the file system; the page-cache write of the same
+    bytes took 0.13-1.02 s, the fast end when it reused pages a just-deleted file had freed. A page-cache
+    write floor near ``fresh_s`` is that memory's cost, not the file system's."""
+    import mmap
+
+    import numpy as np
+
+    with mmap.mmap(-1, max(nbytes, 1)) as m:
+        a = np.frombuffer(m, dtype=np.uint8)
+        t0 = time.perf_counter()
+        a.fill(1)
+        t1 = time.perf_counter()
+        a.fill(2)
+        t2 = time.perf_counter()
+        del a  # the map cannot close while a view holds it
+    return {"fresh_s": t1 - t0, "warm_s": t2 - t1}
 
 
 def io_floor_of(runs: list[dict]) -> dict:
     """A floor from repeated ``measure_io_floor`` runs: the fastest read plus the fastest write. Noise on a
     shared machine (write-back stalls above all) only ever adds time, so the fastest repeat is the floor."""
     read, write = min(r["read_s"] for r in runs), min(r["write_s"] for r in runs)
-    return {"read_s": read, "write_s": write, "seconds": read + write}
+    memory = {k: min(r[k] for r in runs) for k in ("fresh_s", "warm_s") if all(k in r for r in runs)}
+    return {"read_s": read, "write_s": write, "seconds": read + write, **memory}
 
 
 def _machine() -> dict:
@@ -417,10 +445,11 @@ def bench_merge(
                 for _ in range(repeats):
                     ready_to_time(run_dir / "out", [bm.base, *bm.models])
                     x = run_child(_worker_cmd("io-floor", **spec), env=env)
-                    runs_io.append({"read_s": x.extra["read_s"], "write_s": x.extra["write_s"], "seconds": x.inner_s})
+                    runs_io.append({**x.extra, "seconds": x.inner_s})  # read_s, write_s, fresh_s, warm_s
                 io_floor = io_floor_of(runs_io)
                 results["io_floors"].append({"size": size, "n": n, **io_floor, "runs": runs_io})
-                log.info("page-cache floor %s×%d: read %.3fs write %.3fs", size, n, io_floor["read_s"], io_floor["write_s"])
+                log.info("page-cache floor %s×%d: read %.3fs write %.3fs (fresh memory %.3fs, warm %.3fs)", size, n,
+                         io_floor["read_s"], io_floor["write_s"], io_floor["fresh_s"], io_floor["warm_s"])
             for method in methods:
                 hm3_cfg = run_dir / f"{method}.hm3.yaml"
                 _write_yaml(hm3_cfg, recipe(bm, method))
@@ -873,17 +902,23 @@ def _io_floor_lines(merge_res: dict) -> list[str]:
              "through read-only maps (a xor over their words) and writes one model's bytes to a new file from a "
              "reused buffer (`python -m hm3.bench io-floor`, `bench.measure_io_floor`; each child started after "
              "`os.sync()`; the fastest read plus the fastest write of the repeats, as noise only adds). No merging: the "
-             "time a merge of these files cannot go below on this machine, whatever its engine.", "",
+             "time a merge of these files cannot go below on this machine, whatever its engine. *Fresh memory*: the "
+             "same child writes one model's bytes into memory it has just mapped, then again "
+             "(`bench.measure_fresh_memory`): a written file's new page-cache pages cost at least the first; where "
+             "it is many times the second (a VM whose memory balloon hands freed pages back to the host), the write "
+             "column is that memory's price, not the file system's.", "",
              "| size | N | bandwidth floor s | page cache: read s | write s | total s (× bandwidth floor) | "
+             "fresh memory: first write s | again s | "
              + " | ".join(f"hm3 in-process {m} ÷ page-cache floor" for m in methods) + " |",
-             "|" + "---|" * (6 + len(methods))]
+             "|" + "---|" * (8 + len(methods))]
     summary = {(r["size"], r["n"], r["method"]): r for r in merge_res["summary"]}
     for f in merge_res["io_floors"]:
         any_row = next(r for (size, n, _), r in summary.items() if (size, n) == (f["size"], f["n"]))
         ratios = [_f(summary.get((f["size"], f["n"], m), {}).get("hm3_inprocess_x_io_floor"), "{:.1f}×")
                   for m in methods]
         lines.append(f"| {f['size']} | {f['n']} | {any_row['floor_s']:.3f} | {f['read_s']:.3f} | {f['write_s']:.3f} | "
-                     f"{f['seconds']:.3f} ({f['seconds'] / any_row['floor_s']:.1f}×) | " + " | ".join(ratios) + " |")
+                     f"{f['seconds']:.3f} ({f['seconds'] / any_row['floor_s']:.1f}×) | {_f(f.get('fresh_s'), '{:.3f}')} | "
+                     f"{_f(f.get('warm_s'), '{:.3f}')} | " + " | ".join(ratios) + " |")
     return lines + [""]
 
 
