@@ -340,13 +340,13 @@ def measure_io_floor(files: list[Path], out_file: Path, nbytes: int, block: int 
 
 def measure_fresh_memory(nbytes: int) -> dict:
     """``{"fresh_s", "warm_s"}``: writing ``nbytes`` into memory the process has just mapped (every page
-    new to it: a page fault and a zeroed page each, as the page cache's new pages for a written file),
-    then the same bytes again (the pages now warm). On the benchmark VM of session 36 (its virtio
-    balloon has free page reporting on: pages the guest frees go back to the host, so a first write
-    probably waits for the host to supply the page again; THP did not change it) the first write took
-    0.30-0.31 s against 0.016 s warm for bert-base's 438 MB (19×), whatever the file system; the page-cache write of the same
-    bytes took 0.13-1.02 s, the fast end when it reused pages a just-deleted file had freed. A page-cache
-    write floor near ``fresh_s`` is that memory's cost, not the file system's."""
+    newly allocated, as a written file's new page-cache pages are), then the same bytes again (the
+    pages now warm). On the benchmark VM of session 36 (its virtio balloon has free page reporting on:
+    pages the guest frees go back to the host, so a first write probably waits for the host to supply
+    the page again; THP did not change it) the first write took 0.30-0.31 s against 0.016 s warm for
+    bert-base's 438 MB (19×), whatever the file system; the page-cache write of the same bytes took
+    0.13-1.02 s, the fast end when it reused pages a just-deleted file had freed. A page-cache write
+    floor near ``fresh_s`` is that memory's cost, not the file system's."""
     import mmap
 
     import numpy as np
