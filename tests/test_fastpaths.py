@@ -178,6 +178,19 @@ def test_unknown_precision_is_refused():
             forward_context(bad)
 
 
+def test_has_amx_reads_torchs_probe_and_says_no_without_it(monkeypatch):
+    import torch
+
+    import hm3.fastpaths as fp
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert fp.has_amx() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert fp.has_amx() is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)  # a torch without the helper
+    assert fp.has_amx() is False
+
+
 def test_auto_precision_follows_the_cpu(monkeypatch):
     import hm3.fastpaths as fp
     from hm3.errors import HM3Error

@@ -229,8 +229,55 @@ def test_without_bf16_replaces_the_refit_settings_only_where_auto_runs_float32(t
     assert empty.for_precision("float32") is empty  # nothing to replace: the recipe's own re-fit, not a copy
 
 
+def test_without_amx_replaces_the_refit_settings_only_where_auto_runs_bf16_without_amx(tiny, tmp_path, recipe, data,
+                                                                                      monkeypatch):
+    import hm3.fastpaths as fp
+
+    r = _ties(recipe, mode="distill", precision="auto")
+    r["data"] = {"texts": {"a": data["a_text"], "b": data["b_text"]}}
+    r["refit"]["without_amx"] = {"max_texts": {"a": 30}}  # b: the default (500: all its 80 texts)
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)
+    monkeypatch.setattr(fp, "has_amx", lambda: False)  # AVX512-BF16 only: the cheaper re-fit
+    cheap = hm3.merge(r, tmp_path / "cheap", progress=False).path
+    meta = json.loads((cheap / "config.json").read_text())["hm3"]["refit"]
+    assert meta["without_amx"] == {"max_texts": {"a": 30}} and meta["precision"] == "bfloat16"
+    assert (meta["groups"]["a"]["texts"], meta["groups"]["b"]["texts"]) == (30, 80)
+    assert "bfloat16 without AMX tiles" in (cheap / "README.md").read_text()
+    assert "`refit.without_amx` settings replaced" in (cheap / "README.md").read_text()
+    # the same bytes as a recipe that says those settings itself
+    plain = dict(r, refit={**{k: v for k, v in r["refit"].items() if k != "without_amx"},
+                           "precision": "bfloat16", "max_texts": {"a": 30}})
+    ref = hm3.merge(plain, tmp_path / "plain", progress=False).path
+    assert (cheap / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    for amx, fast, precision in ((True, True, "bfloat16"), (False, False, "float32")):  # AMX; no bf16 at all
+        monkeypatch.setattr(fp, "has_amx", lambda: amx)
+        monkeypatch.setattr(fp, "bf16_is_fast", lambda: fast)
+        own = hm3.merge(r, tmp_path / f"own-{precision}", progress=False).path
+        meta = json.loads((own / "config.json").read_text())["hm3"]["refit"]
+        assert "without_amx" not in meta and meta["precision"] == precision
+        assert {meta["groups"][g]["texts"] for g in ("a", "b")} == {80}
+
+
+def test_a_recipe_with_both_tiers_takes_the_one_of_its_cpu(recipe, data):
+    from hm3.config import load_config
+
+    r = _ties(recipe, mode="distill", data={"a": data["a_text"]}, precision="auto")
+    r["refit"].update(max_texts=80, without_bf16={"max_texts": 10, "body": None}, without_amx={"max_texts": 40},
+                      body={"epochs": 2})
+    rc = load_config(r).refit
+    assert [rc.tier(p, amx) for p, amx in (("bfloat16", True), ("bfloat16", False), ("float32", True),
+                                           ("float32", False))] == [None, "without_amx", "without_bf16", "without_bf16"]
+    assert rc.for_precision("bfloat16") is rc
+    no_amx, no_bf16 = rc.for_precision("bfloat16", amx=False), rc.for_precision("float32")
+    assert (no_amx.max_texts, no_amx.body.epochs, no_amx.without_amx, no_amx.without_bf16) == (40, 2, None, None)
+    assert (no_bf16.max_texts, no_bf16.body) == (10, None)
+
+
 @pytest.mark.parametrize("refit, match", [
     ({"precision": "float32", "without_bf16": {"max_texts": 30}}, "without_bf16 needs precision: auto"),
+    ({"precision": "bfloat16", "without_amx": {"max_texts": 30}}, "without_amx needs precision: auto"),
+    ({"precision": "auto", "without_amx": {"groups": ["a"]}}, "without_amx cannot set groups"),
+    ({"precision": "auto", "without_amx": {"max_texts": {"a": 0}}}, "without_amx makes an invalid re-fit: max_texts"),
     ({"precision": "auto", "without_bf16": {"data": {"a": "x.jsonl"}}}, "without_bf16 cannot set data"),
     ({"precision": "auto", "without_bf16": {"max_texts": 0}}, "without_bf16 makes an invalid re-fit: max_texts"),
     ({"precision": "auto", "without_bf16": {"body": {"epochs": 1, "speed": 2}}}, "without_bf16 makes an invalid re-fit: body.speed: unknown key"),

@@ -119,8 +119,9 @@ class BodyConfig(BaseModel):
     targets: Literal["all", "refit"] = "all"
 
 
-#: what ``refit.without_bf16`` may change: the cost of the re-fit, not its data or its groups
-WITHOUT_BF16_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "truncate", "batch_size",
+#: what ``refit.without_bf16`` / ``refit.without_amx`` may change: the cost of the re-fit, not its data or
+#: its groups
+TIER_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "truncate", "batch_size",
                      "label_weight", "body")
 
 
@@ -160,6 +161,9 @@ class RefitConfig(BaseModel):
     # with precision auto: these keys replace the ones above where auto resolves to float32 (a CPU without
     # AMX / AVX512-BF16): a cheaper re-fit for a time budget that needs bf16 (``for_precision``)
     without_bf16: dict[str, Any] | None = None
+    # with precision auto: these keys replace the ones above where auto resolves to bfloat16 on a CPU without
+    # AMX tiles (AVX512-BF16 only: bf16 ~2x fp32 there, not several times)
+    without_amx: dict[str, Any] | None = None
 
     @field_validator("max_texts")
     @classmethod
@@ -198,27 +202,40 @@ class RefitConfig(BaseModel):
         if self.body is not None and self.mode != "distill":
             raise ValueError("body needs mode: distill (the body is trained towards the original guards' "
                              "probabilities)")
-        if self.without_bf16 is not None:
+        for name, tier, where in (("without_bf16", self.without_bf16, ("float32", True)),
+                                  ("without_amx", self.without_amx, ("bfloat16", False))):
+            if tier is None:
+                continue
             if self.precision != "auto":
-                raise ValueError(f"without_bf16 needs precision: auto (with {self.precision} it would always or "
+                raise ValueError(f"{name} needs precision: auto (with {self.precision} it would always or "
                                  "never apply)")
-            bad = sorted(set(self.without_bf16) - set(WITHOUT_BF16_KEYS))
+            bad = sorted(set(tier) - set(TIER_KEYS))
             if bad:
-                raise ValueError(f"without_bf16 cannot set {', '.join(bad)}; it changes what the re-fit costs: "
-                                 f"{', '.join(WITHOUT_BF16_KEYS)}")
+                raise ValueError(f"{name} cannot set {', '.join(bad)}; it changes what the re-fit costs: "
+                                 f"{', '.join(TIER_KEYS)}")
             try:
-                self.for_precision("float32")
+                self.for_precision(*where)
             except ValidationError as e:
-                raise ValueError(_format_validation(e, "without_bf16 makes an invalid re-fit")) from None
+                raise ValueError(_format_validation(e, f"{name} makes an invalid re-fit")) from None
         return self
 
-    def for_precision(self, precision: str) -> "RefitConfig":
-        """The re-fit that runs at ``precision`` (``auto`` resolved): this one, or with ``without_bf16``'s
-        keys in place where it is float32."""
-        if precision != "float32" or not self.without_bf16:  # None or {}: nothing to replace
+    def tier(self, precision: str, amx: bool = True) -> str | None:
+        """Which of ``without_bf16`` / ``without_amx`` applies at ``precision`` (``auto`` resolved) on a CPU
+        with (``amx``) or without AMX tiles; None: the re-fit's own keys."""
+        if precision == "float32" and self.without_bf16:  # None or {}: nothing to replace
+            return "without_bf16"
+        if precision == "bfloat16" and not amx and self.without_amx:
+            return "without_amx"
+        return None
+
+    def for_precision(self, precision: str, amx: bool = True) -> "RefitConfig":
+        """The re-fit that runs at ``precision`` (``auto`` resolved) on a CPU with or without AMX tiles: this
+        one, or with the keys of the tier that applies there (``tier``) in place."""
+        name = self.tier(precision, amx)
+        if name is None:
             return self
-        fields = self.model_dump(exclude={"without_bf16"})
-        return RefitConfig.model_validate({**fields, **self.without_bf16})
+        fields = self.model_dump(exclude={"without_bf16", "without_amx"})
+        return RefitConfig.model_validate({**fields, **getattr(self, name)})
 
 
 class AdaMergingConfig(BaseModel):

@@ -833,13 +833,16 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     Returns ``(state, model-card markdown)``; records the report in ``prep.metadata["refit"]``."""
     from transformers import AutoTokenizer
 
-    from hm3.fastpaths import resolve_precision
+    from hm3.fastpaths import has_amx, resolve_precision
     from hm3.merging.engine import merged_config, tokenizer_source
 
     specs = specs_from_recipe(prep)
     model = build_model(merged_config(prep), state)
     recipe = prep.config.refit
-    rc = recipe.for_precision(resolve_precision(recipe.precision, model.config.model_type))
+    precision = resolve_precision(recipe.precision, model.config.model_type)
+    amx = has_amx()
+    tier = recipe.tier(precision, amx)
+    rc = recipe.for_precision(precision, amx)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source(prep)))
     cache = prep.config.data.cache if prep.config.data else True
     memo = TeacherLogits()  # the guards' logits, shared by the re-fits and the body step
@@ -855,10 +858,12 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
     report = heads()
     card = report.markdown()
     meta = report.to_json()
-    if rc is not recipe:  # refit.without_bf16 applied: say so where the numbers are
-        meta["without_bf16"] = recipe.without_bf16
-        card += ("\n\nThe passes ran in float32 (no bf16 matrix instructions here), so the recipe's "
-                 f"`refit.without_bf16` settings replaced its own: `{json.dumps(recipe.without_bf16)}`.")
+    if tier is not None:  # refit.without_bf16 / without_amx applied: say so where the numbers are
+        meta[tier] = getattr(recipe, tier)
+        why = ("float32 (no bf16 matrix instructions here)" if tier == "without_bf16"
+               else "bfloat16 without AMX tiles (AVX512-BF16 only: ~2x float32, not several times)")
+        card += (f"\n\nThe passes ran in {why}, so the recipe's `refit.{tier}` settings replaced its own: "
+                 f"`{json.dumps(getattr(recipe, tier))}`.")
     names = list(prep.models[0].family.out)  # only the head rows changed
     if rc.body is not None:
         from hm3.body_distill import distill_body
