@@ -53,11 +53,12 @@ def machine() -> dict:
     """CPU, cores, memory, library versions, torch threads, load average, date and git commit."""
     import torch
 
-    from hm3.fastpaths import bf16_is_fast
+    from hm3.fastpaths import bf16_is_fast, has_amx
 
     isa = torch.backends.cpu.get_cpu_capability()  # the vector ISA torch's kernels use: AVX2, AVX512, ...
+    bf16 = "none" if not bf16_is_fast() else "AMX" if has_amx() else "AVX512-BF16 only, no AMX"
     return {
-        "cpu": f"{_cpu_model()} ({isa}; bf16 matrix instructions: {'yes' if bf16_is_fast() else 'no'})",
+        "cpu": f"{_cpu_model()} ({isa}; bf16 matrix instructions: {bf16})",
         "cores": os.cpu_count(),
         "memory": _memory(),
         "python": platform.python_version(),
