@@ -430,6 +430,28 @@ def test_the_five_guard_recipe_names_its_cheaper_refit_without_bf16():
     assert "without bf16 instructions: max_texts 500, no body distillation" in describe(RECOMMENDED["all"])
 
 
+def test_the_five_guard_recipe_names_its_cheaper_refit_without_amx(monkeypatch):
+    """With AVX512-BF16 but no AMX the body step takes ~3 minutes: the recipe keeps 1,000 own texts for harm
+    and question only (refit.without_amx), it loads, and the description names it and says when it runs."""
+    import hm3.fastpaths as fp
+    from hm3.config import load_config
+    from hm3.results import describe
+
+    r = recipe("all")
+    assert r["refit"]["without_amx"] == {"max_texts": {"harm": 1000, "question": 1000}}
+    cheap = load_config(r).refit.for_precision("bfloat16", amx=False)
+    assert cheap.max_texts == {"harm": 1000, "question": 1000} and cheap.body.layers == 3 and cheap.cross_texts == 250
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)
+    monkeypatch.setattr(fp, "has_amx", lambda: False)
+    text = describe(RECOMMENDED["all"])
+    assert "with bf16 but no AMX tiles: max_texts harm 1000, question 1000 (the rest 500)" in text, text
+    assert "forward passes in bfloat16 on this CPU; the `without_amx` keys replace the re-fit's own here" in text
+    monkeypatch.setattr(fp, "has_amx", lambda: True)
+    assert "keys replace" not in describe(RECOMMENDED["all"])
+    monkeypatch.setattr(fp, "bf16_is_fast", lambda: False)
+    assert "; the `without_bf16` keys replace the re-fit's own here" in describe(RECOMMENDED["all"])
+
+
 def test_a_recommendation_with_a_count_per_extra_guard(tmp_path):
     """extra_texts {guard: n}: the recipe maps each guard's training file to its count (relative to the zoo,
     or under root) and the description names the counts; a tuple keeps the cross_texts of each."""

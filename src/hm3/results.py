@@ -1018,15 +1018,31 @@ def describe(rec: Recommendation) -> str:
                      + ("; each group on its own re-fit texts" if b.get("targets") == "refit" else "")
                      + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
     if rec.refit and rec.precision == "auto":
-        from hm3.fastpaths import resolve_precision
+        from hm3.fastpaths import has_amx, resolve_precision
 
-        parts.append(f"precision auto (forward passes in {resolve_precision('auto')} on this CPU)")
-        if rec.without_bf16:  # refit.without_bf16: what runs instead on a CPU without bf16 instructions
-            parts.append("without bf16 instructions: " + ", ".join(
-                "no body distillation" if k == "body" and v is None else f"{k} {v}" for k, v in rec.without_bf16.items()))
+        here = resolve_precision("auto")
+        tier = ("without_bf16" if here == "float32" and rec.without_bf16
+                else "without_amx" if here == "bfloat16" and rec.without_amx and not has_amx() else None)
+        parts.append(f"precision auto (forward passes in {here} on this CPU"
+                     + (f"; the `{tier}` keys replace the re-fit's own here" if tier else "") + ")")
+        for tier, where in ((rec.without_amx, "with bf16 but no AMX tiles"), (rec.without_bf16, "without bf16 instructions")):
+            if tier:  # refit.without_amx / without_bf16: what runs instead on such a CPU
+                parts.append(f"{where}: " + ", ".join(_tier_value(k, v) for k, v in tier.items()))
     elif rec.refit and rec.precision != "float32":
         parts.append(f"forward passes in {rec.precision}")
     return ", ".join(parts)
+
+
+def _tier_value(key: str, value: Any) -> str:
+    """One key of a re-fit tier in words: ``body None`` → "no body distillation", ``max_texts {harm: 1000}``
+    → "max_texts harm 1000 (the rest 500)"."""
+    if key == "body" and value is None:
+        return "no body distillation"
+    if key == "max_texts" and isinstance(value, dict):
+        from hm3.refit import MAX_TEXTS
+
+        return f"max_texts {', '.join(f'{g} {n}' for g, n in value.items())} (the rest {MAX_TEXTS})"
+    return f"{key} {value}"
 
 
 # -- entry point ---------------------------------------------------------------------------------------

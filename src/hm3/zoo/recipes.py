@@ -73,6 +73,7 @@ class Recommendation:
     truncate: bool = False  # re-fit on each text's first window only (hm3.refit's truncate)
     precision: str = "float32"  # re-fit (and body) forward passes: float32 | bfloat16 (hm3.refit)
     without_bf16: dict[str, Any] | None = None  # with precision auto: the re-fit's keys where it runs float32
+    without_amx: dict[str, Any] | None = None  # with precision auto: ... where it runs bfloat16 without AMX tiles
     summary: str = ""  # why, in a sentence: the recipe file's header (``why`` is the whole story, for RESULTS.md)
     why: str = ""
 
@@ -150,13 +151,13 @@ RECOMMENDED: dict[str, Recommendation] = {
         "tsv", refit="distill", cross_texts=250, max_texts=1000, precision="auto", max_length=128, truncate=True,
         body={"epochs": 2, "layers": 3, "lr": 5e-5, "targets": "refit"},
         without_bf16={"max_texts": 500, "body": None},
+        without_amx={"max_texts": {"harm": 1000, "question": 1000}},
         summary="every target of issue 9 met on validation at seeds 0-3 (1.001 / 0.998 / 0.999 / 0.997 of the "
-                "originals, worst group question 0.986 / 0.986 / 0.986 / 0.983), in 107 s on 2 cores with AMX "
-                "(bf16 passes): the "
-                "guards merged by TSV-M (task singular vectors), the heads re-fitted to the five guards' "
-                "probabilities on each text's first 128 tokens, then the top 3 encoder layers trained towards "
-                "the guards for 2 epochs. Without bf16 instructions (fp32: 224 s) `without_bf16` makes it the "
-                "heads-only recipe: 500 own texts, no body step (~100 s; validation 0.992, harm 0.939 at seed 2).",
+                "originals, worst group 0.983-0.986) in 107 s on 2 cores with AMX: TSV-M, the heads re-fitted to "
+                "the guards' probabilities on each text's first 128 tokens, the top 3 encoder layers trained "
+                "towards the guards for 2 epochs. bf16 without AMX (170-187 s): `without_amx` keeps 1,000 own "
+                "texts for harm and question, 500 for the rest (119-128 s; validation 0.996-1.002). No bf16 (fp32: "
+                "224 s): `without_bf16`, the heads-only recipe (~100 s; validation 0.992, harm 0.939 at seed 2).",
         why="TSV-M, the heads re-fitted (distilled, 1,000 of each guard's own training texts + 250 of each other "
             "guard's, each text's first 128 tokens), then body distillation of the top 3 encoder layers (2 "
             "epochs, lr 5e-5, each group trained on its own re-fit texts: `targets: refit`), because it meets "
@@ -184,7 +185,16 @@ RECOMMENDED: dict[str, Recommendation] = {
             "(features 28 s, body 115 s) and the heads-only recipe before it in 80 s (95-104 s on the AVX2-only "
             "EPYC of sessions 29-30), so the recipe's `refit.without_bf16` (500 own texts, no body step) makes it "
             "that recipe wherever `precision: auto` runs float32: the two minutes hold on both kinds of CPU, at "
-            "the heads-only recipe's quality there. Before session 33: "
+            "the heads-only recipe's quality there. Session 36, on a CPU with AVX512-BF16 but no AMX (AMD EPYC: "
+            "bf16 products only ~2.2x fp32): this recipe took 170-187 s (body distillation 85 s, the guards' "
+            "passes 35 s; validation 0.9964 at seed 0), and dropout off in the body step saved only 13 s. With "
+            "1,000 own texts for the two groups that are worst without the full recipe (harm, question) and 500 "
+            "for the rest, the same conditions (2 threads, cold cache, alone) gave 121.0 / 127.9 / 123.3 / "
+            "119.3 s at seeds 0-3 (re-fit 63 s, body 51 s at seed 0; the merge with its SVDs ~9 s), validation "
+            "1.0023 / 0.9980 / 0.9956 / 0.9986, worst group 0.9855 (question) / 0.9853 (harm) / 0.9866 (harm) / "
+            "0.9914 (question); 700 own texts for every guard: 127 s, 0.9986 at seed 0. So `refit.without_amx` "
+            "makes it that recipe where `precision: auto` runs bf16 without AMX tiles (session 37). "
+            "Before session 33: "
             "TSV-M (Task Singular Vectors, `merge_method: tsv`), then only the heads re-fitted (distilled, 500 of "
             "each guard's own training texts + 250 of each other guard's, each text's first 128 tokens), because "
             "it meets every target of issue 9 on validation at the two seeds it was chosen on and is the first recipe to fit the two "
@@ -342,6 +352,7 @@ def recipe(
             **({"body": dict(rec.body)} if rec.body else {}),
             **({"precision": rec.precision} if rec.precision != "float32" else {}),
             **({"without_bf16": dict(rec.without_bf16)} if rec.without_bf16 else {}),
+            **({"without_amx": dict(rec.without_amx)} if rec.without_amx else {}),
         }
     return out
 
