@@ -852,7 +852,7 @@ def refit_state(prep: "Prepared", state: dict[str, "torch.Tensor"], progress: bo
                            temperature=rc.temperature, max_length=rc.max_length, batch_size=rc.batch_size,
                            seed=prep.config.seed, cache=cache, progress=progress, cross_texts=rc.cross_texts,
                            extra_texts=rc.extra_texts, label_weight=rc.label_weight,
-                           precision=rc.precision, teacher_memo=memo, truncate=rc.truncate,
+                           precision=precision, teacher_memo=memo, truncate=rc.truncate,
                            body_labels=rc.body is not None and rc.body.label_weight > 0)
 
     report = heads()
