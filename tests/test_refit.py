@@ -229,8 +229,8 @@ def test_without_bf16_replaces_the_refit_settings_only_where_auto_runs_float32(t
     assert empty.for_precision("float32") is empty  # nothing to replace: the recipe's own re-fit, not a copy
 
 
-def test_without_amx_replaces_the_refit_settings_only_where_auto_runs_bf16_without_amx(tiny, tmp_path, recipe, data,
-                                                                                      monkeypatch):
+def test_without_amx_replaces_the_refit_settings_only_where_auto_runs_bf16_without_amx(
+        tiny, tmp_path, recipe, data, monkeypatch):
     import hm3.fastpaths as fp
 
     r = _ties(recipe, mode="distill", precision="auto")
@@ -265,8 +265,8 @@ def test_a_recipe_with_both_tiers_takes_the_one_of_its_cpu(recipe, data):
     r["refit"].update(max_texts=80, without_bf16={"max_texts": 10, "body": None}, without_amx={"max_texts": 40},
                       body={"epochs": 2})
     rc = load_config(r).refit
-    assert [rc.tier(p, amx) for p, amx in (("bfloat16", True), ("bfloat16", False), ("float32", True),
-                                           ("float32", False))] == [None, "without_amx", "without_bf16", "without_bf16"]
+    cpus = (("bfloat16", True), ("bfloat16", False), ("float32", True), ("float32", False))
+    assert [rc.tier(p, amx) for p, amx in cpus] == [None, "without_amx", "without_bf16", "without_bf16"]
     assert rc.for_precision("bfloat16") is rc
     no_amx, no_bf16 = rc.for_precision("bfloat16", amx=False), rc.for_precision("float32")
     assert (no_amx.max_texts, no_amx.body.epochs, no_amx.without_amx, no_amx.without_bf16) == (40, 2, None, None)
@@ -277,7 +277,8 @@ def test_a_recipe_with_both_tiers_takes_the_one_of_its_cpu(recipe, data):
     ({"precision": "float32", "without_bf16": {"max_texts": 30}}, "without_bf16 needs precision: auto"),
     ({"precision": "bfloat16", "without_amx": {"max_texts": 30}}, "without_amx needs precision: auto"),
     ({"precision": "auto", "without_amx": {"groups": ["a"]}}, "without_amx cannot set groups"),
-    ({"precision": "auto", "without_amx": {"max_texts": {"a": 0}}}, "without_amx makes an invalid re-fit: max_texts"),
+    ({"precision": "auto", "without_amx": {"max_texts": {"a": 0}}},
+     "without_amx makes an invalid re-fit: max_texts"),
     ({"precision": "auto", "without_bf16": {"data": {"a": "x.jsonl"}}}, "without_bf16 cannot set data"),
     ({"precision": "auto", "without_bf16": {"max_texts": 0}}, "without_bf16 makes an invalid re-fit: max_texts"),
     ({"precision": "auto", "without_bf16": {"body": {"epochs": 1, "speed": 2}}}, "without_bf16 makes an invalid re-fit: body.speed: unknown key"),

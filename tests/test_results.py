@@ -440,7 +440,8 @@ def test_the_five_guard_recipe_names_its_cheaper_refit_without_amx(monkeypatch):
     r = recipe("all")
     assert r["refit"]["without_amx"] == {"max_texts": {"harm": 1000, "question": 1000}}
     cheap = load_config(r).refit.for_precision("bfloat16", amx=False)
-    assert cheap.max_texts == {"harm": 1000, "question": 1000} and cheap.body.layers == 3 and cheap.cross_texts == 250
+    assert cheap.max_texts == {"harm": 1000, "question": 1000}
+    assert cheap.body.layers == 3 and cheap.cross_texts == 250
     monkeypatch.setattr(fp, "bf16_is_fast", lambda: True)
     monkeypatch.setattr(fp, "has_amx", lambda: False)
     text = describe(RECOMMENDED["all"])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,7 +122,19 @@ class BodyConfig(BaseModel):
 #: what ``refit.without_bf16`` / ``refit.without_amx`` may change: the cost of the re-fit, not its data or
 #: its groups
 TIER_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "truncate", "batch_size",
-                     "label_weight", "body")
+             "label_weight", "body")
+
+
+def refit_tier(precision: str, amx: bool, without_bf16: Mapping | None,
+               without_amx: Mapping | None) -> str | None:
+    """Which re-fit tier applies at ``precision`` (``auto`` resolved) on a CPU with (``amx``) or without AMX
+    tiles: ``without_bf16`` where the passes run float32, ``without_amx`` where they run bfloat16 without AMX;
+    None (also for an empty tier): the re-fit's own keys."""
+    if precision == "float32" and without_bf16:
+        return "without_bf16"
+    if precision == "bfloat16" and not amx and without_amx:
+        return "without_amx"
+    return None
 
 
 class RefitConfig(BaseModel):
@@ -220,13 +232,8 @@ class RefitConfig(BaseModel):
         return self
 
     def tier(self, precision: str, amx: bool = True) -> str | None:
-        """Which of ``without_bf16`` / ``without_amx`` applies at ``precision`` (``auto`` resolved) on a CPU
-        with (``amx``) or without AMX tiles; None: the re-fit's own keys."""
-        if precision == "float32" and self.without_bf16:  # None or {}: nothing to replace
-            return "without_bf16"
-        if precision == "bfloat16" and not amx and self.without_amx:
-            return "without_amx"
-        return None
+        """Which of ``without_bf16`` / ``without_amx`` applies here (``refit_tier``); None: the re-fit's own."""
+        return refit_tier(precision, amx, self.without_bf16, self.without_amx)
 
     def for_precision(self, precision: str, amx: bool = True) -> "RefitConfig":
         """The re-fit that runs at ``precision`` (``auto`` resolved) on a CPU with or without AMX tiles: this

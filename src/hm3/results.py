@@ -1018,16 +1018,17 @@ def describe(rec: Recommendation) -> str:
                      + ("; each group on its own re-fit texts" if b.get("targets") == "refit" else "")
                      + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
     if rec.refit and rec.precision == "auto":
+        from hm3.config import refit_tier
         from hm3.fastpaths import has_amx, resolve_precision
 
         here = resolve_precision("auto")
-        tier = ("without_bf16" if here == "float32" and rec.without_bf16
-                else "without_amx" if here == "bfloat16" and rec.without_amx and not has_amx() else None)
+        tier = refit_tier(here, has_amx(), rec.without_bf16, rec.without_amx)
         parts.append(f"precision auto (forward passes in {here} on this CPU"
                      + (f"; the `{tier}` keys replace the re-fit's own here" if tier else "") + ")")
-        for tier, where in ((rec.without_amx, "with bf16 but no AMX tiles"), (rec.without_bf16, "without bf16 instructions")):
-            if tier:  # refit.without_amx / without_bf16: what runs instead on such a CPU
-                parts.append(f"{where}: " + ", ".join(_tier_value(k, v) for k, v in tier.items()))
+        for keys, where in ((rec.without_amx, "with bf16 but no AMX tiles"),
+                            (rec.without_bf16, "without bf16 instructions")):
+            if keys:  # refit.without_amx / without_bf16: what runs instead on such a CPU
+                parts.append(f"{where}: " + ", ".join(_tier_value(k, v) for k, v in keys.items()))
     elif rec.refit and rec.precision != "float32":
         parts.append(f"forward passes in {rec.precision}")
     return ", ".join(parts)
