@@ -125,15 +125,17 @@ TIER_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "trun
              "label_weight", "body")
 
 
-def refit_tier(precision: str, amx: bool, without_bf16: Mapping | None,
-               without_amx: Mapping | None) -> str | None:
-    """Which re-fit tier applies at ``precision`` (``auto`` resolved) on a CPU with (``amx``) or without AMX
-    tiles: ``without_bf16`` where the passes run float32, ``without_amx`` where they run bfloat16 without AMX;
-    None (also for an empty tier): the re-fit's own keys."""
-    if precision == "float32" and without_bf16:
-        return "without_bf16"
-    if precision == "bfloat16" and not amx and without_amx:
-        return "without_amx"
+#: the re-fit tiers of ``precision: auto``: key -> (the precision ``auto`` resolves to where the tier applies,
+#: whether it applies only on a CPU without AMX tiles)
+REFIT_TIERS = {"without_bf16": ("float32", False), "without_amx": ("bfloat16", True)}
+
+
+def refit_tier(precision: str, amx: bool, tiers: Mapping[str, Mapping | None]) -> str | None:
+    """Which of ``tiers`` (``REFIT_TIERS`` key -> its keys) applies at ``precision`` (``auto`` resolved) on a
+    CPU with (``amx``) or without AMX tiles; None (also for an empty tier): the re-fit's own keys."""
+    for name, (at, no_amx_only) in REFIT_TIERS.items():
+        if precision == at and not (no_amx_only and amx) and tiers.get(name):
+            return name
     return None
 
 
@@ -214,8 +216,8 @@ class RefitConfig(BaseModel):
         if self.body is not None and self.mode != "distill":
             raise ValueError("body needs mode: distill (the body is trained towards the original guards' "
                              "probabilities)")
-        for name, tier, where in (("without_bf16", self.without_bf16, ("float32", True)),
-                                  ("without_amx", self.without_amx, ("bfloat16", False))):
+        for name, (at, no_amx_only) in REFIT_TIERS.items():
+            tier = getattr(self, name)
             if tier is None:
                 continue
             if self.precision != "auto":
@@ -226,14 +228,14 @@ class RefitConfig(BaseModel):
                 raise ValueError(f"{name} cannot set {', '.join(bad)}; it changes what the re-fit costs: "
                                  f"{', '.join(TIER_KEYS)}")
             try:
-                self.for_precision(*where)
+                self.for_precision(at, amx=not no_amx_only)
             except ValidationError as e:
                 raise ValueError(_format_validation(e, f"{name} makes an invalid re-fit")) from None
         return self
 
     def tier(self, precision: str, amx: bool = True) -> str | None:
         """Which of ``without_bf16`` / ``without_amx`` applies here (``refit_tier``); None: the re-fit's own."""
-        return refit_tier(precision, amx, self.without_bf16, self.without_amx)
+        return refit_tier(precision, amx, {name: getattr(self, name) for name in REFIT_TIERS})
 
     def for_precision(self, precision: str, amx: bool = True) -> "RefitConfig":
         """The re-fit that runs at ``precision`` (``auto`` resolved) on a CPU with or without AMX tiles: this
@@ -241,7 +243,7 @@ class RefitConfig(BaseModel):
         name = self.tier(precision, amx)
         if name is None:
             return self
-        fields = self.model_dump(exclude={"without_bf16", "without_amx"})
+        fields = self.model_dump(exclude=set(REFIT_TIERS))
         return RefitConfig.model_validate({**fields, **getattr(self, name)})
 
 

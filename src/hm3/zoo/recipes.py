@@ -310,6 +310,8 @@ def recipe(
 
     Paths are relative to the zoo directory, or absolute under ``root`` when given (a dict recipe
     has no folder to resolve against). ``rec`` replaces the recommendation (for experiments)."""
+    from hm3.config import REFIT_TIERS
+
     case = case_study(key)
     rec = rec or RECOMMENDED[key]
 
@@ -351,8 +353,7 @@ def recipe(
             **({"truncate": True} if rec.truncate else {}),
             **({"body": dict(rec.body)} if rec.body else {}),
             **({"precision": rec.precision} if rec.precision != "float32" else {}),
-            **({"without_bf16": dict(rec.without_bf16)} if rec.without_bf16 else {}),
-            **({"without_amx": dict(rec.without_amx)} if rec.without_amx else {}),
+            **{name: dict(getattr(rec, name)) for name in REFIT_TIERS if getattr(rec, name)},
         }
     return out
 
