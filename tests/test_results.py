@@ -345,6 +345,20 @@ def test_second_run_reuses_the_cache(results, fake_zoo):
     assert again["machine"]["wall"] < results["data"]["machine"]["wall"]
 
 
+def test_the_cache_does_not_depend_on_how_the_zoo_path_is_spelled(results, fake_zoo):
+    """Disk merges are keyed by their recipe with zoo-relative paths: the zoo reached by another path (here a
+    symlink; `--zoo /abs/zoo` after `--zoo zoo`, or a moved checkout) merges nothing again."""
+    d = fake_zoo["dir"]
+    link = d / "zoo-elsewhere"
+    link.symlink_to(fake_zoo["zoo"], target_is_directory=True)
+    cached = sorted(p.name for p in (d / "work" / "cache").iterdir())
+    s = Settings(base_model=str(fake_zoo["base"]), **SMALL)
+    again = run_results(link, d / "docs" / "moved.md", s, work=d / "work")
+    assert sorted(p.name for p in (d / "work" / "cache").iterdir()) == cached
+    for key in CASE_STUDIES:
+        assert again["results"][key]["recommended"]["test"] == results["data"]["results"][key]["recommended"]["test"]
+
+
 def test_compute_only_fills_the_cache_and_writes_no_document(results, fake_zoo):
     """`make results` computes case studies in parallel with --compute-only, then renders once."""
     d = fake_zoo["dir"]

@@ -512,8 +512,10 @@ class Lab:
         from hm3.evaluate import evaluate
 
         cfg = recipe(case.key, root=self.zoo, base_model=self.s.base_model, rec=rec)
-        # keyed by the recipe alone: a recommended recipe that is also an ablation row is merged once
-        spec = {"what": "disk-merge", "case": case.key, "recipe": cfg, "batch": self.s.batch_size}
+        # keyed by the recipe alone, with its paths relative to the zoo: a recommended recipe that is also an
+        # ablation row is merged once, and `--zoo /abs/zoo` finds what `--zoo zoo` (or a moved checkout) cached
+        relative = recipe(case.key, base_model=self.s.base_model, rec=rec)
+        spec = {"what": "disk-merge", "case": case.key, "recipe": relative, "batch": self.s.batch_size}
         if (cfg.get("refit") or {}).get("body"):
             from hm3.body_distill import VERSION
 
