@@ -130,11 +130,12 @@ TIER_KEYS = ("max_texts", "cross_texts", "c", "temperature", "max_length", "trun
 REFIT_TIERS = {"without_bf16": ("float32", False), "without_amx": ("bfloat16", True)}
 
 
-def refit_tier(precision: str, amx: bool, tiers: Mapping[str, Mapping | None]) -> str | None:
-    """Which of ``tiers`` (``REFIT_TIERS`` key -> its keys) applies at ``precision`` (``auto`` resolved) on a
-    CPU with (``amx``) or without AMX tiles; None (also for an empty tier): the re-fit's own keys."""
+def refit_tier(precision: str, amx: bool, owner: Any) -> str | None:
+    """Which tier of ``owner`` (a ``RefitConfig`` or a zoo ``Recommendation``: one attribute per
+    ``REFIT_TIERS`` key, holding that tier's keys) applies at ``precision`` (``auto`` resolved) on a CPU with
+    (``amx``) or without AMX tiles; None (also for an empty tier): the re-fit's own keys."""
     for name, (at, no_amx_only) in REFIT_TIERS.items():
-        if precision == at and not (no_amx_only and amx) and tiers.get(name):
+        if precision == at and not (no_amx_only and amx) and getattr(owner, name):
             return name
     return None
 
@@ -235,7 +236,7 @@ class RefitConfig(BaseModel):
 
     def tier(self, precision: str, amx: bool = True) -> str | None:
         """Which of ``without_bf16`` / ``without_amx`` applies here (``refit_tier``); None: the re-fit's own."""
-        return refit_tier(precision, amx, {name: getattr(self, name) for name in REFIT_TIERS})
+        return refit_tier(precision, amx, self)
 
     def for_precision(self, precision: str, amx: bool = True) -> "RefitConfig":
         """The re-fit that runs at ``precision`` (``auto`` resolved) on a CPU with or without AMX tiles: this

@@ -1020,11 +1020,11 @@ def describe(rec: Recommendation) -> str:
                      + ("; each group on its own re-fit texts" if b.get("targets") == "refit" else "")
                      + ("; heads re-fitted after" if b.get("heads_after") else "") + ")")
     if rec.refit and rec.precision == "auto":
-        from hm3.config import REFIT_TIERS, refit_tier
+        from hm3.config import refit_tier
         from hm3.fastpaths import has_amx, resolve_precision
 
         here = resolve_precision("auto")
-        tier = refit_tier(here, has_amx(), {name: getattr(rec, name) for name in REFIT_TIERS})
+        tier = refit_tier(here, has_amx(), rec)
         parts.append(f"precision auto (forward passes in {here} on this CPU"
                      + (f"; the `{tier}` keys replace the re-fit's own here" if tier else "") + ")")
         for keys, where in ((rec.without_amx, "with bf16 but no AMX tiles"),
